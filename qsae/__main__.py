@@ -1,0 +1,5 @@
+import sys
+
+from qsae.cli import main
+
+sys.exit(main())

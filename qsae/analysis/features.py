@@ -1,0 +1,185 @@
+"""Per-feature statistics from sparse top-k codes: fire rates, feature health, correctness AUROC.
+
+Codes arrive as the SAE produces them: `values [N, k]` (>= 0, 0 = not firing) and
+`indices [N, k]` (feature ids in [0, n)). Everything works on the firing entries only, so memory
+grows with N * k, never with N * n.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from qsae.analysis.fidelity import DEFAULT_ALPHA
+
+HEALTHY_RANGE = (0.005, 0.30)  # fire rate band of a useful feature, as in the original release
+CHANCE_AUROC = 0.5  # AUROC of a feature that carries no information about the label
+
+
+class UndefinedAUROCError(ValueError):
+    """AUROC needs both classes among the labels."""
+
+
+def firing_entries(
+    indices: np.ndarray, values: np.ndarray, n_features: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate top-k codes and return the firing entries as (rows, features, activations), row-major."""
+    indices, values = np.asarray(indices), np.asarray(values)
+    if indices.ndim != 2 or indices.shape != values.shape:
+        raise ValueError(f"indices and values must share one [N, k] shape, got {indices.shape} and {values.shape}")
+    if n_features < 1:
+        raise ValueError(f"n_features must be >= 1, got {n_features}")
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"indices must be integer feature ids, got dtype {indices.dtype}")
+    if indices.size and (indices.min() < 0 or indices.max() >= n_features):
+        raise ValueError(f"feature ids must lie in [0, {n_features}), got [{indices.min()}, {indices.max()}]")
+    if not np.isfinite(values).all():
+        raise ValueError("values contain NaN or inf")
+    if (values < 0).any():
+        raise ValueError("values must be >= 0 (ReLU'd top-k activations)")
+    firing = values > 0
+    # A row must not list one firing feature twice: sort each row by id and compare neighbours.
+    order = np.argsort(indices, axis=1, kind="stable")
+    ids, fires = np.take_along_axis(indices, order, 1), np.take_along_axis(firing, order, 1)
+    if ((ids[:, 1:] == ids[:, :-1]) & fires[:, 1:] & fires[:, :-1]).any():
+        raise ValueError("a row lists the same firing feature id more than once")
+    rows = np.nonzero(firing)[0]
+    return rows, indices[firing].astype(np.int64), values[firing]
+
+
+def fire_counts(indices: np.ndarray, values: np.ndarray, n_features: int) -> np.ndarray:
+    """Number of rows on which each feature fires, int64 [n_features]."""
+    _, features, _ = firing_entries(indices, values, n_features)
+    return np.bincount(features, minlength=n_features).astype(np.int64)
+
+
+def fire_rates(indices: np.ndarray, values: np.ndarray, n_features: int) -> np.ndarray:
+    """Fraction of rows on which each feature fires, float64 [n_features]."""
+    n_rows = len(np.asarray(indices))
+    if n_rows == 0:
+        raise ValueError("fire rates need at least one row")
+    return fire_counts(indices, values, n_features) / n_rows
+
+
+def feature_health(fire_rate: np.ndarray, healthy: tuple[float, float] = HEALTHY_RANGE) -> dict[str, int]:
+    """Counts of dead (rate 0), rare (0 < rate < low), healthy (low <= rate <= high), dense (> high)."""
+    fire_rate = np.asarray(fire_rate, dtype=np.float64)
+    low, high = healthy
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"healthy range must satisfy 0 < low <= high <= 1, got {healthy}")
+    if fire_rate.ndim != 1 or ((fire_rate < 0) | (fire_rate > 1) | np.isnan(fire_rate)).any():
+        raise ValueError("fire_rate must be a 1-D array of rates in [0, 1]")
+    return {
+        "dead": int((fire_rate == 0).sum()),
+        "rare": int(((fire_rate > 0) & (fire_rate < low)).sum()),
+        "healthy": int(((fire_rate >= low) & (fire_rate <= high)).sum()),
+        "dense": int((fire_rate > high).sum()),
+    }
+
+
+def _as_labels(labels: np.ndarray, n_rows: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (n_rows,):
+        raise ValueError(f"labels must have shape ({n_rows},), got {labels.shape}")
+    if labels.dtype != bool:
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError("labels must be bool (or 0/1): True = correct rollout")
+        labels = labels.astype(bool)
+    n_pos = int(labels.sum())
+    if n_pos in (0, n_rows):
+        raise UndefinedAUROCError(f"AUROC undefined: all labels are {bool(n_pos)}")
+    return labels
+
+
+def _auroc_from_entries(
+    features: np.ndarray, activations: np.ndarray, positive: np.ndarray, n_pos: int, n_neg: int, n_features: int
+) -> np.ndarray:
+    """Mann-Whitney AUROC per feature from its firing entries; every other row scores 0.
+
+    AUROC = (R_pos - n_pos (n_pos + 1) / 2) / (n_pos n_neg), R_pos the sum of the positives' midranks.
+    The z_f rows where feature f is silent tie at 0 and share midrank (z_f + 1) / 2; the firing entries
+    rank above them, z_f + their midrank among f's firing entries.
+    """
+    n_active = np.bincount(features, minlength=n_features)
+    n_silent = (n_pos + n_neg) - n_active
+    order = np.lexsort((activations, features))
+    features, activations, positive = features[order], activations[order], positive[order]
+    position = np.arange(len(features)) - (np.cumsum(n_active) - n_active)[features]
+    run_start = np.ones(len(features), dtype=bool)
+    run_start[1:] = (features[1:] != features[:-1]) | (activations[1:] != activations[:-1])
+    run = np.cumsum(run_start) - 1
+    run_len = np.bincount(run)
+    midrank = position[run_start][run] + (run_len[run] + 1) / 2
+    rank = n_silent[features] + midrank
+    pos_features = features[positive]
+    rank_sum = np.bincount(pos_features, weights=rank[positive], minlength=n_features)
+    silent_pos = n_pos - np.bincount(pos_features, minlength=n_features)
+    rank_sum += silent_pos * (n_silent + 1) / 2
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def auroc_per_feature(indices: np.ndarray, values: np.ndarray, labels: np.ndarray, n_features: int) -> np.ndarray:
+    """AUROC of each feature's activation (0 when not firing) as a score for `labels` (bool [N]).
+
+    Exact Mann-Whitney statistic with ties counted one half, equal to sklearn's roc_auc_score per
+    feature; a feature that never fires scores 0.5. Raises UndefinedAUROCError (a ValueError) when
+    all labels are one class.
+    """
+    rows, features, activations = firing_entries(indices, values, n_features)
+    labels = _as_labels(labels, len(np.asarray(indices)))
+    n_pos = int(labels.sum())
+    return _auroc_from_entries(features, activations, labels[rows], n_pos, len(labels) - n_pos, n_features)
+
+
+def auroc_direction(auroc: np.ndarray) -> list[str]:
+    """"correct↑" where a feature is higher on correct rollouts (AUROC > 0.5), "wrong↑" below, "none" at 0.5."""
+    return ["correct↑" if a > CHANCE_AUROC else "wrong↑" if a < CHANCE_AUROC else "none" for a in np.asarray(auroc)]
+
+
+def stratified_resamples(labels: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
+    """Row indices of n_boot bootstrap samples that resample each class within itself (class sizes kept)."""
+    labels = np.asarray(labels, dtype=bool)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.nonzero(labels)[0], np.nonzero(~labels)[0]
+    return [np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(n_boot)]
+
+
+def bootstrap_auroc_ci(
+    indices: np.ndarray,
+    values: np.ndarray,
+    labels: np.ndarray,
+    features: np.ndarray,
+    n_features: int,
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float = DEFAULT_ALPHA,
+) -> np.ndarray:
+    """Percentile intervals [len(features), 2] of the AUROC of the chosen features.
+
+    Rows are resampled within each class (stratified, as pROC does), so no replicate is one-class.
+    Tokens of one rollout share its label and are correlated, so this row-level interval is narrower
+    than a rollout-level one would be.
+    """
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ValueError(f"need n_boot >= 1 and alpha in (0, 1), got {n_boot} and {alpha}")
+    features = np.asarray(features, dtype=np.int64)
+    if features.ndim != 1 or len(features) == 0 or features.min() < 0 or features.max() >= n_features:
+        raise ValueError(f"features must be a non-empty 1-D array of ids in [0, {n_features})")
+    if len(np.unique(features)) != len(features):
+        raise ValueError("features must not repeat an id")
+    rows, entry_features, activations = firing_entries(indices, values, n_features)
+    labels = _as_labels(labels, len(np.asarray(indices)))
+    # Keep only the chosen features' entries, renumbered 0..len(features)-1.
+    slot = np.full(n_features, -1, dtype=np.int64)
+    slot[features] = np.arange(len(features))
+    keep = slot[entry_features] >= 0
+    rows, entry_slot, activations = rows[keep], slot[entry_features[keep]], activations[keep]
+    n_pos = int(labels.sum())
+    replicates = []
+    for sample in stratified_resamples(labels, n_boot, seed):
+        copies = np.bincount(sample, minlength=len(labels))[rows]
+        replicates.append(
+            _auroc_from_entries(
+                np.repeat(entry_slot, copies), np.repeat(activations, copies), np.repeat(labels[rows], copies),
+                n_pos, len(labels) - n_pos, len(features),
+            )
+        )
+    return np.quantile(np.stack(replicates), [alpha / 2, 1 - alpha / 2], axis=0).T

@@ -1,0 +1,164 @@
+"""Dataclass configs for the whole pipeline: loaded from TOML, overridden by `section.key=value`."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qsae.train import TrainConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.toml"
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # "tiny" (built-in Qwen3.5 hybrid, built and cached on first use), a local dir or a hub id
+    revision: str | None = None  # hub revision (commit or tag) for reproducible loads
+    dtype: str = "float32"  # model weights during rollouts and capture: float32 | bfloat16 | float16
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "transformers"  # rollout engine
+    questions: str = "bundled"  # "bundled" or a SuperGPQA JSONL/Parquet file
+    num_questions: int | None = None  # sample this many questions (None = all)
+    seed: int = 100  # question sampling seed (the original release used 100)
+    thinking: bool = False  # chat template with reasoning on
+    max_new_tokens: int = 256  # generation budget per question
+    batch_size: int = 16  # prompts generated together
+
+
+@dataclass
+class CaptureConfig:
+    layers: list[int] = field(default_factory=lambda: [3, 7, 11])  # decoder layers whose output is captured
+    dtype: str = "float32"  # store dtype: float32 | float16 (float16 overflow is refused, never stored as inf)
+    num_actors: int = 2  # model replicas in the capture actor pool
+    cpus_per_actor: float = 1.0  # Ray CPUs reserved per replica
+    gpus_per_actor: float = 0.0  # Ray GPUs per replica (1 for the 27B model in bf16 on a 96 GB GPU)
+    questions_per_shard: int = 8  # unit of work and of exactly-once bookkeeping
+    batch_size: int = 8  # sequences per teacher-forced forward pass
+    max_tokens_per_layer: int | None = None  # seeded random cap on rows per layer (the original: 200,000)
+
+
+@dataclass
+class TrainStageConfig(TrainConfig):
+    holdout_fraction: float = 0.1  # rows kept out of training for variance explained
+    cpus_per_layer: float = 1.0  # Ray CPUs per layer trainer
+    gpus_per_layer: float = 0.0  # Ray GPUs per layer trainer (fractions share one GPU)
+
+
+@dataclass
+class ReleaseConfig:
+    export_activations: bool = True  # write activations.safetensors (the training sample); off for large runs
+    top_contexts: int = 10  # top-activating tokens kept per live feature
+    context_tokens: int = 12  # tokens of left context shown with each
+    bootstrap: int = 200  # bootstrap resamples for confidence intervals
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    train: TrainStageConfig = field(default_factory=TrainStageConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    out: str = "runs/tiny"  # run directory: rollouts, activation store, checkpoints, release/
+    ray_address: str | None = None  # None = connect to RAY_ADDRESS if set, else start a local Ray
+
+    def validate(self) -> None:
+        if self.train.k > self.train.n_features:
+            raise ConfigError(f"train.k = {self.train.k} exceeds train.n_features = {self.train.n_features}")
+        if not self.capture.layers:
+            raise ConfigError("capture.layers is empty")
+        if self.capture.dtype not in ("float16", "float32"):
+            raise ConfigError(f"capture.dtype must be float16 or float32, got {self.capture.dtype!r}")
+        if self.rollout.engine != "transformers":
+            raise ConfigError(f"unknown rollout.engine {self.rollout.engine!r}; available: transformers")
+        if not 0 < self.train.holdout_fraction < 1:
+            raise ConfigError(f"train.holdout_fraction must be in (0, 1), got {self.train.holdout_fraction}")
+        for name in ("num_actors", "questions_per_shard", "batch_size"):
+            if getattr(self.capture, name) < 1:
+                raise ConfigError(f"capture.{name} must be >= 1")
+
+
+def _check_type(where: str, value, annotation: str):
+    """Coerce TOML values to the field's declared type, or say what was expected."""
+    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[int]": list}
+    base = annotation.replace(" | None", "")
+    if value is None and "None" in annotation:
+        return None
+    expected = kinds.get(base)
+    ok = expected is not None and isinstance(value, expected) and not (base in ("int", "float") and isinstance(value, bool))
+    if base == "list[int]" and ok:
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise ConfigError(f"{where} expects {annotation}, got {value!r}")
+    return float(value) if base == "float" else value
+
+
+def _apply(section_obj, section: str, values: dict) -> None:
+    known = {f.name: f for f in dataclasses.fields(section_obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key '{section}.{key}'; valid keys in [{section}]: {', '.join(known)}")
+        setattr(section_obj, key, _check_type(f"{section}.{key}", value, str(known[key].type)))
+
+
+def apply_mapping(cfg: PipelineConfig, data: dict) -> PipelineConfig:
+    for key, value in data.items():
+        target = getattr(cfg, key, None)
+        if dataclasses.is_dataclass(target):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            _apply(target, key, value)
+        elif key in ("out", "ray_address"):
+            setattr(cfg, key, _check_type(key, value, "str | None"))
+        else:
+            raise ConfigError(f"unknown config key '{key}'; valid: model, rollout, capture, train, release, out, ray_address")
+    return cfg
+
+
+def parse_override(text: str) -> dict:
+    """`train.epochs=2` -> {"train": {"epochs": 2}}; values are TOML literals, bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    *path, last = key.strip().split(".")
+    out: dict = {}
+    node = out
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """Defaults <- TOML file (default: configs/tiny.toml) <- `section.key=value` overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    cfg = apply_mapping(PipelineConfig(), data)
+    for text in overrides:
+        apply_mapping(cfg, parse_override(text))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,200 @@
+"""The thin Ray layer: a capture actor pool over question shards, and one Ray Train trainer per layer.
+
+The work itself lives in plain functions (capture.capture_question_shard, train.train_sae); this module
+only places them on a cluster, keeps the store's exactly-once bookkeeping, and reports progress.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from qsae.capture import capture_question_shard
+from qsae.config import PipelineConfig, TrainStageConfig
+from qsae.questions import Question
+from qsae.rollout import read_rollouts, write_rollouts
+from qsae.store import MANIFEST, check_compatible, new_manifest, read_manifest, write_manifest
+
+MAX_SHARD_ATTEMPTS = 3
+
+
+@dataclass
+class QuestionShard:
+    name: str
+    first_id: int  # rollout id of its first question: ids are positions in the sampled question list
+    questions: list[Question]
+
+
+def plan_shards(questions: list[Question], per_shard: int) -> list[QuestionShard]:
+    return [
+        QuestionShard(f"shard-{i // per_shard:05d}", i, questions[i : i + per_shard])
+        for i in range(0, len(questions), per_shard)
+    ]
+
+
+class CaptureWorker:
+    """One model replica: loads the model once, then rolls out and captures whole shards."""
+
+    def __init__(self, model_path: str, cfg: PipelineConfig, run_dir: str):
+        from qsae.engines.hf_engine import HFEngine
+        from qsae.models import load_model
+
+        torch.set_num_threads(max(1, int(cfg.capture.cpus_per_actor)))
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.model, self.tokenizer = load_model(model_path, cfg.model.revision, cfg.model.dtype, cfg.model.device)
+        self.engine = HFEngine(self.model, self.tokenizer, cfg.rollout.max_new_tokens, cfg.rollout.batch_size)
+
+    def process(self, shard: QuestionShard) -> dict:
+        return capture_question_shard(
+            self.model, self.tokenizer, self.engine, shard.name, shard.questions, shard.first_id, self.cfg, self.run_dir
+        )
+
+
+def run_capture(cfg: PipelineConfig, model_path: str, d_model: int, questions: list[Question], run_dir: Path) -> dict:
+    """Capture every shard not yet listed in the manifest; returns the final manifest."""
+    store_dir = run_dir / "activations"
+    if (store_dir / MANIFEST).exists():
+        manifest = read_manifest(store_dir)
+        check_compatible(manifest, cfg.model.name, cfg.capture.layers, d_model, cfg.capture.dtype)
+    else:
+        manifest = new_manifest(cfg.model.name, cfg.model.revision, cfg.capture.layers, d_model, cfg.capture.dtype)
+    shards = plan_shards(questions, cfg.capture.questions_per_shard)
+    pending = [s for s in shards if s.name not in manifest["shards"]]
+    if pending:
+        run_actor_pool(cfg, model_path, pending, manifest, store_dir, run_dir)
+    rollout_parts = [run_dir / "rollouts" / f"{s.name}.parquet" for s in shards]
+    write_rollouts(read_rollouts(*rollout_parts), run_dir / "rollouts.parquet")
+    return manifest
+
+
+def run_actor_pool(
+    cfg: PipelineConfig, model_path: str, pending: list[QuestionShard], manifest: dict, store_dir: Path, run_dir: Path
+) -> None:
+    """Feed shards to a pool of replicas, one shard in flight per replica (backpressure). A shard whose
+    replica dies goes back on the queue (Ray restarts the replica); the manifest lists a shard only
+    after all of its files are in place, so nothing is counted twice or lost."""
+    actor_cls = ray.remote(CaptureWorker).options(
+        num_cpus=cfg.capture.cpus_per_actor, num_gpus=cfg.capture.gpus_per_actor, max_restarts=MAX_SHARD_ATTEMPTS
+    )
+    actors = [actor_cls.remote(model_path, cfg, str(run_dir)) for _ in range(min(cfg.capture.num_actors, len(pending)))]
+    queue = list(pending)
+    attempts = {shard.name: 0 for shard in pending}
+    in_flight: dict[ray.ObjectRef, tuple] = {}
+    tokens, started = 0, time.time()
+    with tqdm(total=len(pending), desc="capture", unit="shard") as bar:
+        while queue or in_flight:
+            busy = {actor for actor, _ in in_flight.values()}
+            for actor in actors:
+                if queue and actor not in busy:
+                    shard = queue.pop(0)
+                    attempts[shard.name] += 1
+                    in_flight[actor.process.remote(shard)] = (actor, shard)
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            actor, shard = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                if attempts[shard.name] >= MAX_SHARD_ATTEMPTS:
+                    raise RuntimeError(f"{shard.name} failed {attempts[shard.name]} times; last error: {err}") from err
+                tqdm.write(f"replica died during {shard.name}; retrying it")
+                queue.append(shard)
+                continue
+            manifest["shards"][shard.name] = {"rollouts": result["rollouts"], "rows": result["rows"]}
+            write_manifest(store_dir, manifest)
+            tokens += result["response_tokens"]
+            bar.set_postfix(tokens_per_s=f"{tokens / (time.time() - started):.0f}")
+            bar.update(1)
+    for actor in actors:
+        ray.kill(actor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: one Ray Train TorchTrainer per layer, all launched at once.
+
+CHECKPOINT_FILE = "train_state.pt"
+
+
+def train_layer_worker(config: dict) -> None:
+    """Ray Train worker loop for one layer: load its training rows, resume if a checkpoint exists,
+    report metrics and a checkpoint after every epoch."""
+    import ray.train
+
+    from qsae.train import layer_sample, train_sae
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint drowns the progress bars
+    cfg = TrainStageConfig(**config["train"])
+    torch.set_num_threads(max(1, int(cfg.cpus_per_layer)))
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    sample = layer_sample(Path(config["store_dir"]), config["layer"], config["max_rows"], cfg.holdout_fraction, cfg.seed)
+    resume = None
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as directory:
+            resume = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+
+    def on_epoch(epoch: int, sae, metrics: dict) -> None:
+        state = metrics.pop("checkpoint")
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(state, Path(directory) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    train_sae(sample.residuals[sample.train_rows], cfg, on_epoch=on_epoch, resume=resume)
+
+
+@ray.remote(num_cpus=0)
+def fit_layer(layer: int, cfg: PipelineConfig, run_dir: str) -> dict:
+    """Run one layer's TorchTrainer (gloo on CPU, nccl on GPU) and return its final checkpoint state."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = cfg.train.gpus_per_layer > 0
+    trainer = TorchTrainer(
+        train_layer_worker,
+        train_loop_config={
+            "layer": layer,
+            "store_dir": str(Path(run_dir) / "activations"),
+            "max_rows": cfg.capture.max_tokens_per_layer,
+            "train": asdict(cfg.train),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=1,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_layer, **({"GPU": cfg.train.gpus_per_layer} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=f"layer={layer}",
+            storage_path=str(Path(run_dir).resolve() / "checkpoints"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+
+
+def train_layers(cfg: PipelineConfig, run_dir: Path) -> dict[int, tuple]:
+    """Train every layer's SAE concurrently; returns {layer: (TopKSAE, history)}."""
+    from qsae.sae import TopKSAE
+    from qsae.train import save_trained
+
+    refs = {layer: fit_layer.remote(layer, cfg, str(run_dir)) for layer in cfg.capture.layers}
+    trained = {}
+    with tqdm(total=len(refs), desc="train", unit="layer") as bar:
+        pending = {ref: layer for layer, ref in refs.items()}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            layer = pending.pop(ref)
+            state = ray.get(ref)
+            sae = TopKSAE.from_tensors(state["sae_state"], cfg.train.k)
+            trained[layer] = (sae, state["history"])
+            save_trained(run_dir, layer, sae, state["history"])
+            bar.set_postfix(layer=layer, fvu=f"{state['history']['fvu'][-1]:.3f}")
+            bar.update(1)
+    return trained

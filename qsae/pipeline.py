@@ -1,0 +1,68 @@
+"""The whole pipeline as one function: questions -> capture (actor pool) -> train (Ray Train) -> release.
+
+Inputs are checked before any Ray work starts, so bad input fails fast with a clear message.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+
+from qsae.config import PipelineConfig
+from qsae.models import check_layers, model_dims, resolve_model_path
+from qsae.questions import BUNDLED_QUESTIONS, Question, load_questions, sample_questions
+
+
+def questions_path(cfg: PipelineConfig) -> Path:
+    return BUNDLED_QUESTIONS if cfg.rollout.questions == "bundled" else Path(cfg.rollout.questions)
+
+
+def prepare(cfg: PipelineConfig) -> tuple[list[Question], str, int]:
+    """Load and sample the questions, resolve the model (building the tiny one if asked) and check the
+    layers against it. Returns (questions, model_path, d_model)."""
+    questions = sample_questions(load_questions(questions_path(cfg)), cfg.rollout.num_questions, cfg.rollout.seed)
+    model_path = resolve_model_path(cfg.model.name)
+    n_layers, d_model = model_dims(model_path, cfg.model.revision)
+    check_layers(cfg.capture.layers, n_layers)
+    return questions, model_path, d_model
+
+
+@contextmanager
+def stage(name: str, timings: dict):
+    print(f"[qsae] {name} ...", flush=True)
+    started = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - started, 1)
+    print(f"[qsae] {name} done in {timings[name]:.1f} s", flush=True)
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster in RAY_ADDRESS or `address` (as under `ray job submit`), else start a local Ray."""
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    """Run every stage; returns the release directory."""
+    from qsae.distributed import run_capture, train_layers
+    from qsae.models import load_tokenizer
+    from qsae.release import build_release
+
+    timings: dict[str, float] = {}
+    run_dir = Path(cfg.out).resolve()
+    with stage("prepare (questions, model, layers)", timings):
+        questions, model_path, d_model = prepare(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with stage("start ray", timings):
+        connect_ray(cfg.ray_address)
+    with stage(f"capture ({len(questions)} questions, layers {cfg.capture.layers})", timings):
+        run_capture(cfg, model_path, d_model, questions, run_dir)
+    with stage(f"train ({len(cfg.capture.layers)} SAEs, n={cfg.train.n_features}, k={cfg.train.k})", timings):
+        trained = train_layers(cfg, run_dir)
+    with stage("analyze and release", timings):
+        release_dir = build_release(cfg, run_dir, trained, load_tokenizer(model_path, cfg.model.revision), timings)
+    return release_dir

@@ -1,0 +1,221 @@
+"""TopK sparse autoencoder over residual-stream rows, and its release formats.
+
+Parameter names and shapes follow the original release (`W_enc [d_in, n]`, `b_enc [n]`,
+`W_dec [n, d_in]`, `b_dec [d_in]`, fp32), so its `.pt` files load into this module unchanged.
+The same weights are also written in the layouts SAELens and EleutherAI sparsify load from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+SAELENS_CFG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+# SAELens treats a cfg without a version marker as pre-6.0 and drops the nested metadata;
+# this marks the cfg as written in the 6.x layout.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+class TopKSAE(nn.Module):
+    """`encode(x)`: pre = (x - b_dec) @ W_enc + b_enc, keep the top k of pre, ReLU, scatter into zeros.
+    `decode(z)`: z @ W_dec + b_dec."""
+
+    def __init__(self, d_in: int, n_features: int, k: int):
+        super().__init__()
+        if min(d_in, n_features, k) < 1:
+            raise ValueError(f"sizes must be >= 1, got d_in={d_in}, n_features={n_features}, k={k}")
+        if k > n_features:
+            raise ValueError(f"k={k} exceeds n_features={n_features}")
+        self.d_in, self.n_features, self.k = d_in, n_features, k
+        W_dec = torch.randn(n_features, d_in)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n_features))
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-k latents of x [..., d_in]: (values >= 0 [..., k], indices [..., k])."""
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        values, indices = pre.topk(self.k, dim=-1)
+        return F.relu(values), indices
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense codes [..., n_features] with at most k nonzeros per row."""
+        values, indices = self.encode_topk(x)
+        return torch.zeros(*x.shape[:-1], self.n_features, dtype=values.dtype,
+                           device=values.device).scatter_(-1, indices, values)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def decode_topk(self, values: Tensor, indices: Tensor) -> Tensor:
+        """decode(encode(x)) from the top-k pairs, summing k decoder rows instead of a dense matmul."""
+        k = indices.shape[-1]
+        flat = F.embedding_bag(indices.reshape(-1, k), self.W_dec,
+                               per_sample_weights=values.reshape(-1, k), mode="sum")
+        return flat.reshape(*values.shape[:-1], self.d_in) + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode_topk(*self.encode_topk(x))
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Project decoder rows back to unit norm (the recipe's constraint, applied after each step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
+
+    def release_tensors(self) -> dict[str, Tensor]:
+        """The four parameters as contiguous fp32 CPU tensors, detached from autograd."""
+        return {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous()
+                for name in PARAM_NAMES}
+
+    def save_release(self, out_dir: str | Path, layer: int, hook_name: str) -> dict[str, Path]:
+        """Write this SAE in the four release formats under out_dir; returns the path of each."""
+        _check_hook_name(hook_name)
+        out_dir = Path(out_dir)
+        stem = f"sae_L{layer}_n{self.n_features}_k{self.k}"
+        tensors = self.release_tensors()
+        metadata = {"d_in": str(self.d_in), "n_features": str(self.n_features), "k": str(self.k),
+                    "layer": str(layer), "hook_name": hook_name}
+        paths = {"pt": out_dir / f"{stem}.pt", "safetensors": out_dir / f"{stem}.safetensors",
+                 "saelens": out_dir / "saelens" / hook_name,
+                 "sparsify": out_dir / "sparsify" / f"layers.{layer}"}
+        _atomic_write(paths["pt"], lambda tmp: torch.save(tensors, tmp))
+        _atomic_write(paths["safetensors"], lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        _atomic_write(paths["saelens"] / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+        _atomic_write_json(paths["saelens"] / SAELENS_CFG, self.saelens_cfg(hook_name))
+        _atomic_write(paths["sparsify"] / SPARSIFY_WEIGHTS,
+                      lambda tmp: save_file(_sparsify_tensors(tensors), tmp))
+        _atomic_write_json(paths["sparsify"] / SAELENS_CFG, self.sparsify_cfg())
+        return paths
+
+    def saelens_cfg(self, hook_name: str) -> dict:
+        """cfg.json for SAELens' `SAE.load_from_disk` (its TopKSAEConfig fields)."""
+        return {"architecture": "topk", "d_in": self.d_in, "d_sae": self.n_features, "k": self.k,
+                "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+                "normalize_activations": "none", "reshape_activations": "none",
+                "rescale_acts_by_decoder_norm": False,
+                "metadata": {"hook_name": hook_name, "sae_lens_version": SAELENS_FORMAT_VERSION}}
+
+    def sparsify_cfg(self) -> dict:
+        """cfg.json for sparsify's `Sae.load_from_disk`: SparseCoderConfig fields plus d_in.
+        num_latents > 0 overrides expansion_factor, which keeps sparsify's default."""
+        return {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
+                "num_latents": self.n_features, "k": self.k, "multi_topk": False,
+                "skip_connection": False, "transcode": False, "d_in": self.d_in}
+
+    @classmethod
+    def load(cls, path: str | Path, k: int | None = None, device: str | torch.device = "cpu") -> TopKSAE:
+        """Load from a release `.pt` or `.safetensors` file, a SAELens hook directory (or its
+        cfg.json), or a sparsify layer directory. An explicit k overrides the stored one."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no SAE at {path}")
+        if path.is_file() and path.name == SAELENS_CFG:
+            path = path.parent
+        if path.is_dir():
+            tensors, stored_k = _read_dir(path)
+        elif path.suffix == ".pt":
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            match = re.search(r"_k(\d+)$", path.stem)
+            stored_k = int(match.group(1)) if match else None
+        elif path.suffix == ".safetensors":
+            tensors, meta = _read_safetensors(path)
+            stored_k = int(meta["k"]) if "k" in meta else None
+        else:
+            raise ValueError(f"unrecognised SAE format: {path} (expected .pt, .safetensors, "
+                             "a SAELens hook directory or a sparsify layer directory)")
+        k = k if k is not None else stored_k
+        if k is None:
+            raise ValueError(f"k is not stored with {path}; pass k explicitly")
+        return cls.from_tensors(tensors, k).to(device)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], k: int) -> TopKSAE:
+        """Build from a state dict with exactly the four release parameters; shapes are checked."""
+        if set(tensors) != set(PARAM_NAMES):
+            raise ValueError(f"expected tensors {sorted(PARAM_NAMES)}, got {sorted(tensors)}")
+        if tensors["W_enc"].ndim != 2:
+            raise ValueError(f"W_enc must be 2-D [d_in, n], got shape {tuple(tensors['W_enc'].shape)}")
+        d_in, n_features = tensors["W_enc"].shape
+        with torch.device("meta"):  # shapes only: no random init, no global RNG draw
+            sae = cls(d_in, n_features, k)
+        for name, param in sae.named_parameters():
+            if tensors[name].shape != param.shape:
+                raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, "
+                                 f"expected {tuple(param.shape)} for d_in={d_in}, n={n_features}")
+        sae.load_state_dict({name: t.to(torch.float32).contiguous() for name, t in tensors.items()},
+                            assign=True)
+        return sae
+
+
+def _check_hook_name(hook_name: str) -> None:
+    # The hook name becomes a directory name under saelens/.
+    if not hook_name or hook_name in (".", "..") or "/" in hook_name or "\\" in hook_name:
+        raise ValueError(f"hook_name must be a single path component, got {hook_name!r}")
+
+
+def _sparsify_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    # sparsify keeps the encoder as nn.Linear: weight [n, d_in] = W_enc.T.
+    return {"encoder.weight": tensors["W_enc"].T.contiguous(), "encoder.bias": tensors["b_enc"],
+            "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via a temporary file in the same directory, then rename: a crash never leaves a
+    half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+
+
+def _read_dir(path: Path) -> tuple[dict[str, Tensor], int | None]:
+    """Tensors and k from a SAELens hook directory or a sparsify layer directory."""
+    cfg_path = path / SAELENS_CFG
+    if not cfg_path.is_file():
+        raise ValueError(f"{path} has no {SAELENS_CFG}; not a SAELens or sparsify SAE directory")
+    cfg = json.loads(cfg_path.read_text())
+    if (path / SAELENS_WEIGHTS).is_file():
+        if cfg.get("architecture") != "topk":
+            raise ValueError(f"{cfg_path}: architecture {cfg.get('architecture')!r} is not 'topk'")
+        tensors, _ = _read_safetensors(path / SAELENS_WEIGHTS)
+        return tensors, cfg.get("k")
+    if (path / SPARSIFY_WEIGHTS).is_file():
+        if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
+            raise ValueError(f"{cfg_path}: only plain TopK sparse autoencoders load as TopKSAE")
+        raw, _ = _read_safetensors(path / SPARSIFY_WEIGHTS)
+        missing = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} - set(raw)
+        if missing:
+            raise ValueError(f"{path / SPARSIFY_WEIGHTS} lacks tensors {sorted(missing)}")
+        tensors = {"W_enc": raw["encoder.weight"].T, "b_enc": raw["encoder.bias"],
+                   "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
+        return tensors, cfg.get("k")
+    raise ValueError(f"{path} has neither {SAELENS_WEIGHTS} (SAELens) nor {SPARSIFY_WEIGHTS} (sparsify)")

@@ -1,0 +1,85 @@
+"""Capture: the stored rows are the residual stream, by both definitions a user would check."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from qsae.capture import capture_residuals, capture_shard
+from qsae.engines.hf_engine import HFEngine
+from qsae.models import chat_prompt, decoder_layers
+from qsae.questions import BUNDLED_QUESTIONS, format_prompt, load_questions
+from qsae.rollout import run_rollouts
+from qsae.store import read_layer_table, residual_matrix, shard_path, write_manifest, new_manifest
+
+LAYERS = [3, 7, 11]
+
+
+@pytest.fixture(scope="module")
+def rollouts(tiny):
+    model, tokenizer = tiny
+    questions = load_questions(BUNDLED_QUESTIONS)[:5]
+    engine = HFEngine(model, tokenizer, max_new_tokens=40, batch_size=5)
+    return run_rollouts(engine, tokenizer, questions, first_id=0, thinking=False, seed=0)
+
+
+def test_rows_equal_hidden_states_of_the_next_index(tiny, rollouts):
+    model, _ = tiny
+    sequences = [r.prompt_token_ids + r.response_token_ids for r in rollouts]
+    starts = [r.n_prompt_tokens for r in rollouts]
+    rows = capture_residuals(model, sequences, starts, LAYERS, batch_size=3)  # ragged batches, right padding
+    for i, seq in enumerate(sequences):
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states
+        for layer in LAYERS[:-1]:  # transformers' last hidden_states entry is after the final norm
+            expected = hidden[layer + 1][0, starts[i] :].numpy()
+            np.testing.assert_allclose(rows[layer][i], expected, rtol=1e-5, atol=1e-5)
+        assert rows[LAYERS[0]][i].shape == (len(seq) - starts[i], model.config.text_config.hidden_size)
+
+
+def test_rows_equal_what_a_hook_sees_during_generation(tiny):
+    """The original captured h[:, -1] at each generation step; teacher forcing must give the same rows."""
+    model, tokenizer = tiny
+    question = load_questions(BUNDLED_QUESTIONS)[7]
+    prompt_ids = tokenizer(chat_prompt(tokenizer, format_prompt(question), False), add_special_tokens=False).input_ids
+    seen = {layer: [] for layer in LAYERS}
+    layers = decoder_layers(model)
+    handles = [
+        layers[layer].register_forward_hook(lambda m, i, out, layer=layer: seen[layer].append(out[:, -1].clone()))
+        for layer in LAYERS
+    ]
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=30, do_sample=False, min_new_tokens=30)
+    finally:
+        for handle in handles:
+            handle.remove()
+    response = out[0, len(prompt_ids) :].tolist()
+    rows = capture_residuals(model, [prompt_ids + response], [len(prompt_ids)], LAYERS, batch_size=1)
+    for layer in LAYERS:
+        # Step 0 is the prompt's prefill; step s feeds response token s-1, whose row is rows[s-1].
+        during_generation = torch.cat(seen[layer][1:]).numpy()
+        np.testing.assert_allclose(rows[layer][0][: len(response) - 1], during_generation, rtol=1e-4, atol=1e-4)
+
+
+def test_capture_shard_writes_the_store_schema(tiny, rollouts, tmp_path):
+    model, _ = tiny
+    counts = capture_shard(model, rollouts, LAYERS, tmp_path, "shard-00000", "float32", batch_size=4)
+    n_rows = sum(r.n_response_tokens for r in rollouts)
+    assert counts == {str(layer): n_rows for layer in LAYERS}
+    manifest = new_manifest("tiny", None, LAYERS, 64, "float32")
+    manifest["shards"]["shard-00000"] = {"rollouts": len(rollouts), "rows": counts}
+    write_manifest(tmp_path, manifest)
+    table = read_layer_table(tmp_path, 7)
+    assert table.schema.field("act").type == pa.list_(pa.float32(), 64)
+    assert table.schema.names == ["rollout_id", "position", "token_id", "correct", "act"]
+    first = rollouts[0]
+    n = first.n_response_tokens
+    assert table.column("position").to_pylist()[:n] == list(range(first.n_prompt_tokens, first.n_prompt_tokens + n))
+    assert table.column("token_id").to_pylist()[:n] == first.response_token_ids
+    assert set(table.column("rollout_id").to_pylist()) == {r.rollout_id for r in rollouts}
+    expected = capture_residuals(model, [first.prompt_token_ids + first.response_token_ids], [first.n_prompt_tokens], [7], 1)
+    np.testing.assert_allclose(residual_matrix(table)[:n], expected[7][0], rtol=1e-6, atol=1e-6)
+    assert not list(tmp_path.rglob("*.tmp")), "temporary files left behind"
+    assert shard_path(tmp_path, 11, "shard-00000").exists()

@@ -1,0 +1,84 @@
+"""Model loading, layer lookup, chat prompts and the tiny-model factory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qsae.models import (
+    ModelLoadError,
+    TinyRecipe,
+    attention_layer_indices,
+    build_tiny_model,
+    chat_prompt,
+    check_layers,
+    decoder_layers,
+    load_model,
+    model_dims,
+    resolve_model_path,
+)
+
+
+def test_tiny_model_is_a_qwen3_5_hybrid(tiny):
+    model, _ = tiny
+    config = model.config
+    assert config.model_type == "qwen3_5" and type(model).__name__ == "Qwen3_5ForConditionalGeneration"
+    text = config.get_text_config()
+    assert text.num_hidden_layers >= 8 and text.hidden_size >= 64
+    assert attention_layer_indices(config) == [i for i in range(text.num_hidden_layers) if (i + 1) % 4 == 0]
+    assert {"linear_attention", "full_attention"} == set(text.layer_types)
+    layers = decoder_layers(model)
+    assert layers is model.model.language_model.layers and len(layers) == text.num_hidden_layers
+
+
+def test_decoder_layers_of_a_causal_lm(tiny):
+    from transformers import Qwen3_5ForCausalLM
+
+    causal = Qwen3_5ForCausalLM(tiny[0].config.get_text_config())
+    assert decoder_layers(causal) is causal.model.layers
+
+
+def test_chat_prompt_switches_thinking(tiny):
+    _, tokenizer = tiny
+    off, on = chat_prompt(tokenizer, "2+2?", thinking=False), chat_prompt(tokenizer, "2+2?", thinking=True)
+    assert off.startswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert off.endswith("<think>\n\n</think>\n\n") and on.endswith("<|im_start|>assistant\n")
+
+
+def test_tiny_model_writes_answers_of_both_classes(tiny):
+    """Without both correct and wrong rollouts the correctness statistics would be undefined."""
+    from qsae.engines.hf_engine import HFEngine
+    from qsae.questions import BUNDLED_QUESTIONS, load_questions
+    from qsae.rollout import run_rollouts
+
+    model, tokenizer = tiny
+    rollouts = run_rollouts(HFEngine(model, tokenizer, 256, 16), tokenizer, load_questions(BUNDLED_QUESTIONS), 0, False, 0)
+    parsed = [r for r in rollouts if r.predicted_letter is not None]
+    assert len(parsed) >= len(rollouts) // 2
+    assert 0 < sum(r.correct for r in rollouts) < len(rollouts)
+    assert sum(r.n_response_tokens for r in rollouts) > 3000
+
+
+def test_tiny_build_is_deterministic(tmp_path):
+    recipe = TinyRecipe(num_hidden_layers=4, finetune_steps=3)
+    a, b = build_tiny_model(tmp_path / "a", recipe), build_tiny_model(tmp_path / "b", recipe)
+    model_a, tok_a = load_model(str(a))
+    model_b, tok_b = load_model(str(b))
+    assert tok_a.get_vocab() == tok_b.get_vocab()
+    state_b = model_b.state_dict()
+    for name, tensor in model_a.state_dict().items():
+        assert torch.equal(tensor, state_b[name]), name
+
+
+def test_model_path_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "no-such-model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="could not load"):
+        model_dims(str(tmp_path / "empty"))
+
+
+def test_layer_range_is_checked(tiny_path):
+    n_layers, d_model = model_dims(tiny_path)
+    check_layers([0, n_layers - 1], n_layers)
+    with pytest.raises(ValueError, match=f"out of range.*{n_layers} decoder layers"):
+        check_layers([3, n_layers], n_layers)
