@@ -46,7 +46,7 @@ def to_store_dtype(residuals: np.ndarray, dtype: str) -> np.ndarray:
     if dtype != "float16":
         raise ValueError(f"store dtype must be float16 or float32, got {dtype!r}")
     peak = float(np.abs(residuals).max(initial=0.0))
-    if peak > np.finfo(np.float16).max:
+    if peak > float(np.finfo(np.float16).max):  # a Python float: comparing with a float16 scalar would cast peak to float16
         raise OverflowError(f"residual magnitude {peak:.3g} overflows float16; capture with dtype float32")
     return residuals.astype(np.float16)
 

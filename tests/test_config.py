@@ -1,0 +1,138 @@
+"""Pipeline configs: TOML files, `section.key=value` overrides, type checks and validation."""
+from __future__ import annotations
+
+import pytest
+
+from qsae.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config, parse_override
+
+
+def test_default_is_the_tiny_config():
+    assert DEFAULT_CONFIG == CONFIG_DIR / "tiny.toml"
+    assert load_config() == load_config(CONFIG_DIR / "tiny.toml")
+
+
+def test_tiny_config_loads_and_validates():
+    cfg = load_config(CONFIG_DIR / "tiny.toml")
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.model.name == "tiny"
+    assert cfg.capture.layers == [3, 7, 11]
+    assert cfg.train.k <= cfg.train.n_features
+    cfg.validate()
+
+
+def test_qwen_config_is_the_original_release():
+    cfg = load_config(CONFIG_DIR / "qwen36_27b.toml")
+    assert cfg.capture.layers == [11, 31, 55]
+    assert cfg.train.n_features == 4096
+    assert cfg.train.k == 32
+    assert cfg.rollout.num_questions == 150
+    assert cfg.rollout.seed == 100
+    assert cfg.capture.max_tokens_per_layer == 200_000
+    assert cfg.train.epochs == 20
+    assert cfg.train.batch_size == 4096
+    assert cfg.train.lr == pytest.approx(3e-4)
+    cfg.validate()
+
+
+def test_overrides_apply_with_the_right_types():
+    cfg = load_config(None, ["train.epochs=3", "capture.layers=[1,2]", "model.name=foo", "out=x"])
+    assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
+    assert cfg.capture.layers == [1, 2] and all(type(v) is int for v in cfg.capture.layers)
+    assert cfg.model.name == "foo"
+    assert cfg.out == "x"
+
+
+def test_overrides_win_over_the_file():
+    cfg = load_config(CONFIG_DIR / "qwen36_27b.toml", ["train.k=8", "rollout.num_questions=5"])
+    assert cfg.train.k == 8
+    assert cfg.rollout.num_questions == 5
+    assert cfg.train.n_features == 4096  # untouched keys keep the file's value
+
+
+def test_override_int_for_float_becomes_float():
+    cfg = load_config(None, ["train.lr=1", "capture.cpus_per_actor=2"])
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
+    assert type(cfg.capture.cpus_per_actor) is float
+
+
+def test_override_values_are_toml_literals_or_bare_strings():
+    assert parse_override("train.epochs=7") == {"train": {"epochs": 7}}
+    assert parse_override('model.name="a=b"') == {"model": {"name": "a=b"}}
+    assert parse_override("model.name=Qwen/Qwen3.6-27B") == {"model": {"name": "Qwen/Qwen3.6-27B"}}
+    assert parse_override("release.export_activations=false") == {"release": {"export_activations": False}}
+
+
+def test_override_without_equals_sign_raises():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs"])
+
+
+def test_unknown_section_key_is_named():
+    with pytest.raises(ConfigError, match="train.epoch'"):
+        load_config(None, ["train.epoch=3"])
+
+
+def test_unknown_top_level_key_is_named():
+    with pytest.raises(ConfigError, match="'bogus'"):
+        load_config(None, ["bogus=1"])
+
+
+def test_unknown_key_in_a_file_is_named(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[capture]\nlayer = [1]\n")
+    with pytest.raises(ConfigError, match="capture.layer'"):
+        load_config(path)
+
+
+def test_section_given_as_a_value_raises():
+    with pytest.raises(ConfigError, match="train"):
+        load_config(None, ["train=3"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ('train.epochs="many"', "train.epochs"),
+        ("train.epochs=many", "train.epochs"),
+        ("capture.layers=[1.5]", "capture.layers"),
+        ("capture.layers=3", "capture.layers"),
+        ("train.epochs=true", "train.epochs"),
+        ("capture.layers=[true]", "capture.layers"),
+        ("train.lr=false", "train.lr"),
+        ("model.name=3", "model.name"),
+        ("release.export_activations=1", "release.export_activations"),
+    ],
+)
+def test_wrong_type_raises_and_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_k_above_n_features_raises():
+    with pytest.raises(ConfigError, match="train.k"):
+        load_config(None, ["train.n_features=16", "train.k=17"])
+    assert load_config(None, ["train.n_features=16", "train.k=16"]).train.k == 16
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("capture.layers=[]", "capture.layers"), ("capture.dtype=bfloat16", "capture.dtype"),
+     ("train.holdout_fraction=1.0", "holdout_fraction"), ("capture.num_actors=0", "num_actors")],
+)
+def test_invalid_values_raise(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="nope.toml"):
+        load_config(path)
+
+
+def test_invalid_toml_is_named(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[train\nepochs = 3\n")
+    with pytest.raises(ConfigError, match="broken.toml"):
+        load_config(path)
+

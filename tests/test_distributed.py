@@ -1,0 +1,92 @@
+"""The Ray layer on a real local cluster: the capture actor pool and the per-layer Ray Train trainers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qsae.config import load_config
+from qsae.distributed import plan_shards, run_capture, train_layers
+from qsae.pipeline import prepare
+from qsae.rollout import read_rollouts
+from qsae.store import read_layer_table, read_manifest, shard_path, write_manifest
+
+SMALL = [
+    "rollout.num_questions=12",
+    "rollout.max_new_tokens=48",
+    "capture.questions_per_shard=4",
+    "capture.num_actors=2",
+    "train.n_features=32",
+    "train.k=4",
+    "train.epochs=3",
+    "train.batch_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def captured(local_ray, tiny_path, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, SMALL + [f"out={json.dumps(str(run_dir))}"])
+    questions, model_path, d_model = prepare(cfg)
+    manifest = run_capture(cfg, model_path, d_model, questions, run_dir)
+    return cfg, run_dir, questions, model_path, d_model, manifest
+
+
+def store_keys(run_dir, layer):
+    table = read_layer_table(run_dir / "activations", layer)
+    return list(zip(table.column("rollout_id").to_pylist(), table.column("position").to_pylist()))
+
+
+def test_every_rollout_is_captured_exactly_once(captured):
+    cfg, run_dir, questions, *_ , manifest = captured
+    assert sorted(manifest["shards"]) == [s.name for s in plan_shards(questions, 4)]
+    rollouts = read_rollouts(run_dir / "rollouts.parquet")
+    assert [r.rollout_id for r in rollouts] == list(range(12))
+    assert [r.question_id for r in rollouts] == [q.uuid for q in questions]
+    expected = [(r.rollout_id, r.n_prompt_tokens + i) for r in rollouts for i in range(r.n_response_tokens)]
+    for layer in cfg.capture.layers:
+        keys = store_keys(run_dir, layer)
+        assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys)
+        assert sum(s["rows"][str(layer)] for s in manifest["shards"].values()) == len(expected)
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_rerun_captures_only_shards_missing_from_the_manifest(captured):
+    cfg, run_dir, questions, model_path, d_model, manifest = captured
+    before = {layer: store_keys(run_dir, layer) for layer in cfg.capture.layers}
+    kept = shard_path(run_dir / "activations", 3, "shard-00000")
+    kept_mtime = kept.stat().st_mtime_ns
+    # As if the driver died after shard-00001's files were written but before it was listed.
+    lost = shard_path(run_dir / "activations", 3, "shard-00001")
+    lost.write_bytes(b"half-written")
+    partial = read_manifest(run_dir / "activations")
+    del partial["shards"]["shard-00001"]
+    write_manifest(run_dir / "activations", partial)
+
+    run_capture(cfg, model_path, d_model, questions, run_dir)
+    assert kept.stat().st_mtime_ns == kept_mtime, "a listed shard was captured again"
+    for layer in cfg.capture.layers:
+        assert store_keys(run_dir, layer) == before[layer]
+    assert read_manifest(run_dir / "activations")["shards"] == manifest["shards"]
+
+
+def test_a_store_of_another_model_is_not_extended(captured):
+    cfg, run_dir, questions, model_path, d_model, _ = captured
+    other = load_config(None, SMALL + [f"out={json.dumps(str(run_dir))}", "capture.layers=[3, 7]"])
+    with pytest.raises(ValueError, match="does not match this run"):
+        run_capture(other, model_path, d_model, questions, run_dir)
+
+
+def test_each_layer_trains_under_ray_train(captured):
+    cfg, run_dir, *_ = captured
+    trained = train_layers(cfg, run_dir)
+    assert sorted(trained) == sorted(cfg.capture.layers)
+    for layer, (sae, history) in trained.items():
+        assert (sae.n_features, sae.k) == (32, 4)
+        assert len(history["fvu"]) == 3 and history["fvu"][-1] < history["fvu"][0]
+        checkpoints = list((run_dir / "checkpoints" / f"layer={layer}").glob("checkpoint_*"))
+        assert checkpoints, "Ray Train kept no checkpoint"
+        assert (run_dir / "saes" / f"layer={layer}" / "history.json").exists()
+        norms = np.linalg.norm(sae.W_dec.detach().numpy(), axis=1)
+        np.testing.assert_allclose(norms, 1.0, atol=1e-5)

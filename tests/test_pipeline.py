@@ -1,0 +1,119 @@
+"""The driver, end to end: `python jobs/release.py` on a small embedded default, and its bad inputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from sklearn.metrics import roc_auc_score
+
+from qsae.analysis.fidelity import variance_explained
+from qsae.sae import TopKSAE
+from qsae.train import split_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["rollout.num_questions=24", "train.epochs=6", "train.n_features=128", "train.k=8", "release.bootstrap=50"]
+
+
+def run_driver(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "jobs/release.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def release(tiny_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    done = run_driver("--out", str(out), *SMALL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"release written to {out / 'release'}" in done.stdout
+    return out / "release"
+
+
+def test_release_directory_holds_every_artifact(release):
+    names = {p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()}
+    for layer in (3, 7, 11):
+        assert {f"sae_L{layer}_n128_k8.pt", f"sae_L{layer}_n128_k8.safetensors"} <= names
+        assert f"saelens/blocks.{layer}.hook_resid_post/cfg.json" in names
+        assert f"sparsify/layers.{layer}/sae.safetensors" in names
+    assert {"README.md", "labels.npy", "feature_stats.json", "feature_characterization.json",
+            "final_summary.json", "activations.safetensors"} <= names
+    charts = sorted(n for n in names if n.endswith(".png"))
+    assert len(charts) >= 3
+    for chart in charts:
+        assert (release / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [n for n in release.parent.iterdir() if n.name.startswith(".release-")]
+
+
+def test_statistics_are_those_of_the_released_rows(release):
+    summary = json.loads((release / "final_summary.json").read_text())
+    stats = json.loads((release / "feature_stats.json").read_text())
+    acts = load_file(str(release / "activations.safetensors"))
+    labels = np.load(release / "labels.npy")
+    assert 0 < labels.sum() < len(labels), "the embedded default must give both correct and wrong rollouts"
+    for layer in ("3", "7", "11"):
+        x = acts[f"L{layer}"].astype(np.float32)
+        assert x.shape == (len(labels), 64)
+        sae = TopKSAE.load(release / f"sae_L{layer}_n128_k8.pt")
+        with torch.no_grad():
+            values, indices = sae.encode_topk(torch.from_numpy(x))
+            x_hat = sae.decode_topk(values, indices).numpy()
+            codes = sae.encode(torch.from_numpy(x)).numpy()
+        _, held = split_rows(len(x), 0.1, 0)
+        ve = variance_explained(x[held], x_hat[held])
+        assert summary["layers"][layer]["variance_explained"] == pytest.approx(ve, abs=1e-5)
+        lo, hi = summary["layers"][layer]["ve_ci"]
+        assert lo <= ve <= hi and 0.3 < ve <= 1.0
+        np.testing.assert_allclose(stats["layers"][layer]["fire_rate"], (codes > 0).mean(axis=0), atol=1e-12)
+        fired = np.flatnonzero((codes > 0).any(axis=0))[:10]
+        for f in fired:
+            assert stats["layers"][layer]["auroc"][f] == pytest.approx(roc_auc_score(labels, codes[:, f]), abs=1e-9)
+        health = summary["layers"][layer]
+        assert health["dead"] + health["rare"] + health["healthy"] + health["dense"] == 128
+
+
+def test_model_card_reports_the_run(release):
+    card = (release / "README.md").read_text()
+    summary = json.loads((release / "final_summary.json").read_text())
+    assert card.startswith("---\n")
+    for layer, row in summary["layers"].items():
+        assert f"{row['variance_explained']:.3f}" in card
+        assert f"L{layer}" in card
+    contexts = json.loads((release / "feature_characterization.json").read_text())
+    assert all(contexts["layers"][layer] for layer in ("3", "7", "11"))
+
+
+BAD_ROWS = '{"uuid": "x1", "question": "Q?", "options": ["a", "b"], "answer": "a", "answer_letter": "A", "discipline": "d", "field": "f", "subfield": "s", "difficulty": "easy"}\n'
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["rollout.questions=/no/such/questions.jsonl"], "/no/such/questions.jsonl"),
+        (["rollout.questions={bad}"], "options"),
+        (["capture.layers=[3, 12]"], "out of range"),
+        (["train.k=64", "train.n_features=32"], "exceeds"),
+        (["train.colour=red"], "train.colour"),
+        (["model.name=/no/such/model"], "/no/such/model"),
+    ],
+    ids=["missing-questions", "malformed-row", "layer-out-of-range", "k-above-n", "unknown-key", "missing-model"],
+)
+def test_bad_input_fails_cleanly(tiny_path, tmp_path, args, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(BAD_ROWS)
+    out = tmp_path / "run"
+    done = run_driver("--out", str(out), *[a.replace("{bad}", str(bad)) for a in args])
+    assert done.returncode != 0
+    assert "qsae: error:" in done.stderr and message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (out / "release").exists()
+
+
+def test_unknown_config_file_fails_cleanly(tmp_path):
+    done = run_driver("--config", str(tmp_path / "nope.toml"))
+    assert done.returncode != 0 and "nope.toml" in done.stderr

@@ -1,0 +1,352 @@
+"""The Arrow activation store: shards, manifest, readers, and the .npy path of load_residuals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsae.store import (
+    MANIFEST,
+    StoreError,
+    atomic_write_bytes,
+    check_compatible,
+    load_residuals,
+    new_manifest,
+    read_layer_table,
+    read_manifest,
+    residual_matrix,
+    sample_rows,
+    shard_path,
+    to_store_dtype,
+    write_manifest,
+    write_shard,
+)
+
+D_MODEL = 8
+LAYERS = [3, 7]
+
+
+def shard_rows(n_rows: int, first_rollout: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "rollout_id": np.repeat(np.arange(first_rollout, first_rollout + 2), [n_rows // 2, n_rows - n_rows // 2]),
+        "position": rng.integers(0, 500, n_rows),
+        "token_id": rng.integers(0, 30000, n_rows),
+        "correct": rng.random(n_rows) < 0.5,
+        "residuals": rng.standard_normal((n_rows, D_MODEL)).astype(np.float32) * 3,
+    }
+
+
+def build_store(store_dir: Path, dtype: str = "float32", shards: dict[str, int] | None = None) -> dict:
+    """Write shards for every layer (as capture does), then the manifest listing them.
+    Returns {layer: {field: concatenated array in shard order}} for comparison."""
+    shards = shards or {"shard_00000": 5, "shard_00001": 7}
+    manifest = new_manifest("test/model", None, LAYERS, D_MODEL, dtype)
+    expected: dict[int, dict[str, list]] = {layer: {} for layer in LAYERS}
+    for i, (shard, n_rows) in enumerate(sorted(shards.items())):
+        rows = {}
+        for layer in LAYERS:
+            data = shard_rows(n_rows, first_rollout=2 * i, seed=100 * i + layer)
+            rows[str(layer)] = write_shard(store_dir, layer, shard, **data, dtype=dtype)
+            for key, value in data.items():
+                expected[layer].setdefault(key, []).append(value)
+        manifest["shards"][shard] = {"rollouts": 2, "rows": rows}
+    write_manifest(store_dir, manifest)
+    return {layer: {key: np.concatenate(parts) for key, parts in fields.items()} for layer, fields in expected.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trip
+
+
+def test_write_shard_and_manifest_round_trip(tmp_path):
+    store = tmp_path / "activations"
+    expected = build_store(store)
+    for layer in LAYERS:
+        table = read_layer_table(store, layer)
+        want = expected[layer]
+        assert table.num_rows == 12
+        np.testing.assert_array_equal(table.column("rollout_id").to_numpy(), want["rollout_id"])
+        np.testing.assert_array_equal(table.column("position").to_numpy(), want["position"])
+        np.testing.assert_array_equal(table.column("token_id").to_numpy(), want["token_id"])
+        np.testing.assert_array_equal(table.column("correct").to_numpy(zero_copy_only=False), want["correct"])
+        matrix = residual_matrix(table)
+        assert matrix.dtype == np.float32 and matrix.shape == (12, D_MODEL)
+        np.testing.assert_array_equal(matrix, want["residuals"])
+
+
+def test_manifest_records_the_run(tmp_path):
+    store = tmp_path / "activations"
+    build_store(store)
+    manifest = read_manifest(store)
+    assert manifest["model_id"] == "test/model"
+    assert manifest["layers"] == LAYERS
+    assert manifest["d_model"] == D_MODEL
+    assert manifest["dtype"] == "float32"
+    assert manifest["shards"]["shard_00001"]["rows"] == {"3": 7, "7": 7}
+    assert json.loads((store / MANIFEST).read_text()) == manifest
+
+
+def test_shard_schema_types(tmp_path):
+    import pyarrow as pa
+
+    store = tmp_path / "activations"
+    build_store(store, dtype="float16")
+    schema = read_layer_table(store, 3).schema
+    assert schema.field("rollout_id").type == pa.int64()
+    assert schema.field("position").type == pa.int32()
+    assert schema.field("token_id").type == pa.int32()
+    assert schema.field("correct").type == pa.bool_()
+    assert schema.field("act").type == pa.list_(pa.float16(), D_MODEL)
+
+
+@pytest.mark.parametrize("given", ["run", "activations"])
+def test_load_residuals_from_run_dir_or_store_dir(tmp_path, given):
+    expected = build_store(tmp_path / "activations")
+    path = tmp_path if given == "run" else tmp_path / "activations"
+    np.testing.assert_array_equal(load_residuals(path, 7), expected[7]["residuals"])
+
+
+def test_load_residuals_from_store_needs_a_layer(tmp_path):
+    build_store(tmp_path / "activations")
+    with pytest.raises(StoreError, match="which layer"):
+        load_residuals(tmp_path)
+
+
+def test_load_residuals_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_residuals(tmp_path / "nowhere", 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# float16
+
+
+def test_float16_store_keeps_values_within_fp16_precision(tmp_path):
+    store = tmp_path / "activations"
+    expected = build_store(store, dtype="float16")
+    got = residual_matrix(read_layer_table(store, 3))
+    want = expected[3]["residuals"]
+    # float16 has a 10-bit mantissa: relative rounding error at most 2**-11.
+    np.testing.assert_allclose(got, want, rtol=2.0**-11, atol=2.0**-24)
+    assert not np.array_equal(got, want)  # it really was rounded to float16
+
+
+def test_to_store_dtype_float16_accepts_the_largest_finite_value():
+    peak = float(np.finfo(np.float16).max)
+    out = to_store_dtype(np.array([[peak, -peak, 1.0]], dtype=np.float32), "float16")
+    assert out.dtype == np.float16
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.filterwarnings("error")  # refused cleanly, without a numpy overflow warning on the way
+@pytest.mark.parametrize("value", [7e4, -1e6, np.inf])
+def test_to_store_dtype_refuses_float16_overflow(value):
+    residuals = np.ones((3, 4), dtype=np.float32)
+    residuals[1, 2] = value
+    with pytest.raises(OverflowError, match="float16"):
+        to_store_dtype(residuals, "float16")
+
+
+def test_to_store_dtype_float32_and_unknown_dtype():
+    residuals = np.full((2, 3), 1e6, dtype=np.float64)
+    assert to_store_dtype(residuals, "float32").dtype == np.float32
+    with pytest.raises(ValueError, match="bfloat16"):
+        to_store_dtype(residuals, "bfloat16")
+
+
+@pytest.mark.filterwarnings("error")
+def test_float16_overflow_writes_no_shard(tmp_path):
+    data = shard_rows(4, 0, seed=0)
+    data["residuals"][2, 1] = 1e5
+    with pytest.raises(OverflowError, match="float16"):
+        write_shard(tmp_path, 3, "shard_00000", **data, dtype="float16")
+    assert not shard_path(tmp_path, 3, "shard_00000").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged or incomplete stores
+
+
+def test_truncated_shard_is_a_store_error_naming_the_shard(tmp_path):
+    store = tmp_path / "activations"
+    build_store(store)
+    path = shard_path(store, 7, "shard_00001")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError, match="shard_00001"):
+        read_layer_table(store, 7)
+    read_layer_table(store, 3)  # the other layer's shards are intact
+
+
+def test_corrupted_shard_is_a_store_error_naming_the_shard(tmp_path):
+    store = tmp_path / "activations"
+    build_store(store)
+    path = shard_path(store, 3, "shard_00000")
+    data = bytearray(path.read_bytes())
+    data[:8] = b"garbage!"
+    data[-8:] = b"garbage!"
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="shard_00000"):
+        read_layer_table(store, 3)
+
+
+def test_missing_shard_file_is_a_store_error_naming_the_shard(tmp_path):
+    store = tmp_path / "activations"
+    build_store(store)
+    shard_path(store, 3, "shard_00001").unlink()
+    with pytest.raises(StoreError, match="shard_00001"):
+        read_layer_table(store, 3)
+
+
+def test_row_count_disagreeing_with_manifest_is_a_store_error(tmp_path):
+    store = tmp_path / "activations"
+    build_store(store)
+    manifest = read_manifest(store)
+    manifest["shards"]["shard_00000"]["rows"]["3"] += 1
+    write_manifest(store, manifest)
+    with pytest.raises(StoreError, match="rows"):
+        read_layer_table(store, 3)
+
+
+def test_no_manifest_means_capture_not_finished(tmp_path):
+    store = tmp_path / "activations"
+    build_store(store)
+    (store / MANIFEST).unlink()
+    with pytest.raises(StoreError, match="capture not finished"):
+        read_layer_table(store, 3)
+    with pytest.raises(StoreError, match="capture not finished"):
+        read_manifest(store)
+
+
+def test_layer_not_in_store(tmp_path):
+    store = tmp_path / "activations"
+    build_store(store)
+    with pytest.raises(StoreError, match="layer 5"):
+        read_layer_table(store, 5)
+    with pytest.raises(StoreError, match="layer 5"):
+        load_residuals(tmp_path, 5)
+
+
+def test_store_listing_no_shards(tmp_path):
+    write_manifest(tmp_path, new_manifest("test/model", None, LAYERS, D_MODEL, "float32"))
+    with pytest.raises(StoreError, match="no shards"):
+        read_layer_table(tmp_path, 3)
+
+
+def test_unlisted_shard_is_not_read(tmp_path):
+    """A shard file that the manifest does not list (a worker died before it was recorded) is ignored."""
+    store = tmp_path / "activations"
+    build_store(store, shards={"shard_00000": 5})
+    write_shard(store, 3, "shard_00001", **shard_rows(9, 2, seed=1), dtype="float32")
+    assert read_layer_table(store, 3).num_rows == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Reruns
+
+
+def test_check_compatible_passes_on_the_same_run(tmp_path):
+    build_store(tmp_path)
+    check_compatible(read_manifest(tmp_path), "test/model", list(LAYERS), D_MODEL, "float32")
+
+
+@pytest.mark.parametrize(
+    "field, kwargs",
+    [
+        ("model_id", {"model_id": "other/model"}),
+        ("layers", {"layers": [3, 11]}),
+        ("d_model", {"d_model": 16}),
+        ("dtype", {"dtype": "float16"}),
+    ],
+)
+def test_check_compatible_refuses_a_different_run(tmp_path, field, kwargs):
+    build_store(tmp_path)
+    wanted = {"model_id": "test/model", "layers": LAYERS, "d_model": D_MODEL, "dtype": "float32", **kwargs}
+    with pytest.raises(StoreError, match=field):
+        check_compatible(read_manifest(tmp_path), **wanted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def test_atomic_writes_leave_no_temporary_files(tmp_path):
+    build_store(tmp_path / "activations")
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "activations" / "layer=3").iterdir()) == [
+        "shard_00000.arrow", "shard_00001.arrow"]
+
+
+def test_failing_write_leaves_nothing_under_the_final_name(tmp_path):
+    target = tmp_path / "sub" / "file.bin"
+
+    def write(tmp):
+        Path(tmp).write_bytes(b"half a file")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write_bytes(target, write)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_failing_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "file.bin"
+    atomic_write_bytes(target, lambda tmp: Path(tmp).write_bytes(b"complete"))
+
+    def write(tmp):
+        Path(tmp).write_bytes(b"partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_bytes(target, write)
+    assert target.read_bytes() == b"complete"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+# ---------------------------------------------------------------------------------------------
+# .npy input
+
+
+def test_load_residuals_npy_is_memory_mapped(tmp_path):
+    rows = np.random.default_rng(0).standard_normal((20, 6)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", rows)
+    loaded = load_residuals(tmp_path / "acts.npy")
+    assert isinstance(loaded, np.memmap)
+    np.testing.assert_array_equal(np.asarray(loaded), rows)
+
+
+@pytest.mark.parametrize(
+    "array", [np.zeros(10, dtype=np.float32), np.zeros((4, 3), dtype=np.int64), np.zeros((2, 3, 4), dtype=np.float32)]
+)
+def test_load_residuals_npy_rejects_non_2d_float(tmp_path, array):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(StoreError, match="2-D float"):
+        load_residuals(tmp_path / "bad.npy")
+
+
+def test_load_residuals_npy_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        load_residuals(tmp_path / "missing.npy")
+
+
+# ---------------------------------------------------------------------------------------------
+# sample_rows
+
+
+def test_sample_rows_is_seeded_sorted_and_unique():
+    first = sample_rows(1000, 100, seed=3)
+    assert len(first) == 100
+    assert np.array_equal(first, sample_rows(1000, 100, seed=3))
+    assert not np.array_equal(first, sample_rows(1000, 100, seed=4))
+    assert np.all(np.diff(first) > 0)  # strictly increasing: sorted, no duplicates
+    assert first.min() >= 0 and first.max() < 1000
+
+
+@pytest.mark.parametrize("cap", [None, 50, 80])
+def test_sample_rows_returns_all_rows_without_a_binding_cap(cap):
+    np.testing.assert_array_equal(sample_rows(50, cap, seed=0), np.arange(50))
