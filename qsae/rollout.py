@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from qsae.engines import Engine
 from qsae.models import chat_prompt
 from qsae.questions import Question, format_prompt, is_correct, parse_answer
-from qsae.store import atomic_write_bytes
+from qsae.files import atomic_write
 
 
 @dataclass
@@ -83,7 +83,7 @@ def run_rollouts(
 
 def write_rollouts(rollouts: list[Rollout], path: str | Path) -> None:
     table = pa.Table.from_pylist([asdict(r) for r in rollouts], schema=ROLLOUT_SCHEMA)
-    atomic_write_bytes(Path(path), lambda tmp: pq.write_table(table, tmp))
+    atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp))
 
 
 def read_rollouts(*paths: str | Path) -> list[Rollout]:

@@ -8,10 +8,7 @@ The same weights are also written in the layouts SAELens and EleutherAI sparsify
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +16,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from qsae.files import atomic_write, atomic_write_json
 
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 SAELENS_CFG = "cfg.json"
@@ -93,13 +92,13 @@ class TopKSAE(nn.Module):
         paths = {"pt": out_dir / f"{stem}.pt", "safetensors": out_dir / f"{stem}.safetensors",
                  "saelens": out_dir / "saelens" / hook_name,
                  "sparsify": out_dir / "sparsify" / f"layers.{layer}"}
-        _atomic_write(paths["pt"], lambda tmp: torch.save(tensors, tmp))
-        _atomic_write(paths["safetensors"], lambda tmp: save_file(tensors, tmp, metadata=metadata))
-        _atomic_write(paths["saelens"] / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, tmp))
-        _atomic_write_json(paths["saelens"] / SAELENS_CFG, self.saelens_cfg(hook_name))
-        _atomic_write(paths["sparsify"] / SPARSIFY_WEIGHTS,
+        atomic_write(paths["pt"], lambda tmp: torch.save(tensors, tmp))
+        atomic_write(paths["safetensors"], lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(paths["saelens"] / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+        atomic_write_json(paths["saelens"] / SAELENS_CFG, self.saelens_cfg(hook_name))
+        atomic_write(paths["sparsify"] / SPARSIFY_WEIGHTS,
                       lambda tmp: save_file(_sparsify_tensors(tensors), tmp))
-        _atomic_write_json(paths["sparsify"] / SAELENS_CFG, self.sparsify_cfg())
+        atomic_write_json(paths["sparsify"] / SAELENS_CFG, self.sparsify_cfg())
         return paths
 
     def saelens_cfg(self, hook_name: str) -> dict:
@@ -172,24 +171,6 @@ def _sparsify_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     # sparsify keeps the encoder as nn.Linear: weight [n, d_in] = W_enc.T.
     return {"encoder.weight": tensors["W_enc"].T.contiguous(), "encoder.bias": tensors["b_enc"],
             "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same directory, then rename: a crash never leaves a
-    half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -10,12 +10,12 @@ workers die mid-shard (their temporary files are simply overwritten by the retry
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from qsae.files import atomic_write, atomic_write_json
 
 MANIFEST = "manifest.json"
 HOOK_CONVENTION = "output of decoder layer L (= hidden_states[L + 1]): the residual stream after block L"
@@ -51,19 +51,6 @@ def to_store_dtype(residuals: np.ndarray, dtype: str) -> np.ndarray:
     return residuals.astype(np.float16)
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(tmp_path), then rename onto `path`: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def shard_path(store_dir: Path, layer: int, shard: str) -> Path:
     return Path(store_dir) / f"layer={layer}" / f"{shard}.arrow"
 
@@ -97,7 +84,7 @@ def write_shard(
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table, max_chunksize=65536)
 
-    atomic_write_bytes(shard_path(store_dir, layer, shard), write)
+    atomic_write(shard_path(store_dir, layer, shard), write)
     return n_rows
 
 
@@ -115,7 +102,7 @@ def new_manifest(model_id: str, model_revision: str | None, layers: list[int], d
 
 
 def write_manifest(store_dir: Path, manifest: dict) -> None:
-    atomic_write_bytes(Path(store_dir) / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+    atomic_write_json(Path(store_dir) / MANIFEST, manifest)
 
 
 def read_manifest(store_dir: str | Path) -> dict:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 
 from qsae.models import load_model, resolve_model_path
@@ -24,6 +23,8 @@ def tiny(tiny_path):
 @pytest.fixture(scope="session")
 def local_ray():
     """A real local Ray cluster; logical CPUs above the core count so actors and trainers fit at once."""
+    import ray  # imported here: the interop environment (SAELens, sparsify) has no Ray
+
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()

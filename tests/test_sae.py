@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qsae.sae import TopKSAE, _atomic_write
+from qsae.sae import TopKSAE
 
 D_IN, N_FEATURES, K = 24, 80, 6
 
@@ -125,20 +125,6 @@ def test_release_files_follow_the_contract(sae, tmp_path):
 
     with safe_open(str(paths["safetensors"]), "pt") as f:
         assert f.metadata()["k"] == str(K)
-
-
-def test_interrupted_write_keeps_the_old_file(tmp_path):
-    target = tmp_path / "sae.pt"
-    target.write_text("complete")
-
-    def half_write(tmp: str) -> None:
-        Path(tmp).write_text("partial")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        _atomic_write(target, half_write)
-    assert target.read_text() == "complete"
-    assert list(tmp_path.iterdir()) == [target]
 
 
 def test_save_release_replaces_existing_files(sae, x, tmp_path):

@@ -10,7 +10,6 @@ import pytest
 from qsae.store import (
     MANIFEST,
     StoreError,
-    atomic_write_bytes,
     check_compatible,
     load_residuals,
     new_manifest,
@@ -281,31 +280,6 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
         "shard_00000.arrow", "shard_00001.arrow"]
 
 
-def test_failing_write_leaves_nothing_under_the_final_name(tmp_path):
-    target = tmp_path / "sub" / "file.bin"
-
-    def write(tmp):
-        Path(tmp).write_bytes(b"half a file")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic_write_bytes(target, write)
-    assert not target.exists()
-    assert list(target.parent.iterdir()) == []
-
-
-def test_failing_write_keeps_the_previous_file(tmp_path):
-    target = tmp_path / "file.bin"
-    atomic_write_bytes(target, lambda tmp: Path(tmp).write_bytes(b"complete"))
-
-    def write(tmp):
-        Path(tmp).write_bytes(b"partial")
-        raise RuntimeError("killed")
-
-    with pytest.raises(RuntimeError):
-        atomic_write_bytes(target, write)
-    assert target.read_bytes() == b"complete"
-    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 
 
 # ---------------------------------------------------------------------------------------------
