@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 
 from qsae.capture import capture_question_shard
 from qsae.config import PipelineConfig, TrainStageConfig
+from qsae.models import TINY_MODEL
 from qsae.questions import Question
 from qsae.rollout import read_rollouts, write_rollouts
-from qsae.store import MANIFEST, check_compatible, new_manifest, read_manifest, write_manifest
+from qsae.store import MANIFEST, StoreError, check_compatible, new_manifest, read_manifest, write_manifest
 
 MAX_SHARD_ATTEMPTS = 3
 
@@ -64,14 +65,28 @@ def run_capture(cfg: PipelineConfig, model_path: str, d_model: int, questions: l
         manifest = read_manifest(store_dir)
         check_compatible(manifest, cfg.model.name, cfg.capture.layers, d_model, cfg.capture.dtype)
     else:
-        manifest = new_manifest(cfg.model.name, cfg.model.revision, cfg.capture.layers, d_model, cfg.capture.dtype)
+        # The tiny model has no hub revision; its cache directory name carries the build recipe's hash.
+        revision = cfg.model.revision or (Path(model_path).name if cfg.model.name == TINY_MODEL else None)
+        manifest = new_manifest(cfg.model.name, revision, cfg.capture.layers, d_model, cfg.capture.dtype)
     shards = plan_shards(questions, cfg.capture.questions_per_shard)
+    check_same_questions(manifest, shards)
     pending = [s for s in shards if s.name not in manifest["shards"]]
     if pending:
         run_actor_pool(cfg, model_path, pending, manifest, store_dir, run_dir)
     rollout_parts = [run_dir / "rollouts" / f"{s.name}.parquet" for s in shards]
     write_rollouts(read_rollouts(*rollout_parts), run_dir / "rollouts.parquet")
     return manifest
+
+
+def check_same_questions(manifest: dict, shards: list[QuestionShard]) -> None:
+    """A listed shard is skipped on rerun, so it must hold the very questions this run would give it."""
+    planned = {shard.name: [q.uuid for q in shard.questions] for shard in shards}
+    for name, entry in manifest["shards"].items():
+        if planned.get(name) != entry["questions"]:
+            raise StoreError(
+                f"the activation store's {name} holds other questions than this run's sample "
+                "(changed questions, num_questions, seed or questions_per_shard?); use a new --out"
+            )
 
 
 def run_actor_pool(
@@ -106,7 +121,11 @@ def run_actor_pool(
                 tqdm.write(f"replica died during {shard.name}; retrying it")
                 queue.append(shard)
                 continue
-            manifest["shards"][shard.name] = {"rollouts": result["rollouts"], "rows": result["rows"]}
+            manifest["shards"][shard.name] = {
+                "questions": [q.uuid for q in shard.questions],
+                "rollouts": result["rollouts"],
+                "rows": result["rows"],
+            }
             write_manifest(store_dir, manifest)
             tokens += result["response_tokens"]
             bar.set_postfix(tokens_per_s=f"{tokens / (time.time() - started):.0f}")

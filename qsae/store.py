@@ -97,7 +97,7 @@ def new_manifest(model_id: str, model_revision: str | None, layers: list[int], d
         "dtype": dtype,
         "hook": HOOK_CONVENTION,
         "token_selection": TOKEN_SELECTION,
-        "shards": {},  # shard name -> {"rollouts": n, "rows": {layer: n}}
+        "shards": {},  # shard name -> {"questions": [uuid, ...], "rollouts": n, "rows": {layer: n}}
     }
 
 

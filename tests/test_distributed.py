@@ -78,6 +78,14 @@ def test_a_store_of_another_model_is_not_extended(captured):
         run_capture(other, model_path, d_model, questions, run_dir)
 
 
+def test_a_store_of_another_question_sample_is_not_extended(captured):
+    cfg, run_dir, _, model_path, d_model, _ = captured
+    other = load_config(None, SMALL + [f"out={json.dumps(str(run_dir))}", "rollout.seed=7"])
+    questions, _, _ = prepare(other)
+    with pytest.raises(ValueError, match="other questions than this run"):
+        run_capture(other, model_path, d_model, questions, run_dir)
+
+
 def test_each_layer_trains_under_ray_train(captured):
     cfg, run_dir, *_ = captured
     trained = train_layers(cfg, run_dir)

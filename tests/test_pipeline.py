@@ -88,6 +88,20 @@ def test_model_card_reports_the_run(release):
     assert all(contexts["layers"][layer] for layer in ("3", "7", "11"))
 
 
+def test_analyze_rebuilds_the_release_from_the_trained_run(release):
+    before = json.loads((release / "final_summary.json").read_text())["layers"]
+    (release / "README.md").unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "qsae", "analyze", "--out", str(release.parent), *SMALL],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (release / "README.md").exists()
+    after = json.loads((release / "final_summary.json").read_text())["layers"]
+    for layer in before:
+        assert after[layer]["variance_explained"] == pytest.approx(before[layer]["variance_explained"], abs=1e-6)
+
+
 BAD_ROWS = '{"uuid": "x1", "question": "Q?", "options": ["a", "b"], "answer": "a", "answer_letter": "A", "discipline": "d", "field": "f", "subfield": "s", "difficulty": "easy"}\n'
 
 
