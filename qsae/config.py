@@ -57,6 +57,7 @@ class TrainStageConfig(TrainConfig):
     holdout_fraction: float = 0.1  # rows kept out of training for variance explained
     cpus_per_layer: float = 1.0  # Ray CPUs per layer trainer
     gpus_per_layer: float = 0.0  # Ray GPUs per layer trainer (fractions share one GPU)
+    checkpoint_every_epochs: int = 5  # Ray Train checkpoint interval (the last epoch always checkpoints)
 
 
 @dataclass

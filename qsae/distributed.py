@@ -5,6 +5,8 @@ only places them on a cluster, keeps the store's exactly-once bookkeeping, and r
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -159,12 +161,25 @@ def train_layer_worker(config: dict) -> None:
             resume = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
 
     def on_epoch(epoch: int, sae, metrics: dict) -> None:
+        # Each report waits on the Ray Train controller (seconds), so report with each checkpoint
+        # only; the per-epoch curves travel in the history inside the checkpoint.
+        if epoch % cfg.checkpoint_every_epochs and epoch != cfg.epochs:
+            return
         state = metrics.pop("checkpoint")
         with tempfile.TemporaryDirectory() as directory:
             torch.save(state, Path(directory) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     train_sae(sample.residuals[sample.train_rows], cfg, on_epoch=on_epoch, resume=resume)
+
+
+def train_run_name(layer: int, cfg: PipelineConfig, run_dir: str) -> str:
+    """Ray Train resumes a run of the same name from its last checkpoint. Name it by everything that
+    shapes the result, so a rerun resumes only the very same training and never a stale one."""
+    manifest = read_manifest(Path(run_dir) / "activations")
+    rows = sum(shard["rows"][str(layer)] for shard in manifest["shards"].values())
+    key = json.dumps([asdict(cfg.train), cfg.capture.max_tokens_per_layer, rows], sort_keys=True)
+    return f"layer={layer}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 @ray.remote(num_cpus=0)
@@ -188,7 +203,7 @@ def fit_layer(layer: int, cfg: PipelineConfig, run_dir: str) -> dict:
             resources_per_worker={"CPU": cfg.train.cpus_per_layer, **({"GPU": cfg.train.gpus_per_layer} if use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=f"layer={layer}",
+            name=train_run_name(layer, cfg, run_dir),
             storage_path=str(Path(run_dir).resolve() / "checkpoints"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

@@ -93,7 +93,7 @@ def test_each_layer_trains_under_ray_train(captured):
     for layer, (sae, history) in trained.items():
         assert (sae.n_features, sae.k) == (32, 4)
         assert len(history["fvu"]) == 3 and history["fvu"][-1] < history["fvu"][0]
-        checkpoints = list((run_dir / "checkpoints" / f"layer={layer}").glob("checkpoint_*"))
+        checkpoints = list((run_dir / "checkpoints").glob(f"layer={layer}-*/checkpoint_*"))
         assert checkpoints, "Ray Train kept no checkpoint"
         assert (run_dir / "saes" / f"layer={layer}" / "history.json").exists()
         norms = np.linalg.norm(sae.W_dec.detach().numpy(), axis=1)
