@@ -165,7 +165,7 @@ def train_layer_worker(config: dict) -> None:
         # only; the per-epoch curves travel in the history inside the checkpoint.
         if epoch % cfg.checkpoint_every_epochs and epoch != cfg.epochs:
             return
-        state = metrics.pop("checkpoint")
+        state = metrics.pop("checkpoint")()
         with tempfile.TemporaryDirectory() as directory:
             torch.save(state, Path(directory) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -8,6 +8,7 @@ the distributed layer wraps it (one call per layer) and checkpoints through `on_
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -201,7 +202,8 @@ def train_sae(residuals: np.ndarray | Tensor, cfg: TrainConfig,
     variance unexplained on that epoch's batches, sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
     (every epoch covers all rows), and history["variance_explained"] is 1 - fvu.
     on_epoch(epoch, sae, metrics) runs after each epoch (epoch counts completed epochs, from 1);
-    metrics holds that epoch's scalars plus metrics["checkpoint"], a dict to pass back as `resume`.
+    metrics holds that epoch's scalars plus metrics["checkpoint"], a function returning the dict to
+    pass back as `resume` (a function, so epochs that are not checkpointed copy nothing).
     """
     if not isinstance(residuals, (np.ndarray, Tensor)):
         residuals = np.asarray(residuals)
@@ -250,7 +252,8 @@ def train_sae(residuals: np.ndarray | Tensor, cfg: TrainConfig,
                        "variance_explained": 1.0 - fvu, "revived": history["revived"],
                        "dead_fraction": (steps_since_fired >= cfg.dead_after_steps).float().mean().item(),
                        "steps": history["steps"], "tokens_seen": history["tokens_seen"],
-                       "checkpoint": checkpoint_state(epoch, sae, optimizer, steps_since_fired, history)}
+                       "checkpoint": functools.partial(checkpoint_state, epoch, sae, optimizer,
+                                                       steps_since_fired, history)}
             on_epoch(epoch, sae, metrics)
     return sae, history
 

@@ -132,7 +132,7 @@ def test_resume_matches_uninterrupted_run(small_rows):
 
     def on_epoch(epoch, sae, metrics):
         epochs_seen.append(epoch)
-        checkpoints[epoch] = metrics["checkpoint"]
+        checkpoints[epoch] = metrics["checkpoint"]()
 
     full, history = train_sae(small_rows, cfg, on_epoch=on_epoch)
     assert epochs_seen == [1, 2, 3, 4]

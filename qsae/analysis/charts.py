@@ -108,7 +108,7 @@ def plot_auroc(auroc_by_layer: dict[int, np.ndarray | None], path: str | Path) -
 def plot_training(
     history_by_layer: dict[int, dict], path: str | Path, revive_every_epochs: int | None = None
 ) -> Path:
-    """Per-epoch loss and train FVU per layer; revival events marked on the FVU curve.
+    """Per-epoch loss and train FVU per layer; revival events that revived features are marked.
 
     A history holds "loss" and "fvu" (one value per epoch) and, optionally, "revived_per_event"
     (features revived at each event). Event i happened after epoch (i + 1) * revive_every_epochs;
@@ -126,7 +126,7 @@ def plot_training(
             continue
         for event, revived in enumerate(history.get("revived_per_event", []), start=1):
             epoch = event * revive_every_epochs
-            if epoch <= len(history["fvu"]):
+            if revived and epoch <= len(history["fvu"]):  # an event that revived nothing is not drawn
                 fvu_ax.scatter(epoch, history["fvu"][epoch - 1], marker="v", s=60, color=line.get_color(), zorder=3)
                 fvu_ax.annotate(f"{revived} revived", (epoch, history["fvu"][epoch - 1]),
                                 xytext=(4, 6), textcoords="offset points", fontsize=7)
