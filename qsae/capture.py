@@ -17,7 +17,7 @@ from qsae.engines import Engine
 from qsae.models import decoder_layers
 from qsae.questions import Question
 from qsae.rollout import Rollout, run_rollouts, write_rollouts
-from qsae.store import write_shard
+from qsae.store import shard_path, write_shard
 
 if TYPE_CHECKING:
     from qsae.config import PipelineConfig
@@ -111,14 +111,16 @@ def capture_question_shard(
     """Roll out one shard of questions, then capture it. Every file is written atomically; the caller
     lists the shard in the manifest only after this returns."""
     rollouts = run_rollouts(engine, tokenizer, questions, first_id, cfg.rollout.thinking, cfg.rollout.seed)
-    write_rollouts(rollouts, Path(run_dir) / "rollouts" / f"{shard}.parquet")
-    rows = capture_shard(
-        model, rollouts, cfg.capture.layers, Path(run_dir) / "activations", shard, cfg.capture.dtype, cfg.capture.batch_size
-    )
+    rollout_part = Path(run_dir) / "rollouts" / f"{shard}.parquet"
+    write_rollouts(rollouts, rollout_part)
+    store_dir = Path(run_dir) / "activations"
+    rows = capture_shard(model, rollouts, cfg.capture.layers, store_dir, shard, cfg.capture.dtype, cfg.capture.batch_size)
+    written = [rollout_part] + [shard_path(store_dir, layer, shard) for layer in cfg.capture.layers]
     return {
         "shard": shard,
         "rollouts": len(rollouts),
         "rows": rows,
         "response_tokens": sum(r.n_response_tokens for r in rollouts),
         "correct": sum(r.correct for r in rollouts),
+        "bytes": sum(path.stat().st_size for path in written),
     }

@@ -22,7 +22,19 @@ from qsae.config import PipelineConfig, TrainStageConfig
 from qsae.models import TINY_MODEL
 from qsae.questions import Question
 from qsae.rollout import read_rollouts, write_rollouts
-from qsae.store import MANIFEST, StoreError, check_compatible, new_manifest, read_manifest, write_manifest
+from qsae.store import (
+    MANIFEST,
+    DiskSpaceError,
+    StoreError,
+    check_compatible,
+    damaged_shards,
+    free_bytes,
+    new_manifest,
+    read_manifest,
+    remove_stale_temporaries,
+    row_bytes,
+    write_manifest,
+)
 
 MAX_SHARD_ATTEMPTS = 3
 
@@ -63,9 +75,14 @@ class CaptureWorker:
 def run_capture(cfg: PipelineConfig, model_path: str, d_model: int, questions: list[Question], run_dir: Path) -> dict:
     """Capture every shard not yet listed in the manifest; returns the final manifest."""
     store_dir = run_dir / "activations"
+    remove_stale_temporaries(run_dir)
     if (store_dir / MANIFEST).exists():
         manifest = read_manifest(store_dir)
         check_compatible(manifest, cfg.model.name, cfg.capture.layers, d_model, cfg.capture.dtype)
+        for shard, reason in damaged_shards(store_dir, manifest).items():
+            tqdm.write(f"[qsae] {reason}: {shard} will be captured again")
+            del manifest["shards"][shard]
+        write_manifest(store_dir, manifest)
     else:
         # The tiny model has no hub revision; its cache directory name carries the build recipe's hash.
         revision = cfg.model.revision or (Path(model_path).name if cfg.model.name == TINY_MODEL else None)
@@ -74,6 +91,7 @@ def run_capture(cfg: PipelineConfig, model_path: str, d_model: int, questions: l
     check_same_questions(manifest, shards)
     pending = [s for s in shards if s.name not in manifest["shards"]]
     if pending:
+        warn_if_disk_may_not_fit(cfg, d_model, sum(len(s.questions) for s in pending), run_dir)
         run_actor_pool(cfg, model_path, pending, manifest, store_dir, run_dir)
     rollout_parts = [run_dir / "rollouts" / f"{s.name}.parquet" for s in shards]
     write_rollouts(read_rollouts(*rollout_parts), run_dir / "rollouts.parquet")
@@ -91,49 +109,90 @@ def check_same_questions(manifest: dict, shards: list[QuestionShard]) -> None:
             )
 
 
+def warn_if_disk_may_not_fit(cfg: PipelineConfig, d_model: int, n_questions: int, run_dir: Path) -> None:
+    """Before the run: the worst case (every response at max_new_tokens) against free space. Only a
+    warning, since responses are usually shorter; the measured rate is checked after every shard."""
+    worst = n_questions * cfg.rollout.max_new_tokens * len(cfg.capture.layers) * row_bytes(d_model, cfg.capture.dtype)
+    free = free_bytes(run_dir)
+    print(f"[qsae] store estimate: at most {worst / 1e9:.2f} GB for {n_questions} questions; {free / 1e9:.2f} GB free")
+    if worst > free:
+        print("[qsae] warning: the worst case does not fit; capture stops cleanly if the measured rate will not fit")
+
+
+def check_disk_projection(done_bytes: int, done_questions: int, remaining_questions: int, run_dir: Path) -> None:
+    """After a shard: will the remaining questions fit at the rate measured so far (with 5% to spare)?"""
+    needed = done_bytes / done_questions * remaining_questions * 1.05
+    free = free_bytes(run_dir)
+    if needed > free:
+        raise DiskSpaceError(
+            f"the activation store needs about {needed / 1e6:.1f} MB more for {remaining_questions} questions "
+            f"but only {free / 1e6:.1f} MB are free at {run_dir}; the shards captured so far are kept: "
+            "free some space and rerun with the same --out to continue"
+        )
+
+
 def run_actor_pool(
     cfg: PipelineConfig, model_path: str, pending: list[QuestionShard], manifest: dict, store_dir: Path, run_dir: Path
 ) -> None:
     """Feed shards to a pool of replicas, one shard in flight per replica (backpressure). A shard whose
-    replica dies goes back on the queue (Ray restarts the replica); the manifest lists a shard only
+    replica dies goes back on the queue and a new replica takes its place; the manifest lists a shard only
     after all of its files are in place, so nothing is counted twice or lost."""
     actor_cls = ray.remote(CaptureWorker).options(
-        num_cpus=cfg.capture.cpus_per_actor, num_gpus=cfg.capture.gpus_per_actor, max_restarts=MAX_SHARD_ATTEMPTS
+        num_cpus=cfg.capture.cpus_per_actor, num_gpus=cfg.capture.gpus_per_actor
     )
-    actors = [actor_cls.remote(model_path, cfg, str(run_dir)) for _ in range(min(cfg.capture.num_actors, len(pending)))]
+
+    def new_replica():
+        return actor_cls.remote(model_path, cfg, str(run_dir))
+
+    actors = [new_replica() for _ in range(min(cfg.capture.num_actors, len(pending)))]
     queue = list(pending)
     attempts = {shard.name: 0 for shard in pending}
-    in_flight: dict[ray.ObjectRef, tuple] = {}
-    tokens, started = 0, time.time()
-    with tqdm(total=len(pending), desc="capture", unit="shard") as bar:
-        while queue or in_flight:
-            busy = {actor for actor, _ in in_flight.values()}
-            for actor in actors:
-                if queue and actor not in busy:
-                    shard = queue.pop(0)
-                    attempts[shard.name] += 1
-                    in_flight[actor.process.remote(shard)] = (actor, shard)
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            actor, shard = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as err:
-                if attempts[shard.name] >= MAX_SHARD_ATTEMPTS:
-                    raise RuntimeError(f"{shard.name} failed {attempts[shard.name]} times; last error: {err}") from err
-                tqdm.write(f"replica died during {shard.name}; retrying it")
-                queue.append(shard)
-                continue
-            manifest["shards"][shard.name] = {
-                "questions": [q.uuid for q in shard.questions],
-                "rollouts": result["rollouts"],
-                "rows": result["rows"],
-            }
-            write_manifest(store_dir, manifest)
-            tokens += result["response_tokens"]
-            bar.set_postfix(tokens_per_s=f"{tokens / (time.time() - started):.0f}")
-            bar.update(1)
-    for actor in actors:
-        ray.kill(actor)
+    remaining = sum(len(shard.questions) for shard in pending)
+    in_flight: dict[ray.ObjectRef, tuple[int, QuestionShard]] = {}
+    tokens, done_bytes, done_questions, started = 0, 0, 0, time.time()
+    try:
+        with tqdm(total=len(pending), desc="capture", unit="shard") as bar:
+            while queue or in_flight:
+                busy = {slot for slot, _ in in_flight.values()}
+                for slot, actor in enumerate(actors):
+                    if queue and slot not in busy:
+                        shard = queue.pop(0)
+                        attempts[shard.name] += 1
+                        in_flight[actor.process.remote(shard)] = (slot, shard)
+                [ref], _ = ray.wait(list(in_flight), num_returns=1)
+                slot, shard = in_flight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    if attempts[shard.name] >= MAX_SHARD_ATTEMPTS:
+                        raise RuntimeError(f"{shard.name} failed {attempts[shard.name]} times; last error: {err}") from err
+                    # A fresh replica in the dead one's place; the shard goes back on the queue, and
+                    # its half-written files are overwritten by the retry (it was never listed).
+                    tqdm.write(f"[qsae] replica died during {shard.name}; retrying it on a new replica")
+                    ray.kill(actors[slot])
+                    actors[slot] = new_replica()
+                    queue.append(shard)
+                    continue
+                manifest["shards"][shard.name] = {
+                    "questions": [q.uuid for q in shard.questions],
+                    "rollouts": result["rollouts"],
+                    "rows": result["rows"],
+                }
+                write_manifest(store_dir, manifest)
+                tokens += result["response_tokens"]
+                done_bytes += result["bytes"]
+                done_questions += result["rollouts"]
+                remaining -= result["rollouts"]
+                bar.set_postfix(tokens_per_s=f"{tokens / (time.time() - started):.0f}")
+                bar.update(1)
+                if remaining:
+                    check_disk_projection(done_bytes, done_questions, remaining, run_dir)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if in_flight:
+            ray.wait(list(in_flight), num_returns=len(in_flight), timeout=30)  # let killed writers go
+        remove_stale_temporaries(run_dir)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Inputs are checked before any Ray work starts, so bad input fails fast with a cl
 from __future__ import annotations
 
 import os
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,11 +40,26 @@ def stage(name: str, timings: dict):
     print(f"[qsae] {name} done in {timings[name]:.1f} s", flush=True)
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds with a clear message, instead of Ray's long retry loop, when nothing listens."""
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"Ray address {address!r} is not of the form host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address}: {err}") from err
+
+
 def connect_ray(address: str | None) -> None:
-    """Join the cluster in RAY_ADDRESS or `address` (as under `ray job submit`), else start a local Ray."""
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    """Join the cluster in `address` or RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address not in ("auto", "local"):
+        check_reachable(address)
+    ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:

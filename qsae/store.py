@@ -10,6 +10,7 @@ workers die mid-shard (their temporary files are simply overwritten by the retry
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,10 @@ class StoreError(ValueError):
     """The activation store is missing, incomplete, or does not match what was asked of it."""
 
 
+class DiskSpaceError(OSError):
+    """The store would not fit on its disk."""
+
+
 def shard_schema(d_model: int, dtype: str) -> pa.Schema:
     value_type = {"float16": pa.float16(), "float32": pa.float32()}[dtype]
     return pa.schema(
@@ -40,15 +45,38 @@ def shard_schema(d_model: int, dtype: str) -> pa.Schema:
 
 
 def to_store_dtype(residuals: np.ndarray, dtype: str) -> np.ndarray:
-    """Cast residuals to the store dtype, refusing float16 overflow (never store inf)."""
+    """Cast residuals to the store dtype, refusing NaN/inf and float16 overflow (never store inf)."""
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"store dtype must be float16 or float32, got {dtype!r}")
+    if not np.isfinite(residuals).all():
+        raise OverflowError("residuals contain NaN or inf (the model overflowed?); capture with model.dtype float32")
     if dtype == "float32":
         return residuals.astype(np.float32, copy=False)
-    if dtype != "float16":
-        raise ValueError(f"store dtype must be float16 or float32, got {dtype!r}")
     peak = float(np.abs(residuals).max(initial=0.0))
     if peak > float(np.finfo(np.float16).max):  # a Python float: comparing with a float16 scalar would cast peak to float16
         raise OverflowError(f"residual magnitude {peak:.3g} overflows float16; capture with dtype float32")
     return residuals.astype(np.float16)
+
+
+def row_bytes(d_model: int, dtype: str) -> int:
+    """Bytes of one stored row: the residual plus rollout_id, position, token_id and correct."""
+    return d_model * (2 if dtype == "float16" else 4) + 8 + 4 + 4 + 1
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space on the disk that holds `path` (or would hold it, if it does not exist yet)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> int:
+    """Delete temporary files that a killed writer left behind; call only while no writer runs."""
+    stale = [p for p in Path(run_dir).rglob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def shard_path(store_dir: Path, layer: int, shard: str) -> Path:
@@ -121,27 +149,54 @@ def check_compatible(manifest: dict, model_id: str, layers: list[int], d_model: 
         raise StoreError(f"existing activation store does not match this run ({details}); use a new --out")
 
 
-def read_layer_table(store_dir: str | Path, layer: int) -> pa.Table:
-    """All listed shards of one layer, in shard order, checked against the manifest's row counts."""
+def open_shard(path: Path, expected_rows: int) -> pa.Table:
+    """A shard, memory-mapped (rows are read only when used), checked against its manifest row count."""
+    try:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+    except (OSError, pa.ArrowInvalid) as err:
+        raise StoreError(f"shard {path} is unreadable or corrupted: {err}") from err
+    if table.num_rows != expected_rows:
+        raise StoreError(f"shard {path} has {table.num_rows} rows, the manifest says {expected_rows}")
+    return table
+
+
+def layer_row_count(manifest: dict, layer: int) -> int:
+    return sum(entry["rows"][str(layer)] for entry in manifest["shards"].values())
+
+
+def read_layer_table(store_dir: str | Path, layer: int, rows: np.ndarray | None = None) -> pa.Table:
+    """One layer's listed shards in shard order, or only the sorted global `rows` of them: a sample
+    reads just its own rows, so a store far larger than memory can still be sampled."""
     store_dir = Path(store_dir)
     manifest = read_manifest(store_dir)
     if layer not in manifest["layers"]:
         raise StoreError(f"layer {layer} is not in the store at {store_dir} (layers: {manifest['layers']})")
-    tables = []
-    for shard in sorted(manifest["shards"]):
-        path = shard_path(store_dir, layer, shard)
-        expected = manifest["shards"][shard]["rows"][str(layer)]
-        try:
-            with pa.memory_map(str(path)) as source:
-                table = pa.ipc.open_file(source).read_all()
-        except (OSError, pa.ArrowInvalid) as err:
-            raise StoreError(f"shard {path} is unreadable or corrupted: {err}") from err
-        if table.num_rows != expected:
-            raise StoreError(f"shard {path} has {table.num_rows} rows, the manifest says {expected}")
-        tables.append(table)
-    if not tables:
+    if not manifest["shards"]:
         raise StoreError(f"the activation store at {store_dir} lists no shards")
+    tables, offset = [], 0
+    for shard in sorted(manifest["shards"]):
+        n_rows = manifest["shards"][shard]["rows"][str(layer)]
+        table = open_shard(shard_path(store_dir, layer, shard), n_rows)
+        if rows is not None:
+            local = rows[(rows >= offset) & (rows < offset + n_rows)] - offset
+            table = table.take(pa.array(local))
+        tables.append(table)
+        offset += n_rows
     return pa.concat_tables(tables)
+
+
+def damaged_shards(store_dir: str | Path, manifest: dict) -> dict[str, str]:
+    """Listed shards whose file is missing, unreadable or of the wrong length, with the reason."""
+    damaged = {}
+    for shard, entry in sorted(manifest["shards"].items()):
+        for layer, n_rows in entry["rows"].items():
+            try:
+                open_shard(shard_path(Path(store_dir), int(layer), shard), n_rows)
+            except StoreError as err:
+                damaged[shard] = str(err)
+                break
+    return damaged
 
 
 def residual_matrix(table: pa.Table) -> np.ndarray:

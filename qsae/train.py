@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 from qsae.sae import TopKSAE
-from qsae.store import read_layer_table, residual_matrix, sample_rows
+from qsae.store import layer_row_count, read_layer_table, read_manifest, residual_matrix, sample_rows
 
 # Rows per chunk when scanning the input for NaN/inf and its variance (bounded memory on memmaps).
 SCAN_ROWS = 8192
@@ -274,8 +273,8 @@ class LayerSample:
 def layer_sample(store_dir: Path, layer: int, max_rows: int | None, holdout_fraction: float, seed: int) -> LayerSample:
     """Seeded cap, then seeded train/held-out split: deterministic, so the trainers and the analysis
     agree on which rows are held out without passing index files around."""
-    table = read_layer_table(store_dir, layer)
-    table = table.take(pa.array(sample_rows(table.num_rows, max_rows, seed)))
+    n_rows = layer_row_count(read_manifest(store_dir), layer)
+    table = read_layer_table(store_dir, layer, sample_rows(n_rows, max_rows, seed))
     train_rows, heldout_rows = split_rows(table.num_rows, holdout_fraction, seed)
     return LayerSample(
         residuals=residual_matrix(table),

@@ -114,8 +114,10 @@ BAD_ROWS = '{"uuid": "x1", "question": "Q?", "options": ["a", "b"], "answer": "a
         (["train.k=64", "train.n_features=32"], "exceeds"),
         (["train.colour=red"], "train.colour"),
         (["model.name=/no/such/model"], "/no/such/model"),
+        (["ray_address=127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
     ],
-    ids=["missing-questions", "malformed-row", "layer-out-of-range", "k-above-n", "unknown-key", "missing-model"],
+    ids=["missing-questions", "malformed-row", "layer-out-of-range", "k-above-n", "unknown-key", "missing-model",
+         "unreachable-ray"],
 )
 def test_bad_input_fails_cleanly(tiny_path, tmp_path, args, message):
     bad = tmp_path / "bad.jsonl"
