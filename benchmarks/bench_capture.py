@@ -1,0 +1,85 @@
+"""Captured response tokens per second: qsae against the original release's way, in one run.
+
+    python benchmarks/bench_capture.py [--questions 48] [--max-new-tokens 256] [--model tiny]
+
+Baseline ("original"): transformers `generate`, one question at a time, a forward hook on each chosen
+layer keeping h[:, -1] at every generation step (so the rows are collected while generating).
+qsae: batched greedy generation with left padding, then one batched teacher-forced forward pass
+over prompt + response with hooks (the capture stage), as each replica of the actor pool runs it.
+Both on the same model, questions and layers; the script prints tokens/s of each and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from qsae.capture import capture_residuals
+from qsae.engines.hf_engine import HFEngine
+from qsae.models import chat_prompt, decoder_layers, load_model, resolve_model_path
+from qsae.questions import BUNDLED_QUESTIONS, format_prompt, load_questions
+
+
+def prompt_ids(tokenizer, questions) -> list[list[int]]:
+    return [tokenizer(chat_prompt(tokenizer, format_prompt(q), False), add_special_tokens=False).input_ids for q in questions]
+
+
+@torch.no_grad()
+def original_way(model, tokenizer, prompts, layers, max_new_tokens) -> int:
+    """One question at a time; hooks collect the last position's residual at every step."""
+    rows = {layer: [] for layer in layers}
+    blocks = decoder_layers(model)
+    handles = [
+        blocks[layer].register_forward_hook(lambda m, i, out, layer=layer: rows[layer].append(out[:, -1].cpu()))
+        for layer in layers
+    ]
+    try:
+        for ids in prompts:
+            model.generate(
+                torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    return len(rows[layers[0]])  # rows stored per layer: one per generation step
+
+
+def qsae_way(model, tokenizer, prompts, layers, max_new_tokens, batch_size) -> int:
+    responses = HFEngine(model, tokenizer, max_new_tokens, batch_size).generate(prompts)
+    sequences = [p + r for p, r in zip(prompts, responses)]
+    captured = capture_residuals(model, sequences, [len(p) for p in prompts], layers, batch_size)
+    return sum(len(rows) for rows in captured[layers[0]])
+
+
+def timed(fn, *args) -> tuple[int, float]:
+    started = time.perf_counter()
+    tokens = fn(*args)
+    return tokens, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--questions", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--layers", type=int, nargs="+", default=[3, 7, 11])
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(resolve_model_path(args.model), dtype="float32", device="auto")
+    prompts = prompt_ids(tokenizer, load_questions(BUNDLED_QUESTIONS)[: args.questions])
+    qsae_way(model, tokenizer, prompts[:2], args.layers, 8, 2)  # warm-up
+    base_tokens, base_s = timed(original_way, model, tokenizer, prompts, args.layers, args.max_new_tokens)
+    qsae_tokens, qsae_s = timed(qsae_way, model, tokenizer, prompts, args.layers, args.max_new_tokens, args.batch_size)
+    print(f"model {args.model}, {len(prompts)} questions, layers {args.layers}, device {model.device}")
+    print(f"{'method':<34} {'tokens':>8} {'seconds':>8} {'tokens/s':>9}")
+    print(f"{'original (per question, step hooks)':<34} {base_tokens:>8} {base_s:>8.1f} {base_tokens / base_s:>9.1f}")
+    print(f"{'qsae (batched, teacher-forced)':<34} {qsae_tokens:>8} {qsae_s:>8.1f} {qsae_tokens / qsae_s:>9.1f}")
+    print(f"ratio qsae / original: {(qsae_tokens / qsae_s) / (base_tokens / base_s):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
