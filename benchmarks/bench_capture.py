@@ -7,6 +7,8 @@ layer keeping h[:, -1] at every generation step (so the rows are collected while
 qsae: batched greedy generation with left padding, then one batched teacher-forced forward pass
 over prompt + response with hooks (the capture stage), as each replica of the actor pool runs it.
 Both on the same model, questions and layers; the script prints tokens/s of each and the ratio.
+With --vllm it then times the vLLM engine (rollouts, then capture hooked inside vLLM's model)
+against the transformers engine on the tiny dense Qwen3 (vLLM's CPU build cannot load Qwen3.5).
 """
 from __future__ import annotations
 
@@ -53,6 +55,36 @@ def qsae_way(model, tokenizer, prompts, layers, max_new_tokens, batch_size) -> i
     return sum(len(rows) for rows in captured[layers[0]])
 
 
+def vllm_way(engine, prompts, layers) -> int:
+    from qsae.engines.vllm_engine import capture_residuals_vllm
+
+    responses = engine.generate(prompts)
+    captured = capture_residuals_vllm(engine, [p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts], layers)
+    return sum(len(rows) for rows in captured[layers[0]])
+
+
+def compare_engines(args) -> None:
+    from qsae.engines.vllm_engine import VLLMEngine
+    from qsae.models import TINY_DENSE_MODEL
+
+    path = resolve_model_path(TINY_DENSE_MODEL)
+    model, tokenizer = load_model(path, dtype="float32", device="auto")
+    prompts = prompt_ids(tokenizer, load_questions(BUNDLED_QUESTIONS)[: args.questions])
+    layers = [1, 3, 5]
+    engine = VLLMEngine(path, tokenizer, args.max_new_tokens, dtype="float32", gpu_memory_utilization=0.1 if model.device.type == "cpu" else 0.5)
+    try:
+        vllm_way(engine, prompts[:2], layers)  # warm-up
+        hf_tokens, hf_s = timed(qsae_way, model, tokenizer, prompts, layers, args.max_new_tokens, args.batch_size)
+        vllm_tokens, vllm_s = timed(vllm_way, engine, prompts, layers)
+    finally:
+        engine.close()
+    print(f"\nmodel {TINY_DENSE_MODEL}, {len(prompts)} questions, layers {layers}, device {model.device}")
+    print(f"{'engine':<34} {'tokens':>8} {'seconds':>8} {'tokens/s':>9}")
+    print(f"{'transformers (rollout + capture)':<34} {hf_tokens:>8} {hf_s:>8.1f} {hf_tokens / hf_s:>9.1f}")
+    print(f"{'vllm (rollout + capture)':<34} {vllm_tokens:>8} {vllm_s:>8.1f} {vllm_tokens / vllm_s:>9.1f}")
+    print(f"ratio vllm / transformers: {(vllm_tokens / vllm_s) / (hf_tokens / hf_s):.2f}x")
+
+
 def timed(fn, *args) -> tuple[int, float]:
     started = time.perf_counter()
     tokens = fn(*args)
@@ -66,6 +98,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 7, 11])
+    parser.add_argument("--vllm", action="store_true", help="also compare the vLLM and transformers engines")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -79,6 +112,8 @@ def main() -> None:
     print(f"{'original (per question, step hooks)':<34} {base_tokens:>8} {base_s:>8.1f} {base_tokens / base_s:>9.1f}")
     print(f"{'qsae (batched, teacher-forced)':<34} {qsae_tokens:>8} {qsae_s:>8.1f} {qsae_tokens / qsae_s:>9.1f}")
     print(f"ratio qsae / original: {(qsae_tokens / qsae_s) / (base_tokens / base_s):.2f}x")
+    if args.vllm:
+        compare_engines(args)
 
 
 if __name__ == "__main__":

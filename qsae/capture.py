@@ -5,7 +5,10 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,13 +17,17 @@ import torch
 from torch import nn
 
 from qsae.engines import Engine
-from qsae.models import decoder_layers
+from qsae.engines.hf_engine import HFEngine
+from qsae.models import decoder_layers, load_model, load_tokenizer
 from qsae.questions import Question
 from qsae.rollout import Rollout, run_rollouts, write_rollouts
 from qsae.store import shard_path, write_shard
 
 if TYPE_CHECKING:
     from qsae.config import PipelineConfig
+
+# (sequences, starts, layer_ids) -> {layer: [rows of sequence i from position starts[i]]}
+ResidualFn = Callable[[list[list[int]], list[int], list[int]], dict[int, list[np.ndarray]]]
 
 
 class _StopForward(Exception):
@@ -85,12 +92,12 @@ def capture_residuals(
 
 
 def capture_shard(
-    model: nn.Module, rollouts: list[Rollout], layer_ids: list[int], store_dir: Path, shard: str, dtype: str, batch_size: int
+    residuals_of: ResidualFn, rollouts: list[Rollout], layer_ids: list[int], store_dir: Path, shard: str, dtype: str
 ) -> dict[str, int]:
     """Capture the response-token residuals of `rollouts` (at least one) and write a shard per layer."""
     sequences = [r.prompt_token_ids + r.response_token_ids for r in rollouts]
     starts = [r.n_prompt_tokens for r in rollouts]
-    residuals = capture_residuals(model, sequences, starts, layer_ids, batch_size)
+    residuals = residuals_of(sequences, starts, layer_ids)
     lengths = [r.n_response_tokens for r in rollouts]
     rollout_id = np.repeat([r.rollout_id for r in rollouts], lengths)
     position = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
@@ -104,17 +111,43 @@ def capture_shard(
     }
 
 
+@dataclass
+class Replica:
+    """What one capture replica holds: a tokenizer, a rollout engine, and the function that gives the
+    residual rows of whole sequences with the same model the engine runs."""
+
+    tokenizer: object
+    engine: Engine
+    residuals_of: ResidualFn
+
+
+def load_replica(model_path: str, cfg: PipelineConfig) -> Replica:
+    """Load the model once, for the configured engine."""
+    if cfg.rollout.engine == "vllm":
+        from qsae.engines.vllm_engine import VLLMEngine, capture_residuals_vllm
+
+        tokenizer = load_tokenizer(model_path, cfg.model.revision)
+        engine = VLLMEngine(
+            model_path, tokenizer, cfg.rollout.max_new_tokens, cfg.model.revision, cfg.model.dtype,
+            cfg.rollout.tensor_parallel_size, cfg.rollout.gpu_memory_utilization, cfg.rollout.enforce_eager,
+            cfg.rollout.seed, cfg.rollout.max_model_len,
+        )
+        return Replica(tokenizer, engine, partial(capture_residuals_vllm, engine))
+    model, tokenizer = load_model(model_path, cfg.model.revision, cfg.model.dtype, cfg.model.device)
+    engine = HFEngine(model, tokenizer, cfg.rollout.max_new_tokens, cfg.rollout.batch_size)
+    return Replica(tokenizer, engine, partial(capture_residuals, model, batch_size=cfg.capture.batch_size))
+
+
 def capture_question_shard(
-    model: nn.Module, tokenizer, engine: Engine, shard: str, questions: list[Question], first_id: int,
-    cfg: PipelineConfig, run_dir: Path,
+    replica: Replica, shard: str, questions: list[Question], first_id: int, cfg: PipelineConfig, run_dir: Path
 ) -> dict:
     """Roll out one shard of questions, then capture it. Every file is written atomically; the caller
     lists the shard in the manifest only after this returns."""
-    rollouts = run_rollouts(engine, tokenizer, questions, first_id, cfg.rollout.thinking, cfg.rollout.seed)
+    rollouts = run_rollouts(replica.engine, replica.tokenizer, questions, first_id, cfg.rollout.thinking, cfg.rollout.seed)
     rollout_part = Path(run_dir) / "rollouts" / f"{shard}.parquet"
     write_rollouts(rollouts, rollout_part)
     store_dir = Path(run_dir) / "activations"
-    rows = capture_shard(model, rollouts, cfg.capture.layers, store_dir, shard, cfg.capture.dtype, cfg.capture.batch_size)
+    rows = capture_shard(replica.residuals_of, rollouts, cfg.capture.layers, store_dir, shard, cfg.capture.dtype)
     written = [rollout_part] + [shard_path(store_dir, layer, shard) for layer in cfg.capture.layers]
     return {
         "shard": shard,

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"  # "tiny" (built-in Qwen3.5 hybrid, built and cached on first use), a local dir or a hub id
+    name: str = "tiny"  # "tiny" (built-in Qwen3.5 hybrid) / "tiny-dense" (built-in Qwen3), a local dir or a hub id
     revision: str | None = None  # hub revision (commit or tag) for reproducible loads
     dtype: str = "float32"  # model weights during rollouts and capture: float32 | bfloat16 | float16
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -31,13 +31,17 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "transformers"  # rollout engine
+    engine: str = "transformers"  # rollout engine: transformers | vllm
     questions: str = "bundled"  # "bundled" or a SuperGPQA JSONL/Parquet file
     num_questions: int | None = None  # sample this many questions (None = all)
     seed: int = 100  # question sampling seed (the original release used 100)
     thinking: bool = False  # chat template with reasoning on
     max_new_tokens: int = 256  # generation budget per question
-    batch_size: int = 16  # prompts generated together
+    batch_size: int = 16  # prompts generated together (transformers engine; vLLM schedules its own batches)
+    tensor_parallel_size: int = 1  # vLLM: GPUs one replica spans (set capture.gpus_per_actor to match)
+    gpu_memory_utilization: float = 0.9  # vLLM: share of GPU memory it may take (of host RAM on CPU: use ~0.1)
+    enforce_eager: bool = True  # vLLM: no compiled graphs; capture's hooks need it
+    max_model_len: int | None = None  # vLLM: context length to reserve (None = the model's)
 
 
 @dataclass
@@ -85,8 +89,10 @@ class PipelineConfig:
             raise ConfigError("capture.layers is empty")
         if self.capture.dtype not in ("float16", "float32"):
             raise ConfigError(f"capture.dtype must be float16 or float32, got {self.capture.dtype!r}")
-        if self.rollout.engine != "transformers":
-            raise ConfigError(f"unknown rollout.engine {self.rollout.engine!r}; available: transformers")
+        if self.rollout.engine not in ("transformers", "vllm"):
+            raise ConfigError(f"unknown rollout.engine {self.rollout.engine!r}; available: transformers, vllm")
+        if self.rollout.engine == "vllm" and not self.rollout.enforce_eager:
+            raise ConfigError("rollout.enforce_eager must be true with vllm: capture hooks do not run in compiled graphs")
         if not 0 < self.train.holdout_fraction < 1:
             raise ConfigError(f"train.holdout_fraction must be in (0, 1), got {self.train.holdout_fraction}")
         for name in ("num_actors", "questions_per_shard", "batch_size"):

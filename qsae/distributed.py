@@ -17,9 +17,9 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from qsae.capture import capture_question_shard
+from qsae.capture import capture_question_shard, load_replica
 from qsae.config import PipelineConfig, TrainStageConfig
-from qsae.models import TINY_MODEL
+from qsae.models import TINY_DENSE_MODEL, TINY_MODEL, check_fits, memory_budget, parameter_count
 from qsae.questions import Question
 from qsae.rollout import read_rollouts, write_rollouts
 from qsae.store import (
@@ -57,19 +57,13 @@ class CaptureWorker:
     """One model replica: loads the model once, then rolls out and captures whole shards."""
 
     def __init__(self, model_path: str, cfg: PipelineConfig, run_dir: str):
-        from qsae.engines.hf_engine import HFEngine
-        from qsae.models import load_model
-
         torch.set_num_threads(max(1, int(cfg.capture.cpus_per_actor)))
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.model, self.tokenizer = load_model(model_path, cfg.model.revision, cfg.model.dtype, cfg.model.device)
-        self.engine = HFEngine(self.model, self.tokenizer, cfg.rollout.max_new_tokens, cfg.rollout.batch_size)
+        self.replica = load_replica(model_path, cfg)
 
     def process(self, shard: QuestionShard) -> dict:
-        return capture_question_shard(
-            self.model, self.tokenizer, self.engine, shard.name, shard.questions, shard.first_id, self.cfg, self.run_dir
-        )
+        return capture_question_shard(self.replica, shard.name, shard.questions, shard.first_id, self.cfg, self.run_dir)
 
 
 def run_capture(cfg: PipelineConfig, model_path: str, d_model: int, questions: list[Question], run_dir: Path) -> dict:
@@ -84,13 +78,14 @@ def run_capture(cfg: PipelineConfig, model_path: str, d_model: int, questions: l
             del manifest["shards"][shard]
         write_manifest(store_dir, manifest)
     else:
-        # The tiny model has no hub revision; its cache directory name carries the build recipe's hash.
-        revision = cfg.model.revision or (Path(model_path).name if cfg.model.name == TINY_MODEL else None)
+        # The tiny models have no hub revision; their cache directory name carries the build recipe's hash.
+        revision = cfg.model.revision or (Path(model_path).name if cfg.model.name in (TINY_MODEL, TINY_DENSE_MODEL) else None)
         manifest = new_manifest(cfg.model.name, revision, cfg.capture.layers, d_model, cfg.capture.dtype)
     shards = plan_shards(questions, cfg.capture.questions_per_shard)
     check_same_questions(manifest, shards)
     pending = [s for s in shards if s.name not in manifest["shards"]]
     if pending:
+        check_replica_fits(cfg, model_path)
         warn_if_disk_may_not_fit(cfg, d_model, sum(len(s.questions) for s in pending), run_dir)
         run_actor_pool(cfg, model_path, pending, manifest, store_dir, run_dir)
     rollout_parts = [run_dir / "rollouts" / f"{s.name}.parquet" for s in shards]
@@ -107,6 +102,20 @@ def check_same_questions(manifest: dict, shards: list[QuestionShard]) -> None:
                 f"the activation store's {name} holds other questions than this run's sample "
                 "(changed questions, num_questions, seed or questions_per_shard?); use a new --out"
             )
+
+
+def check_replica_fits(cfg: PipelineConfig, model_path: str) -> None:
+    """Before starting replicas: do the weights fit the memory of one replica's resources? Checked in a
+    task placed like a replica (it sees that replica's GPUs), so a misconfiguration fails once, clearly."""
+
+    def probe() -> None:
+        check_fits(cfg.model.name, parameter_count(model_path), cfg.model.dtype, memory_budget(cfg.model.device))
+
+    task = ray.remote(probe).options(num_cpus=cfg.capture.cpus_per_actor, num_gpus=cfg.capture.gpus_per_actor)
+    try:
+        ray.get(task.remote())
+    except ray.exceptions.RayTaskError as err:
+        raise err.cause from None
 
 
 def warn_if_disk_may_not_fit(cfg: PipelineConfig, d_model: int, n_questions: int, run_dir: Path) -> None:

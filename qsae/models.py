@@ -4,6 +4,8 @@ Real checkpoints load from a local directory or a hub id. The tiny model is a ra
 Qwen3.5 hybrid (Gated DeltaNet + gated attention, same config classes as Qwen3.6-27B) with a byte-level
 BPE tokenizer, briefly fine-tuned on the bundled questions so that it reasons for a while and ends with
 "Answer: <letter>": without that, every rollout would be wrong and correctness statistics undefined.
+"tiny-dense" is the same recipe on a dense Qwen3 (Qwen3ForCausalLM, head_dim 64): the CPU build of vLLM
+loads it, while it cannot load the Qwen3.5 classes.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch import nn
 from qsae.questions import BUNDLED_QUESTIONS, LETTERS, Question, format_prompt, load_questions
 
 TINY_MODEL = "tiny"
+TINY_DENSE_MODEL = "tiny-dense"
 
 # Qwen-style chat template: with thinking off the assistant turn opens with an empty think block,
 # which is how Qwen3/3.5/3.6 checkpoints switch reasoning off.
@@ -55,9 +58,12 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
-    """"tiny" -> the cached tiny model (built on first use); a path -> checked to exist; else a hub id."""
+    """"tiny" / "tiny-dense" -> the cached tiny model (built on first use); a path -> checked to exist;
+    else a hub id."""
     if name == TINY_MODEL:
         return str(tiny_model_path(cache_dir))
+    if name == TINY_DENSE_MODEL:
+        return str(tiny_model_path(cache_dir, TINY_DENSE_RECIPE))
     expanded = os.path.expanduser(name)
     looks_like_path = expanded.startswith((os.sep, ".")) or os.path.exists(expanded) or name.count("/") != 1
     if looks_like_path and not os.path.isdir(expanded):
@@ -111,6 +117,43 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
     return model.to(resolve_device(device)).eval(), tokenizer
 
 
+def parameter_count(model_path: str) -> int | None:
+    """Parameters in a local checkpoint's safetensors files, read from their headers (no weights
+    loaded); None for a hub id, whose files are known only after download."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_path).glob("*.safetensors")) if os.path.isdir(model_path) else []
+    count = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            count += sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
+    return count or None
+
+
+def memory_budget(device: str) -> tuple[int, str]:
+    """(bytes a replica may fill, what they are): every visible GPU's memory, or available host RAM."""
+    if resolve_device(device).startswith("cuda"):
+        n_gpus = torch.cuda.device_count()
+        total = sum(torch.cuda.get_device_properties(i).total_memory for i in range(n_gpus))
+        return total, f"{n_gpus} GPU(s) with {total / 2**30:.1f} GiB in all"
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    return available, f"{available / 2**30:.1f} GiB of available host memory"
+
+
+def check_fits(model_name: str, n_parameters: int | None, dtype: str, budget: tuple[int, str]) -> None:
+    """Refuse a replica whose weights, in the dtype it runs in, exceed the memory it is given."""
+    if n_parameters is None:
+        return
+    needed = n_parameters * dtype_from_name(dtype).itemsize
+    capacity, described = budget
+    if needed > capacity:
+        raise ModelLoadError(
+            f"model {model_name!r} needs about {needed / 2**30:.1f} GiB for its weights in {dtype}, but a replica "
+            f"has {described}: give each replica more GPUs (capture.gpus_per_actor and rollout.tensor_parallel_size)"
+        )
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a ForConditionalGeneration (model.model.language_model.layers) or a
     ForCausalLM (model.model.layers)."""
@@ -149,6 +192,7 @@ def attention_layer_indices(config) -> list[int]:
 class TinyRecipe:
     """Everything that determines the tiny model; its hash names the cache directory."""
 
+    architecture: str = "qwen3_5"  # "qwen3_5" (hybrid VLM class, like Qwen3.6-27B) or "qwen3" (dense ForCausalLM)
     vocab_size: int = 1024
     hidden_size: int = 64
     intermediate_size: int = 256
@@ -167,7 +211,23 @@ class TinyRecipe:
     version: int = 2  # bump when the build changes in a way the fields above do not show
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = asdict(self)
+        if fields["architecture"] == "qwen3_5":
+            del fields["architecture"]  # the hybrid's digest predates the field: keep its cached builds valid
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Dense Qwen3 for the CPU build of vLLM, which rejects head_dim 16 and cannot load the Qwen3.5 classes.
+# Linear-attention fields are unused by this architecture.
+TINY_DENSE_RECIPE = TinyRecipe(
+    architecture="qwen3",
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=64,
+)
 
 
 def default_cache_dir() -> Path:
@@ -177,7 +237,7 @@ def default_cache_dir() -> Path:
 def tiny_model_path(cache_dir: str | Path | None = None, recipe: TinyRecipe = TinyRecipe()) -> Path:
     """Path of the cached tiny model, building it on first use (one builder at a time, atomic rename)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = root / f"tiny-qwen3_5-{recipe.digest()}"
+    target = root / f"tiny-{recipe.architecture}-{recipe.digest()}"
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -241,24 +301,31 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int):
 
 
 def tiny_config(recipe: TinyRecipe, tokenizer):
-    from transformers import Qwen3_5Config
+    from transformers import Qwen3_5Config, Qwen3Config
 
-    text = dict(
+    common = dict(
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_hidden_layers,
-        full_attention_interval=recipe.full_attention_interval,
         num_attention_heads=recipe.num_attention_heads,
         num_key_value_heads=recipe.num_key_value_heads,
         head_dim=recipe.head_dim,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if recipe.architecture == "qwen3":
+        return Qwen3Config(**common, tie_word_embeddings=False)
+    if recipe.architecture != "qwen3_5":
+        raise ValueError(f"unknown tiny architecture {recipe.architecture!r}; expected qwen3_5 or qwen3")
+    text = dict(
+        common,
+        full_attention_interval=recipe.full_attention_interval,
         linear_key_head_dim=recipe.linear_head_dim,
         linear_value_head_dim=recipe.linear_head_dim,
         linear_num_key_heads=recipe.linear_heads // 2,
         linear_num_value_heads=recipe.linear_heads,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
     # A vision tower is part of the Qwen3.5 VLM class; keep it minimal, it is never run.
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=recipe.hidden_size)
@@ -267,7 +334,7 @@ def tiny_config(recipe: TinyRecipe, tokenizer):
 
 def build_tiny_model(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe()) -> Path:
     """Build, fine-tune and save the tiny model and its tokenizer into `out_dir`."""
-    from transformers import Qwen3_5ForConditionalGeneration
+    from transformers import Qwen3_5ForConditionalGeneration, Qwen3ForCausalLM
 
     questions = load_questions(BUNDLED_QUESTIONS)
     letters = practice_answers(questions, recipe.correct_fraction, recipe.seed)
@@ -276,7 +343,8 @@ def build_tiny_model(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe()) -> 
     tokenizer = build_tiny_tokenizer(prompts + responses, recipe.vocab_size)
 
     torch.manual_seed(recipe.seed)
-    model = Qwen3_5ForConditionalGeneration(tiny_config(recipe, tokenizer))
+    model_class = Qwen3ForCausalLM if recipe.architecture == "qwen3" else Qwen3_5ForConditionalGeneration
+    model = model_class(tiny_config(recipe, tokenizer))
     examples = [
         practice_example(tokenizer, prompt, response) for prompt, response in zip(prompts, responses)
     ]

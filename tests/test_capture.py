@@ -1,6 +1,8 @@
 """Capture: the stored rows are the residual stream, by both definitions a user would check."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -65,7 +67,8 @@ def test_rows_equal_what_a_hook_sees_during_generation(tiny):
 
 def test_capture_shard_writes_the_store_schema(tiny, rollouts, tmp_path):
     model, _ = tiny
-    counts = capture_shard(model, rollouts, LAYERS, tmp_path, "shard-00000", "float32", batch_size=4)
+    residuals_of = partial(capture_residuals, model, batch_size=4)
+    counts = capture_shard(residuals_of, rollouts, LAYERS, tmp_path, "shard-00000", "float32")
     n_rows = sum(r.n_response_tokens for r in rollouts)
     assert counts == {str(layer): n_rows for layer in LAYERS}
     manifest = new_manifest("tiny", None, LAYERS, 64, "float32")

@@ -10,10 +10,13 @@ from qsae.models import (
     attention_layer_indices,
     build_tiny_model,
     chat_prompt,
+    check_fits,
     check_layers,
     decoder_layers,
     load_model,
+    memory_budget,
     model_dims,
+    parameter_count,
     resolve_model_path,
 )
 
@@ -82,3 +85,15 @@ def test_layer_range_is_checked(tiny_path):
     check_layers([0, n_layers - 1], n_layers)
     with pytest.raises(ValueError, match=f"out of range.*{n_layers} decoder layers"):
         check_layers([3, n_layers], n_layers)
+
+
+def test_a_model_larger_than_its_replica_is_refused(tiny_path):
+    n_parameters = parameter_count(tiny_path)
+    model = load_model(tiny_path)[0]
+    assert n_parameters == sum(p.numel() for p in model.state_dict().values())
+    check_fits("tiny", n_parameters, "float32", memory_budget("cpu"))
+    one_gpu = (n_parameters * 2 - 1, "1 GPU(s) with 0.0 GiB in all")  # one byte short of the bf16 weights
+    check_fits("tiny", n_parameters, "float16", (n_parameters * 2, "exactly enough"))
+    with pytest.raises(ModelLoadError, match="needs about .* GiB for its weights in bfloat16.*capture.gpus_per_actor"):
+        check_fits("tiny", n_parameters, "bfloat16", one_gpu)
+    assert parameter_count("Qwen/Qwen3.6-27B") is None  # a hub id: unknown before download, not refused

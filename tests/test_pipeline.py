@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.numpy import load_file
@@ -100,6 +101,24 @@ def test_analyze_rebuilds_the_release_from_the_trained_run(release):
     after = json.loads((release / "final_summary.json").read_text())["layers"]
     for layer in before:
         assert after[layer]["variance_explained"] == pytest.approx(before[layer]["variance_explained"], abs=1e-6)
+
+
+def test_the_vllm_config_runs_end_to_end(tmp_path):
+    """configs/tiny_vllm.toml: vLLM rollouts and vLLM-hooked capture inside the Ray actor pool."""
+    pytest.importorskip("vllm")
+    done = run_driver(
+        "--config", "configs/tiny_vllm.toml", "--out", str(tmp_path),
+        "rollout.num_questions=16", "train.epochs=3", "train.n_features=64", "train.k=8",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "release" / "final_summary.json").read_text())
+    assert sorted(summary["layers"], key=int) == ["1", "3", "5"]
+    assert summary["rollouts"]["n"] == 16
+    rollouts = pq.read_table(tmp_path / "rollouts.parquet").to_pylist()
+    assert {r["engine"] for r in rollouts} == {"vllm"}
+    manifest = json.loads((tmp_path / "activations" / "manifest.json").read_text())
+    stored = sum(entry["rows"]["3"] for entry in manifest["shards"].values())
+    assert stored == sum(r["n_response_tokens"] for r in rollouts)
 
 
 BAD_ROWS = '{"uuid": "x1", "question": "Q?", "options": ["a", "b"], "answer": "a", "answer_letter": "A", "discipline": "d", "field": "f", "subfield": "s", "difficulty": "easy"}\n'

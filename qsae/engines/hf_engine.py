@@ -3,13 +3,7 @@ from __future__ import annotations
 
 import torch
 
-
-def strip_after_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
-    """Cut a generated sequence at its first stop token (which is not kept) or at padding."""
-    for i, token in enumerate(tokens):
-        if token in stop_ids:
-            return tokens[:i]
-    return tokens
+from qsae.engines import stop_token_ids, strip_after_stop
 
 
 class HFEngine:
@@ -21,8 +15,7 @@ class HFEngine:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         eos = model.generation_config.eos_token_id if model.generation_config else None
-        eos = eos if eos is not None else tokenizer.eos_token_id
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.pad_token_id}
+        self.stop_ids = stop_token_ids(tokenizer, eos)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]]) -> list[list[int]]:

@@ -1,0 +1,265 @@
+"""Greedy generation with vLLM, and capture of the residual stream from inside vLLM's own model.
+
+Capture (the choice, and why): forward hooks on vLLM's decoder layers, registered inside vLLM's
+worker processes (with vLLM v1 the model lives there, not in the caller), during a prefill of
+prompt+response with max_tokens=1.
+- Exact: the rows come from the very weights and kernels that generated the response.
+- One copy of the weights: a transformers re-prefill (qsae.capture.capture_residuals) would need a
+  second 27B model beside vLLM's (54 GB in bf16 on a 96 GB GPU that vLLM already fills with KV cache),
+  or vLLM put to sleep and the checkpoint reloaded for every shard.
+- Tensor parallelism: vLLM's row-parallel projections all-reduce their outputs, so every TP rank
+  holds the whole residual; TP rank 0 of each pipeline stage sends the layers that stage owns.
+- vLLM 0.32's own "extract_hidden_states" speculative method hands hidden states to a KV connector
+  that writes files per request; it is built for EAGLE3 training data, not for this.
+The hooks live in `ResidualCapture`, mixed into vLLM's worker class with `worker_extension_cls`, so
+the engine calls them by name through `LLM.collective_rpc`: no pickled callables (and so no
+VLLM_ALLOW_INSECURE_SERIALIZATION). Rows travel back as raw bytes in the model's dtype.
+
+Pitfalls:
+- A vLLM decoder layer returns `(hidden_states, residual)` and leaves the last residual add to the
+  next layer's fused add-norm: the residual stream after layer L is their SUM, which is
+  transformers' hidden_states[L + 1].
+- Hooks need eager execution (`enforce_eager=True`): under torch.compile vLLM runs one compiled graph
+  of the whole model, and hooks registered afterwards never fire. On a GPU this also costs rollouts
+  their CUDA graphs (slower decoding of small batches).
+- Prefix caching is off, or positions already cached (the rollout has just computed the same prompt)
+  are never recomputed and their rows never seen.
+- vLLM lays the tokens of all scheduled requests side by side in one flat batch, so capture submits
+  sequences one at a time and checks that the rows it saw are positions 0..n-1, once each, in order
+  (chunked prefill spreads them over several forward calls; padding after a chunk is dropped). A
+  prefill is already a large batch, so little throughput is lost.
+- Sequence parallelism (MoE models' reduce-scatter) splits a layer's rows across TP ranks: refused.
+- The prefill samples one token after the whole sequence, so max_model_len must exceed the longest
+  prompt plus max_new_tokens.
+- vLLM's CPU build reads `gpu_memory_utilization` as the share of host RAM to reserve, and vLLM starts
+  its engine in a new process: scripts that use this engine need an `if __name__ == "__main__":` guard.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+from torch import nn
+
+from qsae.engines import stop_token_ids, strip_after_stop
+from qsae.models import load_config
+
+EXTENSION = "qsae.engines.vllm_engine.ResidualCapture"
+
+
+class CaptureError(RuntimeError):
+    """vLLM computed other rows than one sequence's positions 0..n-1, once each."""
+
+
+def generation_eos(model_path: str, revision: str | None = None) -> int | list[int] | None:
+    """The checkpoint's end-of-turn id(s), read as transformers' generate reads them, without
+    loading the transformers model."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path, revision=revision).eos_token_id
+    except OSError:  # no generation_config.json: transformers derives one from the model config
+        return load_config(model_path, revision).get_text_config().eos_token_id
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer,
+        max_new_tokens: int,
+        revision: str | None = None,
+        dtype: str = "bfloat16",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        **vllm_kwargs,
+    ):
+        """`gpu_memory_utilization`: the share of GPU memory vLLM may take (of host RAM with the CPU
+        build); `max_model_len`: default the model's; `vllm_kwargs` go to vllm.LLM as they are (e.g.
+        max_num_batched_tokens)."""
+        from vllm import LLM
+
+        self.stop_ids = stop_token_ids(tokenizer, generation_eos(model_path, revision))
+        self.max_new_tokens = max_new_tokens
+        self.llm = LLM(
+            model=model_path,
+            revision=revision,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,  # needed by capture: hooks do not fire inside compiled graphs
+            seed=seed,
+            max_model_len=max_model_len,
+            enable_prefix_caching=False,  # capture must see every position computed
+            worker_extension_cls=EXTENSION,
+            **vllm_kwargs,
+        )
+
+    def generate(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(
+            temperature=0.0, max_tokens=self.max_new_tokens, stop_token_ids=sorted(self.stop_ids), detokenize=False
+        )
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        # vLLM keeps the stop token it stopped on in token_ids; HFEngine's rule removes it.
+        return [strip_after_stop(list(out.outputs[0].token_ids), self.stop_ids) for out in outputs]
+
+    def close(self) -> None:
+        """Stop vLLM's engine process (and its workers) now rather than at garbage collection."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def capture_residuals_vllm(
+    engine: VLLMEngine, sequences: list[list[int]], starts: list[int], layer_ids: list[int]
+) -> dict[int, list[np.ndarray]]:
+    """For each sequence, the residual rows of positions starts[i]: at each layer, as float32
+    [n_i, d_model]: the contract of qsae.capture.capture_residuals, computed by vLLM's model."""
+    from vllm import SamplingParams, TokensPrompt
+    from vllm.config import CompilationMode
+
+    if engine.llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE:
+        raise CaptureError("capture with vLLM needs enforce_eager=True: hooks do not fire in compiled graphs")
+    prefill_only = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
+    rows: dict[int, list[np.ndarray]] = {layer: [] for layer in layer_ids}
+    engine.llm.collective_rpc("qsae_start_capture", args=(list(layer_ids),))
+    try:
+        for seq, start in zip(sequences, starts):
+            engine.llm.generate([TokensPrompt(prompt_token_ids=list(seq))], prefill_only, use_tqdm=False)
+            found = take_rows(engine, len(seq), start)
+            for layer in layer_ids:
+                if layer not in found:
+                    raise CaptureError(f"no vLLM worker captured layer {layer}")
+                rows[layer].append(found[layer])
+    finally:
+        engine.llm.collective_rpc("qsae_stop_capture")
+    return rows
+
+
+def take_rows(engine: VLLMEngine, n_tokens: int, start: int) -> dict[int, np.ndarray]:
+    """Rows start..n_tokens-1 of the sequence just prefilled, from whichever workers hold each layer."""
+    try:
+        replies = engine.llm.collective_rpc("qsae_take_rows", args=(n_tokens, start))
+    except Exception as err:  # vLLM re-raises a worker's error as a bare Exception with its message
+        raise CaptureError(str(err)) from err
+    return {int(layer): unpack_rows(packed) for reply in replies for layer, packed in reply.items()}
+
+
+def unpack_rows(packed: list) -> np.ndarray:
+    dtype, shape, data = packed
+    flat = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)) if data else torch.empty(0)
+    return flat.reshape(shape).float().numpy()
+
+
+def pack_rows(rows: torch.Tensor) -> list:
+    """[dtype name, shape, bytes]: plain types that vLLM's RPC encoder passes without pickle."""
+    rows = rows.detach().cpu().contiguous()
+    return [str(rows.dtype).removeprefix("torch."), list(rows.shape), rows.view(torch.uint8).numpy().tobytes()]
+
+
+def sequence_rows(calls: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
+    """Rows 0..n-1 of the one sequence prefilled since the last take, from the (positions, rows) of
+    each forward call: each call holds the next chunk of positions, maybe followed by padding rows."""
+    pieces, expected = [], 0
+    for positions, residual in calls:
+        if len(residual) != len(positions):
+            raise CaptureError(
+                f"a layer returned {len(residual)} rows for {len(positions)} tokens: its output is split "
+                "across tensor-parallel ranks (sequence parallelism), which capture does not gather"
+            )
+        width = min(n - expected, len(positions))
+        wanted = torch.arange(expected, expected + width, device=positions.device)
+        matches = positions[:width] == wanted
+        chunk = width if bool(matches.all()) else int(torch.argmin(matches.int()))
+        if chunk == 0 and len(positions):
+            raise CaptureError(
+                f"vLLM computed positions {positions[:8].tolist()}... where {expected} came next: prefix caching "
+                "on, another request in flight, or a preempted request"
+            )
+        pieces.append(residual[:chunk])
+        expected += chunk
+    if expected != n:
+        raise CaptureError(f"vLLM computed {expected} of the sequence's {n} positions")
+    return torch.cat(pieces)
+
+
+def find_decoder_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
+    """The language model's decoder layers inside a vLLM model: the one ModuleList named `layers`
+    with one entry per decoder layer (vision towers and MTP heads have layer lists of their own)."""
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and name.rsplit(".", 1)[-1] == "layers"
+        and len(module) == n_layers
+        and not any(part in name for part in ("visual", "vision", "mtp"))
+    ]
+    if len(found) != 1:
+        names = [name for name, _ in found]
+        raise CaptureError(f"expected one list of {n_layers} decoder layers in {type(model).__name__}, found {names}")
+    return found[0][1]
+
+
+def residual_stream(output) -> torch.Tensor:
+    """vLLM layers return (hidden_states, residual) and leave the add to the next layer's fused
+    add-norm; their sum is the residual stream (what the next layer adds and normalises)."""
+    if isinstance(output, tuple):
+        hidden, residual = output[0], output[1]
+        return hidden.clone() if residual is None else hidden + residual
+    return output.clone()
+
+
+class ResidualCapture:
+    """Methods mixed into vLLM's worker class (`worker_extension_cls`) and called by name through
+    `collective_rpc`, in the process that holds the model. Names carry a prefix: vLLM refuses an
+    extension whose attributes clash with the worker's."""
+
+    def qsae_start_capture(self, layer_ids: list[int]) -> None:
+        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.model_executor.models.utils import PPMissingLayer
+
+        self.qsae_stop_capture()
+        self._qsae_calls = {}
+        self._qsae_handles = []
+        if get_tensor_model_parallel_rank() != 0:
+            return  # every TP rank holds the same full residual after the all-reduce: rank 0 reports
+        n_layers = self.vllm_config.model_config.hf_text_config.num_hidden_layers
+        layers = find_decoder_layers(self.get_model(), n_layers)
+        for layer in layer_ids:
+            if isinstance(layers[layer], PPMissingLayer):
+                continue  # another pipeline stage owns this layer and reports it
+            self._qsae_calls[layer] = []
+            hook = self._qsae_hook(layer, layers[layer].forward)
+            self._qsae_handles.append(layers[layer].register_forward_hook(hook, with_kwargs=True))
+
+    def _qsae_hook(self, layer: int, forward):
+        signature = inspect.signature(forward)  # Qwen3 passes positions first, Qwen3.5 by keyword
+
+        def hook(module, args, kwargs, output):
+            positions = signature.bind_partial(*args, **kwargs).arguments["positions"]
+            if positions.ndim == 2:  # M-RoPE: [3, tokens], equal rows for text
+                positions = positions[0]
+            self._qsae_calls[layer].append((positions.clone(), residual_stream(output)))
+
+        return hook
+
+    def qsae_take_rows(self, n_tokens: int, start: int) -> dict[str, list]:
+        """The captured rows start..n_tokens-1 of the one sequence prefilled since the last take."""
+        taken = {}
+        for layer, calls in getattr(self, "_qsae_calls", {}).items():
+            taken[str(layer)] = pack_rows(sequence_rows(calls, n_tokens)[start:])
+            calls.clear()
+        return taken
+
+    def qsae_stop_capture(self) -> None:
+        for handle in getattr(self, "_qsae_handles", []):
+            handle.remove()
+        self._qsae_handles = []
+        self._qsae_calls = {}
