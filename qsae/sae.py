@@ -3,6 +3,8 @@
 Parameter names and shapes follow the original release (`W_enc [d_in, n]`, `b_enc [n]`,
 `W_dec [n, d_in]`, `b_dec [d_in]`, fp32), so its `.pt` files load into this module unchanged.
 The same weights are also written in the layouts SAELens and EleutherAI sparsify load from disk.
+`TopKEncoder` is the training-speed path: the encoder's top-k with a backward pass that touches
+only the selected latents.
 """
 
 from __future__ import annotations
@@ -63,10 +65,24 @@ class TopKSAE(nn.Module):
 
     def decode_topk(self, values: Tensor, indices: Tensor) -> Tensor:
         """decode(encode(x)) from the top-k pairs, summing k decoder rows instead of a dense matmul."""
+        return self.decoder_sum(values, indices) + self.b_dec
+
+    def decoder_sum(self, values: Tensor, indices: Tensor) -> Tensor:
+        """sum_j values[..., j] * W_dec[indices[..., j]]: [..., d_in], without b_dec."""
         k = indices.shape[-1]
         flat = F.embedding_bag(indices.reshape(-1, k), self.W_dec,
                                per_sample_weights=values.reshape(-1, k), mode="sum")
-        return flat.reshape(*values.shape[:-1], self.d_in) + self.b_dec
+        return flat.reshape(*values.shape[:-1], self.d_in)
+
+    def encode_for_training(self, x: Tensor, dead: Tensor | None = None,
+                            k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """encode_topk for x [B, d_in] through `TopKEncoder` (sparse backward), plus the top k_aux
+        latents among `dead` [n] (bool) for the AuxK loss: (values, indices, aux_values,
+        aux_indices), values ReLU'd; the aux pair is [B, 0] when dead is None. Where fewer than
+        k_aux latents are dead, the surplus aux picks have value 0."""
+        values, indices, aux_values, aux_indices = TopKEncoder.apply(
+            x, self.W_enc, self.b_enc, self.b_dec, self.k, dead, k_aux if dead is not None else 0)
+        return F.relu(values), indices, F.relu(aux_values), aux_indices
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode_topk(*self.encode_topk(x))
@@ -159,6 +175,66 @@ class TopKSAE(nn.Module):
         sae.load_state_dict({name: t.to(torch.float32).contiguous() for name, t in tensors.items()},
                             assign=True)
         return sae
+
+
+class TopKEncoder(torch.autograd.Function):
+    """pre = (x - b_dec) @ W_enc + b_enc, then its top k per row, and optionally its top k_aux per
+    row among the latents marked dead. Only B * (k + k_aux) entries of pre carry a gradient, so the
+    backward pass gathers and segment-sums those instead of forming a dense [B, n] gradient and
+    multiplying it back through two [B, n] x [n, d] matmuls (what autograd does through topk).
+
+    forward(x [B, d], W_enc [d, n], b_enc [n], b_dec [d], k, dead [n] bool | None, k_aux)
+      -> values [B, k], indices [B, k], aux_values [B, k_aux], aux_indices [B, k_aux]
+      (pre-activations before ReLU; aux values of latents that are not dead are -inf).
+    backward, with g the gradient of the selected entries, flattened to pairs (row b, latent m):
+      grad_W_enc[:, m] = sum_{pairs at m} g * (x[b] - b_dec)   one embedding_bag over latent-sorted pairs
+      grad_b_enc[m]    = sum_{pairs at m} g                    index_add
+      grad_b_dec       = -W_enc @ grad_b_enc                   [d, n] x [n]
+      grad_x[b]        = sum_{pairs at b} g * W_enc[:, m]      embedding_bag, only if x needs a grad
+    Under autocast the [B, d] x [d, n] matmul runs in the autocast dtype; values come back in x's
+    dtype and the backward runs in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead, k_aux):
+        x_centered = x - b_dec
+        pre = torch.addmm(b_enc, x_centered, W_enc)
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        if k_aux > 0:
+            aux_values, aux_indices = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+        else:
+            aux_values = pre.new_empty(x.shape[0], 0)
+            aux_indices = indices.new_empty(x.shape[0], 0)
+        ctx.save_for_backward(x_centered, W_enc, indices, aux_indices)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values.to(x.dtype), indices, aux_values.to(x.dtype), aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices, grad_aux_values, _grad_aux_indices):
+        x_centered, W_enc, indices, aux_indices = ctx.saved_tensors
+        if grad_values is None:  # only the aux outputs were used
+            grad_values = torch.zeros(indices.shape, dtype=W_enc.dtype, device=W_enc.device)
+        if grad_aux_values is not None and aux_indices.shape[1] > 0:
+            indices = torch.cat([indices, aux_indices], dim=1)
+            grad_values = torch.cat([grad_values, grad_aux_values], dim=1)
+        grad_values = grad_values.to(W_enc.dtype)
+        n_features = W_enc.shape[1]
+        latents, weights = indices.reshape(-1), grad_values.reshape(-1)
+        grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
+        if ctx.needs_input_grad[1]:
+            # Pairs grouped by latent: bag m of the embedding_bag holds the rows that selected m.
+            order = latents.argsort(stable=True)
+            counts = torch.bincount(latents, minlength=n_features)
+            rows = torch.div(order, indices.shape[1], rounding_mode="floor")
+            grad_W_enc = F.embedding_bag(rows, x_centered, counts.cumsum(0) - counts, mode="sum",
+                                         per_sample_weights=weights[order]).T
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            grad_b_enc = torch.zeros(n_features, dtype=W_enc.dtype, device=W_enc.device)
+            grad_b_enc.index_add_(0, latents, weights)
+            grad_b_dec = -(W_enc @ grad_b_enc)
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), mode="sum", per_sample_weights=grad_values)
+        return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
 
 
 def _check_hook_name(hook_name: str) -> None:

@@ -1,17 +1,50 @@
-"""Training one TopK SAE on one layer's residual rows: the original release's recipe.
+"""Training one TopK SAE on one layer's residual rows, with one of two recipes.
 
-Adam, shuffled mini-batches, MSE reconstruction loss, decoder rows projected to unit norm after
-each step, and periodic revival of features that stopped firing. A plain function over an array;
-the distributed layer wraps it (one call per layer) and checkpoints through `on_epoch`.
+"original" reproduces the original release's recipe as its model card gives it: Adam at lr 3e-4,
+batch 4096, MSE reconstruction loss (mean over rows and dimensions), decoder rows projected back to
+unit norm after every step, and every 5 epochs (never after the last) the revival of features that
+have not fired for >= 500 steps. The card leaves the rest open; qsae initialises the decoder with
+random unit rows and the encoder as their transpose, and revives a feature with a fresh random unit
+vector as decoder row and encoder column, b_enc 0 and its Adam moments zeroed. This path computes
+exactly what qsae's trainer computed before the modern recipe existed, bit for bit.
+
+"modern" (the default) follows later TopK practice:
+- encoder initialised as the decoder's transpose, decoder rows unit norm after every step, and the
+  component of each decoder row's gradient parallel to that row removed before the step, so the
+  update and the norm constraint do not fight (Gao et al. 2024, "Scaling and evaluating sparse
+  autoencoders", arXiv:2406.04093);
+- the AuxK loss instead of revival (same paper): the error e = x - x_hat (detached) is
+  reconstructed by the top k_aux latents among the dead ones (silent for dead_after_steps steps),
+  e_hat = their decoder rows weighted by their activations, without b_dec, and 1/32 of
+  ||e - e_hat||^2 joins the loss. k_aux = d_in / 2, capped at n_features, and the term is scaled by
+  min(n_dead / k_aux, 1), both as in EleutherAI sparsify (which takes d_in / 2 from the paper's
+  appendix). Both terms are divided by B * v, with B the batch's rows and v = sum ||x - mean(x)||^2
+  / N over the N training rows, so the main term is the batch's fraction of variance unexplained
+  (sparsify divides by each batch's own total variance instead);
+- b_dec initialised at the geometric median of up to 4096 training rows, by Weiszfeld's iteration
+  from their mean (as in Bricken et al. 2023, "Towards Monosemanticity", and in EleutherAI's sae
+  trainer that became sparsify; sparsify 1.3 starts from the first batch's mean instead);
+- when `lr` is unset, lr = 2e-4 / sqrt(n_features / 2**14), sparsify's default for Adam, which it
+  derives from how the best learning rate scales with the number of latents in Gao et al. (Fig. 3);
+- no revival unless `revive_every_epochs` asks for it;
+- optionally the encoder matmul under bf16 autocast (`autocast_bf16`) where the device supports it;
+- the encoder's backward pass through `TopKEncoder` (sae.py), which touches only the selected
+  latents, and a fused Adam step.
+
+A plain function over an array; the distributed layer wraps it (one call per layer) and
+checkpoints through `on_epoch`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,32 +60,62 @@ from qsae.store import layer_row_count, read_layer_table, read_manifest, residua
 
 # Rows per chunk when scanning the input for NaN/inf and its variance (bounded memory on memmaps).
 SCAN_ROWS = 8192
+RECIPES = ("original", "modern")
+ORIGINAL_LR = 3e-4  # the original card's Adam learning rate
+ORIGINAL_REVIVE_EVERY_EPOCHS = 5  # the original card's revival period
+AUXK_ALPHA = 1 / 32  # Gao et al. 2024, weight of the AuxK term
+GEOMETRIC_MEDIAN_ROWS = 4096  # rows sampled for the b_dec initialisation
+DEAD_RECHECK_STEPS = 50  # modern: steps between host copies of the dead-latent counters
+WEISZFELD_ITERATIONS = 50  # at most; stops earlier once the estimate moves < 1e-5 of the spread
 
 
 @dataclass
 class TrainConfig:
+    recipe: str = "modern"  # "original" (the release's recipe, bit for bit) | "modern"; see the module docstring
     n_features: int = 4096  # dictionary size n (latents per SAE)
     k: int = 32  # active latents per token
     epochs: int = 20  # full passes over the training rows
     batch_size: int = 4096  # rows per optimiser step
-    lr: float = 3e-4  # Adam learning rate
-    revive_every_epochs: int = 5  # revive dead features at the end of every this many epochs (not the last)
-    dead_after_steps: int = 500  # a feature silent for at least this many steps is dead
+    lr: float | None = None  # Adam learning rate; None = the recipe's: 3e-4, or 2e-4 / sqrt(n / 2**14) (modern)
+    revive_every_epochs: int | None = None  # revive dead features every R epochs, 0 = never; None = 5 | 0 (modern)
+    dead_after_steps: int = 500  # a feature silent for at least this many steps is dead (revival, AuxK)
+    autocast_bf16: bool = False  # modern only: encoder matmul under bf16 autocast, where the device supports it
     seed: int = 0  # seeds the initial weights, the per-epoch shuffles and the revival vectors
     device: str = "cpu"  # torch device the SAE and each batch live on
 
+    def learning_rate(self) -> float:
+        """`lr`, or the recipe's default when it is unset."""
+        if self.lr is not None:
+            return self.lr
+        return ORIGINAL_LR if self.recipe == "original" else 2e-4 / math.sqrt(self.n_features / 2**14)
+
+    def revival_period(self) -> int:
+        """`revive_every_epochs`, or the recipe's default when it is unset; 0 = never."""
+        if self.revive_every_epochs is not None:
+            return self.revive_every_epochs
+        return ORIGINAL_REVIVE_EVERY_EPOCHS if self.recipe == "original" else 0
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the recipe defaults filled in (for metrics and model cards)."""
+        return dataclasses.replace(self, lr=self.learning_rate(), revive_every_epochs=self.revival_period())
+
     def validate(self, d_in: int) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
         positive = {"d_in": d_in, "n_features": self.n_features, "k": self.k, "epochs": self.epochs,
-                    "batch_size": self.batch_size, "lr": self.lr,
-                    "revive_every_epochs": self.revive_every_epochs,
+                    "batch_size": self.batch_size, "lr": self.learning_rate(),
                     "dead_after_steps": self.dead_after_steps}
         bad = [f"{name}={value}" for name, value in positive.items() if not value > 0]
         if bad:
             raise ValueError(f"must be positive: {', '.join(bad)}")
+        if self.revival_period() < 0:
+            raise ValueError(f"revive_every_epochs must be >= 0 (0 = never), got {self.revive_every_epochs}")
         if self.k > self.n_features:
             raise ValueError(f"k={self.k} exceeds n_features={self.n_features}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.autocast_bf16 and self.recipe == "original":
+            raise ValueError("autocast_bf16 belongs to the modern recipe; the original trains in fp32")
 
 
 def split_rows(n_rows: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +175,7 @@ def fetch_batch(residuals: np.ndarray | Tensor, rows: np.ndarray, device: torch.
     return batch.to(device=device, dtype=torch.float32)
 
 
-def train_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> tuple[Tensor, Tensor]:
+def original_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> tuple[Tensor, Tensor]:
     """One Adam step on MSE (mean over rows and dimensions), then the unit-norm projection.
     Returns the batch's summed squared error (a device scalar, no sync) and per-feature fire counts."""
     values, indices = sae.encode_topk(x)
@@ -127,17 +190,138 @@ def train_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> tup
     return loss.detach() * x.numel(), fires
 
 
+def auxk_size(sae: TopKSAE) -> int:
+    """k_aux: d_in / 2 dead latents reconstruct the error (Gao et al. 2024, as sparsify sets it)."""
+    return min(sae.d_in // 2, sae.n_features)
+
+
+def reconstruction_losses(sae: TopKSAE, x: Tensor, dead: Tensor | None = None, aux_width: int | None = None,
+                          autocast: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The modern recipe's two loss terms on a batch x [B, d_in], both sums over the batch:
+    sum ||x - x_hat||^2, and the AuxK term min(n_dead / k_aux, 1) * sum ||e - e_hat||^2 with
+    e = x - x_hat (detached) and e_hat the decoder rows of the top min(k_aux, n_dead) latents among
+    `dead` [n] weighted by their ReLU'd pre-activations, without b_dec (k_aux = auxk_size).
+    aux_width (default k_aux) is how many latents the AuxK top-k picks: any number >= min(k_aux,
+    n_dead) gives the same term, since picks beyond the dead ones weigh 0. The AuxK term is 0 when
+    dead is None or marks no latent. Also returns the top-k (values, indices)."""
+    k_aux = auxk_size(sae)
+    width = 0 if dead is None else min(k_aux, k_aux if aux_width is None else aux_width)
+    cast = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with cast:
+        values, indices, aux_values, aux_indices = sae.encode_for_training(x, dead if width else None, width)
+    error = x - sae.decode_topk(values, indices)
+    sq_error = error.pow(2).sum()
+    if width == 0:
+        return sq_error, sq_error.new_zeros(()), values, indices
+    scale = (dead.sum() / k_aux).clamp(max=1.0)
+    auxk = scale * (sae.decoder_sum(aux_values, aux_indices) - error.detach()).pow(2).sum()
+    return sq_error, auxk, values, indices
+
+
+class DeadLatentBound:
+    """How many latents can be dead at a step, known on the host without a sync per step.
+
+    A latent is dead once it has not fired for dead_after_steps steps, and its counter grows by at
+    most 1 a step, so a copy of the counters taken `elapsed` steps ago bounds the dead count by
+    #{counter >= dead_after_steps - elapsed}. The copy is refreshed every `recheck_steps` steps
+    (one device-to-host copy of n integers). The AuxK top-k is sized by this bound: as wide as
+    min(k_aux, n_dead) needs, and skipped while no latent can be dead.
+    """
+
+    def __init__(self, dead_after_steps: int, recheck_steps: int = DEAD_RECHECK_STEPS):
+        self.dead_after_steps, self.recheck_steps = dead_after_steps, recheck_steps
+        self.sorted_counters, self.taken_at = None, 0
+
+    def at(self, step: int, steps_since_fired: Tensor) -> int:
+        if self.sorted_counters is None or step - self.taken_at >= self.recheck_steps:
+            self.sorted_counters = np.sort(steps_since_fired.cpu().numpy())
+            self.taken_at = step
+        threshold = self.dead_after_steps - (step - self.taken_at)
+        return len(self.sorted_counters) - int(np.searchsorted(self.sorted_counters, threshold))
+
+
+@torch.no_grad()
+def remove_parallel_grad_(sae: TopKSAE) -> None:
+    """Remove from each decoder row's gradient its component along that (unit-norm) row."""
+    W_dec, grad = sae.W_dec, sae.W_dec.grad
+    grad -= (grad * W_dec).sum(dim=1, keepdim=True) * W_dec
+
+
+def modern_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor, dead: Tensor | None,
+                aux_width: int | None, row_variance: float, autocast: bool = False) -> tuple[Tensor, Tensor]:
+    """One Adam step of the modern recipe: (reconstruction + AUXK_ALPHA * AuxK) / (B * row_variance),
+    the parallel gradient removed from decoder rows, then the unit-norm projection. `dead` is None
+    when no latent can be dead (AuxK skipped). Returns what original_step returns."""
+    sq_error, auxk, values, indices = reconstruction_losses(sae, x, dead, aux_width, autocast)
+    loss = (sq_error + AUXK_ALPHA * auxk) / (x.shape[0] * row_variance)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    remove_parallel_grad_(sae)
+    optimizer.step()
+    sae.normalize_decoder_()
+    fires = torch.zeros(sae.n_features, device=x.device).scatter_add_(
+        0, indices.flatten(), (values > 0).flatten().float())
+    return sq_error.detach(), fires
+
+
 def train_epoch(sae: TopKSAE, optimizer: torch.optim.Optimizer, residuals: np.ndarray | Tensor,
-                cfg: TrainConfig, epoch: int, steps_since_fired: Tensor) -> tuple[float, Tensor]:
+                cfg: TrainConfig, epoch: int, steps_since_fired: Tensor,
+                row_variance: float = 1.0) -> tuple[float, Tensor]:
     """One pass over all rows. Returns the summed squared error over the epoch and the updated
-    count of steps since each feature last fired."""
+    count of steps since each feature last fired. row_variance (sum ||x - mean||^2 / N over the
+    training rows) normalises the modern recipe's loss."""
     device = steps_since_fired.device
+    modern = cfg.recipe == "modern"
+    autocast = modern and cfg.autocast_bf16 and autocast_supported(device)
     sq_error = torch.zeros((), device=device)
-    for rows in epoch_batches(residuals.shape[0], cfg.batch_size, cfg.seed, epoch):
-        batch_sq_error, fires = train_step(sae, optimizer, fetch_batch(residuals, rows, device))
+    # A fresh bound each epoch, so a run resumed at an epoch boundary makes the same choices.
+    dead_bound = DeadLatentBound(cfg.dead_after_steps)
+    for step, rows in enumerate(epoch_batches(residuals.shape[0], cfg.batch_size, cfg.seed, epoch)):
+        x = fetch_batch(residuals, rows, device)
+        if not modern:
+            batch_sq_error, fires = original_step(sae, optimizer, x)
+        else:
+            aux_width = dead_bound.at(step, steps_since_fired)
+            dead = steps_since_fired >= cfg.dead_after_steps if aux_width else None
+            batch_sq_error, fires = modern_step(sae, optimizer, x, dead, aux_width, row_variance, autocast)
         sq_error += batch_sq_error
         steps_since_fired = torch.where(fires > 0, 0, steps_since_fired + 1)
     return sq_error.item(), steps_since_fired
+
+
+def autocast_supported(device: torch.device) -> bool:
+    """bf16 autocast works on CPU in torch, and on CUDA devices that support bf16."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return False
+
+
+def geometric_median(points: Tensor, iterations: int = WEISZFELD_ITERATIONS, tolerance: float = 1e-5) -> Tensor:
+    """argmin_m sum_i ||points_i - m|| by Weiszfeld's iteration from the mean: each step is the
+    mean weighted by 1 / distance. Stops when a step moves less than tolerance x the mean distance."""
+    median = points.mean(dim=0)
+    for _ in range(iterations):
+        distances = torch.linalg.vector_norm(points - median, dim=1)
+        weights = 1.0 / distances.clamp_min(torch.finfo(points.dtype).eps)
+        moved_to = weights @ points / weights.sum()
+        step = torch.linalg.vector_norm(moved_to - median)
+        median = moved_to
+        if step <= tolerance * distances.mean():
+            break
+    return median
+
+
+@torch.no_grad()
+def init_decoder_bias_(sae: TopKSAE, residuals: np.ndarray | Tensor, seed: int) -> None:
+    """b_dec = geometric median of up to GEOMETRIC_MEDIAN_ROWS training rows (seeded sample)."""
+    n_rows = residuals.shape[0]
+    rows = np.arange(n_rows)
+    if n_rows > GEOMETRIC_MEDIAN_ROWS:
+        # Stream [seed, 0]: epoch shuffles use [seed, epoch >= 1], revivals [seed, epoch, 1].
+        rows = np.sort(np.random.default_rng([seed, 0]).choice(n_rows, GEOMETRIC_MEDIAN_ROWS, replace=False))
+    sae.b_dec.copy_(geometric_median(fetch_batch(residuals, rows, sae.b_dec.device)))
 
 
 @torch.no_grad()
@@ -188,18 +372,22 @@ def _new_history() -> dict:
 
 
 def _is_revival_epoch(epoch: int, cfg: TrainConfig) -> bool:
-    """After epochs R, 2R, ... (1-based), never after the last: 5, 10, 15 of 20 in the recipe."""
-    return epoch % cfg.revive_every_epochs == 0 and epoch < cfg.epochs
+    """After epochs R, 2R, ... (1-based), never after the last: 5, 10, 15 of 20 in the original
+    recipe; never when R = 0 (the modern recipe's default)."""
+    period = cfg.revival_period()
+    return period > 0 and epoch % period == 0 and epoch < cfg.epochs
 
 
 def train_sae(residuals: np.ndarray | Tensor, cfg: TrainConfig,
               on_epoch: Callable[[int, TopKSAE, dict], None] | None = None,
               resume: dict | None = None) -> tuple[TopKSAE, dict]:
-    """Train a TopK SAE on residuals [rows, d_in] (numpy array, np.memmap or torch tensor).
+    """Train a TopK SAE on residuals [rows, d_in] (numpy array, np.memmap or torch tensor) with
+    cfg.recipe (module docstring).
 
-    Loss: MSE, mean over rows and dimensions. history["fvu"] per epoch is the pooled fraction of
-    variance unexplained on that epoch's batches, sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
-    (every epoch covers all rows), and history["variance_explained"] is 1 - fvu.
+    history["loss"] per epoch is the MSE, mean over rows and dimensions; history["fvu"] per epoch
+    is the pooled fraction of variance unexplained on that epoch's batches,
+    sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (every epoch covers all rows), and
+    history["variance_explained"] is 1 - fvu.
     on_epoch(epoch, sae, metrics) runs after each epoch (epoch counts completed epochs, from 1);
     metrics holds that epoch's scalars plus metrics["checkpoint"], a function returning the dict to
     pass back as `resume` (a function, so epochs that are not checkpointed copy nothing).
@@ -215,7 +403,16 @@ def train_sae(residuals: np.ndarray | Tensor, cfg: TrainConfig,
         torch.manual_seed(cfg.seed)
         sae = TopKSAE(d_in, cfg.n_features, cfg.k)
     sae.to(device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    if cfg.recipe == "original":
+        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate())
+    else:
+        if cfg.autocast_bf16 and not autocast_supported(device):
+            warnings.warn(f"bf16 autocast is not supported on {device}; training in fp32", stacklevel=2)
+        # One fused kernel per step instead of a dozen passes over the parameters.
+        fused = True if device.type in ("cpu", "cuda") else None
+        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(), fused=fused)
+        if resume is None:
+            init_decoder_bias_(sae, residuals, cfg.seed)
     steps_since_fired = torch.zeros(cfg.n_features, dtype=torch.long, device=device)
     history, start_epoch = _new_history(), 0
     if resume is not None:
@@ -224,11 +421,13 @@ def train_sae(residuals: np.ndarray | Tensor, cfg: TrainConfig,
         steps_since_fired = resume["steps_since_fired"].to(device)
         history, start_epoch = copy.deepcopy(resume["history"]), resume["epoch"]
 
+    # The modern loss is a fraction of variance unexplained; constant rows leave it a plain sum.
+    row_variance = total_variance / n_rows if total_variance > 0 else 1.0
     started = time.perf_counter()
     for epoch in tqdm(range(start_epoch + 1, cfg.epochs + 1), desc="epochs", initial=start_epoch,
                       total=cfg.epochs, disable=None):
-        sq_error, steps_since_fired = train_epoch(sae, optimizer, residuals, cfg, epoch,
-                                                  steps_since_fired)
+        sq_error, steps_since_fired = train_epoch(sae, optimizer, residuals, cfg, epoch, steps_since_fired,
+                                                  row_variance)
         history["steps"] += math.ceil(n_rows / cfg.batch_size)
         history["tokens_seen"] += n_rows
         fvu = sq_error / total_variance if total_variance > 0 else float("nan")

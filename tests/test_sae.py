@@ -185,3 +185,67 @@ def test_sparsify_loads_release(sae, x, tmp_path):
         codes = torch.zeros(x.shape[0], N_FEATURES).scatter_(-1, out.top_indices, out.top_acts)
         assert torch.allclose(codes, sae.encode(x), atol=1e-5)
         assert torch.allclose(theirs.decode(out.top_acts, out.top_indices), sae(x), atol=1e-5)
+
+
+def dense_codes(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(*values.shape[:-1], n, dtype=values.dtype).scatter(-1, indices, values)
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_topk_encoder_gradients_match_autograd(with_dead):
+    """The sparse backward of TopKEncoder against autograd through the dense formula (float64)."""
+    torch.manual_seed(0)
+    sae = TopKSAE(D_IN, N_FEATURES, K).double()
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(50, D_IN, dtype=torch.float64, requires_grad=True)
+    dead = (torch.arange(N_FEATURES) % 3 == 0) if with_dead else None
+    k_aux = 9
+    weights = torch.randn(50, N_FEATURES, dtype=torch.float64)
+
+    def grads(objective):
+        for tensor in (*sae.parameters(), x):
+            tensor.grad = None
+        objective.backward()
+        return [tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+                for tensor in (sae.W_enc, sae.b_enc, sae.b_dec, x)]
+
+    values, indices, aux_values, aux_indices = sae.encode_for_training(x, dead, k_aux)
+    ours = dense_codes(values, indices, N_FEATURES)
+    ours_aux = dense_codes(aux_values, aux_indices, N_FEATURES)
+    fast = grads((ours * weights).sum() + ours_aux.pow(2).sum())
+
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top_values, top_indices = pre.topk(K, dim=-1)
+    expected = dense_codes(top_values.relu(), top_indices, N_FEATURES)
+    objective = (expected * weights).sum()
+    if with_dead:
+        aux_top, aux_top_indices = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1)
+        expected_aux = dense_codes(aux_top.relu(), aux_top_indices, N_FEATURES)
+        objective = objective + expected_aux.pow(2).sum()
+        assert torch.allclose(ours_aux, expected_aux)
+        assert dead[aux_indices].all()  # more dead latents than k_aux: every pick is dead
+    else:
+        assert aux_indices.shape == (50, 0)
+    assert torch.allclose(ours, expected)
+    for name, got, want in zip(("W_enc", "b_enc", "b_dec", "x"), fast, grads(objective)):
+        assert torch.allclose(got, want, atol=1e-10), name
+
+
+def test_decoder_sum_is_decode_without_bias(sae, x):
+    values, indices = sae.encode_topk(x)
+    assert torch.allclose(sae.decoder_sum(values, indices) + sae.b_dec, sae.decode_topk(values, indices))
+
+
+def test_encode_for_training_under_bf16_autocast(sae, x):
+    values, indices = sae.encode_topk(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_values, cast_indices, _, _ = sae.encode_for_training(x)
+    assert cast_values.dtype == torch.float32
+    # Same latents up to near-ties, values to bf16 precision.
+    overlap = (dense_codes(cast_values, cast_indices, N_FEATURES) > 0) & (sae.encode(x) > 0)
+    assert overlap.sum() >= 0.9 * (values > 0).sum()
+    assert torch.allclose(dense_codes(cast_values, cast_indices, N_FEATURES)[overlap],
+                          sae.encode(x)[overlap], rtol=0.05, atol=0.05)

@@ -1,9 +1,13 @@
+import math
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qsae.sae import TopKSAE
-from qsae.train import TrainConfig, revive_dead_, split_rows, train_sae
+from qsae.train import (DeadLatentBound, TrainConfig, auxk_size, geometric_median, modern_step,
+                        reconstruction_losses, remove_parallel_grad_, revive_dead_, split_rows, train_sae)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,10 +50,11 @@ def small_rows() -> np.ndarray:
     return planted_dictionary(1500, 12, 24, 3, seed=3)
 
 
-def test_planted_dictionary_is_learned():
+@pytest.mark.parametrize("recipe", ["original", "modern"])
+def test_planted_dictionary_is_learned(recipe):
     rows = planted_dictionary(20_000, 32, 64, 4, seed=0)
     train, held_out = split_rows(len(rows), 0.1, seed=0)
-    cfg = TrainConfig(n_features=64, k=4, epochs=6, batch_size=256, lr=1e-2,
+    cfg = TrainConfig(recipe=recipe, n_features=64, k=4, epochs=6, batch_size=256, lr=1e-2,
                       revive_every_epochs=2, dead_after_steps=50)
     sae, history = train_sae(rows[train], cfg)
 
@@ -69,9 +74,10 @@ def test_planted_dictionary_is_learned():
     assert history["variance_explained"][-1] == pytest.approx(trained, abs=0.05)
 
 
-def test_dead_features_are_revived(small_rows):
+@pytest.mark.parametrize("recipe", ["original", "modern"])
+def test_dead_features_are_revived(small_rows, recipe):
     # Far more features than the data needs and a short patience: many never fire.
-    cfg = small_cfg(n_features=256, k=2, dead_after_steps=3)
+    cfg = small_cfg(recipe=recipe, n_features=256, k=2, dead_after_steps=3)
     seen = []
 
     def on_epoch(epoch, sae, metrics):
@@ -125,9 +131,12 @@ def test_training_is_reproducible(small_rows):
     assert not torch.equal(first.W_dec, other.W_dec)
 
 
-def test_resume_matches_uninterrupted_run(small_rows):
-    # Revival after epoch 3 only, so the resumed part replays a revival too.
-    cfg = small_cfg(epochs=4, revive_every_epochs=3, dead_after_steps=2, n_features=96)
+@pytest.mark.parametrize("recipe, revive_every_epochs", [("original", 3), ("modern", 3), ("modern", None)])
+def test_resume_matches_uninterrupted_run(small_rows, recipe, revive_every_epochs):
+    # Original: revival after epoch 3 only, so the resumed part replays a revival too. Modern:
+    # features die within the first epochs, so the resumed part replays AuxK steps.
+    cfg = small_cfg(recipe=recipe, epochs=4, revive_every_epochs=revive_every_epochs, dead_after_steps=2,
+                    n_features=96)
     checkpoints, epochs_seen = {}, []
 
     def on_epoch(epoch, sae, metrics):
@@ -136,7 +145,11 @@ def test_resume_matches_uninterrupted_run(small_rows):
 
     full, history = train_sae(small_rows, cfg, on_epoch=on_epoch)
     assert epochs_seen == [1, 2, 3, 4]
-    assert history["revived"] > 0
+    if cfg.revival_period():
+        assert history["revived"] > 0
+    else:
+        assert history["revived_per_event"] == []
+    assert checkpoints[2]["steps_since_fired"].max() >= cfg.dead_after_steps  # dead latents to replay
     resumed, resumed_history = train_sae(small_rows, cfg, resume=checkpoints[2])
     for name, param in full.state_dict().items():
         assert torch.equal(param, resumed.state_dict()[name]), name
@@ -180,6 +193,9 @@ def test_non_finite_rows_raise(small_rows, value):
     ({"lr": 0.0}, "lr"),
     ({"batch_size": -1}, "batch_size"),
     ({"epochs": 0}, "epochs"),
+    ({"recipe": "anthropic"}, "recipe"),
+    ({"revive_every_epochs": -1}, "revive_every_epochs"),
+    ({"recipe": "original", "autocast_bf16": True}, "autocast_bf16"),
 ])
 def test_bad_config_raises(overrides, problem):
     with pytest.raises(ValueError, match=problem):
@@ -200,3 +216,212 @@ def test_split_rows():
             split_rows(10, fraction, seed=0)
     with pytest.raises(ValueError, match="n_rows"):
         split_rows(0, 0.1, seed=0)
+
+
+def original_recipe_reference(rows: np.ndarray, cfg: TrainConfig) -> tuple[TopKSAE, list[float], int]:
+    """The original recipe written out op by op as qsae computed it before the modern recipe
+    existed: seeded init, per-epoch seeded shuffles with sorted batches, top-k + ReLU, decoder rows
+    summed by embedding_bag, MSE, Adam, unit-norm projection, and revival after every 5th epoch."""
+    n_rows, d_in = rows.shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        sae = TopKSAE(d_in, cfg.n_features, cfg.k)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4)
+    silent = torch.zeros(cfg.n_features, dtype=torch.long)
+    losses, revived = [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n_rows)
+        sq_error = torch.zeros(())
+        for start in range(0, n_rows, cfg.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(rows[np.sort(order[start:start + cfg.batch_size])]))
+            values, indices = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).topk(cfg.k, dim=-1)
+            values = F.relu(values)
+            x_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
+            loss = F.mse_loss(x_hat, x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps))
+            fires = torch.zeros(cfg.n_features).scatter_add_(0, indices.flatten(), (values > 0).flatten().float())
+            silent = torch.where(fires > 0, 0, silent + 1)
+            sq_error += loss.detach() * x.numel()
+        losses.append(sq_error.item() / (n_rows * d_in))
+        if epoch % 5 == 0 and epoch < cfg.epochs:
+            dead = silent >= cfg.dead_after_steps
+            idx = dead.nonzero().flatten()
+            rng = np.random.default_rng([cfg.seed, epoch, 1])
+            fresh = torch.from_numpy(rng.standard_normal((len(idx), d_in), dtype=np.float32))
+            fresh = fresh / fresh.norm(dim=1, keepdim=True)
+            with torch.no_grad():
+                sae.W_dec[idx], sae.W_enc[:, idx], sae.b_enc[idx] = fresh, fresh.T, 0.0
+            for param, index in ((sae.W_dec, idx), (sae.W_enc, (slice(None), idx)), (sae.b_enc, idx)):
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    optimizer.state[param][moment][index] = 0.0
+            silent[dead] = 0
+            revived += len(idx)
+    return sae, losses, revived
+
+
+def test_original_recipe_is_unchanged(small_rows):
+    # Recipe defaults (lr 3e-4, revival every 5 epochs), so epoch 5 revives.
+    cfg = TrainConfig(recipe="original", n_features=96, k=3, epochs=6, batch_size=128, dead_after_steps=4)
+    reference, losses, revived = original_recipe_reference(small_rows, cfg)
+    sae, history = train_sae(small_rows, cfg)
+    assert revived > 0 and history["revived"] == revived
+    for name, param in reference.state_dict().items():
+        assert torch.equal(sae.state_dict()[name], param), name
+    assert history["loss"] == losses
+
+
+def test_recipe_defaults():
+    assert TrainConfig().recipe == "modern"
+    original, modern = TrainConfig(recipe="original"), TrainConfig(recipe="modern", n_features=4096)
+    assert original.learning_rate() == 3e-4
+    assert modern.learning_rate() == pytest.approx(2e-4 / math.sqrt(4096 / 2**14))
+    assert TrainConfig(recipe="modern", n_features=2**14).learning_rate() == pytest.approx(2e-4)
+    assert TrainConfig(recipe="modern", lr=1e-3).learning_rate() == 1e-3
+    assert (original.revival_period(), modern.revival_period()) == (5, 0)
+    assert TrainConfig(recipe="modern", revive_every_epochs=2).revival_period() == 2
+    resolved = modern.resolved()
+    assert (resolved.lr, resolved.revive_every_epochs) == (modern.learning_rate(), 0)
+    assert modern.lr is None  # resolved() leaves the config alone
+
+
+@pytest.mark.parametrize("recipe", ["original", "modern"])
+def test_training_uses_the_recipe_learning_rate(small_rows, recipe):
+    cfg = small_cfg(recipe=recipe, lr=None, epochs=1)
+    seen = []
+    train_sae(small_rows, cfg, on_epoch=lambda epoch, sae, metrics: seen.append(metrics["checkpoint"]()))
+    assert seen[0]["optimizer_state"]["param_groups"][0]["lr"] == cfg.learning_rate()
+
+
+def test_parallel_gradient_removal_leaves_gradients_orthogonal_to_decoder_rows(small_rows):
+    torch.manual_seed(0)
+    sae = TopKSAE(12, 48, 3)
+    x = torch.from_numpy(small_rows[:256])
+    sq_error, _, _, _ = reconstruction_losses(sae, x)
+    sq_error.backward()
+    before = sae.W_dec.grad.clone()
+    assert (before * sae.W_dec).sum(dim=1).abs().max() > 1e-3  # there was a parallel part to remove
+    remove_parallel_grad_(sae)
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
+    assert parallel.abs().max() < 1e-6 * before.norm(dim=1).max()
+    # Only the parallel part went: the orthogonal part is unchanged.
+    rows = sae.W_dec.detach()
+    assert torch.allclose(sae.W_dec.grad, before - (before * rows).sum(1, keepdim=True) * rows, atol=1e-7)
+
+    # modern_step applies it: with lr 0 the decoder stays put, so its gradient must be orthogonal.
+    optimizer = torch.optim.Adam(sae.parameters(), lr=0.0)
+    modern_step(sae, optimizer, x, None, None, row_variance=1.0)
+    assert (sae.W_dec.grad * sae.W_dec).sum(dim=1).abs().max() < 1e-6 * sae.W_dec.grad.norm(dim=1).max()
+
+
+def test_auxk_is_zero_without_dead_latents_and_trains_only_dead_ones(small_rows):
+    torch.manual_seed(0)
+    sae = TopKSAE(12, 48, 3)
+    x = torch.from_numpy(small_rows[:256])
+    none_dead = torch.zeros(48, dtype=torch.bool)
+    assert reconstruction_losses(sae, x)[1].item() == 0.0
+    assert reconstruction_losses(sae, x, none_dead)[1].item() == 0.0
+
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::4] = True
+    sq_error, auxk, _, _ = reconstruction_losses(sae, x, dead)
+    assert auxk.item() > 0
+    with torch.no_grad():  # the formula written densely: top k_aux = 6 of the 12 dead latents
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        error = x - sae(x)
+        values, indices = pre.masked_fill(~dead, -torch.inf).topk(6, dim=-1)
+        e_hat = torch.einsum("bj,bjd->bd", values.relu(), sae.W_dec[indices])  # no b_dec
+        assert auxk.item() == pytest.approx(min(12 / 6, 1.0) * (e_hat - error).pow(2).sum().item(), rel=1e-5)
+        assert sq_error.item() == pytest.approx(error.pow(2).sum().item(), rel=1e-5)
+    auxk.backward()
+    # The AuxK term reaches the dead latents' decoder rows and encoder columns, and no live ones.
+    assert sae.W_dec.grad[dead].abs().sum(dim=1).min() > 0
+    assert not sae.W_dec.grad[~dead].any()
+    assert not sae.W_enc.grad[:, ~dead].any() and sae.W_enc.grad[:, dead].any()
+
+    # Fewer dead latents than k_aux = d_in / 2: any top-k width >= n_dead gives the same term,
+    # scaled by n_dead / k_aux.
+    assert auxk_size(sae) == 6 and dead.sum() == 12
+    few = torch.zeros(48, dtype=torch.bool)
+    few[[3, 17, 40]] = True
+    exact = reconstruction_losses(sae, x, few, aux_width=3)[1]
+    assert reconstruction_losses(sae, x, few, aux_width=6)[1].item() == pytest.approx(exact.item(), rel=1e-6)
+    assert exact.item() > 0
+
+
+def test_dead_latent_bound_never_undercounts():
+    torch.manual_seed(0)
+    counters = torch.randint(0, 12, (200,))
+    bound = DeadLatentBound(dead_after_steps=10, recheck_steps=7)
+    for step in range(30):
+        n_dead = int((counters >= 10).sum())
+        upper = bound.at(step, counters)
+        assert upper >= n_dead
+        if step % 7 == 0:  # a fresh copy: exact
+            assert upper == n_dead
+        fired = torch.rand(200) < 0.3
+        counters = torch.where(fired, 0, counters + 1)
+
+
+def sum_of_distances(points: torch.Tensor, center: torch.Tensor) -> float:
+    return torch.linalg.vector_norm(points - center, dim=1).sum().item()
+
+
+def reference_geometric_median(points: torch.Tensor) -> torch.Tensor:
+    """Minimise sum ||x_i - m|| directly (float64 L-BFGS from the coordinate-wise median), a
+    different method from Weiszfeld's."""
+    points = points.double()
+    median = points.median(dim=0).values.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([median], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                                  line_search_fn="strong_wolfe")
+
+    def objective():
+        optimizer.zero_grad()
+        loss = torch.linalg.vector_norm(points - median, dim=1).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return median.detach()
+
+
+def skewed_cloud(seed: int = 0) -> np.ndarray:
+    """A Gaussian cloud plus 10% far outliers on one side: mean and geometric median disagree."""
+    rng = np.random.default_rng(seed)
+    bulk = rng.standard_normal((900, 8)) + 3.0
+    outliers = rng.standard_normal((100, 8)) * 0.5 + 40.0
+    return np.concatenate([bulk, outliers]).astype(np.float32)
+
+
+def test_geometric_median_matches_a_direct_minimisation():
+    points = torch.from_numpy(skewed_cloud())
+    ours, reference = geometric_median(points), reference_geometric_median(points)
+    mean = points.mean(0)
+    assert sum_of_distances(points, ours) <= sum_of_distances(points, reference.float()) * (1 + 1e-5)
+    assert torch.linalg.vector_norm(ours.double() - reference) < 1e-2
+    assert torch.linalg.vector_norm(mean.double() - reference) > 1.0  # the test tells them apart
+
+
+def test_modern_recipe_starts_b_dec_at_the_geometric_median():
+    rows = skewed_cloud()
+    reference = reference_geometric_median(torch.from_numpy(rows))
+    # A learning rate too small to move b_dec: what comes out is the initialisation.
+    sae, _ = train_sae(rows, TrainConfig(recipe="modern", n_features=16, k=2, epochs=1, batch_size=500,
+                                         lr=1e-12))
+    assert torch.linalg.vector_norm(sae.b_dec.detach().double() - reference) < 1e-2
+    original, _ = train_sae(rows, TrainConfig(recipe="original", n_features=16, k=2, epochs=1,
+                                              batch_size=500, lr=1e-12))
+    assert original.b_dec.abs().max() < 1e-6  # the original recipe starts at zero
+
+
+def test_bf16_autocast_trains(small_rows):
+    cfg = small_cfg(revive_every_epochs=None, epochs=6)
+    fp32, fp32_history = train_sae(small_rows, cfg)
+    bf16, bf16_history = train_sae(small_rows, small_cfg(revive_every_epochs=None, epochs=6, autocast_bf16=True))
+    assert not torch.equal(fp32.W_enc, bf16.W_enc)  # the encoder matmul did run in bf16
+    assert bf16.W_enc.dtype == torch.float32
+    assert bf16_history["fvu"][-1] < 0.6 * bf16_history["fvu"][0]
+    assert bf16_history["fvu"][-1] == pytest.approx(fp32_history["fvu"][-1], abs=0.02)
