@@ -67,7 +67,7 @@ def cmd_train(args) -> int:
     from qsae.train import TrainConfig, train_sae
 
     cfg = TrainConfig(
-        n_features=args.n_features, k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        recipe=args.recipe, n_features=args.n_features, k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, device=args.device,
     )
     residuals = load_residuals(args.activations, args.layer)
@@ -75,7 +75,7 @@ def cmd_train(args) -> int:
     sae, history = train_sae(residuals, cfg)
     out = Path(args.out)
     files = sae.save_release(out, args.layer, f"blocks.{args.layer}.hook_resid_post")
-    metrics = {"config": asdict(cfg), "rows": int(residuals.shape[0]), "d_in": int(residuals.shape[1]), **history}
+    metrics = {"config": asdict(cfg.resolved()), "rows": int(residuals.shape[0]), "d_in": int(residuals.shape[1]), **history}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"[qsae] trained SAE (final train FVU {history['fvu'][-1]:.4f}); wrote {len(files)} files to {out}")
     return 0
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--k", type=int, required=True)
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--batch-size", type=int, default=4096)
-    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--recipe", choices=["modern", "original"], default="modern", help="training recipe (README)")
+    t.add_argument("--lr", type=float, help="Adam learning rate (default: the recipe's)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
     t.add_argument("--out", required=True, help="output directory for the SAE files and metrics.json")

@@ -191,7 +191,7 @@ def write_charts(staging: Path, cfg: PipelineConfig, results: dict, trained: dic
         charts.plot_training(
             {L: history for L, (_, history) in trained.items()},
             staging / charts.TRAINING_CURVES_PNG,
-            cfg.train.revive_every_epochs,
+            cfg.train.revival_period() or None,
         ),
         charts.plot_feature_health(
             {L: {key: r["summary"][key] for key in charts.HEALTH_CLASSES} for L, r in results.items()},
@@ -225,11 +225,12 @@ def card_info(cfg, manifest, rollouts, results, samples, files, chart_files, tim
             "per_layer_heldout": len(first.heldout_rows),
         },
         "recipe": {
+            "recipe": cfg.train.recipe,
             "optimizer": "Adam",
-            "lr": cfg.train.lr,
+            "lr": cfg.train.learning_rate(),
             "batch_size": cfg.train.batch_size,
             "epochs": cfg.train.epochs,
-            "revive_every_epochs": cfg.train.revive_every_epochs,
+            "revive_every_epochs": cfg.train.revival_period(),
             "dead_after_steps": cfg.train.dead_after_steps,
         },
         "per_layer": {str(L): r["summary"] for L, r in results.items()},

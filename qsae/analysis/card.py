@@ -23,6 +23,7 @@ LAYER_KEYS = (
 )
 TAGS = ("sparse-autoencoder", "topk-sae", "interpretability", "residual-stream")
 RECIPE_LABELS = {
+    "recipe": "recipe (original | modern)",
     "optimizer": "optimizer",
     "lr": "learning rate",
     "batch_size": "batch size (tokens)",
@@ -191,7 +192,11 @@ def _recipe(info: dict) -> str:
         _table(["parameter", "value"], [[RECIPE_LABELS.get(key, key), recipe[key]] for key in keys]),
         "Decoder rows are renormalised to unit norm after every step. A revived feature gets a random unit "
         "decoder row, the same vector as its encoder column, a zero encoder bias and fresh optimizer state.",
-    ])
+    ] + ([
+        "Modern recipe: encoder initialised as the decoder's transpose, the gradient component parallel to each "
+        "decoder row removed before each step, an AuxK loss (k_aux = d_in / 2, weight 1/32) on latents that have "
+        "not fired for the dead-after window, and b_dec started at the geometric median of the training rows."
+    ] if recipe.get("recipe") == "modern" else []))
 
 
 def _data(info: dict) -> str:
