@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from planted import planted_rows, variance_explained
 from qsae.sae import TopKSAE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,24 +29,9 @@ def qsae(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def planted_rows(n_rows: int, seed: int) -> np.ndarray:
-    """Rows that are sums of ACTIVE of N_ATOMS fixed unit atoms with positive coefficients;
-    the atoms are the same for every seed, so rows from another seed are held-out data."""
-    atoms = np.random.default_rng(1234).standard_normal((N_ATOMS, D))
-    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    rng = np.random.default_rng(seed)
-    support = np.argsort(rng.random((n_rows, N_ATOMS)), axis=1)[:, :ACTIVE]
-    codes = np.zeros((n_rows, N_ATOMS))
-    np.put_along_axis(codes, support, rng.uniform(0.5, 2.0, (n_rows, ACTIVE)), axis=1)
-    return (codes @ atoms).astype(np.float32)
-
-
-def fvu(sae: TopKSAE, rows: np.ndarray) -> float:
-    """Pooled fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
-    x = torch.from_numpy(rows)
-    with torch.no_grad():
-        x_hat = sae(x)
-    return ((x - x_hat) ** 2).sum().item() / ((x - x.mean(0)) ** 2).sum().item()
+def planted(n_rows: int, seed: int) -> np.ndarray:
+    """The same N_ATOMS atoms for every seed: rows from another seed are held-out data."""
+    return planted_rows(n_rows, D, N_ATOMS, ACTIVE, seed, atom_seed=1234)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +39,7 @@ def trained(tmp_path_factory):
     """One `qsae train` run on 8k planted rows: (completed process, training .npy, output dir)."""
     root = tmp_path_factory.mktemp("cli")
     acts = root / "acts.npy"
-    np.save(acts, planted_rows(8000, seed=1))
+    np.save(acts, planted(8000, seed=1))
     out = root / "release"
     proc = qsae("train", "--activations", acts, "--layer", 0, "--n-features", N_FEATURES, "--k", K,
                 "--epochs", 8, "--batch-size", 256, "--lr", 3e-3, "--out", out)
@@ -81,7 +67,7 @@ def test_train_metrics_record_the_run(trained):
     assert metrics["config"]["lr"] == pytest.approx(3e-3)
     assert len(metrics["fvu"]) == 8
     torch.manual_seed(0)
-    untrained = fvu(TopKSAE(D, N_FEATURES, K), np.load(acts))
+    untrained = 1.0 - variance_explained(TopKSAE(D, N_FEATURES, K), np.load(acts))
     assert metrics["fvu"][-1] < 0.5 * untrained
     assert metrics["fvu"][-1] < metrics["fvu"][0]
 
@@ -92,7 +78,7 @@ def test_trained_sae_reconstructs_held_out_rows(trained):
     sae = TopKSAE.load(out / f"{STEM}.pt")
     assert (sae.d_in, sae.n_features, sae.k) == (D, N_FEATURES, K)
     # Measured 0.82-0.86 over data and init seeds; 0.7 leaves a wide margin.
-    assert 1.0 - fvu(sae, planted_rows(2000, seed=2)) > 0.7
+    assert variance_explained(sae, planted(2000, seed=2)) > 0.7
 
 
 def test_export_writes_the_same_tensors(trained, tmp_path):
@@ -119,7 +105,7 @@ def test_export_writes_the_same_tensors(trained, tmp_path):
 def make_bad_input(kind: str, root: Path) -> tuple[list, str]:
     """(train arguments, text the error must contain) for one kind of bad input."""
     good = root / "good.npy"
-    np.save(good, planted_rows(64, seed=3))
+    np.save(good, planted(64, seed=3))
     if kind == "missing":
         return ["--activations", root / "absent.npy", "--n-features", 8, "--k", 2], "absent.npy"
     if kind == "one_dimensional":

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from planted import planted_rows, variance_explained
 from qsae.sae import TopKSAE
 from qsae.train import (DeadLatentBound, TrainConfig, auxk_size, geometric_median, modern_step,
                         reconstruction_losses, remove_parallel_grad_, revive_dead_, split_rows, train_sae)
@@ -20,26 +21,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def planted_dictionary(n_rows: int, d: int, n_atoms: int, active: int, seed: int) -> np.ndarray:
-    """Rows that are sums of `active` unit atoms out of `n_atoms`, with positive coefficients:
-    a TopK SAE with k = active can explain them almost fully."""
-    rng = np.random.default_rng(seed)
-    atoms = rng.standard_normal((n_atoms, d))
-    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    support = np.argsort(rng.random((n_rows, n_atoms)), axis=1)[:, :active]
-    codes = np.zeros((n_rows, n_atoms))
-    np.put_along_axis(codes, support, rng.uniform(0.5, 2.0, (n_rows, active)), axis=1)
-    return (codes @ atoms).astype(np.float32)
-
-
-def variance_explained(sae: TopKSAE, rows: np.ndarray) -> float:
-    """Pooled: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
-    x = torch.from_numpy(rows)
-    with torch.no_grad():
-        x_hat = sae(x)
-    return 1.0 - ((x - x_hat) ** 2).sum().item() / ((x - x.mean(0)) ** 2).sum().item()
-
-
 def small_cfg(**overrides) -> TrainConfig:
     return TrainConfig(**{"n_features": 48, "k": 3, "epochs": 3, "batch_size": 128, "lr": 3e-3,
                           "revive_every_epochs": 1, "dead_after_steps": 5, **overrides})
@@ -47,12 +28,12 @@ def small_cfg(**overrides) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def small_rows() -> np.ndarray:
-    return planted_dictionary(1500, 12, 24, 3, seed=3)
+    return planted_rows(1500, 12, 24, 3, seed=3)
 
 
 @pytest.mark.parametrize("recipe", ["original", "modern"])
 def test_planted_dictionary_is_learned(recipe):
-    rows = planted_dictionary(20_000, 32, 64, 4, seed=0)
+    rows = planted_rows(20_000, 32, 64, 4, seed=0)
     train, held_out = split_rows(len(rows), 0.1, seed=0)
     cfg = TrainConfig(recipe=recipe, n_features=64, k=4, epochs=6, batch_size=256, lr=1e-2,
                       revive_every_epochs=2, dead_after_steps=50)
