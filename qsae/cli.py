@@ -62,7 +62,6 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from qsae.sae import TopKSAE
     from qsae.store import load_residuals
     from qsae.train import TrainConfig, train_sae
 

@@ -1,7 +1,6 @@
 """Rollouts through the transformers engine: batched greedy generation is the same as one at a time."""
 from __future__ import annotations
 
-import torch
 
 from qsae.engines.hf_engine import HFEngine
 from qsae.questions import BUNDLED_QUESTIONS, load_questions, parse_answer
