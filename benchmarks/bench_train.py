@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qsae.sae import TopKSAE
-from qsae.train import TrainConfig, epoch_batches, fetch_batch, train_sae
+from qsae.store import ArraySource, shuffled_batches
+from qsae.train import TrainConfig, train_sae
 
 ZIPF_EXPONENT = 1.1
 ATOMS_PER_LATENT = 4
@@ -89,13 +90,18 @@ class OriginalReleaseSAE(nn.Module):
         return z @ self.W_dec + self.b_dec, z
 
 
+def epoch_batches(rows: np.ndarray, cfg: TrainConfig, epoch: int):
+    """The batches qsae's trainer draws in this epoch, so every method sees the same ones."""
+    return shuffled_batches(ArraySource(rows), cfg.batch_size, cfg.shuffle_buffer_rows, cfg.seed, epoch)
+
+
 def train_original_release(rows: np.ndarray, cfg: TrainConfig, on_epoch) -> OriginalReleaseSAE:
     sae = OriginalReleaseSAE(rows.shape[1], cfg.n_features, cfg.k, cfg.seed)
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4)
     steps_since_fired = torch.zeros(cfg.n_features, dtype=torch.long)
     for epoch in range(1, cfg.epochs + 1):
-        for batch_rows in epoch_batches(len(rows), cfg.batch_size, cfg.seed, epoch):
-            x = fetch_batch(rows, batch_rows, torch.device("cpu"))
+        for batch in epoch_batches(rows, cfg, epoch):
+            x = torch.from_numpy(batch)
             x_hat, z = sae(x)
             loss = F.mse_loss(x_hat, x)
             optimizer.zero_grad(set_to_none=True)
@@ -132,8 +138,8 @@ def train_sparsify(sparsify, rows: np.ndarray, cfg: TrainConfig, on_epoch):
     tokens_since_fired = torch.zeros(cfg.n_features, dtype=torch.long)
     dead_after_tokens = cfg.dead_after_steps * cfg.batch_size
     for epoch in range(1, cfg.epochs + 1):
-        for step, batch_rows in enumerate(epoch_batches(len(rows), cfg.batch_size, cfg.seed, epoch)):
-            x = fetch_batch(rows, batch_rows, torch.device("cpu"))
+        for step, batch in enumerate(epoch_batches(rows, cfg, epoch)):
+            x = torch.from_numpy(batch)
             if epoch == 1 and step == 0:
                 sae.b_dec.data = x.mean(0)
             out = sae(x, dead_mask=tokens_since_fired >= dead_after_tokens)
@@ -225,7 +231,7 @@ def main() -> None:
                                ("qsae modern bf16", "modern", True)):
         cfg = TrainConfig(recipe=recipe, autocast_bf16=bf16, **base)
         runs.append((name, lambda on_epoch, cfg=cfg: qsae_reconstruct(
-            train_sae(train, cfg, on_epoch=lambda *_: on_epoch())[0])))
+            train_sae(train, cfg, on_step=lambda p: p.epoch_done and on_epoch())[0])))
     try:
         import sparsify
     except ImportError:

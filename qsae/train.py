@@ -45,21 +45,22 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from qsae.sae import TopKSAE
-from qsae.store import layer_row_count, read_layer_table, read_manifest, residual_matrix, sample_rows
+from qsae.store import (ArraySource, RowSource, StoreSource, layer_row_count, prefetched, read_layer_table,
+                        read_manifest, residual_matrix, sample_rows, shuffled_batches)
 
-# Rows per chunk when scanning the input for NaN/inf and its variance (bounded memory on memmaps).
-SCAN_ROWS = 8192
 RECIPES = ("original", "modern")
 ORIGINAL_LR = 3e-4  # the original card's Adam learning rate
 ORIGINAL_REVIVE_EVERY_EPOCHS = 5  # the original card's revival period
@@ -81,6 +82,7 @@ class TrainConfig:
     dead_after_steps: int = 500  # a feature silent for at least this many steps is dead (revival, AuxK)
     autocast_bf16: bool = False  # modern only: encoder matmul under bf16 autocast, where the device supports it
     seed: int = 0  # seeds the initial weights, the per-epoch shuffles and the revival vectors
+    shuffle_buffer_rows: int = 65536  # rows shuffled together; memory holds about three such buffers
     device: str = "cpu"  # torch device the SAE and each batch live on
 
     def learning_rate(self) -> float:
@@ -104,7 +106,7 @@ class TrainConfig:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
         positive = {"d_in": d_in, "n_features": self.n_features, "k": self.k, "epochs": self.epochs,
                     "batch_size": self.batch_size, "lr": self.learning_rate(),
-                    "dead_after_steps": self.dead_after_steps}
+                    "dead_after_steps": self.dead_after_steps, "shuffle_buffer_rows": self.shuffle_buffer_rows}
         bad = [f"{name}={value}" for name, value in positive.items() if not value > 0]
         if bad:
             raise ValueError(f"must be positive: {', '.join(bad)}")
@@ -131,63 +133,50 @@ def split_rows(n_rows: int, holdout_fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(order[n_held:]), np.sort(order[:n_held])
 
 
-def scan_residuals(residuals: np.ndarray | Tensor) -> float:
-    """Check residuals are a non-empty 2-D float array without NaN/inf; return the pooled total
-    variance sum ||x - mean(x)||^2 over all rows (float64), the FVU denominator."""
+def as_source(residuals: np.ndarray | Tensor | RowSource) -> RowSource:
+    """Training input as a chunked row source: a store or array source as given, an array (or a
+    memory-mapped .npy) wrapped without copying, a tensor copied to host memory."""
+    if isinstance(residuals, (ArraySource, StoreSource)):
+        return residuals
+    if isinstance(residuals, Tensor):
+        residuals = residuals.detach().cpu().numpy()
+    residuals = residuals if isinstance(residuals, np.ndarray) else np.asarray(residuals)
     if residuals.ndim != 2:
         raise ValueError(f"residuals must be 2-D [rows, d_in], got shape {tuple(residuals.shape)}")
     if residuals.shape[0] == 0 or residuals.shape[1] == 0:
         raise ValueError(f"residuals are empty: shape {tuple(residuals.shape)}")
-    is_float = residuals.is_floating_point() if isinstance(residuals, Tensor) \
-        else np.issubdtype(residuals.dtype, np.floating)
-    if not is_float:
+    if not np.issubdtype(residuals.dtype, np.floating):
         raise ValueError(f"residuals must be floating point, got {residuals.dtype}")
-    total = np.zeros(residuals.shape[1])
-    total_sq = 0.0
-    for start in range(0, residuals.shape[0], SCAN_ROWS):
-        chunk = residuals[start:start + SCAN_ROWS]
-        chunk = (chunk.detach().to("cpu", torch.float64).numpy() if isinstance(chunk, Tensor)
-                 else np.asarray(chunk, dtype=np.float64))
-        finite = np.isfinite(chunk).all(axis=1)
+    return ArraySource(residuals)
+
+
+def scan_rows(source: RowSource, rank: int = 0, world: int = 1) -> float:
+    """One pass over the rows, chunk by chunk (bounded memory): refuse NaN/inf, and return the pooled
+    total variance sum ||x - mean(x)||^2 over all rows (float64), the FVU denominator. Data-parallel
+    workers scan every world-th chunk and add up their sums."""
+    total, total_sq, bad = np.zeros(source.d_in), 0.0, ""
+    for chunk in range(rank, len(source.chunk_sizes), world):
+        rows = source.read_chunk(chunk).astype(np.float64)
+        finite = np.isfinite(rows).all(axis=1)
         if not finite.all():
-            raise ValueError(f"residuals row {start + int(np.argmin(finite))} contains NaN or inf")
-        total += chunk.sum(axis=0)
-        total_sq += float(np.square(chunk).sum())
-    n_rows = residuals.shape[0]
-    return total_sq - float(np.square(total).sum()) / n_rows
+            bad = f"{source.describe_row(chunk, int(np.argmin(finite)))} contains NaN or inf"
+            break
+        total += rows.sum(axis=0)
+        total_sq += float(np.square(rows).sum())
+    if world > 1:
+        sums = torch.from_numpy(np.concatenate([total, [total_sq, float(bool(bad))]]))
+        dist.all_reduce(sums)
+        total, total_sq = sums[:-2].numpy(), float(sums[-2])
+        if sums[-1] and not bad:
+            bad = "a row seen by another data-parallel worker contains NaN or inf"
+    if bad:
+        raise ValueError(f"residuals {bad}")
+    return total_sq - float(np.square(total).sum()) / source.n_rows
 
 
-def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:
-    """Row indices of each mini-batch of one epoch: a fresh permutation seeded by (seed, epoch),
-    so a resumed run sees the same batches as an uninterrupted one. Each batch is sorted, which
-    only changes the order of rows inside it (the loss is a mean) and keeps memmap reads local."""
-    order = np.random.default_rng([seed, epoch]).permutation(n_rows)
-    for start in range(0, n_rows, batch_size):
-        yield np.sort(order[start:start + batch_size])
-
-
-def fetch_batch(residuals: np.ndarray | Tensor, rows: np.ndarray, device: torch.device) -> Tensor:
-    """Gather rows as fp32 on device, with a single host-to-device copy."""
-    if isinstance(residuals, Tensor):
-        batch = residuals[torch.from_numpy(rows).to(residuals.device)]
-    else:
-        batch = torch.from_numpy(np.ascontiguousarray(residuals[rows]))
-    return batch.to(device=device, dtype=torch.float32)
-
-
-def original_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> tuple[Tensor, Tensor]:
-    """One Adam step on MSE (mean over rows and dimensions), then the unit-norm projection.
-    Returns the batch's summed squared error (a device scalar, no sync) and per-feature fire counts."""
-    values, indices = sae.encode_topk(x)
-    x_hat = sae.decode_topk(values, indices)
-    loss = F.mse_loss(x_hat, x)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    sae.normalize_decoder_()
-    fires = torch.zeros(sae.n_features, device=x.device).scatter_add_(
-        0, indices.flatten(), (values > 0).flatten().float())
-    return loss.detach() * x.numel(), fires
+def to_device(rows: np.ndarray, device: torch.device) -> Tensor:
+    """A batch as fp32 on device, with a single host-to-device copy."""
+    return torch.from_numpy(rows).to(device=device, dtype=torch.float32)
 
 
 def auxk_size(sae: TopKSAE) -> int:
@@ -247,46 +236,46 @@ def remove_parallel_grad_(sae: TopKSAE) -> None:
     grad -= (grad * W_dec).sum(dim=1, keepdim=True) * W_dec
 
 
-def modern_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor, dead: Tensor | None,
-                aux_width: int | None, row_variance: float, autocast: bool = False) -> tuple[Tensor, Tensor]:
-    """One Adam step of the modern recipe: (reconstruction + AUXK_ALPHA * AuxK) / (B * row_variance),
-    the parallel gradient removed from decoder rows, then the unit-norm projection. `dead` is None
-    when no latent can be dead (AuxK skipped). Returns what original_step returns."""
-    sq_error, auxk, values, indices = reconstruction_losses(sae, x, dead, aux_width, autocast)
-    loss = (sq_error + AUXK_ALPHA * auxk) / (x.shape[0] * row_variance)
+class TrainingLoss(nn.Module):
+    """A recipe's loss on one batch, as a module: DistributedDataParallel averages the gradients of
+    what its module's forward computes, so data-parallel training wraps this."""
+
+    def __init__(self, sae: TopKSAE, recipe: str, row_variance: float = 1.0, autocast: bool = False):
+        super().__init__()
+        self.sae, self.recipe, self.row_variance, self.autocast = sae, recipe, row_variance, autocast
+
+    def forward(self, x: Tensor, dead: Tensor | None = None, aux_width: int | None = None,
+                scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(loss, sum ||x - x_hat||^2 detached, top-k values, top-k indices). Original: the MSE, mean
+        over rows and dimensions. Modern: (reconstruction + AUXK_ALPHA * AuxK) / (rows * row_variance),
+        AuxK over `dead` (None when no latent can be dead). `scale` is rows(x) * workers / rows(batch)
+        for a data-parallel worker's share of a batch (1 otherwise), so that averaging the workers'
+        gradients gives the gradient of the whole batch's loss."""
+        if self.recipe == "original":
+            values, indices = self.sae.encode_topk(x)
+            x_hat = self.sae.decode_topk(values, indices)
+            mse = F.mse_loss(x_hat, x) if len(x) else (x_hat - x).pow(2).sum()
+            return mse * scale, mse.detach() * x.numel(), values, indices
+        sq_error, auxk, values, indices = reconstruction_losses(self.sae, x, dead, aux_width, self.autocast)
+        loss = (sq_error + AUXK_ALPHA * auxk) / (max(len(x), 1) * self.row_variance) * scale
+        return loss, sq_error.detach(), values, indices
+
+
+def train_step(model: nn.Module, sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor,
+               dead: Tensor | None = None, aux_width: int | None = None, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """One Adam step on `model`'s loss (a TrainingLoss over sae, or its DDP wrapper); modern: the
+    gradient parallel to decoder rows removed first; then decoder rows back to unit norm. Returns the
+    batch's summed squared error and per-feature fire counts (device tensors, no host sync)."""
+    loss, sq_error, values, indices = model(x, dead, aux_width, scale)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    remove_parallel_grad_(sae)
+    if getattr(model, "module", model).recipe == "modern":  # DDP keeps the wrapped module in .module
+        remove_parallel_grad_(sae)
     optimizer.step()
     sae.normalize_decoder_()
     fires = torch.zeros(sae.n_features, device=x.device).scatter_add_(
         0, indices.flatten(), (values > 0).flatten().float())
-    return sq_error.detach(), fires
-
-
-def train_epoch(sae: TopKSAE, optimizer: torch.optim.Optimizer, residuals: np.ndarray | Tensor,
-                cfg: TrainConfig, epoch: int, steps_since_fired: Tensor,
-                row_variance: float = 1.0) -> tuple[float, Tensor]:
-    """One pass over all rows. Returns the summed squared error over the epoch and the updated
-    count of steps since each feature last fired. row_variance (sum ||x - mean||^2 / N over the
-    training rows) normalises the modern recipe's loss."""
-    device = steps_since_fired.device
-    modern = cfg.recipe == "modern"
-    autocast = modern and cfg.autocast_bf16 and autocast_supported(device)
-    sq_error = torch.zeros((), device=device)
-    # A fresh bound each epoch, so a run resumed at an epoch boundary makes the same choices.
-    dead_bound = DeadLatentBound(cfg.dead_after_steps)
-    for step, rows in enumerate(epoch_batches(residuals.shape[0], cfg.batch_size, cfg.seed, epoch)):
-        x = fetch_batch(residuals, rows, device)
-        if not modern:
-            batch_sq_error, fires = original_step(sae, optimizer, x)
-        else:
-            aux_width = dead_bound.at(step, steps_since_fired)
-            dead = steps_since_fired >= cfg.dead_after_steps if aux_width else None
-            batch_sq_error, fires = modern_step(sae, optimizer, x, dead, aux_width, row_variance, autocast)
-        sq_error += batch_sq_error
-        steps_since_fired = torch.where(fires > 0, 0, steps_since_fired + 1)
-    return sq_error.item(), steps_since_fired
+    return sq_error, fires
 
 
 def autocast_supported(device: torch.device) -> bool:
@@ -314,14 +303,11 @@ def geometric_median(points: Tensor, iterations: int = WEISZFELD_ITERATIONS, tol
 
 
 @torch.no_grad()
-def init_decoder_bias_(sae: TopKSAE, residuals: np.ndarray | Tensor, seed: int) -> None:
-    """b_dec = geometric median of up to GEOMETRIC_MEDIAN_ROWS training rows (seeded sample)."""
-    n_rows = residuals.shape[0]
-    rows = np.arange(n_rows)
-    if n_rows > GEOMETRIC_MEDIAN_ROWS:
-        # Stream [seed, 0]: epoch shuffles use [seed, epoch >= 1], revivals [seed, epoch, 1].
-        rows = np.sort(np.random.default_rng([seed, 0]).choice(n_rows, GEOMETRIC_MEDIAN_ROWS, replace=False))
-    sae.b_dec.copy_(geometric_median(fetch_batch(residuals, rows, sae.b_dec.device)))
+def init_decoder_bias_(sae: TopKSAE, source: RowSource, cfg: TrainConfig) -> None:
+    """b_dec = geometric median of GEOMETRIC_MEDIAN_ROWS training rows: the first batch of a shuffle
+    of its own (epoch 0; training epochs count from 1), read like any batch."""
+    rows = next(shuffled_batches(source, GEOMETRIC_MEDIAN_ROWS, cfg.shuffle_buffer_rows, cfg.seed, epoch=0))
+    sae.b_dec.copy_(geometric_median(to_device(rows, sae.b_dec.device)))
 
 
 @torch.no_grad()
@@ -345,17 +331,6 @@ def revive_dead_(sae: TopKSAE, optimizer: torch.optim.Optimizer, dead: Tensor,
     return idx.numel()
 
 
-def checkpoint_state(epoch: int, sae: TopKSAE, optimizer: torch.optim.Optimizer,
-                     steps_since_fired: Tensor, history: dict) -> dict:
-    """Everything `train_sae(resume=...)` needs to continue after `epoch` completed epochs,
-    copied to CPU so later training steps cannot change it."""
-    return {"epoch": epoch,
-            "sae_state": {name: t.detach().cpu().clone() for name, t in sae.state_dict().items()},
-            "optimizer_state": _to_cpu(copy.deepcopy(optimizer.state_dict())),
-            "steps_since_fired": steps_since_fired.cpu().clone(),
-            "history": copy.deepcopy(history)}
-
-
 def _to_cpu(obj):
     if isinstance(obj, Tensor):
         return obj.cpu()
@@ -367,8 +342,8 @@ def _to_cpu(obj):
 
 
 def _new_history() -> dict:
-    return {"loss": [], "fvu": [], "variance_explained": [], "revived": 0, "revived_per_event": [],
-            "steps": 0, "tokens_seen": 0, "seconds": 0.0}
+    return {"loss": [], "fvu": [], "variance_explained": [], "step_fvu": [], "revived": 0,
+            "revived_per_event": [], "steps": 0, "tokens_seen": 0, "seconds": 0.0}
 
 
 def _is_revival_epoch(epoch: int, cfg: TrainConfig) -> bool:
@@ -378,63 +353,198 @@ def _is_revival_epoch(epoch: int, cfg: TrainConfig) -> bool:
     return period > 0 and epoch % period == 0 and epoch < cfg.epochs
 
 
-def train_sae(residuals: np.ndarray | Tensor, cfg: TrainConfig,
-              on_epoch: Callable[[int, TopKSAE, dict], None] | None = None,
-              resume: dict | None = None) -> tuple[TopKSAE, dict]:
-    """Train a TopK SAE on residuals [rows, d_in] (numpy array, np.memmap or torch tensor) with
-    cfg.recipe (module docstring).
+def run_key(cfg: TrainConfig) -> dict:
+    """Every setting that shapes a training run (all but the device), as a checkpoint records it."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "device"}
 
-    history["loss"] per epoch is the MSE, mean over rows and dimensions; history["fvu"] per epoch
-    is the pooled fraction of variance unexplained on that epoch's batches,
-    sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (every epoch covers all rows), and
-    history["variance_explained"] is 1 - fvu.
-    on_epoch(epoch, sae, metrics) runs after each epoch (epoch counts completed epochs, from 1);
-    metrics holds that epoch's scalars plus metrics["checkpoint"], a function returning the dict to
-    pass back as `resume` (a function, so epochs that are not checkpointed copy nothing).
+
+def check_resumable(state: dict, cfg: TrainConfig, source: RowSource) -> None:
+    """A checkpoint continues only the run it came from: same settings, same input width and rows."""
+    if state.get("d_in") != source.d_in:
+        raise ValueError(f"the checkpoint's SAE has d_in {state.get('d_in')} but the activations have "
+                         f"{source.d_in} values per row")
+    mine, theirs = run_key(cfg), state.get("config", {})
+    differ = [f"{key} {theirs.get(key)!r} -> {value!r}" for key, value in mine.items() if theirs.get(key) != value]
+    if differ:
+        raise ValueError(f"the checkpoint comes from another training config ({', '.join(differ)}); "
+                         "train from scratch or resume with the config it was made with")
+    if state.get("n_rows") != source.n_rows:
+        raise ValueError(f"the checkpoint was trained on {state.get('n_rows')} rows, these activations "
+                         f"have {source.n_rows}")
+
+
+@dataclass
+class Progress:
+    """What train_sae tells `on_step` after every optimiser step. Reading `metrics()` costs one host
+    sync (and, data-parallel, one collective: call it at the same steps on every worker);
+    `checkpoint()` returns the state to pass back as `resume`."""
+
+    epoch: int  # the epoch this step belongs to (from 1)
+    step: int  # optimiser steps done since the start of training
+    step_in_epoch: int  # steps done in this epoch
+    steps_per_epoch: int
+    total_steps: int
+    sae: TopKSAE
+    metrics: Callable[[], dict]
+    checkpoint: Callable[[], dict]
+
+    @property
+    def epoch_done(self) -> bool:
+        return self.step_in_epoch == self.steps_per_epoch
+
+    @property
+    def done(self) -> bool:
+        return self.step == self.total_steps
+
+
+def distributed_rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the torch process group (Ray Train sets it up), or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_sae(residuals: np.ndarray | Tensor | RowSource, cfg: TrainConfig,
+              on_step: Callable[[Progress], None] | None = None,
+              resume: dict | None = None) -> tuple[TopKSAE, dict]:
+    """Train a TopK SAE on residual rows with cfg.recipe (module docstring). `residuals` is an array
+    [rows, d_in] (np.memmap included: read a batch at a time), a tensor, or a RowSource over the
+    Arrow store; rows are streamed through a seeded shuffle buffer of cfg.shuffle_buffer_rows rows,
+    the next buffer read in the background while this one trains.
+
+    Inside a torch process group of several workers (Ray Train with workers_per_layer > 1) each
+    worker reads its share of every batch and DistributedDataParallel averages the gradients: the
+    same run as one worker, up to floating-point order.
+
+    history["loss"] per epoch is the MSE, mean over rows and dimensions; history["fvu"] per epoch is
+    the pooled fraction of variance unexplained on that epoch's batches, sum ||x - x_hat||^2 /
+    sum ||x - mean(x)||^2 (every epoch covers all rows); history["variance_explained"] is 1 - fvu;
+    history["step_fvu"] per step is the batch's sum ||x - x_hat||^2 / (rows x the mean row variance).
+    on_step(progress) runs after every step; `resume` is a progress.checkpoint() of an earlier run
+    with the same config and rows, which it continues exactly from that step.
     """
-    if not isinstance(residuals, (np.ndarray, Tensor)):
-        residuals = np.asarray(residuals)
-    total_variance = scan_residuals(residuals)
-    n_rows, d_in = residuals.shape
-    cfg.validate(d_in)
+    source = as_source(residuals)
+    rank, world = distributed_rank_and_world()
+    cfg.validate(source.d_in)
+    if resume is not None:
+        check_resumable(resume, cfg, source)
+    total_variance = scan_rows(source, rank, world)
+    n_rows, d_in, batch_size = source.n_rows, source.d_in, cfg.batch_size
     device = torch.device(cfg.device)
+    modern = cfg.recipe == "modern"
 
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         sae = TopKSAE(d_in, cfg.n_features, cfg.k)
     sae.to(device)
-    if cfg.recipe == "original":
-        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate())
-    else:
-        if cfg.autocast_bf16 and not autocast_supported(device):
-            warnings.warn(f"bf16 autocast is not supported on {device}; training in fp32", stacklevel=2)
-        # One fused kernel per step instead of a dozen passes over the parameters.
-        fused = True if device.type in ("cpu", "cuda") else None
-        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(), fused=fused)
-        if resume is None:
-            init_decoder_bias_(sae, residuals, cfg.seed)
+    autocast = modern and cfg.autocast_bf16 and autocast_supported(device)
+    if modern and cfg.autocast_bf16 and not autocast:
+        warnings.warn(f"bf16 autocast is not supported on {device}; training in fp32", stacklevel=2)
+    # Modern: one fused kernel per step instead of a dozen passes over the parameters.
+    fused = True if modern and device.type in ("cpu", "cuda") else None
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(), fused=fused)
+    if modern and resume is None:
+        init_decoder_bias_(sae, source, cfg)
+    # The modern loss is a fraction of variance unexplained; constant rows leave it a plain sum.
+    row_variance = total_variance / n_rows if total_variance > 0 else 1.0
+    model = TrainingLoss(sae, cfg.recipe, row_variance, autocast)
+    if world > 1:
+        model = DistributedDataParallel(model)  # also broadcasts rank 0's weights
+
+    steps_per_epoch = math.ceil(n_rows / batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
     steps_since_fired = torch.zeros(cfg.n_features, dtype=torch.long, device=device)
-    history, start_epoch = _new_history(), 0
+    history, start_epoch, start_step = _new_history(), 1, 0
+    epoch_sq_error = torch.zeros((), device=device)
+    dead_bound = DeadLatentBound(cfg.dead_after_steps)
     if resume is not None:
         sae.load_state_dict(resume["sae_state"])
         optimizer.load_state_dict(resume["optimizer_state"])
         steps_since_fired = resume["steps_since_fired"].to(device)
-        history, start_epoch = copy.deepcopy(resume["history"]), resume["epoch"]
+        history = copy.deepcopy(resume["history"])
+        start_epoch, start_step = resume["epoch"], resume["step_in_epoch"]
+        epoch_sq_error = resume["epoch_sq_error"].to(device)
+        dead_bound.sorted_counters, dead_bound.taken_at = resume["dead_bound"]
+    step_sq_errors: list[Tensor] = []  # per step, on device until the next flush
+    step_rows: list[int] = []
+    reported = len(history["step_fvu"])
 
-    # The modern loss is a fraction of variance unexplained; constant rows leave it a plain sum.
-    row_variance = total_variance / n_rows if total_variance > 0 else 1.0
+    def flush_steps() -> None:
+        """Per-step squared errors to the host: one copy (and one all-reduce) for many steps."""
+        if step_sq_errors:
+            sums = torch.stack(step_sq_errors)
+            if world > 1:
+                dist.all_reduce(sums)
+            history["step_fvu"] += (sums.double().cpu().numpy() / (np.array(step_rows) * row_variance)).tolist()
+            step_sq_errors.clear()
+            step_rows.clear()
+
+    def metrics(epoch: int) -> dict:
+        nonlocal reported
+        flush_steps()
+        recent = history["step_fvu"][reported:] or history["step_fvu"][-1:]
+        reported = len(history["step_fvu"])
+        return {"epoch": epoch, "step": history["steps"], "tokens_seen": history["tokens_seen"],
+                "fvu": float(np.mean(recent)) if recent else float("nan"),
+                "dead_fraction": (steps_since_fired >= cfg.dead_after_steps).float().mean().item(),
+                "revived": history["revived"]}
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> dict:
+        """Everything a resumed run needs, copied to CPU so later steps cannot change it."""
+        flush_steps()
+        done = step_in_epoch == steps_per_epoch
+        return {"config": run_key(cfg), "d_in": d_in, "n_rows": n_rows,
+                "epoch": epoch + 1 if done else epoch, "step_in_epoch": 0 if done else step_in_epoch,
+                "epoch_sq_error": (torch.zeros(()) if done else epoch_sq_error).detach().cpu().clone(),
+                "dead_bound": (None, 0) if done else (dead_bound.sorted_counters, dead_bound.taken_at),
+                "sae_state": {name: t.detach().cpu().clone() for name, t in sae.state_dict().items()},
+                "optimizer_state": _to_cpu(copy.deepcopy(optimizer.state_dict())),
+                "steps_since_fired": steps_since_fired.cpu().clone(),
+                "history": copy.deepcopy(history)}
+
+    def report(epoch: int, step_in_epoch: int) -> None:
+        if on_step is not None:
+            on_step(Progress(epoch, history["steps"], step_in_epoch, steps_per_epoch, total_steps, sae,
+                             functools.partial(metrics, epoch), functools.partial(checkpoint, epoch, step_in_epoch)))
+
     started = time.perf_counter()
-    for epoch in tqdm(range(start_epoch + 1, cfg.epochs + 1), desc="epochs", initial=start_epoch,
-                      total=cfg.epochs, disable=None):
-        sq_error, steps_since_fired = train_epoch(sae, optimizer, residuals, cfg, epoch, steps_since_fired,
-                                                  row_variance)
-        history["steps"] += math.ceil(n_rows / cfg.batch_size)
-        history["tokens_seen"] += n_rows
-        fvu = sq_error / total_variance if total_variance > 0 else float("nan")
-        history["loss"].append(sq_error / (n_rows * d_in))
+    bar = tqdm(total=total_steps, initial=history["steps"], desc="train", unit="step", disable=None)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        first = start_step if epoch == start_epoch else 0
+        if first == 0:
+            epoch_sq_error = torch.zeros((), device=device)
+            # A fresh bound each epoch, so a run resumed at an epoch boundary makes the same choices.
+            dead_bound = DeadLatentBound(cfg.dead_after_steps)
+        batches = shuffled_batches(source, batch_size, cfg.shuffle_buffer_rows, cfg.seed, epoch, first, rank, world)
+        # Up to one buffer of batches ahead, so that reading the next buffer overlaps training.
+        for step_in_epoch, rows in enumerate(prefetched(batches, cfg.shuffle_buffer_rows // batch_size + 1), first + 1):
+            x = to_device(rows, device)
+            batch_rows = min(batch_size, n_rows - (step_in_epoch - 1) * batch_size)
+            dead, aux_width = None, None
+            if modern:
+                aux_width = dead_bound.at(step_in_epoch - 1, steps_since_fired)
+                dead = steps_since_fired >= cfg.dead_after_steps if aux_width else None
+            sq_error, fires = train_step(model, sae, optimizer, x, dead, aux_width, len(x) * world / batch_rows)
+            if world > 1:
+                dist.all_reduce(fires)  # every worker tracks the same dead latents
+            steps_since_fired = torch.where(fires > 0, 0, steps_since_fired + 1)
+            epoch_sq_error += sq_error
+            step_sq_errors.append(sq_error)
+            step_rows.append(batch_rows)
+            history["steps"] += 1
+            history["tokens_seen"] += batch_rows
+            bar.update(1)
+            if step_in_epoch < steps_per_epoch:
+                report(epoch, step_in_epoch)
+
+        flush_steps()
+        if world > 1:
+            dist.all_reduce(epoch_sq_error)
+        sq_error_sum = epoch_sq_error.item()
+        fvu = sq_error_sum / total_variance if total_variance > 0 else float("nan")
+        history["loss"].append(sq_error_sum / (n_rows * d_in))
         history["fvu"].append(fvu)
         history["variance_explained"].append(1.0 - fvu)
-
         if _is_revival_epoch(epoch, cfg):
             dead = steps_since_fired >= cfg.dead_after_steps
             # Its own stream per (seed, epoch), independent of the shuffle's, so resume replays it.
@@ -442,17 +552,11 @@ def train_sae(residuals: np.ndarray | Tensor, cfg: TrainConfig,
             steps_since_fired[dead] = 0
             history["revived"] += revived
             history["revived_per_event"].append(revived)
-
         history["seconds"] += time.perf_counter() - started
         started = time.perf_counter()
-        if on_epoch is not None:
-            metrics = {"epoch": epoch, "loss": history["loss"][-1], "fvu": fvu,
-                       "variance_explained": 1.0 - fvu, "revived": history["revived"],
-                       "dead_fraction": (steps_since_fired >= cfg.dead_after_steps).float().mean().item(),
-                       "steps": history["steps"], "tokens_seen": history["tokens_seen"],
-                       "checkpoint": functools.partial(checkpoint_state, epoch, sae, optimizer,
-                                                       steps_since_fired, history)}
-            on_epoch(epoch, sae, metrics)
+        bar.set_postfix(epoch=epoch, fvu=f"{fvu:.4f}")
+        report(epoch, steps_per_epoch)
+    bar.close()
     return sae, history
 
 

@@ -7,8 +7,10 @@ import torch.nn.functional as F
 
 from planted import planted_rows, variance_explained
 from qsae.sae import TopKSAE
-from qsae.train import (DeadLatentBound, TrainConfig, auxk_size, geometric_median, modern_step,
-                        reconstruction_losses, remove_parallel_grad_, revive_dead_, split_rows, train_sae)
+from qsae.store import ArraySource, shuffled_batches
+from qsae.train import (DeadLatentBound, TrainConfig, TrainingLoss, auxk_size, geometric_median,
+                        reconstruction_losses, remove_parallel_grad_, revive_dead_, split_rows, train_sae,
+                        train_step)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -61,12 +63,14 @@ def test_dead_features_are_revived(small_rows, recipe):
     cfg = small_cfg(recipe=recipe, n_features=256, k=2, dead_after_steps=3)
     seen = []
 
-    def on_epoch(epoch, sae, metrics):
-        with torch.no_grad():
-            fresh = (sae.W_dec == sae.W_enc.T).all(dim=1) & (sae.b_enc == 0)
-        seen.append((epoch, metrics["revived"], int(fresh.sum())))
+    def on_step(progress):
+        if progress.epoch_done:
+            sae = progress.sae
+            with torch.no_grad():
+                fresh = (sae.W_dec == sae.W_enc.T).all(dim=1) & (sae.b_enc == 0)
+            seen.append((progress.epoch, progress.metrics()["revived"], int(fresh.sum())))
 
-    _, history = train_sae(small_rows, cfg, on_epoch=on_epoch)
+    _, history = train_sae(small_rows, cfg, on_step=on_step)
     assert history["revived"] > 0
     assert len(history["revived_per_event"]) == cfg.epochs - 1  # never after the last epoch
     assert sum(history["revived_per_event"]) == history["revived"]
@@ -118,25 +122,29 @@ def test_resume_matches_uninterrupted_run(small_rows, recipe, revive_every_epoch
     # features die within the first epochs, so the resumed part replays AuxK steps.
     cfg = small_cfg(recipe=recipe, epochs=4, revive_every_epochs=revive_every_epochs, dead_after_steps=2,
                     n_features=96)
-    checkpoints, epochs_seen = {}, []
+    checkpoints, ends_of_epochs = {}, []
 
-    def on_epoch(epoch, sae, metrics):
-        epochs_seen.append(epoch)
-        checkpoints[epoch] = metrics["checkpoint"]()
+    def on_step(progress):
+        checkpoints[progress.step] = progress.checkpoint()
+        if progress.epoch_done:
+            ends_of_epochs.append((progress.epoch, progress.step))
 
-    full, history = train_sae(small_rows, cfg, on_epoch=on_epoch)
-    assert epochs_seen == [1, 2, 3, 4]
+    full, history = train_sae(small_rows, cfg, on_step=on_step)
+    steps_per_epoch = -(-len(small_rows) // cfg.batch_size)
+    assert ends_of_epochs == [(epoch, epoch * steps_per_epoch) for epoch in range(1, 5)]
+    assert sorted(checkpoints) == list(range(1, 4 * steps_per_epoch + 1))
     if cfg.revival_period():
         assert history["revived"] > 0
     else:
         assert history["revived_per_event"] == []
-    assert checkpoints[2]["steps_since_fired"].max() >= cfg.dead_after_steps  # dead latents to replay
-    resumed, resumed_history = train_sae(small_rows, cfg, resume=checkpoints[2])
-    for name, param in full.state_dict().items():
-        assert torch.equal(param, resumed.state_dict()[name]), name
-    assert resumed_history["loss"] == history["loss"]
-    assert resumed_history["revived"] == history["revived"]
-    assert resumed_history["steps"] == history["steps"]
+    # From an epoch boundary and from the middle of an epoch, after latents have died.
+    for step in (2 * steps_per_epoch, 2 * steps_per_epoch + 5):
+        assert checkpoints[step]["steps_since_fired"].max() >= cfg.dead_after_steps  # dead latents to replay
+        resumed, resumed_history = train_sae(small_rows, cfg, resume=checkpoints[step])
+        for name, param in full.state_dict().items():
+            assert torch.equal(param, resumed.state_dict()[name]), (step, name)
+        for key in ("loss", "fvu", "step_fvu", "revived", "steps", "tokens_seen"):
+            assert resumed_history[key] == history[key], (step, key)
 
 
 def test_memmap_float16_and_tensor_inputs_agree(small_rows, tmp_path):
@@ -201,7 +209,7 @@ def test_split_rows():
 
 def original_recipe_reference(rows: np.ndarray, cfg: TrainConfig) -> tuple[TopKSAE, list[float], int]:
     """The original recipe written out op by op as qsae computed it before the modern recipe
-    existed: seeded init, per-epoch seeded shuffles with sorted batches, top-k + ReLU, decoder rows
+    existed: seeded init, batches from the seeded shuffle buffer, top-k + ReLU, decoder rows
     summed by embedding_bag, MSE, Adam, unit-norm projection, and revival after every 5th epoch."""
     n_rows, d_in = rows.shape
     with torch.random.fork_rng(devices=[]):
@@ -211,10 +219,9 @@ def original_recipe_reference(rows: np.ndarray, cfg: TrainConfig) -> tuple[TopKS
     silent = torch.zeros(cfg.n_features, dtype=torch.long)
     losses, revived = [], 0
     for epoch in range(1, cfg.epochs + 1):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n_rows)
         sq_error = torch.zeros(())
-        for start in range(0, n_rows, cfg.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(rows[np.sort(order[start:start + cfg.batch_size])]))
+        for batch in shuffled_batches(ArraySource(rows), cfg.batch_size, cfg.shuffle_buffer_rows, cfg.seed, epoch):
+            x = torch.from_numpy(batch)
             values, indices = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).topk(cfg.k, dim=-1)
             values = F.relu(values)
             x_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
@@ -273,7 +280,7 @@ def test_recipe_defaults():
 def test_training_uses_the_recipe_learning_rate(small_rows, recipe):
     cfg = small_cfg(recipe=recipe, lr=None, epochs=1)
     seen = []
-    train_sae(small_rows, cfg, on_epoch=lambda epoch, sae, metrics: seen.append(metrics["checkpoint"]()))
+    train_sae(small_rows, cfg, on_step=lambda progress: seen.append(progress.checkpoint()))
     assert seen[0]["optimizer_state"]["param_groups"][0]["lr"] == cfg.learning_rate()
 
 
@@ -292,9 +299,9 @@ def test_parallel_gradient_removal_leaves_gradients_orthogonal_to_decoder_rows(s
     rows = sae.W_dec.detach()
     assert torch.allclose(sae.W_dec.grad, before - (before * rows).sum(1, keepdim=True) * rows, atol=1e-7)
 
-    # modern_step applies it: with lr 0 the decoder stays put, so its gradient must be orthogonal.
+    # train_step applies it: with lr 0 the decoder stays put, so its gradient must be orthogonal.
     optimizer = torch.optim.Adam(sae.parameters(), lr=0.0)
-    modern_step(sae, optimizer, x, None, None, row_variance=1.0)
+    train_step(TrainingLoss(sae, "modern"), sae, optimizer, x)
     assert (sae.W_dec.grad * sae.W_dec).sum(dim=1).abs().max() < 1e-6 * sae.W_dec.grad.norm(dim=1).max()
 
 
