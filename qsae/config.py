@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +60,17 @@ class CaptureConfig:
 @dataclass
 class TrainStageConfig(TrainConfig):
     holdout_fraction: float = 0.1  # rows kept out of training for variance explained
-    cpus_per_layer: float = 1.0  # Ray CPUs per layer trainer
-    gpus_per_layer: float = 0.0  # Ray GPUs per layer trainer (fractions share one GPU)
-    checkpoint_every_epochs: int = 5  # Ray Train checkpoint interval (the last epoch always checkpoints)
+    cpus_per_layer: float = 1.0  # Ray CPUs per layer, split over its workers
+    gpus_per_layer: float = 0.0  # Ray GPUs per layer: a fraction shares one GPU; N > 1 needs N workers
+    workers_per_layer: int = 1  # data-parallel workers (DDP) per layer; each reads its share of every batch
+    report_every_steps: int = 50  # steps between metric reports to Ray Train (each waits on its controller)
+    checkpoint_every_steps: int = 500  # steps between checkpoints (the last step always checkpoints)
+    max_failures: int = 3  # restarts of a layer's workers after a crash, each from the last checkpoint
+
+    def resources_per_worker(self) -> dict[str, float]:
+        """Ray resources of one worker: the layer's share split evenly over its workers."""
+        gpus = self.gpus_per_layer / self.workers_per_layer
+        return {"CPU": self.cpus_per_layer / self.workers_per_layer, **({"GPU": gpus} if gpus else {})}
 
 
 @dataclass
@@ -98,6 +107,15 @@ class PipelineConfig:
         for name in ("num_actors", "questions_per_shard", "batch_size"):
             if getattr(self.capture, name) < 1:
                 raise ConfigError(f"capture.{name} must be >= 1")
+        for name in ("workers_per_layer", "report_every_steps", "checkpoint_every_steps"):
+            if getattr(self.train, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+        gpus, workers = self.train.gpus_per_layer, self.train.workers_per_layer
+        if gpus < 0 or self.train.cpus_per_layer <= 0 or self.train.max_failures < 0:
+            raise ConfigError("train.gpus_per_layer and train.max_failures must be >= 0, train.cpus_per_layer > 0")
+        if gpus > workers:
+            raise ConfigError(f"train.gpus_per_layer = {gpus:g} with {workers} worker(s): a worker drives one GPU at "
+                              f"most; set train.workers_per_layer = {math.ceil(gpus)} to train on several GPUs (DDP)")
 
 
 def _check_type(where: str, value, annotation: str):

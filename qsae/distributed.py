@@ -205,59 +205,72 @@ def run_actor_pool(
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: one Ray Train TorchTrainer per layer, all launched at once.
+# Training: one Ray Train TorchTrainer per layer, all launched at once, each with one worker or
+# several data-parallel ones, streaming its rows from the store.
 
 CHECKPOINT_FILE = "train_state.pt"
 
 
 def train_layer_worker(config: dict) -> None:
-    """Ray Train worker loop for one layer: load its training rows, resume if a checkpoint exists,
-    report metrics and a checkpoint after every epoch."""
+    """Ray Train worker loop for one layer: stream its training rows from the store, resume from the
+    run's last checkpoint if there is one, report metrics every report_every_steps steps and a
+    checkpoint every checkpoint_every_steps steps (and at the end)."""
     import ray.train
+    import ray.train.torch
 
-    from qsae.train import layer_sample, train_sae
+    from qsae.store import StoreSource
+    from qsae.train import train_sae, training_rows
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint drowns the progress bars
     cfg = TrainStageConfig(**config["train"])
-    torch.set_num_threads(max(1, int(cfg.cpus_per_layer)))
+    torch.set_num_threads(max(1, int(cfg.resources_per_worker()["CPU"])))
     if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    sample = layer_sample(Path(config["store_dir"]), config["layer"], config["max_rows"], cfg.holdout_fraction, cfg.seed)
+        cfg.device = str(ray.train.torch.get_device())  # this worker's GPU under use_gpu, else the CPU
+    store_dir, layer = Path(config["store_dir"]), config["layer"]
+    rows = training_rows(store_dir, layer, config["max_rows"], cfg.holdout_fraction, cfg.seed)
     resume = None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:
             resume = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+    is_rank_zero = ray.train.get_context().get_world_rank() == 0
 
-    def on_epoch(epoch: int, sae, metrics: dict) -> None:
-        # Each report waits on the Ray Train controller (seconds), so report with each checkpoint
-        # only; the per-epoch curves travel in the history inside the checkpoint.
-        if epoch % cfg.checkpoint_every_epochs and epoch != cfg.epochs:
+    def on_step(progress) -> None:
+        # Every worker reports at the same steps: reports are barriers, metrics() a collective.
+        save = progress.done or progress.step % cfg.checkpoint_every_steps == 0
+        if not (save or progress.step % cfg.report_every_steps == 0):
             return
-        state = metrics.pop("checkpoint")()
+        metrics = progress.metrics()
+        if not save:
+            ray.train.report(metrics)
+            return
+        state = progress.checkpoint()
         with tempfile.TemporaryDirectory() as directory:
-            torch.save(state, Path(directory) / CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            if is_rank_zero:  # one copy of the (identical) weights
+                torch.save(state, Path(directory) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if is_rank_zero else None)
 
-    train_sae(sample.residuals[sample.train_rows], cfg, on_epoch=on_epoch, resume=resume)
+    train_sae(StoreSource(store_dir, layer, rows), cfg, on_step=on_step, resume=resume)
 
 
 def train_run_name(layer: int, cfg: PipelineConfig, run_dir: str) -> str:
     """Ray Train resumes a run of the same name from its last checkpoint. Name it by everything that
     shapes the result, so a rerun resumes only the very same training and never a stale one."""
+    from qsae.train import run_key
+
     manifest = read_manifest(Path(run_dir) / "activations")
     rows = sum(shard["rows"][str(layer)] for shard in manifest["shards"].values())
-    key = json.dumps([asdict(cfg.train), cfg.capture.max_tokens_per_layer, rows], sort_keys=True)
+    key = json.dumps([run_key(cfg.train), cfg.train.holdout_fraction, cfg.capture.max_tokens_per_layer, rows],
+                     sort_keys=True)
     return f"layer={layer}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-@ray.remote(num_cpus=0)
-def fit_layer(layer: int, cfg: PipelineConfig, run_dir: str) -> dict:
-    """Run one layer's TorchTrainer (gloo on CPU, nccl on GPU) and return its final checkpoint state."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+def layer_trainer(layer: int, cfg: PipelineConfig, run_dir: str):
+    """One layer's TorchTrainer: workers_per_layer workers (gloo on CPU, nccl on GPU) sharing the
+    layer's resources, checkpoints under <run>/checkpoints, restarts from the last one on a crash."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = cfg.train.gpus_per_layer > 0
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_layer_worker,
         train_loop_config={
             "layer": layer,
@@ -266,19 +279,29 @@ def fit_layer(layer: int, cfg: PipelineConfig, run_dir: str) -> dict:
             "train": asdict(cfg.train),
         },
         scaling_config=ScalingConfig(
-            num_workers=1,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_layer, **({"GPU": cfg.train.gpus_per_layer} if use_gpu else {})},
+            num_workers=cfg.train.workers_per_layer,
+            use_gpu=cfg.train.gpus_per_layer > 0,
+            resources_per_worker=cfg.train.resources_per_worker(),
         ),
         run_config=RunConfig(
             name=train_run_name(layer, cfg, run_dir),
             storage_path=str(Path(run_dir).resolve() / "checkpoints"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
-    result = trainer.fit()
+
+
+def final_state(result) -> dict:
+    """The training state in a Ray Train result's last checkpoint."""
     with result.checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+
+
+@ray.remote(num_cpus=0)
+def fit_layer(layer: int, cfg: PipelineConfig, run_dir: str) -> dict:
+    """Train one layer (a task, so that every layer's trainer runs at once); its final state."""
+    return final_state(layer_trainer(layer, cfg, run_dir).fit())
 
 
 def train_layers(cfg: PipelineConfig, run_dir: Path) -> dict[int, tuple]:

@@ -343,7 +343,7 @@ def _to_cpu(obj):
 
 def _new_history() -> dict:
     return {"loss": [], "fvu": [], "variance_explained": [], "step_fvu": [], "revived": 0,
-            "revived_per_event": [], "steps": 0, "tokens_seen": 0, "seconds": 0.0}
+            "revived_per_event": [], "steps": 0, "tokens_seen": 0, "seconds": 0.0, "resumed_at_steps": []}
 
 
 def _is_revival_epoch(epoch: int, cfg: TrainConfig) -> bool:
@@ -463,6 +463,7 @@ def train_sae(residuals: np.ndarray | Tensor | RowSource, cfg: TrainConfig,
         steps_since_fired = resume["steps_since_fired"].to(device)
         history = copy.deepcopy(resume["history"])
         start_epoch, start_step = resume["epoch"], resume["step_in_epoch"]
+        history["resumed_at_steps"].append(history["steps"])
         epoch_sq_error = resume["epoch_sq_error"].to(device)
         dead_bound.sorted_counters, dead_bound.taken_at = resume["dead_bound"]
     step_sq_errors: list[Tensor] = []  # per step, on device until the next flush
@@ -482,10 +483,10 @@ def train_sae(residuals: np.ndarray | Tensor | RowSource, cfg: TrainConfig,
     def metrics(epoch: int) -> dict:
         nonlocal reported
         flush_steps()
-        recent = history["step_fvu"][reported:] or history["step_fvu"][-1:]
+        recent = history["step_fvu"][reported:]
         reported = len(history["step_fvu"])
         return {"epoch": epoch, "step": history["steps"], "tokens_seen": history["tokens_seen"],
-                "fvu": float(np.mean(recent)) if recent else float("nan"),
+                "fvu": float(np.mean(recent)) if recent else float("nan"), "step_fvu": recent,
                 "dead_fraction": (steps_since_fired >= cfg.dead_after_steps).float().mean().item(),
                 "revived": history["revived"]}
 
@@ -573,12 +574,25 @@ class LayerSample:
     heldout_rows: np.ndarray
 
 
+def sampled_split(store_dir: Path, layer: int, max_rows: int | None, holdout_fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded cap, then seeded train/held-out split: (sampled store rows, train positions, held-out
+    positions in the sample). Deterministic, so the trainers and the analysis agree on which rows
+    are held out without passing index files around."""
+    sampled = sample_rows(layer_row_count(read_manifest(store_dir), layer), max_rows, seed)
+    return (sampled, *split_rows(len(sampled), holdout_fraction, seed))
+
+
+def training_rows(store_dir: Path, layer: int, max_rows: int | None, holdout_fraction: float, seed: int) -> np.ndarray:
+    """The store rows (sorted) a layer's SAE trains on: what the trainers stream."""
+    sampled, train_rows, _ = sampled_split(store_dir, layer, max_rows, holdout_fraction, seed)
+    return sampled[train_rows]
+
+
 def layer_sample(store_dir: Path, layer: int, max_rows: int | None, holdout_fraction: float, seed: int) -> LayerSample:
-    """Seeded cap, then seeded train/held-out split: deterministic, so the trainers and the analysis
-    agree on which rows are held out without passing index files around."""
-    n_rows = layer_row_count(read_manifest(store_dir), layer)
-    table = read_layer_table(store_dir, layer, sample_rows(n_rows, max_rows, seed))
-    train_rows, heldout_rows = split_rows(table.num_rows, holdout_fraction, seed)
+    """The sampled rows of one layer in memory, for the analysis."""
+    sampled, train_rows, heldout_rows = sampled_split(store_dir, layer, max_rows, holdout_fraction, seed)
+    table = read_layer_table(store_dir, layer, sampled)
     return LayerSample(
         residuals=residual_matrix(table),
         rollout_id=table.column("rollout_id").to_numpy(),

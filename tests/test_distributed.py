@@ -11,12 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from planted import planted_rows
 from qsae.config import load_config
-from qsae.distributed import plan_shards, run_capture, train_layers
+from qsae.distributed import CHECKPOINT_FILE, final_state, layer_trainer, plan_shards, run_capture, train_layers
 from qsae.pipeline import prepare
 from qsae.rollout import read_rollouts
-from qsae.store import DiskSpaceError, read_layer_table, read_manifest, shard_path, write_manifest
+from qsae.store import (DiskSpaceError, StoreSource, new_manifest, read_layer_table, read_manifest, shard_path,
+                        write_manifest, write_shard)
+from qsae.train import train_sae, training_rows
 
 SMALL = [
     "rollout.num_questions=12",
@@ -194,3 +198,107 @@ def test_a_disk_too_small_stops_capture_and_keeps_what_was_captured(captured, sm
     for shard in kept:
         assert kept[shard]["rows"] == manifest["shards"][shard]["rows"]
     assert not list(small_disk.rglob("*.tmp"))
+
+
+# --- Training from a planted store: data parallel, per-step metrics, kill and resume -----------------
+
+PLANTED_D, PLANTED_ATOMS = 16, 48
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    """A run directory whose store holds planted rows for layer 0 in three shards, and a config that
+    trains on them in a few dozen steps, reporting every 5 and checkpointing every 10."""
+    run_dir = tmp_path_factory.mktemp("planted")
+    store_dir = run_dir / "activations"
+    manifest = new_manifest("planted", None, [0], PLANTED_D, "float32")
+    for i, n_rows in enumerate((2000, 1500, 1700)):
+        rows = planted_rows(n_rows, PLANTED_D, PLANTED_ATOMS, 3, seed=10 + i, atom_seed=0)
+        written = write_shard(store_dir, 0, f"shard-{i:05d}", np.full(n_rows, i), np.arange(n_rows),
+                              np.zeros(n_rows), np.zeros(n_rows, bool), rows, "float32")
+        manifest["shards"][f"shard-{i:05d}"] = {"questions": [], "rollouts": 1, "rows": {"0": written}}
+    write_manifest(store_dir, manifest)
+    overrides = [f"out={json.dumps(str(run_dir))}", "capture.layers=[0]", "train.n_features=64", "train.k=3",
+                 "train.epochs=4", "train.batch_size=256", "train.shuffle_buffer_rows=2048", "train.dead_after_steps=8",
+                 "train.report_every_steps=5", "train.checkpoint_every_steps=10", "train.cpus_per_layer=1"]
+    return run_dir, overrides
+
+
+def uninterrupted(cfg, run_dir: Path) -> tuple:
+    """The same training in this process, without Ray: (sae, history)."""
+    source = StoreSource(run_dir / "activations", 0, training_rows(
+        run_dir / "activations", 0, cfg.capture.max_tokens_per_layer, cfg.train.holdout_fraction, cfg.train.seed))
+    return train_sae(source, cfg.train)
+
+
+def test_ray_train_reports_per_step_metrics_and_checkpoints_every_n_steps(local_ray, planted_run, tmp_path):
+    run_dir, overrides = planted_run
+    cfg = load_config(None, overrides + [f"out={json.dumps(str(tmp_path))}"])
+    (tmp_path / "activations").symlink_to(run_dir / "activations")
+    result = layer_trainer(0, cfg, str(tmp_path)).fit()
+    state = final_state(result)
+    history = state["history"]
+    total = history["steps"]
+    assert total == cfg.train.epochs * -(-len(training_rows(tmp_path / "activations", 0, None, 0.1, 0)) // 256)
+    assert len(history["step_fvu"]) == total  # one FVU per step
+    # The last report carries the steps since the one before it, at report_every_steps spacing.
+    assert result.metrics["step"] == total
+    assert len(result.metrics["step_fvu"]) == total - (total - 1) // 5 * 5
+    assert result.metrics["step_fvu"] == history["step_fvu"][-len(result.metrics["step_fvu"]):]
+    kept = sorted(p for p in (tmp_path / "checkpoints").glob("layer=0-*/checkpoint_*") if p.is_dir())
+    assert len(kept) == 2  # num_to_keep
+    steps = sorted(torch.load(p / CHECKPOINT_FILE, weights_only=False)["history"]["steps"] for p in kept)
+    assert steps[-1] == total and steps[0] == (total - 1) // 10 * 10
+    sae, reference = uninterrupted(cfg, run_dir)
+    assert history["fvu"] == reference["fvu"]  # Ray Train runs the very same training
+
+
+def test_data_parallel_workers_train_one_layer_like_one_worker(local_ray, planted_run, tmp_path):
+    run_dir, overrides = planted_run
+    cfg = load_config(None, overrides + [f"out={json.dumps(str(tmp_path))}", "train.workers_per_layer=2"])
+    (tmp_path / "activations").symlink_to(run_dir / "activations")
+    state = final_state(layer_trainer(0, cfg, str(tmp_path)).fit())
+    sae, reference = uninterrupted(cfg, run_dir)
+    history = state["history"]
+    assert history["steps"] == reference["steps"] and history["tokens_seen"] == reference["tokens_seen"]
+    # The same batches, gradients averaged over two halves: equal up to floating-point order.
+    assert abs(history["fvu"][-1] - reference["fvu"][-1]) < 1e-3
+    np.testing.assert_allclose(state["sae_state"]["W_dec"].numpy(), sae.W_dec.detach().numpy(), atol=1e-3)
+
+
+def train_workers() -> list[int]:
+    """PIDs of Ray Train worker processes (Ray titles them by their actor class)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and title.startswith("ray::RayTrainWorker"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_killed_trainer_resumes_from_its_last_checkpoint(local_ray, planted_run, tmp_path):
+    run_dir, overrides = planted_run
+    cfg = load_config(None, overrides + [f"out={json.dumps(str(tmp_path))}", "train.epochs=8"])
+    (tmp_path / "activations").symlink_to(run_dir / "activations")
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(train_layers(cfg, tmp_path)))
+    thread.start()
+    deadline, killed = time.time() + 240, []
+    while not killed and time.time() < deadline and thread.is_alive():
+        # The controller writes its snapshot once it has registered a checkpoint: kill only after that.
+        if list((tmp_path / "checkpoints").glob("layer=0-*/checkpoint_manager_snapshot.json")) and (pids := train_workers()):
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            killed = pids
+        time.sleep(0.2)
+    thread.join(timeout=300)
+    assert killed, "training ended before a checkpoint could be interrupted"
+    sae, history = outcome[0]
+    assert history["resumed_at_steps"], "the restarted worker did not resume from a checkpoint"
+    assert all(step % 10 == 0 for step in history["resumed_at_steps"])
+    reference_sae, reference = uninterrupted(cfg, run_dir)
+    assert abs(history["fvu"][-1] - reference["fvu"][-1]) <= 1e-3
+    assert len(history["step_fvu"]) == reference["steps"]
