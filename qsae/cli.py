@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -61,21 +62,85 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint `qsae train` wrote. A .pt is a pickle: load it with weights_only, admitting besides
+    tensors and plain containers only the numpy integer array a checkpoint holds."""
+    import numpy as np
+    import torch
+
+    reconstruct = np.zeros(0).__reduce__()[0]  # numpy's array unpickler, wherever this numpy keeps it
+    try:
+        with torch.serialization.safe_globals([reconstruct, np.ndarray, np.dtype, type(np.dtype(np.int64))]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {path} is unreadable ({reason}); rerun with --restart to discard it") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} is not a qsae train checkpoint; rerun with --restart to discard it")
+    return state
+
+
+def resume_state(checkpoint: Path, restart: bool, cfg, source) -> dict | None:
+    """The checkpoint a killed run with this --out left, checked against this run; None to start
+    fresh (none there, or --restart, which deletes it)."""
+    from qsae.train import check_resumable
+
+    if restart or not checkpoint.exists():
+        checkpoint.unlink(missing_ok=True)
+        return None
+    state = load_checkpoint(checkpoint)
+    try:
+        check_resumable(state, cfg, source)
+    except ValueError as err:
+        raise ValueError(f"{checkpoint}: {err} (--restart discards it)") from err
+    return state
+
+
+def checkpoint_writer(checkpoint: Path, every: int):
+    """on_step for train_sae: save the run every `every` steps (0 = never), by atomic rename, so a
+    kill leaves the previous checkpoint or the new one, never half of one."""
+    import torch
+
+    from qsae.files import atomic_write
+
+    def on_step(progress) -> None:
+        if every and progress.step % every == 0 and not progress.done:
+            atomic_write(checkpoint, lambda tmp: torch.save(progress.checkpoint(), tmp))
+
+    return on_step
+
+
 def cmd_train(args) -> int:
-    from qsae.store import load_residuals
+    from qsae.files import atomic_write_json
+    from qsae.store import open_rows
     from qsae.train import TrainConfig, train_sae
 
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0 (0 = never), got {args.checkpoint_every}")
     cfg = TrainConfig(
         recipe=args.recipe, n_features=args.n_features, k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, device=args.device,
+        dead_after_steps=args.dead_after_steps, autocast_bf16=args.autocast_bf16, seed=args.seed,
+        shuffle_buffer_rows=args.shuffle_buffer_rows, device=args.device,
     )
-    residuals = load_residuals(args.activations, args.layer)
-    cfg.validate(residuals.shape[1])
-    sae, history = train_sae(residuals, cfg)
+    source = open_rows(args.activations, args.layer)
+    cfg.validate(source.d_in)
     out = Path(args.out)
+    checkpoint = out / CHECKPOINT
+    for unfinished in out.glob(f".{CHECKPOINT}.*.tmp"):  # a killed run's half-written checkpoint
+        unfinished.unlink()
+    resume = resume_state(checkpoint, args.restart, cfg, source)
+    if resume is not None:
+        print(f"[qsae] resuming from step {resume['history']['steps']} ({checkpoint})", flush=True)
+    sae, history = train_sae(source, cfg, on_step=checkpoint_writer(checkpoint, args.checkpoint_every), resume=resume)
     files = sae.save_release(out, args.layer, f"blocks.{args.layer}.hook_resid_post")
-    metrics = {"config": asdict(cfg.resolved()), "rows": int(residuals.shape[0]), "d_in": int(residuals.shape[1]), **history}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    metrics = {"config": asdict(cfg.resolved()), "rows": source.n_rows, "d_in": source.d_in, **history}
+    atomic_write_json(out / "metrics.json", metrics)
+    # Outputs complete: drop the checkpoint, so a rerun into this --out trains afresh instead of
+    # repeating the tail of this run.
+    checkpoint.unlink(missing_ok=True)
     print(f"[qsae] trained SAE (final train FVU {history['fvu'][-1]:.4f}); wrote {len(files)} files to {out}")
     return 0
 
@@ -109,9 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=4096)
     t.add_argument("--recipe", choices=["modern", "original"], default="modern", help="training recipe (README)")
     t.add_argument("--lr", type=float, help="Adam learning rate (default: the recipe's)")
+    t.add_argument("--dead-after-steps", type=int, default=500,
+                   help="a latent silent this many steps is dead (AuxK, revival)")
+    t.add_argument("--shuffle-buffer-rows", type=int, default=65536,
+                   help="rows shuffled together; memory holds about three such buffers")
+    t.add_argument("--autocast-bf16", action="store_true", help="modern recipe: encoder matmul under bf16 autocast")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
     t.add_argument("--out", required=True, help="output directory for the SAE files and metrics.json")
+    t.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS",
+                   help=f"save <out>/{CHECKPOINT} every STEPS steps (0 = never); a rerun resumes from it")
+    t.add_argument("--restart", action="store_true", help=f"delete <out>/{CHECKPOINT} and train from scratch")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="write an SAE in every release format (.pt, safetensors, SAELens, sparsify)")

@@ -217,8 +217,9 @@ def sample_rows(n_rows: int, cap: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_rows, size=cap, replace=False))
 
 
-def load_residuals(path: str | Path, layer: int | None = None) -> np.ndarray:
-    """Residual rows from a store directory (needs `layer`) or a 2-D .npy file (memory-mapped)."""
+def open_rows(path: str | Path, layer: int | None = None) -> RowSource:
+    """Training rows, streamed: a 2-D float .npy (memory-mapped) as an ArraySource, or one layer of a
+    store (a run directory or its activations/) as a StoreSource. Neither reads the rows up front."""
     path = Path(path)
     if path.suffix == ".npy":
         if not path.exists():
@@ -226,13 +227,15 @@ def load_residuals(path: str | Path, layer: int | None = None) -> np.ndarray:
         residuals = np.load(path, mmap_mode="r")
         if residuals.ndim != 2 or not np.issubdtype(residuals.dtype, np.floating):
             raise StoreError(f"{path} must hold a 2-D float array (rows = tokens), got {residuals.dtype} {residuals.shape}")
-        return residuals
+        if 0 in residuals.shape:
+            raise StoreError(f"{path} holds no residuals: shape {residuals.shape}")
+        return ArraySource(residuals)
     if not path.is_dir():
         raise FileNotFoundError(f"activation store not found: {path} (expected a store directory or a .npy file)")
     store_dir = path / "activations" if (path / "activations" / MANIFEST).exists() else path
     if layer is None:
         raise StoreError(f"{store_dir} is a store: say which layer to read ({read_manifest(store_dir)['layers']})")
-    return residual_matrix(read_layer_table(store_dir, layer))
+    return StoreSource(store_dir, layer)
 
 
 # ----------------------------------------------------------------------------------------------

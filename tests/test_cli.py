@@ -1,10 +1,15 @@
-"""`qsae train` and `qsae export` run as real subprocesses on a planted sparse dataset."""
+"""`qsae train` and `qsae export` run as real subprocesses on planted sparse datasets: outputs,
+the quality gate from the command line, kill and resume, an Arrow store as input, and bad input."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,21 +17,31 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from planted import planted_rows, variance_explained
+from planted import (GATE_ACTIVE, GATE_ATOMS, GATE_BATCH, best_cosine, learnable, planted_rows, power_law_rows,
+                     variance_explained)
 from qsae.sae import TopKSAE
+from qsae.store import new_manifest, write_manifest, write_shard
+from qsae.train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 D, N_ATOMS, ACTIVE = 32, 64, 3
 N_FEATURES, K = 64, 4
 STEM = f"sae_L0_n{N_FEATURES}_k{K}"
 HOOK = "blocks.0.hook_resid_post"
+RELEASE_FILES = (f"{STEM}.pt", f"{STEM}.safetensors", "metrics.json",
+                 f"saelens/{HOOK}/cfg.json", f"saelens/{HOOK}/sae_weights.safetensors",
+                 "sparsify/layers.0/cfg.json", "sparsify/layers.0/sae.safetensors")
 
 
-def qsae(*args: str) -> subprocess.CompletedProcess:
+def qsae_command(*args) -> dict:
+    """Keyword arguments for subprocess.run or Popen that run `python -m qsae ARGS`."""
     # One intra-op thread: the matrices are tiny, and on a shared CPU OpenMP spin-waits slow them down.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "qsae", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return {"args": [sys.executable, "-m", "qsae", *map(str, args)], "cwd": REPO,
+            "env": {**os.environ, "OMP_NUM_THREADS": "1"}, "text": True}
+
+
+def qsae(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(**qsae_command(*args), capture_output=True, timeout=300)
 
 
 def planted(n_rows: int, seed: int) -> np.ndarray:
@@ -50,11 +65,10 @@ def test_train_exits_zero_and_writes_the_release_files(trained):
     proc, _, out = trained
     assert proc.returncode == 0, proc.stderr
     assert f"wrote 4 files to {out}" in proc.stdout
-    for rel in (f"{STEM}.pt", f"{STEM}.safetensors", "metrics.json",
-                f"saelens/{HOOK}/cfg.json", f"saelens/{HOOK}/sae_weights.safetensors",
-                "sparsify/layers.0/cfg.json", "sparsify/layers.0/sae.safetensors"):
+    for rel in RELEASE_FILES:
         assert (out / rel).is_file(), rel
     assert not list(out.rglob("*.tmp"))
+    assert not (out / "checkpoint.pt").exists()
 
 
 def test_train_metrics_record_the_run(trained):
@@ -65,6 +79,10 @@ def test_train_metrics_record_the_run(trained):
     assert metrics["config"]["n_features"] == N_FEATURES and metrics["config"]["k"] == K
     assert metrics["config"]["epochs"] == 8 and metrics["config"]["batch_size"] == 256
     assert metrics["config"]["lr"] == pytest.approx(3e-3)
+    defaults = TrainConfig()  # flags left out mean the trainer's defaults
+    assert metrics["config"]["shuffle_buffer_rows"] == defaults.shuffle_buffer_rows
+    assert metrics["config"]["dead_after_steps"] == defaults.dead_after_steps
+    assert metrics["config"]["autocast_bf16"] is False
     assert len(metrics["fvu"]) == 8
     torch.manual_seed(0)
     untrained = 1.0 - variance_explained(TopKSAE(D, N_FEATURES, K), np.load(acts))
@@ -113,17 +131,187 @@ def make_bad_input(kind: str, root: Path) -> tuple[list, str]:
         return ["--activations", root / "flat.npy", "--n-features", 8, "--k", 2], "2-D"
     if kind == "k_above_n":
         return ["--activations", good, "--n-features", 4, "--k", 5], "k=5 exceeds n_features=4"
+    if kind == "nan_row":
+        rows = planted(64, seed=3)
+        rows[17, 5] = np.nan
+        np.save(root / "nan.npy", rows)
+        return ["--activations", root / "nan.npy", "--n-features", 8, "--k", 2], "row 17 contains NaN"
+    if kind == "store_without_shards":
+        write_manifest(root / "activations", new_manifest("test/model", None, [0], D, "float32"))
+        return ["--activations", root, "--n-features", 8, "--k", 2], "lists no shards"
+    if kind == "layer_without_rows":
+        write_store(root / "activations", {"shard_00000": np.zeros((0, D), dtype=np.float32)})
+        return ["--activations", root, "--n-features", 8, "--k", 2], "no rows for layer 0"
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing", "one_dimensional", "k_above_n"])
+@pytest.mark.parametrize("kind", ["missing", "one_dimensional", "k_above_n", "nan_row", "store_without_shards",
+                                  "layer_without_rows"])
 def test_train_bad_input_fails_cleanly(tmp_path, kind):
     args, problem = make_bad_input(kind, tmp_path)
     out = tmp_path / "out"
     proc = qsae("train", *args, "--layer", 0, "--epochs", 1, "--out", out)
-    assert proc.returncode != 0
+    assert_one_error_line(proc, problem)
+    assert not out.exists()
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, problem: str) -> None:
+    assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("qsae: error:")
     assert problem in lines[0]
-    assert not out.exists()
+
+
+
+def write_store(store_dir: Path, shards: dict[str, np.ndarray]) -> int:
+    """An Arrow activation store of layer 0 holding the given rows per shard, as capture writes it;
+    returns its row count."""
+    manifest = new_manifest("test/model", None, [0], D, "float32")
+    for shard, rows in shards.items():
+        n = len(rows)
+        written = write_shard(store_dir, 0, shard, np.zeros(n, np.int64), np.arange(n), np.zeros(n, np.int32),
+                              np.ones(n, bool), rows, dtype="float32")
+        manifest["shards"][shard] = {"rollouts": 1, "rows": {"0": written}}
+    write_manifest(store_dir, manifest)
+    return sum(entry["rows"]["0"] for entry in manifest["shards"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality gate from the command line: the same data and settings as test_quality's modern run.
+
+
+def test_train_command_passes_the_quality_gate(tmp_path):
+    rows, atoms, occurrences = power_law_rows()
+    np.save(tmp_path / "gate.npy", rows)
+    out = tmp_path / "gate"
+    proc = qsae("train", "--activations", tmp_path / "gate.npy", "--layer", 0, "--recipe", "modern",
+                "--n-features", 2 * GATE_ATOMS, "--k", GATE_ACTIVE, "--epochs", 40, "--batch-size", GATE_BATCH,
+                "--dead-after-steps", 100, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    sae = TopKSAE.load(out / f"sae_L0_n{2 * GATE_ATOMS}_k{GATE_ACTIVE}.pt")
+    cosine = best_cosine(atoms, sae)[learnable(occurrences)].mean()
+    assert cosine >= 0.9, f"mean best cosine {cosine:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: kill a run, resume it, refuse checkpoints of other runs.
+
+# 125 steps an epoch, 1250 in all: long enough that the run is still going when its first
+# checkpoint (step 40, mid-epoch) appears.
+CHECKPOINTED = ("--layer", 0, "--n-features", N_FEATURES, "--k", K, "--epochs", 10, "--batch-size", 64,
+                "--lr", 3e-3, "--checkpoint-every", 40)
+
+
+def train_until_checkpoint(acts: Path, out: Path) -> None:
+    """Start `qsae train`, SIGKILL it as soon as its first checkpoint exists."""
+    proc = subprocess.Popen(**qsae_command("train", "--activations", acts, *CHECKPOINTED, "--out", out),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    stderr = proc.communicate()[1]
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {stderr}"
+    assert (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+
+
+@pytest.fixture(scope="module")
+def interrupted(trained, tmp_path_factory):
+    """(training .npy, output dir of a run killed after a checkpoint), and the same run uninterrupted."""
+    _, acts, _ = trained
+    root = tmp_path_factory.mktemp("checkpoints")
+    train_until_checkpoint(acts, root / "killed")
+    whole = qsae("train", "--activations", acts, *CHECKPOINTED, "--out", root / "whole")
+    assert whole.returncode == 0, whole.stderr
+    return acts, root / "killed", root / "whole"
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(interrupted, tmp_path):
+    acts, killed, whole = interrupted
+    out = tmp_path / "resumed"
+    shutil.copytree(killed, out)
+    proc = qsae("train", "--activations", acts, *CHECKPOINTED, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    resumed_at = re.search(r"resuming from step (\d+)", proc.stdout)
+    assert resumed_at, proc.stdout
+    assert 0 < int(resumed_at[1]) < 1250 and int(resumed_at[1]) % 40 == 0
+    assert not (out / "checkpoint.pt").exists() and not list(out.rglob("*.tmp"))
+    for rel in RELEASE_FILES:
+        assert (out / rel).is_file(), rel
+
+    want, got = (json.loads((d / "metrics.json").read_text()) for d in (whole, out))
+    assert abs(got["fvu"][-1] - want["fvu"][-1]) <= 1e-3
+    assert got["steps"] == want["steps"] == 1250
+    expected = torch.load(whole / f"{STEM}.pt", weights_only=True)
+    resumed = torch.load(out / f"{STEM}.pt", weights_only=True)
+    for name in expected:
+        assert torch.equal(resumed[name], expected[name]), name
+
+
+def test_restart_discards_the_checkpoint(interrupted, tmp_path):
+    """With --restart a checkpoint of another config is no obstacle: the run starts afresh."""
+    acts, killed, _ = interrupted
+    out = tmp_path / "restarted"
+    shutil.copytree(killed, out)
+    other = list(CHECKPOINTED)
+    other[other.index("--k") + 1] = K + 1
+    proc = qsae("train", "--activations", acts, *other, "--epochs", 1, "--restart", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" not in proc.stdout
+    assert not (out / "checkpoint.pt").exists()
+    assert json.loads((out / "metrics.json").read_text())["config"]["k"] == K + 1
+
+
+def refused_checkpoint(kind: str, acts: Path, out: Path) -> tuple[list, str]:
+    """(train arguments, text the error must contain) for a rerun that must not resume out's checkpoint."""
+    args = list(CHECKPOINTED)
+    if kind == "other_config":
+        args[args.index("--k") + 1] = K + 1
+        return ["--activations", acts, *args], f"another training config (k {K} -> {K + 1})"
+    if kind == "other_width":
+        np.save(out.parent / "wide.npy", np.concatenate([np.load(acts)] * 2, axis=1))
+        return ["--activations", out.parent / "wide.npy", *args], f"d_in {D} but the activations have {2 * D}"
+    if kind == "other_rows":
+        np.save(out.parent / "fewer.npy", np.load(acts)[:5000])
+        return ["--activations", out.parent / "fewer.npy", *args], "trained on 8000 rows, these activations have 5000"
+    if kind == "corrupted":
+        checkpoint = out / "checkpoint.pt"
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+        return ["--activations", acts, *args], "is unreadable"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["other_config", "other_width", "other_rows", "corrupted"])
+def test_train_refuses_a_checkpoint_of_another_run(interrupted, tmp_path, kind):
+    acts, killed, _ = interrupted
+    out = tmp_path / "out"
+    shutil.copytree(killed, out)
+    args, problem = refused_checkpoint(kind, acts, out)
+    proc = qsae("train", *args, "--out", out)
+    assert_one_error_line(proc, problem)
+    assert "--restart" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["checkpoint.pt"]  # no release files
+
+
+# ---------------------------------------------------------------------------------------------
+# An Arrow store as input
+
+
+def test_train_streams_from_an_arrow_store(tmp_path):
+    rows = planted(3000, seed=4)
+    n_rows = write_store(tmp_path / "run" / "activations",
+                         {"shard_00000": rows[:1100], "shard_00001": rows[1100:1900], "shard_00002": rows[1900:]})
+    out = tmp_path / "release"
+    proc = qsae("train", "--activations", tmp_path / "run", "--layer", 0, "--n-features", N_FEATURES, "--k", K,
+                "--epochs", 8, "--batch-size", 64, "--lr", 3e-3, "--shuffle-buffer-rows", 1024, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    for rel in RELEASE_FILES:
+        assert (out / rel).is_file(), rel
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows"] == n_rows == 3000 and metrics["d_in"] == D
+    assert metrics["config"]["shuffle_buffer_rows"] == 1024
+    assert metrics["tokens_seen"] == 8 * 3000
+    assert metrics["fvu"][-1] < 0.5 * metrics["fvu"][0]
+    # Trained on the store's rows: it reconstructs held-out rows of the same dictionary.
+    assert variance_explained(TopKSAE.load(out / f"{STEM}.pt"), planted(2000, seed=2)) > 0.7  # measured 0.80

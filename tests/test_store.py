@@ -1,4 +1,4 @@
-"""The Arrow activation store: shards, manifest, readers, and the .npy path of load_residuals."""
+"""The Arrow activation store: shards, manifest, readers, and open_rows over a store or a .npy."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,12 @@ import pytest
 
 from qsae.store import (
     MANIFEST,
+    ArraySource,
     StoreError,
+    StoreSource,
     check_compatible,
-    load_residuals,
     new_manifest,
+    open_rows,
     read_layer_table,
     read_manifest,
     residual_matrix,
@@ -101,22 +103,35 @@ def test_shard_schema_types(tmp_path):
     assert schema.field("act").type == pa.list_(pa.float16(), D_MODEL)
 
 
+def all_rows(source) -> np.ndarray:
+    return np.concatenate([source.read_chunk(chunk) for chunk in range(len(source.chunk_sizes))])
+
+
 @pytest.mark.parametrize("given", ["run", "activations"])
-def test_load_residuals_from_run_dir_or_store_dir(tmp_path, given):
+def test_open_rows_from_run_dir_or_store_dir(tmp_path, given):
     expected = build_store(tmp_path / "activations")
     path = tmp_path if given == "run" else tmp_path / "activations"
-    np.testing.assert_array_equal(load_residuals(path, 7), expected[7]["residuals"])
+    source = open_rows(path, 7)
+    assert isinstance(source, StoreSource)
+    assert (source.n_rows, source.d_in) == (12, D_MODEL)
+    np.testing.assert_array_equal(all_rows(source), expected[7]["residuals"])
 
 
-def test_load_residuals_from_store_needs_a_layer(tmp_path):
+def test_open_rows_from_store_needs_a_layer(tmp_path):
     build_store(tmp_path / "activations")
     with pytest.raises(StoreError, match="which layer"):
-        load_residuals(tmp_path)
+        open_rows(tmp_path)
 
 
-def test_load_residuals_missing_directory(tmp_path):
+def test_open_rows_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        load_residuals(tmp_path / "nowhere", 3)
+        open_rows(tmp_path / "nowhere", 3)
+
+
+def test_open_rows_store_without_rows(tmp_path):
+    write_manifest(tmp_path, new_manifest("test/model", None, LAYERS, D_MODEL, "float32"))
+    with pytest.raises(StoreError, match="no rows for layer 3"):
+        open_rows(tmp_path, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +251,7 @@ def test_layer_not_in_store(tmp_path):
     with pytest.raises(StoreError, match="layer 5"):
         read_layer_table(store, 5)
     with pytest.raises(StoreError, match="layer 5"):
-        load_residuals(tmp_path, 5)
+        open_rows(tmp_path, 5)
 
 
 def test_store_listing_no_shards(tmp_path):
@@ -295,26 +310,34 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
 # .npy input
 
 
-def test_load_residuals_npy_is_memory_mapped(tmp_path):
+def test_open_rows_npy_is_memory_mapped(tmp_path):
     rows = np.random.default_rng(0).standard_normal((20, 6)).astype(np.float32)
     np.save(tmp_path / "acts.npy", rows)
-    loaded = load_residuals(tmp_path / "acts.npy")
-    assert isinstance(loaded, np.memmap)
-    np.testing.assert_array_equal(np.asarray(loaded), rows)
+    source = open_rows(tmp_path / "acts.npy")
+    assert isinstance(source, ArraySource) and isinstance(source.array, np.memmap)
+    assert (source.n_rows, source.d_in) == (20, 6)
+    np.testing.assert_array_equal(all_rows(source), rows)
 
 
 @pytest.mark.parametrize(
     "array", [np.zeros(10, dtype=np.float32), np.zeros((4, 3), dtype=np.int64), np.zeros((2, 3, 4), dtype=np.float32)]
 )
-def test_load_residuals_npy_rejects_non_2d_float(tmp_path, array):
+def test_open_rows_npy_rejects_non_2d_float(tmp_path, array):
     np.save(tmp_path / "bad.npy", array)
     with pytest.raises(StoreError, match="2-D float"):
-        load_residuals(tmp_path / "bad.npy")
+        open_rows(tmp_path / "bad.npy")
 
 
-def test_load_residuals_npy_missing_file(tmp_path):
+@pytest.mark.parametrize("shape", [(0, 6), (5, 0)])
+def test_open_rows_npy_rejects_an_empty_array(tmp_path, shape):
+    np.save(tmp_path / "empty.npy", np.zeros(shape, dtype=np.float32))
+    with pytest.raises(StoreError, match="no residuals"):
+        open_rows(tmp_path / "empty.npy")
+
+
+def test_open_rows_npy_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.npy"):
-        load_residuals(tmp_path / "missing.npy")
+        open_rows(tmp_path / "missing.npy")
 
 
 # ---------------------------------------------------------------------------------------------
