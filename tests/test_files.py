@@ -40,3 +40,10 @@ def test_atomic_write_json_round_trips(tmp_path):
     atomic_write_json(tmp_path / "m.json", {"shards": {"a": 1}})
     assert json.loads((tmp_path / "m.json").read_text()) == {"shards": {"a": 1}}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_atomic_write_gives_the_mode_a_plain_write_would(tmp_path):
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write_json(tmp_path / "atomic.json", {})
+    plain, atomic = ((tmp_path / name).stat().st_mode & 0o777 for name in ("plain.txt", "atomic.json"))
+    assert atomic == plain != 0o600  # not mkstemp's private mode
