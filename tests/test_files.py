@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,11 @@ def test_atomic_write_json_round_trips(tmp_path):
 
 
 def test_atomic_write_gives_the_mode_a_plain_write_would(tmp_path):
-    (tmp_path / "plain.txt").write_text("x")
-    atomic_write_json(tmp_path / "atomic.json", {})
+    previous = os.umask(0o022)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        atomic_write_json(tmp_path / "atomic.json", {})
+    finally:
+        os.umask(previous)
     plain, atomic = ((tmp_path / name).stat().st_mode & 0o777 for name in ("plain.txt", "atomic.json"))
-    assert atomic == plain != 0o600  # not mkstemp's private mode
+    assert atomic == plain == 0o644  # not mkstemp's private 0600
