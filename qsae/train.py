@@ -404,6 +404,136 @@ def distributed_rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclass
+class RunState:
+    """What changes as training goes on: what a checkpoint saves and a resumed run restores."""
+
+    sae: TopKSAE
+    optimizer: torch.optim.Optimizer
+    steps_since_fired: Tensor  # per latent
+    history: dict
+    epoch: int = 1  # the epoch in progress, from 1
+    step_in_epoch: int = 0  # its steps done
+    epoch_sq_error: Tensor | None = None  # sum ||x - x_hat||^2 over those steps (this worker's rows)
+    dead_bound: DeadLatentBound | None = None  # modern: how many latents can be dead, this epoch
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.step_in_epoch = epoch, 0
+        self.epoch_sq_error = torch.zeros((), device=self.steps_since_fired.device)
+        # A fresh bound each epoch, so a run resumed at an epoch boundary makes the same choices.
+        self.dead_bound = DeadLatentBound(self.dead_bound.dead_after_steps)
+
+
+def new_run(source: RowSource, cfg: TrainConfig, device: torch.device, init_bias: bool) -> RunState:
+    """Seeded initial weights (without touching the caller's RNG), Adam, b_dec at the geometric
+    median for the modern recipe when init_bias."""
+    modern = cfg.recipe == "modern"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        sae = TopKSAE(source.d_in, cfg.n_features, cfg.k)
+    sae.to(device)
+    # Modern: one fused kernel per step instead of a dozen passes over the parameters.
+    fused = True if modern and device.type in ("cpu", "cuda") else None
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(), fused=fused)
+    if modern and init_bias:
+        init_decoder_bias_(sae, source, cfg)
+    run = RunState(sae, optimizer, torch.zeros(cfg.n_features, dtype=torch.long, device=device), _new_history(),
+                   dead_bound=DeadLatentBound(cfg.dead_after_steps))
+    run.start_epoch(1)
+    return run
+
+
+def checkpoint_state(run: RunState, cfg: TrainConfig, source: RowSource, world: int) -> dict:
+    """Everything a resumed run needs, copied to CPU so that later steps cannot change it. Data
+    parallel: a collective (the epoch's error so far is summed over the workers)."""
+    epoch_sq_error = run.epoch_sq_error.detach().clone()
+    if world > 1:
+        dist.all_reduce(epoch_sq_error)
+    return {"config": run_key(cfg), "d_in": source.d_in, "n_rows": source.n_rows,
+            "epoch": run.epoch, "step_in_epoch": run.step_in_epoch, "epoch_sq_error": epoch_sq_error.cpu(),
+            "dead_bound": (run.dead_bound.sorted_counters, run.dead_bound.taken_at),
+            "sae_state": {name: t.detach().cpu().clone() for name, t in run.sae.state_dict().items()},
+            "optimizer_state": _to_cpu(copy.deepcopy(run.optimizer.state_dict())),
+            "steps_since_fired": run.steps_since_fired.cpu().clone(),
+            "history": copy.deepcopy(run.history)}
+
+
+def restore_(run: RunState, state: dict, rank: int) -> None:
+    """Continue from a checkpoint_state: the run picks up at the step after it."""
+    device = run.steps_since_fired.device
+    run.sae.load_state_dict(state["sae_state"])
+    run.optimizer.load_state_dict(state["optimizer_state"])
+    run.steps_since_fired = state["steps_since_fired"].to(device)
+    run.history = copy.deepcopy(state["history"])
+    run.history["resumed_at_steps"].append(run.history["steps"])
+    run.epoch, run.step_in_epoch = state["epoch"], state["step_in_epoch"]
+    # The epoch's error so far is the sum over all workers: one worker carries it on.
+    run.epoch_sq_error = state["epoch_sq_error"].to(device) if rank == 0 else torch.zeros((), device=device)
+    run.dead_bound.sorted_counters, run.dead_bound.taken_at = state["dead_bound"]
+
+
+class StepLog:
+    """Each step's squared error stays on the device until the log is flushed: one host copy (and,
+    data parallel, one all-reduce) for many steps, appended to history["step_fvu"] as
+    sum ||x - x_hat||^2 / (batch rows x mean row variance)."""
+
+    def __init__(self, history: dict, row_variance: float, world: int):
+        self.history, self.row_variance, self.world = history, row_variance, world
+        self.sq_errors: list[Tensor] = []
+        self.rows: list[int] = []
+        self.reported = len(history["step_fvu"])
+
+    def add(self, sq_error: Tensor, rows: int) -> None:
+        self.sq_errors.append(sq_error)
+        self.rows.append(rows)
+
+    def flush(self) -> None:
+        if self.sq_errors:
+            sums = torch.stack(self.sq_errors)
+            if self.world > 1:
+                dist.all_reduce(sums)
+            fvu = sums.double().cpu().numpy() / (np.array(self.rows) * self.row_variance)
+            self.history["step_fvu"] += fvu.tolist()
+            self.sq_errors.clear()
+            self.rows.clear()
+
+    def since_last_report(self) -> list[float]:
+        self.flush()
+        recent = self.history["step_fvu"][self.reported:]
+        self.reported = len(self.history["step_fvu"])
+        return recent
+
+
+def step_metrics(run: RunState, log: StepLog, cfg: TrainConfig, epoch: int) -> dict:
+    """Scalars for a progress report; the FVU of every step since the previous report."""
+    recent = log.since_last_report()
+    return {"epoch": epoch, "step": run.history["steps"], "tokens_seen": run.history["tokens_seen"],
+            "fvu": float(np.mean(recent)) if recent else float("nan"), "step_fvu": recent,
+            "dead_fraction": (run.steps_since_fired >= cfg.dead_after_steps).float().mean().item(),
+            "revived": run.history["revived"]}
+
+
+def end_epoch(run: RunState, cfg: TrainConfig, n_rows: int, total_variance: float, world: int) -> float:
+    """The epoch's loss and pooled FVU into the history, then revival where the recipe asks for it.
+    Returns the FVU."""
+    if world > 1:
+        dist.all_reduce(run.epoch_sq_error)
+    sq_error = run.epoch_sq_error.item()
+    fvu = sq_error / total_variance if total_variance > 0 else float("nan")
+    history = run.history
+    history["loss"].append(sq_error / (n_rows * run.sae.d_in))
+    history["fvu"].append(fvu)
+    history["variance_explained"].append(1.0 - fvu)
+    if _is_revival_epoch(run.epoch, cfg):
+        dead = run.steps_since_fired >= cfg.dead_after_steps
+        # Its own stream per (seed, epoch), independent of the shuffle's, so resume replays it.
+        revived = revive_dead_(run.sae, run.optimizer, dead, np.random.default_rng([cfg.seed, run.epoch, 1]))
+        run.steps_since_fired[dead] = 0
+        history["revived"] += revived
+        history["revived_per_event"].append(revived)
+    return fvu
+
+
 def train_sae(residuals: np.ndarray | Tensor | RowSource, cfg: TrainConfig,
               on_step: Callable[[Progress], None] | None = None,
               resume: dict | None = None) -> tuple[TopKSAE, dict]:
@@ -429,136 +559,70 @@ def train_sae(residuals: np.ndarray | Tensor | RowSource, cfg: TrainConfig,
     if resume is not None:
         check_resumable(resume, cfg, source)
     total_variance = scan_rows(source, rank, world)
-    n_rows, d_in, batch_size = source.n_rows, source.d_in, cfg.batch_size
+    n_rows, batch_size = source.n_rows, cfg.batch_size
     device = torch.device(cfg.device)
     modern = cfg.recipe == "modern"
-
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(cfg.seed)
-        sae = TopKSAE(d_in, cfg.n_features, cfg.k)
-    sae.to(device)
     autocast = modern and cfg.autocast_bf16 and autocast_supported(device)
     if modern and cfg.autocast_bf16 and not autocast:
         warnings.warn(f"bf16 autocast is not supported on {device}; training in fp32", stacklevel=2)
-    # Modern: one fused kernel per step instead of a dozen passes over the parameters.
-    fused = True if modern and device.type in ("cpu", "cuda") else None
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(), fused=fused)
-    if modern and resume is None:
-        init_decoder_bias_(sae, source, cfg)
+
+    run = new_run(source, cfg, device, init_bias=resume is None)
+    if resume is not None:
+        restore_(run, resume, rank)
     # The modern loss is a fraction of variance unexplained; constant rows leave it a plain sum.
     row_variance = total_variance / n_rows if total_variance > 0 else 1.0
-    model = TrainingLoss(sae, cfg.recipe, row_variance, autocast)
+    model = TrainingLoss(run.sae, cfg.recipe, row_variance, autocast)
     if world > 1:
         model = DistributedDataParallel(model)  # also broadcasts rank 0's weights
-
+    log = StepLog(run.history, row_variance, world)
     steps_per_epoch = math.ceil(n_rows / batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    steps_since_fired = torch.zeros(cfg.n_features, dtype=torch.long, device=device)
-    history, start_epoch, start_step = _new_history(), 1, 0
-    epoch_sq_error = torch.zeros((), device=device)
-    dead_bound = DeadLatentBound(cfg.dead_after_steps)
-    if resume is not None:
-        sae.load_state_dict(resume["sae_state"])
-        optimizer.load_state_dict(resume["optimizer_state"])
-        steps_since_fired = resume["steps_since_fired"].to(device)
-        history = copy.deepcopy(resume["history"])
-        start_epoch, start_step = resume["epoch"], resume["step_in_epoch"]
-        history["resumed_at_steps"].append(history["steps"])
-        epoch_sq_error = resume["epoch_sq_error"].to(device)
-        dead_bound.sorted_counters, dead_bound.taken_at = resume["dead_bound"]
-    step_sq_errors: list[Tensor] = []  # per step, on device until the next flush
-    step_rows: list[int] = []
-    reported = len(history["step_fvu"])
 
-    def flush_steps() -> None:
-        """Per-step squared errors to the host: one copy (and one all-reduce) for many steps."""
-        if step_sq_errors:
-            sums = torch.stack(step_sq_errors)
-            if world > 1:
-                dist.all_reduce(sums)
-            history["step_fvu"] += (sums.double().cpu().numpy() / (np.array(step_rows) * row_variance)).tolist()
-            step_sq_errors.clear()
-            step_rows.clear()
-
-    def metrics(epoch: int) -> dict:
-        nonlocal reported
-        flush_steps()
-        recent = history["step_fvu"][reported:]
-        reported = len(history["step_fvu"])
-        return {"epoch": epoch, "step": history["steps"], "tokens_seen": history["tokens_seen"],
-                "fvu": float(np.mean(recent)) if recent else float("nan"), "step_fvu": recent,
-                "dead_fraction": (steps_since_fired >= cfg.dead_after_steps).float().mean().item(),
-                "revived": history["revived"]}
-
-    def checkpoint(epoch: int, step_in_epoch: int) -> dict:
-        """Everything a resumed run needs, copied to CPU so later steps cannot change it."""
-        flush_steps()
-        done = step_in_epoch == steps_per_epoch
-        return {"config": run_key(cfg), "d_in": d_in, "n_rows": n_rows,
-                "epoch": epoch + 1 if done else epoch, "step_in_epoch": 0 if done else step_in_epoch,
-                "epoch_sq_error": (torch.zeros(()) if done else epoch_sq_error).detach().cpu().clone(),
-                "dead_bound": (None, 0) if done else (dead_bound.sorted_counters, dead_bound.taken_at),
-                "sae_state": {name: t.detach().cpu().clone() for name, t in sae.state_dict().items()},
-                "optimizer_state": _to_cpu(copy.deepcopy(optimizer.state_dict())),
-                "steps_since_fired": steps_since_fired.cpu().clone(),
-                "history": copy.deepcopy(history)}
+    def checkpoint() -> dict:
+        log.flush()  # so that the saved history has every step so far
+        return checkpoint_state(run, cfg, source, world)
 
     def report(epoch: int, step_in_epoch: int) -> None:
         if on_step is not None:
-            on_step(Progress(epoch, history["steps"], step_in_epoch, steps_per_epoch, total_steps, sae,
-                             functools.partial(metrics, epoch), functools.partial(checkpoint, epoch, step_in_epoch)))
+            on_step(Progress(epoch, run.history["steps"], step_in_epoch, steps_per_epoch, total_steps,
+                             run.sae, functools.partial(step_metrics, run, log, cfg, epoch),
+                             checkpoint))
 
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=history["steps"], desc="train", unit="step", disable=None)
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        first = start_step if epoch == start_epoch else 0
-        if first == 0:
-            epoch_sq_error = torch.zeros((), device=device)
-            # A fresh bound each epoch, so a run resumed at an epoch boundary makes the same choices.
-            dead_bound = DeadLatentBound(cfg.dead_after_steps)
-        batches = shuffled_batches(source, batch_size, cfg.shuffle_buffer_rows, cfg.seed, epoch, first, rank, world)
+    bar = tqdm(total=total_steps, initial=run.history["steps"], desc="train", unit="step", disable=None)
+    while run.epoch <= cfg.epochs:
+        batches = shuffled_batches(source, batch_size, cfg.shuffle_buffer_rows, cfg.seed, run.epoch,
+                                   run.step_in_epoch, rank, world)
         # Up to one buffer of batches ahead, so that reading the next buffer overlaps training.
-        for step_in_epoch, rows in enumerate(prefetched(batches, cfg.shuffle_buffer_rows // batch_size + 1), first + 1):
-            x = to_device(rows, device)
-            batch_rows = min(batch_size, n_rows - (step_in_epoch - 1) * batch_size)
+        for rows in prefetched(batches, cfg.shuffle_buffer_rows // batch_size + 1):
+            batch_rows = min(batch_size, n_rows - run.step_in_epoch * batch_size)
             dead, aux_width = None, None
             if modern:
-                aux_width = dead_bound.at(step_in_epoch - 1, steps_since_fired)
-                dead = steps_since_fired >= cfg.dead_after_steps if aux_width else None
-            sq_error, fires = train_step(model, sae, optimizer, x, dead, aux_width, len(x) * world / batch_rows)
+                aux_width = run.dead_bound.at(run.step_in_epoch, run.steps_since_fired)
+                dead = run.steps_since_fired >= cfg.dead_after_steps if aux_width else None
+            sq_error, fires = train_step(model, run.sae, run.optimizer, to_device(rows, device), dead, aux_width,
+                                         len(rows) * world / batch_rows)
             if world > 1:
                 dist.all_reduce(fires)  # every worker tracks the same dead latents
-            steps_since_fired = torch.where(fires > 0, 0, steps_since_fired + 1)
-            epoch_sq_error += sq_error
-            step_sq_errors.append(sq_error)
-            step_rows.append(batch_rows)
-            history["steps"] += 1
-            history["tokens_seen"] += batch_rows
+            run.steps_since_fired = torch.where(fires > 0, 0, run.steps_since_fired + 1)
+            run.epoch_sq_error += sq_error
+            log.add(sq_error, batch_rows)
+            run.step_in_epoch += 1
+            run.history["steps"] += 1
+            run.history["tokens_seen"] += batch_rows
             bar.update(1)
-            if step_in_epoch < steps_per_epoch:
-                report(epoch, step_in_epoch)
-
-        flush_steps()
-        if world > 1:
-            dist.all_reduce(epoch_sq_error)
-        sq_error_sum = epoch_sq_error.item()
-        fvu = sq_error_sum / total_variance if total_variance > 0 else float("nan")
-        history["loss"].append(sq_error_sum / (n_rows * d_in))
-        history["fvu"].append(fvu)
-        history["variance_explained"].append(1.0 - fvu)
-        if _is_revival_epoch(epoch, cfg):
-            dead = steps_since_fired >= cfg.dead_after_steps
-            # Its own stream per (seed, epoch), independent of the shuffle's, so resume replays it.
-            revived = revive_dead_(sae, optimizer, dead, np.random.default_rng([cfg.seed, epoch, 1]))
-            steps_since_fired[dead] = 0
-            history["revived"] += revived
-            history["revived_per_event"].append(revived)
-        history["seconds"] += time.perf_counter() - started
+            if run.step_in_epoch < steps_per_epoch:
+                report(run.epoch, run.step_in_epoch)
+        log.flush()
+        fvu = end_epoch(run, cfg, n_rows, total_variance, world)
+        run.history["seconds"] += time.perf_counter() - started
         started = time.perf_counter()
-        bar.set_postfix(epoch=epoch, fvu=f"{fvu:.4f}")
-        report(epoch, steps_per_epoch)
+        bar.set_postfix(epoch=run.epoch, fvu=f"{fvu:.4f}")
+        finished = run.epoch
+        run.start_epoch(finished + 1)  # a checkpoint taken now resumes at the next epoch
+        report(finished, steps_per_epoch)
     bar.close()
-    return sae, history
+    return run.sae, run.history
 
 
 @dataclass
