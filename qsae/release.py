@@ -1,5 +1,9 @@
 """Analyze and release: per-layer statistics, charts, weight exports and the model card.
 
+Each layer's sample is streamed from the store chunk by chunk and kept only as top-k codes, token
+metadata and the held-out rows' residuals, so the analysis needs memory for N x k codes, not for N
+residual rows (unless the sample itself is exported).
+
 The release is assembled in a staging directory and renamed into place only when complete, so a
 failed run never leaves a half-written release where a good one is expected.
 """
@@ -8,9 +12,11 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from safetensors.numpy import save_file
 
@@ -28,29 +34,94 @@ from qsae.analysis.fidelity import mean_l0, variance_explained, variance_explain
 from qsae.config import PipelineConfig
 from qsae.rollout import Rollout, read_rollouts
 from qsae.sae import TopKSAE
-from qsae.store import read_manifest
-from qsae.train import LayerSample, layer_sample
+from qsae.store import CHUNK_ROWS, StoreSource, open_shard, read_manifest, shard_path
+from qsae.train import sampled_split
 
 VE_FORMULA = "1 - sum_rows ||x - x_hat||^2 / sum_rows ||x - mean(x)||^2 (pooled over held-out rows)"
+METADATA_COLUMNS = ["rollout_id", "position", "correct"]  # what the analysis needs besides `act`
+
+
+@dataclass
+class SampleRows:
+    """Which tokens a layer's sample holds, in sample order (the same at every layer), and its split."""
+
+    rollout_id: np.ndarray
+    position: np.ndarray
+    correct: np.ndarray  # bool, the rollout's correctness for every token
+    train_rows: np.ndarray  # positions in the sample
+    heldout_rows: np.ndarray
+
+
+@dataclass
+class EncodedSample:
+    """One layer's sample as the analysis keeps it: residuals of the held-out rows only, unless the
+    whole sample is exported. Residuals stay in the store dtype (float16 widens exactly later)."""
+
+    rows: SampleRows
+    values: np.ndarray  # [N, k] float32, top-k activations
+    indices: np.ndarray  # [N, k] int32, their feature ids
+    heldout_residuals: np.ndarray  # [len(rows.heldout_rows), d_model]
+    residuals: np.ndarray | None  # [N, d_model], only when the sample is exported
+
+
+def chunk_metadata(source: StoreSource, chunk: int) -> pa.Table:
+    """The metadata columns of a chunk's rows; the memory-mapped `act` column is never touched."""
+    shard, n_rows, rows = source.chunks[chunk]
+    table = open_shard(shard_path(source.store_dir, source.layer, shard), n_rows)
+    return table.select(METADATA_COLUMNS).take(pa.array(rows))
 
 
 @torch.no_grad()
-def encode_rows(sae: TopKSAE, residuals: np.ndarray, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    values, indices = [], []
-    for first in range(0, len(residuals), batch):
-        v, i = sae.encode_topk(torch.tensor(residuals[first : first + batch]))
+def encode_sample(sae: TopKSAE, source: StoreSource, train_rows: np.ndarray, heldout_rows: np.ndarray,
+                  keep_residuals: bool = False) -> EncodedSample:
+    """One pass over the sampled rows in `source` (its chunks follow the sample's order), one chunk
+    in memory at a time: top-k codes and metadata of every row, residuals of the held-out rows."""
+    values, indices, metadata, heldout, kept = [], [], [], [], []
+    offset = 0
+    for chunk, size in enumerate(source.chunk_sizes):
+        x = source.read_chunk(chunk)
+        v, i = sae.encode_topk(torch.from_numpy(x.astype(np.float32)))
         values.append(v.numpy())
-        indices.append(i.numpy())
-    return np.concatenate(values), np.concatenate(indices)
+        indices.append(i.numpy().astype(np.int32))  # feature ids fit: half the memory of int64
+        metadata.append(chunk_metadata(source, chunk))
+        lo, hi = np.searchsorted(heldout_rows, [offset, offset + size])
+        heldout.append(x[heldout_rows[lo:hi] - offset])
+        kept += [x] if keep_residuals else []
+        offset += size
+    table = pa.concat_tables(metadata)
+    rows = SampleRows(
+        rollout_id=table.column("rollout_id").to_numpy(),
+        position=table.column("position").to_numpy(),
+        correct=table.column("correct").to_numpy(zero_copy_only=False),
+        train_rows=train_rows,
+        heldout_rows=heldout_rows,
+    )
+    return EncodedSample(rows, np.concatenate(values), np.concatenate(indices), np.concatenate(heldout),
+                         np.concatenate(kept) if keep_residuals else None)
+
+
+def encode_layer_sample(store_dir: Path, layer: int, sae: TopKSAE, cfg: PipelineConfig) -> EncodedSample:
+    """The layer's seeded sample and split, the same rows the trainer drew, streamed from the store."""
+    sampled, train_rows, heldout_rows = sampled_split(
+        store_dir, layer, cfg.capture.max_tokens_per_layer, cfg.train.holdout_fraction, cfg.train.seed
+    )
+    return encode_sample(sae, StoreSource(store_dir, layer, sampled), train_rows, heldout_rows,
+                         keep_residuals=cfg.release.export_activations)
 
 
 @torch.no_grad()
 def reconstruct(sae: TopKSAE, values: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    return sae.decode_topk(torch.from_numpy(values), torch.from_numpy(indices)).numpy()
+    """decode_topk in batches into one float32 array (no second full-size temporary)."""
+    x_hat = np.empty((len(values), sae.d_in), dtype=np.float32)
+    for first in range(0, len(values), CHUNK_ROWS):
+        batch = slice(first, first + CHUNK_ROWS)
+        x_hat[batch] = sae.decode_topk(torch.from_numpy(values[batch]),
+                                       torch.from_numpy(indices[batch].astype(np.int64))).numpy()
+    return x_hat
 
 
 def token_context(rollouts: dict[int, Rollout], tokenizer, width: int):
-    """row -> (left context text, token text) for a LayerSample's rows."""
+    """(rollout_id, position) -> (left context text, token text)."""
 
     def context(rollout_id: int, position: int) -> tuple[str, str]:
         r = rollouts[rollout_id]
@@ -61,21 +132,21 @@ def token_context(rollouts: dict[int, Rollout], tokenizer, width: int):
 
 
 def analyze_layer(
-    layer: int, sae: TopKSAE, sample: LayerSample, history: dict, cfg: PipelineConfig, context_of
+    layer: int, sae: TopKSAE, sample: EncodedSample, history: dict, cfg: PipelineConfig, context_of
 ) -> dict:
     """Every statistic of one layer's SAE; AUROC only where both classes occur."""
-    values, indices = encode_rows(sae, sample.residuals)
-    held = sample.heldout_rows
-    x_held = sample.residuals[held]
+    values, indices, rows = sample.values, sample.indices, sample.rows
+    held = rows.heldout_rows
+    x_held = sample.heldout_residuals
     x_hat = reconstruct(sae, values[held], indices[held])
     ve = variance_explained(x_held, x_hat)
     ve_ci = variance_explained_ci(x_held, x_hat, n_boot=cfg.release.bootstrap, seed=cfg.train.seed)
     rates = fire_rates(indices, values, sae.n_features)
-    both_classes = 0 < sample.correct.sum() < len(sample.correct)
-    auroc = auroc_per_feature(indices, values, sample.correct, sae.n_features) if both_classes else None
+    both_classes = 0 < rows.correct.sum() < len(rows.correct)
+    auroc = auroc_per_feature(indices, values, rows.correct, sae.n_features) if both_classes else None
     top = top_activating_rows(indices, values, sae.n_features, cfg.release.top_contexts)
-    shown = {row for rows in top.values() for row, _ in rows}
-    text = {row: context_of(int(sample.rollout_id[row]), int(sample.position[row])) for row in shown}
+    shown = {row for ranked in top.values() for row, _ in ranked}
+    text = {row: context_of(int(rows.rollout_id[row]), int(rows.position[row])) for row in shown}
     contexts = describe_contexts(top, {row: t for row, (_, t) in text.items()}, lambda row: text[row])
     summary = {
         "variance_explained": ve,
@@ -83,7 +154,7 @@ def analyze_layer(
         "l0": mean_l0(values[held]),
         **feature_health(rates),
         "revived": int(history["revived"]),
-        "train_rows": len(sample.train_rows),
+        "train_rows": len(rows.train_rows),
         "heldout_rows": len(held),
     }
     if auroc is not None:
@@ -115,21 +186,19 @@ def build_release(
     final = run_dir / "release"
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".release-"))
     try:
-        results, samples, files = {}, {}, []
+        results, samples, exported, files = {}, {}, {}, []
         for layer in cfg.capture.layers:
             sae, history = trained[layer]
-            samples[layer] = layer_sample(
-                store_dir, layer, cfg.capture.max_tokens_per_layer, cfg.train.holdout_fraction, cfg.train.seed
-            )
-            results[layer] = analyze_layer(layer, sae, samples[layer], history, cfg, context_of)
+            sample = encode_layer_sample(store_dir, layer, sae, cfg)
+            results[layer] = analyze_layer(layer, sae, sample, history, cfg, context_of)
+            samples[layer], exported[layer] = sample.rows, sample.residuals
+            del sample  # its codes and held-out residuals: one layer's at a time
             files += [p.relative_to(staging).as_posix() for p in sae.save_release(staging, layer, hook_name(layer)).values()]
         labels = check_aligned(samples)
         np.save(staging / "labels.npy", labels)
-        if cfg.release.export_activations:
-            save_file(
-                {f"L{layer}": export_dtype(samples[layer].residuals, manifest["dtype"]) for layer in samples},
-                str(staging / "activations.safetensors"),
-            )
+        if cfg.release.export_activations:  # in the store dtype, as read
+            save_file({f"L{layer}": residuals for layer, residuals in exported.items()},
+                      str(staging / "activations.safetensors"))
         write_json(staging / "feature_stats.json", {
             "rows": "feature statistics over the rows of activations.safetensors / labels.npy",
             "healthy_range": list(HEALTHY_RANGE),
@@ -162,17 +231,13 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def check_aligned(samples: dict[int, LayerSample]) -> np.ndarray:
+def check_aligned(samples: dict[int, SampleRows]) -> np.ndarray:
     """labels.npy serves every layer, so every layer's sample must be the same tokens in the same order."""
     first = next(iter(samples.values()))
     for layer, sample in samples.items():
         if not (np.array_equal(sample.rollout_id, first.rollout_id) and np.array_equal(sample.position, first.position)):
             raise RuntimeError(f"layer {layer}'s rows are not the same tokens as the other layers'; the store is inconsistent")
     return first.correct.astype(bool)
-
-
-def export_dtype(residuals: np.ndarray, dtype: str) -> np.ndarray:
-    return residuals.astype(np.float16 if dtype == "float16" else np.float32)
 
 
 def write_json(path: Path, obj: dict) -> None:

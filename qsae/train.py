@@ -58,8 +58,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from qsae.sae import TopKSAE
-from qsae.store import (ArraySource, RowSource, StoreSource, layer_row_count, prefetched, read_layer_table,
-                        read_manifest, residual_matrix, sample_rows, shuffled_batches)
+from qsae.store import (ArraySource, RowSource, StoreSource, layer_row_count, prefetched, read_manifest,
+                        sample_rows, shuffled_batches)
 
 RECIPES = ("original", "modern")
 ORIGINAL_LR = 3e-4  # the original card's Adam learning rate
@@ -625,19 +625,6 @@ def train_sae(residuals: np.ndarray | Tensor | RowSource, cfg: TrainConfig,
     return run.sae, run.history
 
 
-@dataclass
-class LayerSample:
-    """The rows of one layer used for training and analysis: the same rows at every layer."""
-
-    residuals: np.ndarray  # [N, d_model] float32
-    rollout_id: np.ndarray
-    position: np.ndarray
-    token_id: np.ndarray
-    correct: np.ndarray  # bool [N], the rollout's correctness for every token
-    train_rows: np.ndarray
-    heldout_rows: np.ndarray
-
-
 def sampled_split(store_dir: Path, layer: int, max_rows: int | None, holdout_fraction: float,
                   seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded cap, then seeded train/held-out split: (sampled store rows, train positions, held-out
@@ -651,21 +638,6 @@ def training_rows(store_dir: Path, layer: int, max_rows: int | None, holdout_fra
     """The store rows (sorted) a layer's SAE trains on: what the trainers stream."""
     sampled, train_rows, _ = sampled_split(store_dir, layer, max_rows, holdout_fraction, seed)
     return sampled[train_rows]
-
-
-def layer_sample(store_dir: Path, layer: int, max_rows: int | None, holdout_fraction: float, seed: int) -> LayerSample:
-    """The sampled rows of one layer in memory, for the analysis."""
-    sampled, train_rows, heldout_rows = sampled_split(store_dir, layer, max_rows, holdout_fraction, seed)
-    table = read_layer_table(store_dir, layer, sampled)
-    return LayerSample(
-        residuals=residual_matrix(table),
-        rollout_id=table.column("rollout_id").to_numpy(),
-        position=table.column("position").to_numpy(),
-        token_id=table.column("token_id").to_numpy(),
-        correct=table.column("correct").to_numpy(zero_copy_only=False),
-        train_rows=train_rows,
-        heldout_rows=heldout_rows,
-    )
 
 
 def save_trained(run_dir: Path, layer: int, sae: TopKSAE, history: dict) -> None:

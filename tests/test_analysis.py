@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 import struct
 import tracemalloc
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
+
+from planted import planted_rows
 
 from qsae.analysis import charts
 from qsae.analysis.card import render_model_card
@@ -24,6 +28,12 @@ from qsae.analysis.features import (
     stratified_resamples,
 )
 from qsae.analysis.fidelity import bootstrap_ci, mean_l0, variance_explained, variance_explained_ci
+from qsae.config import PipelineConfig
+from qsae.release import analyze_layer, encode_layer_sample, encode_sample
+from qsae.sae import TopKSAE
+from qsae.store import (CHUNK_ROWS, StoreSource, new_manifest, read_layer_table, residual_matrix, write_manifest,
+                        write_shard)
+from qsae.train import sampled_split
 
 
 def random_codes(seed: int, n_rows: int, n_features: int, k: int, n_silent: int = 0):
@@ -366,3 +376,122 @@ def test_card_accepts_int_layer_keys_and_names_missing_keys():
     del info["per_layer"]["6"]["l0"]
     with pytest.raises(ValueError, match="l0"):
         render_model_card(info)
+
+
+# the analysis of a store, streamed
+
+LAYER, D_MODEL, TOKENS_PER_ROLLOUT = 5, 16, 40
+SHARD_ROWS = {"shard_00000": 9_000, "shard_00001": 3_000, "shard_00002": 7_000}  # chunks of unequal sizes
+CAP = 15_000  # sampled rows: several chunks, and not every stored row
+
+
+def write_rollout_store(store_dir, dtype: str) -> None:
+    """One layer of planted rows, TOKENS_PER_ROLLOUT tokens per rollout, every third rollout correct."""
+    manifest = new_manifest("test/model", None, [LAYER], D_MODEL, dtype)
+    first = 0
+    for shard, n_rows in SHARD_ROWS.items():
+        row = np.arange(first, first + n_rows)
+        rollout_id = row // TOKENS_PER_ROLLOUT
+        written = write_shard(store_dir, LAYER, shard, rollout_id=rollout_id, position=row % TOKENS_PER_ROLLOUT + 7,
+                              token_id=np.zeros(n_rows, np.int32), correct=rollout_id % 3 == 0,
+                              residuals=planted_rows(n_rows, D_MODEL, 48, 3, seed=first, atom_seed=0) * 5, dtype=dtype)
+        manifest["shards"][shard] = {"rollouts": n_rows // TOKENS_PER_ROLLOUT, "rows": {str(LAYER): written}}
+        first += n_rows
+    write_manifest(store_dir, manifest)
+
+
+def analysis_config(export: bool = False) -> PipelineConfig:
+    cfg = PipelineConfig()
+    cfg.capture.max_tokens_per_layer = CAP
+    cfg.train.seed, cfg.train.holdout_fraction = 3, 0.1
+    cfg.release.bootstrap, cfg.release.top_contexts, cfg.release.export_activations = 40, 3, export
+    return cfg
+
+
+def store_sae() -> TopKSAE:
+    torch.manual_seed(0)
+    return TopKSAE(D_MODEL, 64, 4)
+
+
+def context_of(rollout_id: int, position: int) -> tuple[str, str]:
+    """Names the token, so the contexts show which rows the analysis attributed them to."""
+    return f"rollout {rollout_id}", f"position {position}"
+
+
+@pytest.fixture(scope="module", params=["float16", "float32"])
+def rollout_store(request, tmp_path_factory):
+    store_dir = tmp_path_factory.mktemp(f"analysis-{request.param}") / "activations"
+    write_rollout_store(store_dir, request.param)
+    return store_dir
+
+
+def sample_in_memory(store_dir, cfg) -> SimpleNamespace:
+    """The reference: the whole sample read into memory as float32, with its metadata and split."""
+    sampled, train_rows, heldout_rows = sampled_split(store_dir, LAYER, CAP, cfg.train.holdout_fraction,
+                                                      cfg.train.seed)
+    table = read_layer_table(store_dir, LAYER, sampled)
+    return SimpleNamespace(residuals=residual_matrix(table), train_rows=train_rows, heldout_rows=heldout_rows,
+                           **{name: table.column(name).to_numpy(zero_copy_only=False)
+                              for name in ("rollout_id", "position", "correct")})
+
+
+def test_streamed_analysis_gives_the_statistics_of_the_sample_in_memory(rollout_store):
+    torch.set_num_threads(1)
+    cfg, sae = analysis_config(), store_sae()
+    got = analyze_layer(LAYER, sae, encode_layer_sample(rollout_store, LAYER, sae, cfg), {"revived": 0}, cfg,
+                        context_of)
+
+    # as before: the whole sample in memory as float32, encoded at once
+    ref = sample_in_memory(rollout_store, cfg)
+    held = ref.heldout_rows
+    with torch.no_grad():
+        values, indices = (t.numpy() for t in sae.encode_topk(torch.tensor(ref.residuals)))
+        x_hat = sae.decode_topk(torch.from_numpy(values[held]), torch.from_numpy(indices[held])).numpy()
+    ve = variance_explained(ref.residuals[held], x_hat)
+    assert 0 < ref.correct.mean() < 1, "both classes, so the AUROC is compared"
+    summary = got["summary"]
+    assert summary["variance_explained"] == pytest.approx(ve, rel=1e-6)
+    assert summary["ve_ci"] == pytest.approx(variance_explained_ci(ref.residuals[held], x_hat, 40, 3), rel=1e-6)
+    assert summary["l0"] == pytest.approx(mean_l0(values[held]))
+    assert (summary["train_rows"], summary["heldout_rows"]) == (len(ref.train_rows), len(held))
+    assert summary["train_rows"] + summary["heldout_rows"] == CAP
+    np.testing.assert_array_equal(got["rates"], fire_rates(indices, values, 64))
+    np.testing.assert_allclose(got["auroc"], auroc_per_feature(indices, values, ref.correct, 64), atol=1e-12)
+    top = top_activating_rows(indices, values, 64, 3)
+    expected = describe_contexts(top, {row: f"position {ref.position[row]}" for row in range(CAP)},
+                                 lambda row: (f"rollout {ref.rollout_id[row]}", ""))
+    assert got["contexts"] == expected
+
+
+class CountingSource(StoreSource):
+    """A store source that records how many rows each read returns."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads: list[int] = []
+
+    def read_chunk(self, chunk: int, local: np.ndarray | None = None) -> np.ndarray:
+        rows = super().read_chunk(chunk, local)
+        self.reads.append(len(rows))
+        return rows
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_streamed_analysis_reads_chunks_and_keeps_only_the_heldout_residuals(rollout_store, export):
+    cfg, sae = analysis_config(export), store_sae()
+    sampled, train_rows, heldout_rows = sampled_split(rollout_store, LAYER, CAP, cfg.train.holdout_fraction,
+                                                      cfg.train.seed)
+    source = CountingSource(rollout_store, LAYER, sampled)
+    sample = encode_sample(sae, source, train_rows, heldout_rows, keep_residuals=export)
+    # every sampled row read once, never more than a chunk at a time
+    assert sum(source.reads) == CAP and max(source.reads) <= CHUNK_ROWS and len(source.reads) > 2
+    ref = sample_in_memory(rollout_store, cfg)
+    assert sample.heldout_residuals.dtype == source.dtype  # kept in the store dtype
+    np.testing.assert_array_equal(sample.heldout_residuals.astype(np.float32), ref.residuals[heldout_rows])
+    if export:
+        np.testing.assert_array_equal(sample.residuals.astype(np.float32), ref.residuals)
+    else:
+        assert sample.residuals is None
+    assert sample.values.shape == sample.indices.shape == (CAP, 4)
+    for name in ("rollout_id", "position", "correct"):
+        np.testing.assert_array_equal(getattr(sample.rows, name), getattr(ref, name))
