@@ -34,7 +34,7 @@ from qsae.analysis.fidelity import mean_l0, variance_explained, variance_explain
 from qsae.config import PipelineConfig
 from qsae.rollout import Rollout, read_rollouts
 from qsae.sae import TopKSAE
-from qsae.store import CHUNK_ROWS, StoreSource, open_shard, read_manifest, shard_path
+from qsae.store import CHUNK_ROWS, StoreSource, read_manifest
 from qsae.train import sampled_split
 
 VE_FORMULA = "1 - sum_rows ||x - x_hat||^2 / sum_rows ||x - mean(x)||^2 (pooled over held-out rows)"
@@ -64,13 +64,6 @@ class EncodedSample:
     residuals: np.ndarray | None  # [N, d_model], only when the sample is exported
 
 
-def chunk_metadata(source: StoreSource, chunk: int) -> pa.Table:
-    """The metadata columns of a chunk's rows; the memory-mapped `act` column is never touched."""
-    shard, n_rows, rows = source.chunks[chunk]
-    table = open_shard(shard_path(source.store_dir, source.layer, shard), n_rows)
-    return table.select(METADATA_COLUMNS).take(pa.array(rows))
-
-
 @torch.no_grad()
 def encode_sample(sae: TopKSAE, source: StoreSource, train_rows: np.ndarray, heldout_rows: np.ndarray,
                   keep_residuals: bool = False) -> EncodedSample:
@@ -83,7 +76,7 @@ def encode_sample(sae: TopKSAE, source: StoreSource, train_rows: np.ndarray, hel
         v, i = sae.encode_topk(torch.from_numpy(x.astype(np.float32)))
         values.append(v.numpy())
         indices.append(i.numpy().astype(np.int32))  # feature ids fit: half the memory of int64
-        metadata.append(chunk_metadata(source, chunk))
+        metadata.append(source.read_columns(chunk, METADATA_COLUMNS))  # the memory-mapped `act` stays unread
         lo, hi = np.searchsorted(heldout_rows, [offset, offset + size])
         heldout.append(x[heldout_rows[lo:hi] - offset])
         kept += [x] if keep_residuals else []

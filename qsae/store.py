@@ -203,11 +203,11 @@ def damaged_shards(store_dir: str | Path, manifest: dict) -> dict[str, str]:
     return damaged
 
 
-def residual_matrix(table: pa.Table) -> np.ndarray:
-    """The `act` column as a [rows, d_model] float32 array."""
+def residual_matrix(table: pa.Table, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """The `act` column as a [rows, d_model] array (float32 unless another dtype is asked for)."""
     column = table.column("act").combine_chunks()
     d_model = column.type.list_size
-    return column.values.to_numpy(zero_copy_only=False).reshape(-1, d_model).astype(np.float32, copy=False)
+    return column.values.to_numpy(zero_copy_only=False).reshape(-1, d_model).astype(dtype, copy=False)
 
 
 def sample_rows(n_rows: int, cap: int | None, seed: int) -> np.ndarray:
@@ -273,8 +273,10 @@ class ArraySource:
 
 
 class StoreSource:
-    """Selected rows of one layer of the Arrow store, shard by shard; each shard is split into chunks
-    of CHUNK_ROWS rows and memory-mapped only while a chunk of it is read."""
+    """Selected rows of one layer of the Arrow store in chunks of CHUNK_ROWS rows, cut from the rows
+    in store order regardless of shard boundaries (a chunk may span shards), so the stream depends
+    on the rows alone, not on how capture split them, and equals an ArraySource over the same rows.
+    A shard is memory-mapped only while a chunk of it is read."""
 
     def __init__(self, store_dir: str | Path, layer: int, rows: np.ndarray | None = None):
         self.store_dir = Path(store_dir)
@@ -283,33 +285,50 @@ class StoreSource:
             raise StoreError(f"layer {layer} is not in the store at {store_dir} (layers: {manifest['layers']})")
         self.layer, self.d_in = layer, manifest["d_model"]
         self.dtype = np.dtype(manifest["dtype"])
-        self.chunks: list[tuple[str, int, np.ndarray]] = []  # (shard, its row count, local rows)
-        offset = 0
+        # Each chunk is a list of pieces (shard, its row count, local rows in it).
+        self.chunks: list[list[tuple[str, int, np.ndarray]]] = [[]]
+        room, offset = CHUNK_ROWS, 0
         for shard in sorted(manifest["shards"]):
             n_rows = manifest["shards"][shard]["rows"][str(layer)]
             local = np.arange(n_rows) if rows is None else \
                 rows[np.searchsorted(rows, offset):np.searchsorted(rows, offset + n_rows)] - offset
-            self.chunks += [(shard, n_rows, part) for part in _chunked(local)]
+            while len(local):
+                if room == 0:
+                    self.chunks.append([])
+                    room = CHUNK_ROWS
+                self.chunks[-1].append((shard, n_rows, local[:room]))
+                room, local = room - len(local[:room]), local[room:]
             offset += n_rows
-        self.chunk_sizes = [len(part) for _, _, part in self.chunks]
+        self.chunk_sizes = [sum(len(rows) for _, _, rows in chunk) for chunk in self.chunks]
         self.n_rows = sum(self.chunk_sizes)
         if self.n_rows == 0:
             raise StoreError(f"the activation store at {store_dir} holds no rows for layer {layer}"
                              + ("" if manifest["shards"] else " (it lists no shards: capture not run?)"))
 
+    def read_columns(self, chunk: int, columns: list[str], local: np.ndarray | None = None) -> pa.Table:
+        """Columns of the chunk's rows (or of its sorted `local` subset); other columns are not read."""
+        tables, offset = [], 0
+        for shard, n_rows, rows in self.chunks[chunk]:
+            part = rows if local is None else rows[local[(local >= offset) & (local < offset + len(rows))] - offset]
+            offset += len(rows)
+            if len(part):
+                table = open_shard(shard_path(self.store_dir, self.layer, shard), n_rows).select(columns)
+                tables.append(table.take(pa.array(part)))
+        return pa.concat_tables(tables)
+
     def read_chunk(self, chunk: int, local: np.ndarray | None = None) -> np.ndarray:
-        shard, n_rows, rows = self.chunks[chunk]
-        table = open_shard(shard_path(self.store_dir, self.layer, shard), n_rows)
-        column = table.column("act")
+        column = self.read_columns(chunk, ["act"], local).column("act")
         if column.type.list_size != self.d_in:
-            raise StoreError(f"shard {shard} of layer {self.layer} has rows of {column.type.list_size} values, "
-                             f"the manifest says d_model {self.d_in}")
-        taken = column.take(pa.array(rows if local is None else rows[local])).combine_chunks()
-        return taken.values.to_numpy(zero_copy_only=False).reshape(-1, self.d_in)
+            raise StoreError(f"a shard of layer {self.layer} in {self.store_dir} has rows of {column.type.list_size} "
+                             f"values, the manifest says d_model {self.d_in}")
+        return residual_matrix(pa.table({"act": column}), self.dtype)
 
     def describe_row(self, chunk: int, index: int) -> str:
-        shard, _, rows = self.chunks[chunk]
-        return f"row {rows[index]} of {shard} (layer {self.layer})"
+        for shard, _, rows in self.chunks[chunk]:
+            if index < len(rows):
+                return f"row {rows[index]} of {shard} (layer {self.layer})"
+            index -= len(rows)
+        raise IndexError(index)
 
 
 RowSource = ArraySource | StoreSource
