@@ -13,11 +13,13 @@ when given), one at a time, removed at the end; the free disk space is checked f
 Methods, each one epoch of train_sae (modern recipe, a small SAE) in a fresh subprocess, so that the
 peak resident memory is that run's alone:
 - "stream": train_sae(StoreSource(store, layer)): shards memory-mapped a chunk at a time, rows drawn
-  through the seeded shuffle buffer of --buffer-rows rows while the next buffer is read in the background.
+  through the seeded shuffle buffer of --buffer-rows rows while the next buffer is read in the background,
+  and freed memory handed back to the system once per buffer (qsae calls glibc's malloc_trim).
 - "stream, eager free": the same child with glibc's mmap threshold fixed at 128 KiB
   (MALLOC_MMAP_THRESHOLD_=131072). By default glibc raises that threshold after a large block is freed
-  (up to 32 MiB), and from then on batch-sized blocks come from heaps whose freed space stays resident;
-  fixed, they are returned when freed, so the peak is the memory actually in use.
+  (up to 32 MiB), and from then on batch-sized blocks come from heaps whose freed space stays resident
+  until trimmed; fixed, every block is returned when freed (the peak is the memory actually in use),
+  at the cost of fresh page faults for every batch.
 - "load all" (the way before streaming): residual_matrix(read_layer_table(store, layer)), the whole
   layer as one float32 array, then train_sae on that array.
 - "imports only": a child that imports qsae and torch and trains nothing: the floor under both.
