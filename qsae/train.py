@@ -31,8 +31,10 @@ exactly what qsae's trainer computed before the modern recipe existed, bit for b
 - the encoder's backward pass through `TopKEncoder` (sae.py), which touches only the selected
   latents, and a fused Adam step.
 
-A plain function over an array; the distributed layer wraps it (one call per layer) and
-checkpoints through `on_epoch`.
+Both draw the same stream of batches (store.shuffled_batches: a seeded shuffle buffer over chunks of
+an array, a .npy memmap or the Arrow store). train_sae is a plain function; the distributed layer
+wraps it (one Ray Train run per layer, data-parallel workers when asked) and reports and checkpoints
+through `on_step`.
 """
 
 from __future__ import annotations
