@@ -403,6 +403,10 @@ def test_modern_recipe_starts_b_dec_at_the_geometric_median():
     original, _ = train_sae(rows, TrainConfig(recipe="original", n_features=16, k=2, epochs=1,
                                               batch_size=500, lr=1e-12))
     assert original.b_dec.abs().max() < 1e-6  # the original recipe starts at zero
+    # The encoder starts as the decoder's transpose: scaled to column norm 1/sqrt(3) in the modern
+    # recipe, unscaled in the original.
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T / math.sqrt(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(original.W_enc, original.W_dec.T, atol=1e-6, rtol=0)
 
 
 def test_bf16_autocast_trains(small_rows):
