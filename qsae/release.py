@@ -98,8 +98,11 @@ def encode_layer_sample(store_dir: Path, layer: int, sae: TopKSAE, cfg: Pipeline
     sampled, train_rows, heldout_rows = sampled_split(
         store_dir, layer, cfg.capture.max_tokens_per_layer, cfg.train.holdout_fraction, cfg.train.seed
     )
-    return encode_sample(sae, StoreSource(store_dir, layer, sampled), train_rows, heldout_rows,
-                         keep_residuals=cfg.release.export_activations)
+    source = StoreSource(store_dir, layer, sampled)
+    if source.d_in != sae.d_in:  # e.g. the store was captured again from another model after training
+        raise ValueError(f"layer {layer}: the trained SAE has d_in {sae.d_in} but the store's residuals have "
+                         f"d_model {source.d_in}; train the layer again on this store")
+    return encode_sample(sae, source, train_rows, heldout_rows, keep_residuals=cfg.release.export_activations)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from qsae.analysis.fidelity import variance_explained
 from qsae.sae import TopKSAE
-from qsae.train import split_rows
+from qsae.train import load_trained, save_trained, split_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["rollout.num_questions=24", "train.epochs=6", "train.n_features=128", "train.k=8", "release.bootstrap=50"]
@@ -101,6 +102,25 @@ def test_analyze_rebuilds_the_release_from_the_trained_run(release):
     after = json.loads((release / "final_summary.json").read_text())["layers"]
     for layer in before:
         assert after[layer]["variance_explained"] == pytest.approx(before[layer]["variance_explained"], abs=1e-6)
+
+
+def test_analyze_refuses_an_sae_of_another_width_than_the_store(release, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(release.parent, run)
+    sae, history = load_trained(run, 7)
+    save_trained(run, 7, TopKSAE(sae.d_in + 1, sae.n_features, sae.k), history)
+    kept = {p.name: p.read_bytes() for p in (run / "release").iterdir() if p.is_file()}
+    done = subprocess.run(
+        [sys.executable, "-m", "qsae", "analyze", "--out", str(run), *SMALL],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"qsae: error: layer 7: the trained SAE has d_in {sae.d_in + 1} but the store's residuals have "
+        f"d_model {sae.d_in}; train the layer again on this store")
+    # The earlier release stands untouched, and no staging directory is left behind.
+    assert {p.name: p.read_bytes() for p in (run / "release").iterdir() if p.is_file()} == kept
+    assert not list(run.glob(".release-*"))
 
 
 def test_the_vllm_config_runs_end_to_end(tmp_path):
