@@ -110,17 +110,23 @@ def test_each_layer_trains_under_ray_train(captured):
         np.testing.assert_allclose(norms, 1.0, atol=1e-5)
 
 
-def busy_capture_workers() -> list[int]:
-    """PIDs of capture replicas in the middle of a shard: Ray titles a worker process by the method it runs."""
+def ray_workers_titled(prefix: str) -> list[int]:
+    """PIDs of Ray worker processes whose title starts with prefix: Ray titles a worker by its actor
+    class, and by the method it runs while it runs one."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             title = (proc / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if proc.name.isdigit() and title.startswith("ray::CaptureWorker.process"):
+        if proc.name.isdigit() and title.startswith(prefix):
             pids.append(int(proc.name))
     return pids
+
+
+def busy_capture_workers() -> list[int]:
+    """PIDs of capture replicas in the middle of a shard."""
+    return ray_workers_titled("ray::CaptureWorker.process")
 
 
 def test_a_replica_killed_mid_shard_loses_and_duplicates_nothing(local_ray, tiny_path, tmp_path, capsys):
@@ -267,16 +273,8 @@ def test_data_parallel_workers_train_one_layer_like_one_worker(local_ray, plante
 
 
 def train_workers() -> list[int]:
-    """PIDs of Ray Train worker processes (Ray titles them by their actor class)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            title = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if proc.name.isdigit() and title.startswith("ray::RayTrainWorker"):
-            pids.append(int(proc.name))
-    return pids
+    """PIDs of Ray Train worker processes."""
+    return ray_workers_titled("ray::RayTrainWorker")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
