@@ -211,6 +211,15 @@ def run_actor_pool(
 CHECKPOINT_FILE = "train_state.pt"
 
 
+def quiet_ray_train_logs() -> None:
+    """Ray Train's INFO lines (one per report, with every metric in it) drown the progress bars. Some
+    of its modules name their logger by file path (logging.getLogger(__file__)), out of reach of the
+    "ray.train" logger and of RunConfig's LoggingConfig, so those are quieted by name."""
+    for name in ["ray.train", *logging.root.manager.loggerDict]:
+        if name == "ray.train" or "/ray/train/" in name.replace("\\", "/"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_layer_worker(config: dict) -> None:
     """Ray Train worker loop for one layer: stream its training rows from the store, resume from the
     run's last checkpoint if there is one, report metrics every report_every_steps steps and a
@@ -221,7 +230,7 @@ def train_layer_worker(config: dict) -> None:
     from qsae.store import StoreSource
     from qsae.train import train_sae, training_rows
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint drowns the progress bars
+    quiet_ray_train_logs()
     cfg = TrainStageConfig(**config["train"])
     torch.set_num_threads(max(1, int(cfg.resources_per_worker()["CPU"])))
     if cfg.device == "auto":
