@@ -98,11 +98,8 @@ def encode_layer_sample(store_dir: Path, layer: int, sae: TopKSAE, cfg: Pipeline
     sampled, train_rows, heldout_rows = sampled_split(
         store_dir, layer, cfg.capture.max_tokens_per_layer, cfg.train.holdout_fraction, cfg.train.seed
     )
-    source = StoreSource(store_dir, layer, sampled)
-    if source.d_in != sae.d_in:  # e.g. the store was captured again from another model after training
-        raise ValueError(f"layer {layer}: the trained SAE has d_in {sae.d_in} but the store's residuals have "
-                         f"d_model {source.d_in}; train the layer again on this store")
-    return encode_sample(sae, source, train_rows, heldout_rows, keep_residuals=cfg.release.export_activations)
+    return encode_sample(sae, StoreSource(store_dir, layer, sampled), train_rows, heldout_rows,
+                         keep_residuals=cfg.release.export_activations)
 
 
 @torch.no_grad()
@@ -177,6 +174,10 @@ def build_release(
     """Write <run>/release atomically (staged, then renamed); returns its path."""
     store_dir = run_dir / "activations"
     manifest = read_manifest(store_dir)
+    for layer in cfg.capture.layers:  # before any work: e.g. the store was captured again from another model
+        if trained[layer][0].d_in != manifest["d_model"]:
+            raise ValueError(f"layer {layer}: the trained SAE has d_in {trained[layer][0].d_in} but the store's "
+                             f"residuals have d_model {manifest['d_model']}; train the layer again on this store")
     rollouts = {r.rollout_id: r for r in read_rollouts(run_dir / "rollouts.parquet")}
     context_of = token_context(rollouts, tokenizer, cfg.release.context_tokens)
     final = run_dir / "release"
