@@ -50,7 +50,7 @@ def original_way(model, tokenizer, prompts, layers, max_new_tokens) -> int:
 
 def qsae_way(model, tokenizer, prompts, layers, max_new_tokens, batch_size) -> int:
     responses = HFEngine(model, tokenizer, max_new_tokens, batch_size).generate(prompts)
-    sequences = [p + r for p, r in zip(prompts, responses)]
+    sequences = [p + g.token_ids for p, g in zip(prompts, responses)]
     captured = capture_residuals(model, sequences, [len(p) for p in prompts], layers, batch_size)
     return sum(len(rows) for rows in captured[layers[0]])
 
@@ -59,7 +59,8 @@ def vllm_way(engine, prompts, layers) -> int:
     from qsae.engines.vllm_engine import capture_residuals_vllm
 
     responses = engine.generate(prompts)
-    captured = capture_residuals_vllm(engine, [p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts], layers)
+    captured = capture_residuals_vllm(engine, [p + g.token_ids for p, g in zip(prompts, responses)],
+                                      [len(p) for p in prompts], layers)
     return sum(len(rows) for rows in captured[layers[0]])
 
 

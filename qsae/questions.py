@@ -165,8 +165,14 @@ def _answer_patterns(n_options: int) -> tuple[re.Pattern[str], tuple[re.Pattern[
     return keyword, last_line_only
 
 
-def parse_answer(text: str, n_options: int) -> str | None:
-    """The answer letter a response commits to, or None.
+@dataclass(frozen=True)
+class ParsedAnswer:
+    letter: str | None
+    from_final_line: bool  # found on the last non-empty line (the final answer), not earlier in the text
+
+
+def parse_answer_detail(text: str, n_options: int) -> ParsedAnswer:
+    """The answer letter a response commits to, and whether its last line gave it.
 
     The last non-empty line decides first ("Answer: X" and its variants, "\\boxed{X}", "(X)", a bare
     letter); failing that, the last "Answer: X" anywhere. Letters outside A..LETTERS[n_options-1]
@@ -180,11 +186,31 @@ def parse_answer(text: str, n_options: int) -> str | None:
         for pattern in (keyword, *last_line_only):
             matches = pattern.findall(lines[-1])
             if matches:
-                return matches[-1]
+                return ParsedAnswer(matches[-1], True)
     matches = keyword.findall(text)
-    return matches[-1] if matches else None
+    return ParsedAnswer(matches[-1] if matches else None, False)
+
+
+def parse_answer(text: str, n_options: int) -> str | None:
+    """The answer letter a response commits to, or None (see parse_answer_detail)."""
+    return parse_answer_detail(text, n_options).letter
 
 
 def is_correct(predicted: str | None, q: Question) -> bool:
     """Whether a parsed letter is the question's answer; no answer counts as wrong."""
     return predicted is not None and predicted == q.answer_letter
+
+
+# A rollout's outcome. Only "correct" and "wrong" are labels; a response cut off by the token budget,
+# or one without a parsable letter, says nothing about what the model knew.
+OUTCOMES = ("correct", "wrong", "truncated", "no_answer")
+
+
+def grade(letter: str | None, answer_letter: str, finish_reason: str) -> str:
+    """The outcome of a rollout: "truncated" when it hit the token limit (whatever it said before),
+    "no_answer" when no letter could be parsed, else "correct" or "wrong"."""
+    if finish_reason == "length":
+        return "truncated"
+    if letter is None:
+        return "no_answer"
+    return "correct" if letter == answer_letter else "wrong"

@@ -1,4 +1,9 @@
-"""Rollout stage: greedy answers to questions, parsed and scored, saved as rollouts.parquet."""
+"""Rollout stage: greedy answers to questions, parsed and graded, saved as rollouts.parquet.
+
+A rollout's outcome (questions.grade) is "correct", "wrong", "truncated" (it hit max_new_tokens) or
+"no_answer" (no letter to parse). With thinking on, only the text after the closing </think> is
+parsed: a letter inside the reasoning is a step of the thought, not the answer.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -7,9 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qsae.engines import Engine
+from qsae.engines import Engine, Generation
 from qsae.models import chat_prompt
-from qsae.questions import Question, format_prompt, is_correct, parse_answer
+from qsae.questions import Question, format_prompt, grade, parse_answer_detail
 from qsae.files import atomic_write
 
 
@@ -20,8 +25,11 @@ class Rollout:
     prompt: str
     response: str
     predicted_letter: str | None
+    letter_from_final_line: bool  # the letter was on the answer's last line, not found earlier in it
     answer_letter: str
-    correct: bool
+    finish_reason: str  # "stop" (end-of-turn token) or "length" (hit max_new_tokens)
+    outcome: str  # "correct", "wrong", "truncated" or "no_answer" (questions.grade)
+    correct: bool  # outcome == "correct"
     n_prompt_tokens: int
     n_response_tokens: int
     engine: str
@@ -37,7 +45,10 @@ ROLLOUT_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("response", pa.string()),
         ("predicted_letter", pa.string()),
+        ("letter_from_final_line", pa.bool_()),
         ("answer_letter", pa.string()),
+        ("finish_reason", pa.string()),
+        ("outcome", pa.string()),
         ("correct", pa.bool_()),
         ("n_prompt_tokens", pa.int32()),
         ("n_response_tokens", pa.int32()),
@@ -50,35 +61,58 @@ ROLLOUT_SCHEMA = pa.schema(
 )
 
 
+THINK_END = "</think>"
+
+
+def final_answer_ids(tokenizer, response_ids: list[int], thinking: bool) -> list[int] | None:
+    """The response tokens that hold the final answer: all of them with thinking off; with thinking
+    on, those after the last </think>, or None when the thought never closed."""
+    if not thinking:
+        return response_ids
+    think_end = tokenizer.convert_tokens_to_ids(THINK_END)
+    if think_end is None or think_end == tokenizer.unk_token_id:
+        raise ValueError(f"thinking is on but the tokenizer has no {THINK_END} token to find the answer after")
+    ends = [i for i, token in enumerate(response_ids) if token == think_end]
+    return response_ids[ends[-1] + 1:] if ends else None
+
+
 def run_rollouts(
     engine: Engine, tokenizer, questions: list[Question], first_id: int, thinking: bool, seed: int
 ) -> list[Rollout]:
     """Greedy rollouts of `questions`; rollout ids are first_id, first_id + 1, ... in question order."""
     prompts = [chat_prompt(tokenizer, format_prompt(q), thinking) for q in questions]
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    response_ids = engine.generate(prompt_ids)
-    rollouts = []
-    for i, (q, prompt, p_ids, r_ids) in enumerate(zip(questions, prompts, prompt_ids, response_ids)):
-        response = tokenizer.decode(r_ids, skip_special_tokens=True)
-        predicted = parse_answer(response, len(q.options))
-        rollouts.append(
-            Rollout(
-                rollout_id=first_id + i,
-                question_id=q.uuid,
-                prompt=prompt,
-                response=response,
-                predicted_letter=predicted,
-                answer_letter=q.answer_letter,
-                correct=is_correct(predicted, q),
-                n_prompt_tokens=len(p_ids),
-                n_response_tokens=len(r_ids),
-                engine=engine.name,
-                seed=seed,
-                prompt_token_ids=p_ids,
-                response_token_ids=r_ids,
-            )
-        )
-    return rollouts
+    generations = engine.generate(prompt_ids)
+    return [make_rollout(first_id + i, q, prompt, p_ids, g, tokenizer=tokenizer, thinking=thinking,
+                         engine=engine.name, seed=seed)
+            for i, (q, prompt, p_ids, g) in enumerate(zip(questions, prompts, prompt_ids, generations))]
+
+
+def make_rollout(rollout_id: int, q: Question, prompt: str, prompt_ids: list[int], generation: Generation, *,
+                 tokenizer, thinking: bool, engine: str, seed: int) -> Rollout:
+    """One generation, parsed and graded."""
+    answer_ids = final_answer_ids(tokenizer, generation.token_ids, thinking)
+    parsed = parse_answer_detail(tokenizer.decode(answer_ids, skip_special_tokens=True) if answer_ids else "",
+                                 len(q.options))
+    outcome = grade(parsed.letter, q.answer_letter, generation.finish_reason)
+    return Rollout(
+        rollout_id=rollout_id,
+        question_id=q.uuid,
+        prompt=prompt,
+        response=tokenizer.decode(generation.token_ids, skip_special_tokens=True),
+        predicted_letter=parsed.letter,
+        letter_from_final_line=parsed.from_final_line,
+        answer_letter=q.answer_letter,
+        finish_reason=generation.finish_reason,
+        outcome=outcome,
+        correct=outcome == "correct",
+        n_prompt_tokens=len(prompt_ids),
+        n_response_tokens=len(generation.token_ids),
+        engine=engine,
+        seed=seed,
+        prompt_token_ids=prompt_ids,
+        response_token_ids=generation.token_ids,
+    )
 
 
 def write_rollouts(rollouts: list[Rollout], path: str | Path) -> None:
@@ -88,5 +122,12 @@ def write_rollouts(rollouts: list[Rollout], path: str | Path) -> None:
 
 def read_rollouts(*paths: str | Path) -> list[Rollout]:
     names = [f.name for f in fields(Rollout)]
-    rows = [row for path in paths for row in pq.read_table(path).select(names).to_pylist()]
+    rows = []
+    for path in paths:
+        table = pq.read_table(path)
+        missing = [name for name in names if name not in table.column_names]
+        if missing:
+            raise ValueError(f"{path} lacks the columns {', '.join(missing)}: it was written by an older qsae; "
+                             "capture again into a new --out")
+        rows += table.select(names).to_pylist()
     return sorted((Rollout(**row) for row in rows), key=lambda r: r.rollout_id)

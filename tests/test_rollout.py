@@ -1,10 +1,10 @@
 """Rollouts through the transformers engine: batched greedy generation is the same as one at a time."""
 from __future__ import annotations
 
-
+from qsae.engines import Generation, strip_after_stop
 from qsae.engines.hf_engine import HFEngine
 from qsae.questions import BUNDLED_QUESTIONS, load_questions, parse_answer
-from qsae.rollout import read_rollouts, run_rollouts, write_rollouts
+from qsae.rollout import make_rollout, read_rollouts, run_rollouts, write_rollouts
 
 
 def test_batched_left_padded_generation_matches_single_prompts(tiny):
@@ -27,7 +27,7 @@ def test_generation_respects_budget_and_stops_at_end_of_turn(tiny):
     for r in rollouts:
         assert tokenizer.eos_token_id not in r.response_token_ids and tokenizer.pad_token_id not in r.response_token_ids
         assert r.predicted_letter == parse_answer(r.response, len(questions[r.rollout_id - 10].options))
-        assert r.correct == (r.predicted_letter == r.answer_letter)
+        assert r.correct == (r.predicted_letter == r.answer_letter and r.finish_reason == "stop")
     short = run_rollouts(HFEngine(model, tokenizer, 5, batch_size=8), tokenizer, questions, 0, False, 3)
     assert all(r.n_response_tokens == 5 for r in short)
 
@@ -38,3 +38,49 @@ def test_rollouts_parquet_round_trip(tiny, tmp_path):
     rollouts = run_rollouts(HFEngine(model, tokenizer, 20, batch_size=3), tokenizer, questions, 0, True, 7)
     write_rollouts(rollouts, tmp_path / "rollouts.parquet")
     assert read_rollouts(tmp_path / "rollouts.parquet") == rollouts
+
+
+# --- labels: the rules for thinking, truncation and where the letter came from ----------------------
+
+def graded(tokenizer, question, response_text: str, finish_reason: str, thinking: bool):
+    """A rollout made from a response written here, tokenized as the model would have produced it."""
+    ids = tokenizer(response_text, add_special_tokens=False).input_ids
+    return make_rollout(0, question, "prompt", [1, 2], Generation(ids, finish_reason), tokenizer=tokenizer,
+                        thinking=thinking, engine="test", seed=0)
+
+
+def test_label_rules(tiny):
+    _, tokenizer = tiny
+    q = load_questions(BUNDLED_QUESTIONS)[0]
+    right = q.answer_letter
+    wrong = next(letter for letter in "ABCD" if letter != right)
+    # thinking on: a letter inside the thought is not the answer; only the text after </think> counts
+    r = graded(tokenizer, q, f"<think>\nMaybe Answer: {wrong}\n</think>\n\nSo.\nAnswer: {right}", "stop", True)
+    assert (r.predicted_letter, r.letter_from_final_line, r.outcome, r.correct) == (right, True, "correct", True)
+    r = graded(tokenizer, q, f"<think>\nAnswer: {right}\n</think>\n\nAnswer: {wrong}", "stop", True)
+    assert (r.predicted_letter, r.outcome, r.correct) == (wrong, "wrong", False)
+    # a thought that never closed has no answer, whatever letters it mentions
+    r = graded(tokenizer, q, f"<think>\nThe answer is {right}.\nAnswer: {right}", "stop", True)
+    assert (r.predicted_letter, r.outcome, r.correct) == (None, "no_answer", False)
+    # cut off by the token budget: neither right nor wrong, even with a letter already written
+    r = graded(tokenizer, q, f"<think>\nx\n</think>\nAnswer: {right}\nand furthermore", "length", True)
+    assert (r.predicted_letter, r.finish_reason, r.outcome, r.correct) == (right, "length", "truncated", False)
+    # thinking off: the whole response; a letter found before a chatty last line is not the final line's
+    r = graded(tokenizer, q, f"Reasoning.\nAnswer: {wrong}\nHope this helps!", "stop", False)
+    assert (r.predicted_letter, r.letter_from_final_line, r.outcome) == (wrong, False, "wrong")
+    r = graded(tokenizer, q, "I do not know.", "stop", False)
+    assert (r.predicted_letter, r.outcome) == (None, "no_answer")
+
+
+def test_finish_reason_of_the_transformers_engine(tiny):
+    model, tokenizer = tiny
+    questions = load_questions(BUNDLED_QUESTIONS)[:8]
+    rollouts = run_rollouts(HFEngine(model, tokenizer, 400, batch_size=8), tokenizer, questions, 0, False, 3)
+    assert {r.finish_reason for r in rollouts if r.n_response_tokens < 400} == {"stop"}
+    short = run_rollouts(HFEngine(model, tokenizer, 5, batch_size=8), tokenizer, questions, 0, False, 3)
+    assert {(r.finish_reason, r.outcome) for r in short} == {("length", "truncated")}
+
+
+def test_strip_after_stop():
+    assert strip_after_stop([5, 6, 2, 7], {2}) == Generation([5, 6], "stop")
+    assert strip_after_stop([5, 6, 7], {2}) == Generation([5, 6, 7], "length")

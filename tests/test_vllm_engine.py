@@ -83,8 +83,9 @@ def test_same_greedy_tokens_as_transformers(dense, engine, prompt_ids):
     prompts = prompt_ids[:16]
     by_vllm = engine.generate(prompts)
     by_transformers = HFEngine(model, tokenizer, BUDGET, batch_size=16).generate(prompts)
-    assert by_vllm == by_transformers
-    assert any(len(r) < BUDGET for r in by_vllm) and sum(map(len, by_vllm)) > 16 * 50
+    assert by_vllm == by_transformers  # the same tokens and the same finish reasons
+    assert any(g.finish_reason == "stop" for g in by_vllm)
+    assert sum(len(g.token_ids) for g in by_vllm) > 16 * 50
 
 
 def test_stop_token_is_stripped_and_budget_respected(dense, engine, prompt_ids):
@@ -99,8 +100,9 @@ def test_stop_token_is_stripped_and_budget_respected(dense, engine, prompt_ids):
     )
     responses = engine.generate(prompts)
     stopped = 0
-    for out, response in zip(raw, responses):
-        tokens = list(out.outputs[0].token_ids)
+    for out, generation in zip(raw, responses):
+        tokens, response = list(out.outputs[0].token_ids), generation.token_ids
+        assert generation.finish_reason == out.outputs[0].finish_reason
         if out.outputs[0].finish_reason == "stop":
             stopped += 1
             assert tokens[-1] in engine.stop_ids and response == tokens[:-1]
@@ -110,7 +112,7 @@ def test_stop_token_is_stripped_and_budget_respected(dense, engine, prompt_ids):
     assert stopped > 0
     engine.max_new_tokens = 5
     try:
-        assert [len(r) for r in engine.generate(prompts)] == [5] * len(prompts)
+        assert [(len(g.token_ids), g.finish_reason) for g in engine.generate(prompts)] == [(5, "length")] * len(prompts)
     finally:
         engine.max_new_tokens = BUDGET
 
@@ -131,7 +133,7 @@ def test_captured_rows_are_transformers_residuals(dense, engine, prompt_ids):
     differ by ~1e-5, so atol 1e-4 leaves 10x headroom while the neighbouring layer is off by ~1."""
     model, _, _ = dense
     prompts = prompt_ids[:4]
-    sequences = [p + r for p, r in zip(prompts, engine.generate(prompts))]
+    sequences = [p + g.token_ids for p, g in zip(prompts, engine.generate(prompts))]
     starts = [len(p) for p in prompts]
     starts[1] = 0  # every position of one sequence: prompt rows too
     rows = capture_residuals_vllm(engine, sequences, starts, LAYERS)

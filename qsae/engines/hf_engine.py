@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from qsae.engines import stop_token_ids, strip_after_stop
+from qsae.engines import Generation, stop_token_ids, strip_after_stop
 
 
 class HFEngine:
@@ -18,13 +18,13 @@ class HFEngine:
         self.stop_ids = stop_token_ids(tokenizer, eos)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+    def generate(self, prompt_ids: list[list[int]]) -> list[Generation]:
         responses = []
         for start in range(0, len(prompt_ids), self.batch_size):
             responses += self._generate_batch(prompt_ids[start : start + self.batch_size])
         return responses
 
-    def _generate_batch(self, batch: list[list[int]]) -> list[list[int]]:
+    def _generate_batch(self, batch: list[list[int]]) -> list[Generation]:
         # Left padding keeps every prompt's last token at the same column, where generation continues.
         width = max(len(ids) for ids in batch)
         pad = self.tokenizer.pad_token_id

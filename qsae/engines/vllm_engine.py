@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qsae.engines import stop_token_ids, strip_after_stop
+from qsae.engines import Generation, stop_token_ids, strip_after_stop
 from qsae.models import load_config
 
 EXTENSION = "qsae.engines.vllm_engine.ResidualCapture"
@@ -101,7 +101,7 @@ class VLLMEngine:
             **vllm_kwargs,
         )
 
-    def generate(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+    def generate(self, prompt_ids: list[list[int]]) -> list[Generation]:
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(
@@ -109,8 +109,10 @@ class VLLMEngine:
         )
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        # vLLM keeps the stop token it stopped on in token_ids; HFEngine's rule removes it.
-        return [strip_after_stop(list(out.outputs[0].token_ids), self.stop_ids) for out in outputs]
+        # vLLM keeps the stop token it stopped on in token_ids; HFEngine's rule removes it, and vLLM's
+        # own finish_reason says whether the budget ran out.
+        return [Generation(strip_after_stop(list(out.outputs[0].token_ids), self.stop_ids).token_ids,
+                           out.outputs[0].finish_reason) for out in outputs]
 
     def close(self) -> None:
         """Stop vLLM's engine process (and its workers) now rather than at garbage collection."""
