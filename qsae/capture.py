@@ -91,10 +91,18 @@ def capture_residuals(
     return rows
 
 
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of special and chat-template tokens: the tokenizer's special tokens and every token added to
+    its learned vocabulary (<|im_start|>, <think>, </think>, tool-call tags...), markup rather than text."""
+    return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+
+
 def capture_shard(
-    residuals_of: ResidualFn, rollouts: list[Rollout], layer_ids: list[int], store_dir: Path, shard: str, dtype: str
+    residuals_of: ResidualFn, rollouts: list[Rollout], layer_ids: list[int], store_dir: Path, shard: str, dtype: str,
+    *, special_ids: set[int] = frozenset(),
 ) -> dict[str, int]:
-    """Capture the response-token residuals of `rollouts` (at least one) and write a shard per layer."""
+    """Capture the response-token residuals of `rollouts` (at least one) and write a shard per layer;
+    rows whose token is in `special_ids` are marked special."""
     sequences = [r.prompt_token_ids + r.response_token_ids for r in rollouts]
     starts = [r.n_prompt_tokens for r in rollouts]
     residuals = residuals_of(sequences, starts, layer_ids)
@@ -103,10 +111,10 @@ def capture_shard(
     position = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
     token_id = np.concatenate([np.asarray(r.response_token_ids, dtype=np.int64) for r in rollouts])
     correct = np.repeat([r.correct for r in rollouts], lengths)
+    special = np.isin(token_id, sorted(special_ids))
     return {
-        str(layer): write_shard(
-            store_dir, layer, shard, rollout_id, position, token_id, correct, np.concatenate(residuals[layer]), dtype
-        )
+        str(layer): write_shard(store_dir, layer, shard, rollout_id, position, token_id, correct,
+                                np.concatenate(residuals[layer]), dtype, special=special)
         for layer in layer_ids
     }
 
@@ -147,7 +155,8 @@ def capture_question_shard(
     rollout_part = Path(run_dir) / "rollouts" / f"{shard}.parquet"
     write_rollouts(rollouts, rollout_part)
     store_dir = Path(run_dir) / "activations"
-    rows = capture_shard(replica.residuals_of, rollouts, cfg.capture.layers, store_dir, shard, cfg.capture.dtype)
+    rows = capture_shard(replica.residuals_of, rollouts, cfg.capture.layers, store_dir, shard, cfg.capture.dtype,
+                         special_ids=special_token_ids(replica.tokenizer))
     written = [rollout_part] + [shard_path(store_dir, layer, shard) for layer in cfg.capture.layers]
     return {
         "shard": shard,

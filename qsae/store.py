@@ -24,6 +24,7 @@ import pyarrow as pa
 from qsae.files import atomic_write, atomic_write_json
 
 MANIFEST = "manifest.json"
+STORE_FORMAT = 2  # 2: rows carry `special` and `norm`, so training and statistics can leave rows out
 HOOK_CONVENTION = "output of decoder layer L (= hidden_states[L + 1]): the residual stream after block L"
 TOKEN_SELECTION = "response tokens: positions n_prompt .. n_prompt + n_response - 1 of prompt+response"
 
@@ -44,6 +45,8 @@ def shard_schema(d_model: int, dtype: str) -> pa.Schema:
             ("position", pa.int32()),
             ("token_id", pa.int32()),
             ("correct", pa.bool_()),
+            ("special", pa.bool_()),  # a special or chat-template token (the tokenizer's added tokens)
+            ("norm", pa.float32()),  # the residual's L2 norm, computed before the cast to the store dtype
             ("act", pa.list_(value_type, d_model)),
         ]
     )
@@ -64,8 +67,8 @@ def to_store_dtype(residuals: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def row_bytes(d_model: int, dtype: str) -> int:
-    """Bytes of one stored row: the residual plus rollout_id, position, token_id and correct."""
-    return d_model * (2 if dtype == "float16" else 4) + 8 + 4 + 4 + 1
+    """Bytes of one stored row: the residual plus rollout_id, position, token_id, correct, special, norm."""
+    return d_model * (2 if dtype == "float16" else 4) + 8 + 4 + 4 + 1 + 1 + 4
 
 
 def free_bytes(path: str | Path) -> int:
@@ -98,17 +101,24 @@ def write_shard(
     correct: np.ndarray,
     residuals: np.ndarray,
     dtype: str,
+    *,
+    special: np.ndarray | None = None,
 ) -> int:
-    """Write one layer's rows of one capture shard; returns the row count."""
+    """Write one layer's rows of one capture shard; returns the row count. `special` marks special and
+    chat-template tokens (None: none of them is)."""
     n_rows, d_model = residuals.shape
-    values = to_store_dtype(residuals, dtype).reshape(-1)
+    special = np.zeros(n_rows, dtype=bool) if special is None else special
+    values = to_store_dtype(residuals, dtype)
+    norm = np.linalg.norm(residuals.astype(np.float64), axis=1).astype(np.float32)
     table = pa.table(
         [
             pa.array(rollout_id, pa.int64()),
             pa.array(position, pa.int32()),
             pa.array(token_id, pa.int32()),
             pa.array(correct, pa.bool_()),
-            pa.FixedSizeListArray.from_arrays(pa.array(values), d_model),
+            pa.array(special, pa.bool_()),
+            pa.array(norm, pa.float32()),
+            pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), d_model),
         ],
         schema=shard_schema(d_model, dtype),
     )
@@ -123,6 +133,7 @@ def write_shard(
 
 def new_manifest(model_id: str, model_revision: str | None, layers: list[int], d_model: int, dtype: str) -> dict:
     return {
+        "format": STORE_FORMAT,
         "model_id": model_id,
         "model_revision": model_revision,
         "layers": list(layers),
@@ -146,8 +157,8 @@ def read_manifest(store_dir: str | Path) -> dict:
 
 
 def check_compatible(manifest: dict, model_id: str, layers: list[int], d_model: int, dtype: str) -> None:
-    """A rerun must extend the same store, not mix models, layers or dtypes."""
-    wanted = {"model_id": model_id, "layers": list(layers), "d_model": d_model, "dtype": dtype}
+    """A rerun must extend the same store, not mix formats, models, layers or dtypes."""
+    wanted = {"format": STORE_FORMAT, "model_id": model_id, "layers": list(layers), "d_model": d_model, "dtype": dtype}
     clashes = {key: (manifest.get(key), value) for key, value in wanted.items() if manifest.get(key) != value}
     if clashes:
         details = ", ".join(f"{key}: store has {have!r}, run wants {want!r}" for key, (have, want) in clashes.items())

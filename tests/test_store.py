@@ -10,6 +10,7 @@ import pytest
 from qsae.store import (
     MANIFEST,
     ArraySource,
+    STORE_FORMAT,
     StoreError,
     StoreSource,
     check_compatible,
@@ -37,6 +38,7 @@ def shard_rows(n_rows: int, first_rollout: int, seed: int) -> dict:
         "token_id": rng.integers(0, 30000, n_rows),
         "correct": rng.random(n_rows) < 0.5,
         "residuals": rng.standard_normal((n_rows, D_MODEL)).astype(np.float32) * 3,
+        "special": rng.random(n_rows) < 0.2,
     }
 
 
@@ -73,6 +75,9 @@ def test_write_shard_and_manifest_round_trip(tmp_path):
         np.testing.assert_array_equal(table.column("position").to_numpy(), want["position"])
         np.testing.assert_array_equal(table.column("token_id").to_numpy(), want["token_id"])
         np.testing.assert_array_equal(table.column("correct").to_numpy(zero_copy_only=False), want["correct"])
+        np.testing.assert_array_equal(table.column("special").to_numpy(zero_copy_only=False), want["special"])
+        np.testing.assert_allclose(table.column("norm").to_numpy(), np.sqrt((want["residuals"] ** 2).sum(axis=1)),
+                                   rtol=1e-6)
         matrix = residual_matrix(table)
         assert matrix.dtype == np.float32 and matrix.shape == (12, D_MODEL)
         np.testing.assert_array_equal(matrix, want["residuals"])
@@ -86,6 +91,7 @@ def test_manifest_records_the_run(tmp_path):
     assert manifest["layers"] == LAYERS
     assert manifest["d_model"] == D_MODEL
     assert manifest["dtype"] == "float32"
+    assert manifest["format"] == STORE_FORMAT
     assert manifest["shards"]["shard_00001"]["rows"] == {"3": 7, "7": 7}
     assert json.loads((store / MANIFEST).read_text()) == manifest
 
@@ -100,6 +106,8 @@ def test_shard_schema_types(tmp_path):
     assert schema.field("position").type == pa.int32()
     assert schema.field("token_id").type == pa.int32()
     assert schema.field("correct").type == pa.bool_()
+    assert schema.field("special").type == pa.bool_()
+    assert schema.field("norm").type == pa.float32()
     assert schema.field("act").type == pa.list_(pa.float16(), D_MODEL)
 
 
@@ -284,10 +292,15 @@ def test_check_compatible_passes_on_the_same_run(tmp_path):
         ("layers", {"layers": [3, 11]}),
         ("d_model", {"d_model": 16}),
         ("dtype", {"dtype": "float16"}),
+        ("format", {}),
     ],
 )
 def test_check_compatible_refuses_a_different_run(tmp_path, field, kwargs):
     build_store(tmp_path)
+    if field == "format":  # a store written before rows carried `special` and `norm`
+        manifest = read_manifest(tmp_path)
+        del manifest["format"]
+        write_manifest(tmp_path, manifest)
     wanted = {"model_id": "test/model", "layers": LAYERS, "d_model": D_MODEL, "dtype": "float32", **kwargs}
     with pytest.raises(StoreError, match=field):
         check_compatible(read_manifest(tmp_path), **wanted)
