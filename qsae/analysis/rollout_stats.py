@@ -1,0 +1,493 @@
+"""Rollout-level correctness statistics of SAE features: pooling, AUROC, permutation tests, probes.
+
+A rollout (one response to a question) is correct or wrong; its token rows are correlated, so the
+unit of inference here is the rollout, not the token. Token codes are pooled per rollout
+(`pool_by_rollout`), each feature's pooled activation is scored against correctness by AUROC
+(`auroc_dense`), and chance is measured by permuting the labels within questions
+(`permutation_test`), which keeps each question's difficulty out of the null. Multiplicity over
+features is handled twice: Benjamini-Hochberg q-values (`bh_qvalues`) and the Westfall-Young
+max-statistic p-value with its 95% chance band. Response length and a linear probe on the mean
+residual are the baselines a feature has to beat (`bootstrap_auroc_ci`, `probe_auroc`).
+
+Every AUROC here is the Mann-Whitney statistic with ties counted one half. Under a permutation of
+the labels each feature's midranks stay fixed, so a permuted AUROC needs only the rank sum of the
+positives: (permuted labels [P, R]) @ (midranks [R, n]), one matrix product per feature block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qsae.analysis.features import CHANCE_AUROC, UndefinedAUROCError, auroc_direction, firing_entries
+from qsae.analysis.fidelity import DEFAULT_ALPHA
+
+FEATURE_BLOCK = 128  # features ranked at once: a float64 [128, R] midrank block is 27 MB at R = 26,529
+POOL_CHUNK_ROWS = 65_536  # token rows pooled at once: ~2M firing entries at k = 32
+PERMUTATION_BATCH = 128  # permuted label rows drawn and multiplied at once, as a float64 [128, R] matrix
+BOOT_BATCH = 128  # bootstrap replicates weighed at once, as an int64 [128, R] matrix
+Q_THRESHOLD = 0.05  # BH q below which a feature counts as a discovery in the summary
+PROBE_C = 0.1  # inverse L2 strength of the probe on standardised inputs: many dimensions, few rollouts
+PROBE_MAX_ITER = 5000  # lbfgs iterations: enough to converge on standardised residuals
+PROBE_SPLITS = 5
+
+
+@dataclass(frozen=True)
+class RolloutPool:
+    """Per-rollout pooled codes; row i of every [R, n] matrix belongs to rollout_ids[i]."""
+
+    rollout_ids: np.ndarray  # [R] int64, sorted unique
+    max: np.ndarray  # [R, n] float32, max activation over the rollout's rows (0 = never fires)
+    mean: np.ndarray  # [R, n] float32, mean activation over the rollout's rows (silent rows count 0)
+    fire_fraction: np.ndarray  # [R, n] float32, share of the rollout's rows on which the feature fires
+    n_tokens: np.ndarray  # [R] int64, rows of each rollout
+
+
+@dataclass(frozen=True)
+class PermutationTest:
+    """Observed AUROCs and their label-permutation null, per feature."""
+
+    auroc: np.ndarray  # [n] float64, observed AUROC of each feature
+    p: np.ndarray  # [n] float64, two-sided permutation p-value of each feature
+    max_abs_null: np.ndarray  # [P] float64, per permutation the largest |AUROC - 0.5| over features
+    westfall_young_p: np.ndarray  # [n] float64, familywise p-value from the max statistic
+    chance_band_95: float  # 95th percentile of max_abs_null: |AUROC - 0.5| reached by chance alone
+    n_permutations: int
+    stratified: bool  # True when labels were permuted within questions
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Out-of-fold AUROC of the linear probe; auroc is None when it cannot be computed, and reason says why."""
+
+    auroc: float | None
+    reason: str | None = None
+    n_splits: int = 0
+
+
+@dataclass(frozen=True)
+class RolloutStatistics:
+    """Everything `rollout_statistics` computes for one layer."""
+
+    test: PermutationTest
+    q: np.ndarray  # [n] BH q-values of test.p
+    length_auroc: float | None
+    length_ci: tuple[float, float] | None
+    probe: ProbeResult | None
+    summary: dict
+
+
+# pooling
+
+
+def pool_by_rollout(values: np.ndarray, indices: np.ndarray, row_rollout: np.ndarray, n_features: int) -> RolloutPool:
+    """Max, mean and fire fraction of every feature over each rollout's token rows.
+
+    Rows of one rollout need not be contiguous. Works on the firing entries only: one flat key
+    rollout * n + feature per entry, reduced by torch's scatter_reduce_ (max) and index_add_ (sum,
+    count) into [R * n] float32 buffers. Rows are taken in rollout order, POOL_CHUNK_ROWS at a time:
+    each reduction then writes within a few rollouts' n floats (cache resident) instead of all over
+    R * n, an order of magnitude faster, and memory is O(R n) plus one chunk, never O(N n). Sums
+    accumulate in float32 (relative error ~1e-7 x sqrt(rows of the rollout)); counts are exact
+    below 2**24.
+    """
+    indices, values, row_rollout = np.asarray(indices), np.asarray(values), np.asarray(row_rollout)
+    if indices.ndim != 2 or indices.shape != values.shape:
+        raise ValueError(f"indices and values must share one [N, k] shape, got {indices.shape} and {values.shape}")
+    n_rows = len(indices)
+    if row_rollout.shape != (n_rows,):
+        raise ValueError(f"row_rollout must have shape ({n_rows},), one rollout id per row, got {row_rollout.shape}")
+    if not np.issubdtype(row_rollout.dtype, np.integer):
+        raise ValueError(f"row_rollout must hold integer rollout ids, got dtype {row_rollout.dtype}")
+    rollout_ids, rollout_of_row = np.unique(row_rollout.astype(np.int64), return_inverse=True)
+    rollout_of_row = rollout_of_row.reshape(n_rows)
+    n_tokens = np.bincount(rollout_of_row, minlength=len(rollout_ids)).astype(np.int64)
+    shape = (len(rollout_ids), n_features)
+    pooled_max, total, fired = (torch.zeros(shape[0] * shape[1]) for _ in range(3))
+    by_rollout = np.argsort(rollout_of_row, kind="stable")
+    for start in range(0, n_rows, POOL_CHUNK_ROWS):
+        chunk = by_rollout[start:start + POOL_CHUNK_ROWS]
+        rows, features, activations = firing_entries(indices[chunk], values[chunk], n_features)
+        key = torch.from_numpy(rollout_of_row[chunk][rows] * n_features + features)
+        activations = torch.from_numpy(activations.astype(np.float32))
+        pooled_max.scatter_reduce_(0, key, activations, reduce="amax", include_self=True)
+        total.index_add_(0, key, activations)
+        fired.index_add_(0, key, torch.ones(1).expand(len(key)))
+    per_rollout = torch.from_numpy(n_tokens.astype(np.float32))[:, None]  # every rollout has >= 1 row
+    return RolloutPool(
+        rollout_ids=rollout_ids,
+        max=pooled_max.view(shape).numpy(),
+        mean=total.view(shape).div_(per_rollout).numpy(),
+        fire_fraction=fired.view(shape).div_(per_rollout).numpy(),
+        n_tokens=n_tokens,
+    )
+
+
+# AUROC from midranks
+
+
+def _labels(labels: np.ndarray, n_rollouts: int) -> np.ndarray:
+    """Labels as bool [R] (True = correct); UndefinedAUROCError unless both classes are present."""
+    labels = np.asarray(labels)
+    if labels.shape != (n_rollouts,):
+        raise ValueError(f"labels must have shape ({n_rollouts},), one per rollout, got {labels.shape}")
+    if labels.dtype != bool:
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError("labels must be bool (or 0/1): True = correct rollout")
+        labels = labels.astype(bool)
+    if n_rollouts == 0:
+        raise UndefinedAUROCError("AUROC undefined: no labelled rollouts")
+    n_pos = int(labels.sum())
+    if n_pos in (0, n_rollouts):
+        outcome = "correct" if n_pos else "wrong"
+        raise UndefinedAUROCError(f"AUROC undefined: all {n_rollouts} labelled rollouts are {outcome}")
+    return labels
+
+
+def _scores(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be a [R, n] matrix with one row per rollout, got shape {scores.shape}")
+    if not np.issubdtype(scores.dtype, np.number) or not np.isfinite(scores).all():
+        raise ValueError("scores must be finite numbers")
+    return scores
+
+
+def _midranks(block: np.ndarray) -> torch.Tensor:
+    """Midranks (1-based, tied values share their mean rank) of each column of block [R, B], as a
+    float64 tensor [B, R] (one row per column of block).
+
+    Every column is sorted by torch (faster than numpy's argsort on CPU); flattened column after
+    column, each column opens a new run of equal values, so runs never cross columns.
+    """
+    n_rows, width = block.shape
+    if block.dtype not in (np.float32, np.float64, np.int32, np.int64):
+        block = block.astype(np.float64)  # dtypes torch cannot sort on CPU (unsigned, float16)
+    sorted_values, order = torch.sort(torch.from_numpy(np.ascontiguousarray(block.T)), dim=1)
+    sorted_values = sorted_values.numpy()
+    run_start = np.ones((width, n_rows), dtype=bool)
+    np.not_equal(sorted_values[:, 1:], sorted_values[:, :-1], out=run_start[:, 1:])
+    del sorted_values
+    starts = np.flatnonzero(run_start)
+    lengths = torch.from_numpy(np.diff(starts, append=run_start.size))
+    # A run at 0-based positions s .. s + len - 1 holds ranks s + 1 .. s + len: midrank s + (len + 1) / 2.
+    midrank = torch.from_numpy(starts % n_rows).double() + (lengths + 1).double() / 2
+    in_order = midrank.repeat_interleave(lengths).view(width, n_rows)
+    return torch.empty(width, n_rows, dtype=torch.float64).scatter_(1, order, in_order)
+
+
+def _rank_sums(label_rows: np.ndarray, ranks: torch.Tensor) -> np.ndarray:
+    """Rank sums of the positives [b, B] for label_rows (bool [b, R]) and midranks [B, R].
+
+    A float64 product: rank sums exceed float32's exact integers (2**24) beyond a few thousand
+    rollouts. torch's BLAS holds up better than numpy's when other processes share the cores.
+    """
+    return (torch.from_numpy(np.ascontiguousarray(label_rows)).double() @ ranks.T).numpy()
+
+
+def _deviation(rank_sums: np.ndarray, n_pos: int, n_neg: int) -> np.ndarray:
+    """2U - n_pos n_neg from the positives' rank sums: the Mann-Whitney U's signed distance from chance.
+
+    Midranks are multiples of 1/2, so 2 x rank sum is an integer that float64 holds exactly (below
+    2**53); rounding removes nothing but BLAS noise. AUROC - 0.5 = deviation / (2 n_pos n_neg), so
+    comparing deviations compares AUROCs exactly, with no tolerance to choose.
+    """
+    return np.rint(2 * rank_sums) - n_pos * (n_pos + 1) - n_pos * n_neg
+
+
+def _auroc(deviation: np.ndarray, n_pos: int, n_neg: int) -> np.ndarray:
+    return CHANCE_AUROC + deviation / (2 * n_pos * n_neg)
+
+
+def auroc_dense(scores: np.ndarray, labels: np.ndarray, *, feature_block: int = FEATURE_BLOCK) -> np.ndarray:
+    """AUROC [n] of each column of scores [R, n] as a predictor of labels (bool [R], True = correct).
+
+    Exact Mann-Whitney statistic with ties counted one half (midranks), equal to sklearn's
+    roc_auc_score per column. Raises UndefinedAUROCError (a ValueError) when labels are one class.
+    """
+    scores = _scores(scores)
+    labels = _labels(labels, len(scores))
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    out = np.empty(scores.shape[1])
+    for start in range(0, scores.shape[1], feature_block):
+        block = slice(start, start + feature_block)
+        rank_sums = _rank_sums(labels[None], _midranks(scores[:, block]))[0]
+        out[block] = _auroc(_deviation(rank_sums, n_pos, n_neg), n_pos, n_neg)
+    return out
+
+
+# permutation null
+
+
+def _question_codes(groups: np.ndarray, n_rollouts: int) -> np.ndarray:
+    groups = np.asarray(groups)
+    if groups.shape != (n_rollouts,):
+        raise ValueError(f"groups must have shape ({n_rollouts},), one question per rollout, got {groups.shape}")
+    return np.unique(groups, return_inverse=True)[1].reshape(n_rollouts)
+
+
+def _is_stratified(codes: np.ndarray) -> bool:
+    return bool(len(codes)) and bool(np.bincount(codes).max() > 1)
+
+
+def permuted_labels(
+    labels: np.ndarray, groups: np.ndarray, n_permutations: int, rng: np.random.Generator
+) -> np.ndarray:
+    """[P, R] bool: each row a random permutation of labels.
+
+    When some question has more than one rollout, labels move only among the rollouts of one
+    question (a stratified permutation: each question keeps its number of correct rollouts, so the
+    null keeps question difficulty); otherwise they move across all rollouts. Questions with one
+    rollout then keep their label. Rows are drawn in batches of PERMUTATION_BATCH; rng advances the
+    same way whatever the batching.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    codes = _question_codes(groups, len(labels))
+    if not _is_stratified(codes):
+        codes = np.zeros_like(codes)  # one stratum: permute across all rollouts
+    slots = np.argsort(codes, kind="stable")  # rollout positions, question after question
+    slot_question, slot_label = codes[slots].astype(np.float64), labels[slots]
+    out = np.empty((n_permutations, len(labels)), dtype=bool)
+    for start in range(0, n_permutations, PERMUTATION_BATCH):
+        batch = min(PERMUTATION_BATCH, n_permutations - start)
+        # Question id + a uniform key in [0, 1): sorting shuffles slots within each question only.
+        shuffle = np.argsort(slot_question + rng.random((batch, len(labels))), axis=1)
+        out[start:start + batch][:, slots] = slot_label[shuffle]
+    return out
+
+
+def permutation_test(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    n_permutations: int = 1000,
+    *,
+    seed: int = 0,
+    feature_block: int = FEATURE_BLOCK,
+    permutation_batch: int = PERMUTATION_BATCH,
+) -> PermutationTest:
+    """Observed AUROC of every column of scores [R, n] and its label-permutation null.
+
+    The permutations come once from permuted_labels(labels, groups, n_permutations,
+    np.random.default_rng(seed)) and serve every feature block. Each feature's midranks are
+    fixed, so its permuted rank sums are (permuted labels) @ (midranks) in float64 (float32 would
+    round rank sums beyond 2**24). Memory: the [P, R] bool labels plus one [R, feature_block] rank
+    block and one [permutation_batch, R] float64 label batch.
+
+    p = (1 + #{perm: |AUROC_perm - 0.5| >= |AUROC_obs - 0.5|}) / (P + 1), two-sided; ties are
+    compared exactly (see _deviation), which equals any tolerance below 1 / (2 n_pos n_neg).
+    westfall_young_p uses the largest |AUROC - 0.5| over all features in each permutation instead,
+    so it controls the familywise error rate over features under any dependence between them.
+    """
+    scores = _scores(scores)
+    labels = _labels(labels, len(scores))
+    if feature_block < 1 or permutation_batch < 1:
+        raise ValueError("feature_block and permutation_batch must be >= 1")
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    stratified = _is_stratified(_question_codes(groups, len(labels)))
+    permuted = permuted_labels(labels, groups, n_permutations, np.random.default_rng(seed))
+    n_features = scores.shape[1]
+    observed = np.empty(n_features)
+    as_extreme = np.zeros(n_features, dtype=np.int64)
+    max_null = np.zeros(n_permutations)
+    for start in range(0, n_features, feature_block):
+        block = slice(start, start + feature_block)
+        ranks = _midranks(scores[:, block])
+        observed[block] = _deviation(_rank_sums(labels[None], ranks)[0], n_pos, n_neg)
+        threshold = np.abs(observed[block])
+        for first in range(0, n_permutations, permutation_batch):
+            batch = slice(first, first + permutation_batch)
+            null = np.abs(_deviation(_rank_sums(permuted[batch], ranks), n_pos, n_neg))
+            as_extreme[block] += (null >= threshold).sum(axis=0)
+            np.maximum(max_null[batch], null.max(axis=1), out=max_null[batch])
+    # Sorted null maxima: count those >= each observed deviation by binary search.
+    n_max_as_extreme = n_permutations - np.searchsorted(np.sort(max_null), np.abs(observed), side="left")
+    max_abs_null = max_null / (2 * n_pos * n_neg)
+    return PermutationTest(
+        auroc=_auroc(observed, n_pos, n_neg),
+        p=(1 + as_extreme) / (n_permutations + 1),
+        max_abs_null=max_abs_null,
+        westfall_young_p=(1 + n_max_as_extreme) / (n_permutations + 1),
+        chance_band_95=float(np.quantile(max_abs_null, 0.95)),
+        n_permutations=n_permutations,
+        stratified=stratified,
+    )
+
+
+def bh_qvalues(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values, ordered like p.
+
+    q_(i) = min over j >= i of min(1, m p_(j) / j) for the sorted p_(1) <= ... <= p_(m): the step-up
+    procedure, so q is monotone in p and a feature is a discovery at FDR level a when q <= a.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 1 or np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise ValueError("p must be a 1-D array of p-values in [0, 1]")
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * len(p) / np.arange(1, len(p) + 1)
+    q = np.empty_like(p)
+    q[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    return q
+
+
+# baselines: response length and a linear probe
+
+
+def bootstrap_auroc_ci(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = DEFAULT_ALPHA,
+) -> tuple[float, float] | None:
+    """Percentile interval of the AUROC of scores [R] (e.g. response length), resampling questions.
+
+    Each replicate draws as many questions as there are, with replacement, and takes all rollouts
+    of each drawn question (rollouts of one question are correlated, so they move together). A
+    replicate without both classes has no AUROC and is skipped; when fewer than half the replicates
+    are usable the interval means little and None is returned. Raises UndefinedAUROCError when
+    labels are one class. Replicates are evaluated at once: rollouts sorted by score once, each
+    replicate is a vector of rollout multiplicities, and its U statistic comes from per-tie-run
+    weighted class counts.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1 or not np.isfinite(scores).all():
+        raise ValueError(f"scores must be a finite 1-D array, got shape {scores.shape}")
+    labels = _labels(labels, len(scores))
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ValueError(f"need n_boot >= 1 and alpha in (0, 1), got {n_boot} and {alpha}")
+    codes = _question_codes(groups, len(scores))
+    n_questions = int(codes.max()) + 1
+    order = np.argsort(scores, kind="stable")
+    run_start = np.flatnonzero(np.diff(scores[order], prepend=-np.inf) != 0)
+    positive, question = labels[order], codes[order]
+    draws = np.random.default_rng(seed).integers(0, n_questions, (n_boot, n_questions))
+    stats = []
+    for first in range(0, n_boot, BOOT_BATCH):
+        batch = draws[first:first + BOOT_BATCH]
+        offsets = np.arange(len(batch))[:, None] * n_questions
+        copies = np.bincount((batch + offsets).ravel(), minlength=batch.size).reshape(batch.shape)
+        weight = copies[:, question]  # [b, R] multiplicity of each rollout, in score order
+        pos = np.add.reduceat(weight * positive, run_start, axis=1)  # weighted positives per tie run
+        neg = np.add.reduceat(weight * ~positive, run_start, axis=1)
+        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+        # U = sum over runs of positives x (negatives in lower runs + half the negatives in the same run).
+        u = (pos * (np.cumsum(neg, axis=1) - neg / 2)).sum(axis=1)
+        usable = (n_pos > 0) & (n_neg > 0)
+        stats.append(u[usable] / (n_pos[usable] * n_neg[usable]))
+    stats = np.concatenate(stats)
+    if 2 * len(stats) < n_boot:
+        return None
+    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def probe_auroc(
+    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_splits: int = PROBE_SPLITS, seed: int = 0
+) -> ProbeResult:
+    """Cross-validated AUROC of a logistic-regression probe on features [R, d] (e.g. mean residuals).
+
+    StandardScaler then L2 LogisticRegression at C = PROBE_C, fit on the training folds only.
+    Folds are sklearn's GroupKFold over questions (n_splits = min(n_splits, number of questions)),
+    so no question is in both a training and a test fold; seed relabels the questions at random
+    first, which decides how GroupKFold (largest questions first) places questions of equal size.
+    The AUROC is that of the pooled out-of-fold probabilities; on pure noise it scatters around 0.5
+    and can fall below it (a held-out fold's class balance is opposite to its training folds').
+    Deterministic: lbfgs and the folds involve no other randomness. Returns auroc None with a
+    reason (one-class labels, fewer than 2 questions, a one-class training fold) instead of NaN.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features = np.asarray(features)
+    if features.ndim != 2 or not np.isfinite(features).all():
+        raise ValueError(f"features must be a finite [R, d] matrix, got shape {features.shape}")
+    try:
+        labels = _labels(labels, len(features))
+    except UndefinedAUROCError as error:
+        return ProbeResult(None, str(error))
+    codes = _question_codes(groups, len(features))
+    n_questions = int(codes.max()) + 1
+    if n_questions < 2:
+        return ProbeResult(None, "the probe needs at least 2 questions to hold one out")
+    codes = np.random.default_rng(seed).permutation(n_questions)[codes]
+    splits = min(n_splits, n_questions)
+    predicted = np.empty(len(labels))
+    for fold, (train, test) in enumerate(GroupKFold(n_splits=splits).split(features, labels, codes)):
+        if labels[train].all() or not labels[train].any():
+            return ProbeResult(None, f"training fold {fold} of {splits} holds one class only", splits)
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER))
+        probe.fit(features[train], labels[train])
+        predicted[test] = probe.predict_proba(features[test])[:, 1]
+    return ProbeResult(float(roc_auc_score(labels, predicted)), None, splits)
+
+
+# per-layer summary
+
+
+def rollout_summary(
+    test: PermutationTest,
+    q: np.ndarray,
+    *,
+    length_auroc: float | None,
+    probe_auroc: float | None,
+    n_labelled: int,
+) -> dict:
+    """JSON-ready headline of one layer: the feature farthest from chance in either direction.
+
+    max_abs_auroc is |AUROC - 0.5| of that feature (a distance from chance, comparable with
+    chance_band_95); direction is "correct↑" when its AUROC > 0.5, "wrong↑" below (and "none" only
+    when every feature sits exactly at 0.5).
+    """
+    distance = np.abs(test.auroc - CHANCE_AUROC)
+    best = int(np.argmax(distance))
+    return {
+        "max_abs_auroc": float(distance[best]),
+        "feature": best,
+        "auroc": float(test.auroc[best]),
+        "direction": auroc_direction(test.auroc[best:best + 1])[0],
+        "chance_band_95": float(test.chance_band_95),
+        "westfall_young_p": float(test.westfall_young_p[best]),
+        "n_q_below_0_05": int((np.asarray(q) < Q_THRESHOLD).sum()),
+        "length_auroc": None if length_auroc is None else float(length_auroc),
+        "probe_auroc": None if probe_auroc is None else float(probe_auroc),
+        "n_rollouts_labelled": int(n_labelled),
+    }
+
+
+def rollout_statistics(
+    pooled_max: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    *,
+    lengths: np.ndarray | None = None,
+    mean_residuals: np.ndarray | None = None,
+    n_permutations: int = 1000,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> RolloutStatistics:
+    """One layer's rollout statistics over its labelled rollouts: the permutation test of every
+    feature's pooled max activation [R, n], BH q-values, the response-length AUROC with its
+    question-bootstrap interval, the mean-residual probe, and the summary. Raises
+    UndefinedAUROCError when the labels are empty or one class."""
+    test = permutation_test(pooled_max, labels, groups, n_permutations, seed=seed)
+    q = bh_qvalues(test.p)
+    length_auroc = length_ci = probe = None
+    if lengths is not None:
+        lengths = np.asarray(lengths, dtype=np.float64)
+        length_auroc = float(auroc_dense(lengths[:, None], labels)[0])
+        length_ci = bootstrap_auroc_ci(lengths, labels, groups, n_boot, seed)
+    if mean_residuals is not None:
+        probe = probe_auroc(mean_residuals, labels, groups, seed=seed)
+    summary = rollout_summary(test, q, length_auroc=length_auroc, probe_auroc=None if probe is None else probe.auroc,
+                              n_labelled=len(labels))
+    return RolloutStatistics(test, q, length_auroc, length_ci, probe, summary)
