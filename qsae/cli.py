@@ -50,15 +50,24 @@ def cmd_capture(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    from qsae.distributed import fidelity_in_ray
     from qsae.models import load_tokenizer, resolve_model_path
-    from qsae.release import build_release
+    from qsae.pipeline import connect_ray
+    from qsae.release import build_release, prepare_selection
+    from qsae.rollout import read_rollouts
     from qsae.train import load_trained
 
     cfg = load_pipeline_config(args)
     run_dir = Path(cfg.out).resolve()
     trained = {layer: load_trained(run_dir, layer) for layer in cfg.capture.layers}
-    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name), cfg.model.revision)
-    print(f"[qsae] release written to {build_release(cfg, run_dir, trained, tokenizer, {})}")
+    rollouts = {r.rollout_id: r for r in read_rollouts(run_dir / "rollouts.parquet")}
+    prepare_selection(cfg, run_dir, rollouts)  # refuses a config that would change the split, before Ray starts
+    model_path = resolve_model_path(cfg.model.name)
+    tokenizer = load_tokenizer(model_path, cfg.model.revision)
+    connect_ray(cfg.ray_address)
+    release_dir = build_release(cfg, run_dir, trained, tokenizer, {},
+                                fidelity_of=fidelity_in_ray(cfg, model_path, trained))
+    print(f"[qsae] release written to {release_dir}")
     return 0
 
 

@@ -55,11 +55,14 @@ class CaptureConfig:
     questions_per_shard: int = 8  # unit of work and of exactly-once bookkeeping
     batch_size: int = 8  # sequences per teacher-forced forward pass
     max_tokens_per_layer: int | None = None  # seeded random cap on rows per layer (the original: 200,000)
+    exclude_special_tokens: bool = True  # leave special/chat-template tokens out of training and statistics
+    max_norm_multiple: float = 10.0  # leave out tokens whose residual norm exceeds this x the layer median (0 = keep)
 
 
 @dataclass
 class TrainStageConfig(TrainConfig):
-    holdout_fraction: float = 0.1  # rows kept out of training for variance explained
+    holdout_fraction: float = 0.1  # share of questions held out (all their rollouts) for the held-out statistics
+    split_seed: int = 0  # seeds the held-out questions and the row cap; fixed once trained (split.json)
     cpus_per_layer: float = 1.0  # Ray CPUs per layer, split over its workers
     gpus_per_layer: float = 0.0  # Ray GPUs per layer: a fraction shares one GPU; N > 1 needs N workers
     workers_per_layer: int = 1  # data-parallel workers (DDP) per layer; each reads its share of every batch
@@ -78,7 +81,10 @@ class ReleaseConfig:
     export_activations: bool = True  # write activations.safetensors (the training sample); off for large runs
     top_contexts: int = 10  # top-activating tokens kept per live feature
     context_tokens: int = 12  # tokens of left context shown with each
-    bootstrap: int = 200  # bootstrap resamples for confidence intervals
+    bootstrap: int = 200  # bootstrap resamples for confidence intervals (over questions)
+    permutations: int = 1000  # label permutations for the rollout-level p-values and chance band
+    unscored_rollouts: str = "exclude"  # truncated / unparsable rollouts: "exclude" from correctness statistics, or count as "wrong"
+    fidelity_rollouts: int | None = None  # held-out rollouts the model-loss fidelity runs on (seeded sample; None = all)
 
 
 @dataclass
@@ -102,6 +108,15 @@ class PipelineConfig:
             raise ConfigError(f"unknown rollout.engine {self.rollout.engine!r}; available: transformers, vllm")
         if self.rollout.engine == "vllm" and not self.rollout.enforce_eager:
             raise ConfigError("rollout.enforce_eager must be true with vllm: capture hooks do not run in compiled graphs")
+        if self.release.unscored_rollouts not in ("exclude", "wrong"):
+            raise ConfigError(f"release.unscored_rollouts must be exclude or wrong, got {self.release.unscored_rollouts!r}")
+        if self.capture.max_norm_multiple < 0 or 0 < self.capture.max_norm_multiple <= 1:
+            raise ConfigError(f"capture.max_norm_multiple must be 0 (off) or above 1, got {self.capture.max_norm_multiple:g}")
+        for name in ("bootstrap", "permutations"):
+            if getattr(self.release, name) < 1:
+                raise ConfigError(f"release.{name} must be >= 1")
+        if self.release.fidelity_rollouts is not None and self.release.fidelity_rollouts < 1:
+            raise ConfigError("release.fidelity_rollouts must be >= 1 (or unset for all held-out rollouts)")
         if not 0 < self.train.holdout_fraction < 1:
             raise ConfigError(f"train.holdout_fraction must be in (0, 1), got {self.train.holdout_fraction}")
         for name in ("num_actors", "questions_per_shard", "batch_size"):

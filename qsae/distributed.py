@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,7 @@ from qsae.capture import capture_question_shard, load_replica
 from qsae.config import PipelineConfig, TrainStageConfig
 from qsae.models import TINY_DENSE_MODEL, TINY_MODEL, check_fits, memory_budget, parameter_count
 from qsae.questions import Question
+from qsae.sae import TopKSAE
 from qsae.rollout import read_rollouts, write_rollouts
 from qsae.store import (
     MANIFEST,
@@ -227,16 +229,17 @@ def train_layer_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from qsae.sample import training_rows
     from qsae.store import StoreSource
-    from qsae.train import train_sae, training_rows
+    from qsae.train import train_sae
 
     quiet_ray_train_logs()
     cfg = TrainStageConfig(**config["train"])
     torch.set_num_threads(max(1, int(cfg.resources_per_worker()["CPU"])))
     if cfg.device == "auto":
         cfg.device = str(ray.train.torch.get_device())  # this worker's GPU under use_gpu, else the CPU
-    store_dir, layer = Path(config["store_dir"]), config["layer"]
-    rows = training_rows(store_dir, layer, config["max_rows"], cfg.holdout_fraction, cfg.seed)
+    run_dir, layer = Path(config["run_dir"]), config["layer"]
+    rows = training_rows(run_dir, config["layers"])
     resume = None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:
@@ -258,17 +261,18 @@ def train_layer_worker(config: dict) -> None:
                 torch.save(state, Path(directory) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if is_rank_zero else None)
 
-    train_sae(StoreSource(store_dir, layer, rows), cfg, on_step=on_step, resume=resume)
+    train_sae(StoreSource(run_dir / "activations", layer, rows), cfg, on_step=on_step, resume=resume)
 
 
 def train_run_name(layer: int, cfg: PipelineConfig, run_dir: str) -> str:
     """Ray Train resumes a run of the same name from its last checkpoint. Name it by everything that
     shapes the result, so a rerun resumes only the very same training and never a stale one."""
+    from qsae.sample import RowRules
     from qsae.train import run_key
 
     manifest = read_manifest(Path(run_dir) / "activations")
     rows = sum(shard["rows"][str(layer)] for shard in manifest["shards"].values())
-    key = json.dumps([run_key(cfg.train), cfg.train.holdout_fraction, cfg.capture.max_tokens_per_layer, rows],
+    key = json.dumps([run_key(cfg.train), asdict(RowRules.from_config(cfg)), cfg.capture.layers, rows],
                      sort_keys=True)
     return f"layer={layer}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
@@ -283,8 +287,8 @@ def layer_trainer(layer: int, cfg: PipelineConfig, run_dir: str):
         train_layer_worker,
         train_loop_config={
             "layer": layer,
-            "store_dir": str(Path(run_dir) / "activations"),
-            "max_rows": cfg.capture.max_tokens_per_layer,
+            "layers": list(cfg.capture.layers),  # a token masked at any layer is masked at all
+            "run_dir": str(Path(run_dir).resolve()),
             "train": asdict(cfg.train),
         },
         scaling_config=ScalingConfig(
@@ -314,9 +318,12 @@ def fit_layer(layer: int, cfg: PipelineConfig, run_dir: str) -> dict:
 
 
 def train_layers(cfg: PipelineConfig, run_dir: Path) -> dict[int, tuple]:
-    """Train every layer's SAE concurrently; returns {layer: (TopKSAE, history)}."""
-    from qsae.sae import TopKSAE
+    """Split the rollouts by question (saved as <run>/saes/split.json), then train every layer's SAE
+    concurrently on its training rows; returns {layer: (TopKSAE, history)}."""
+    from qsae.sample import RowRules, plan_split
     from qsae.train import save_trained
+
+    plan_split(run_dir, cfg.capture.layers, RowRules.from_config(cfg))
 
     refs = {layer: fit_layer.remote(layer, cfg, str(run_dir)) for layer in cfg.capture.layers}
     trained = {}
@@ -332,3 +339,30 @@ def train_layers(cfg: PipelineConfig, run_dir: Path) -> dict[int, tuple]:
             bar.set_postfix(layer=layer, fvu=f"{state['history']['fvu'][-1]:.3f}")
             bar.update(1)
     return trained
+
+
+# ----------------------------------------------------------------------------------------------
+# Fidelity in the model's loss: the model once more, with each layer's SAE spliced in, in a task placed
+# like a capture replica (on a cluster the driver's node may have no GPU, or too little memory).
+
+
+def layer_fidelity_task(model_path: str, cfg: PipelineConfig, saes: dict[int, TopKSAE],
+                        means: dict[int, np.ndarray], rollouts: list) -> dict[int, dict]:
+    from qsae.analysis.model_loss import fidelity_of_layers
+    from qsae.models import load_model
+
+    torch.set_num_threads(max(1, int(cfg.capture.cpus_per_actor)))
+    model, _ = load_model(model_path, cfg.model.revision, cfg.model.dtype, cfg.model.device)
+    return fidelity_of_layers(model, saes, means, rollouts, n_boot=cfg.release.bootstrap, seed=cfg.train.split_seed)
+
+
+def fidelity_in_ray(cfg: PipelineConfig, model_path: str, trained: dict[int, tuple]):
+    """The release's fidelity_of: runs layer_fidelity_task on the cluster, with a replica's resources."""
+    task = ray.remote(layer_fidelity_task).options(num_cpus=cfg.capture.cpus_per_actor,
+                                                   num_gpus=cfg.capture.gpus_per_actor)
+
+    def fidelity_of(rollouts: list, means: dict[int, np.ndarray]) -> dict[int, dict]:
+        saes = {layer: sae for layer, (sae, _) in trained.items()}
+        return ray.get(task.remote(model_path, cfg, saes, means, rollouts))
+
+    return fidelity_of

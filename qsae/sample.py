@@ -42,8 +42,16 @@ class RowRules:
 
     @classmethod
     def from_config(cls, cfg) -> RowRules:
-        return cls(cfg.capture.exclude_special_tokens, cfg.capture.max_norm_multiple,
-                   cfg.capture.max_tokens_per_layer, cfg.train.holdout_fraction, cfg.train.split_seed)
+        return cls(**{name: getattr(getattr(cfg, section), key) for name, (section, key) in CONFIG_KEYS.items()})
+
+
+CONFIG_KEYS = {  # RowRules field -> (config section, key)
+    "exclude_special": ("capture", "exclude_special_tokens"),
+    "max_norm_multiple": ("capture", "max_norm_multiple"),
+    "max_rows": ("capture", "max_tokens_per_layer"),
+    "holdout_fraction": ("train", "holdout_fraction"),
+    "seed": ("train", "split_seed"),
+}
 
 
 @dataclass
@@ -201,8 +209,8 @@ def load_split(run_dir: Path) -> Split:
 
 def check_same_split(saved: Split, rules: RowRules, question_of: dict[int, str]) -> None:
     """Refuse a config (or rollouts) that would give another split than the one the SAEs trained on."""
-    changed = [f"{name}: saved {getattr(saved.rules, name)!r}, config {getattr(rules, name)!r}"
-               for name in RowRules.__dataclass_fields__ if getattr(saved.rules, name) != getattr(rules, name)]
+    changed = [f"{'.'.join(CONFIG_KEYS[name])}: saved {getattr(saved.rules, name)!r}, config {getattr(rules, name)!r}"
+               for name in CONFIG_KEYS if getattr(saved.rules, name) != getattr(rules, name)]
     if changed:
         raise SplitMismatchError("the config would change the train/held-out split the SAEs were trained with ("
                                  + "; ".join(changed) + "); use the run's own settings, or train again")

@@ -64,8 +64,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from qsae.sae import TopKSAE
-from qsae.store import (ArraySource, RowSource, StoreSource, layer_row_count, prefetched, read_manifest,
-                        sample_rows, shuffled_batches)
+from qsae.store import ArraySource, RowSource, StoreSource, prefetched, shuffled_batches
 
 RECIPES = ("original", "modern")
 ORIGINAL_LR = 3e-4  # the original card's Adam learning rate
@@ -125,19 +124,6 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.autocast_bf16 and self.recipe == "original":
             raise ValueError("autocast_bf16 belongs to the modern recipe; the original trains in fp32")
-
-
-def split_rows(n_rows: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random split of row indices into (train, held_out), each sorted (sequential reads
-    on memory-mapped arrays). The held-out part has at least one row when n_rows >= 2, and
-    training keeps at least one row."""
-    if n_rows < 1:
-        raise ValueError(f"n_rows must be >= 1, got {n_rows}")
-    if not 0.0 < holdout_fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    n_held = min(max(round(n_rows * holdout_fraction), 1), n_rows - 1)
-    order = np.random.default_rng(seed).permutation(n_rows)
-    return np.sort(order[n_held:]), np.sort(order[:n_held])
 
 
 def as_source(residuals: np.ndarray | Tensor | RowSource) -> RowSource:
@@ -633,21 +619,6 @@ def train_sae(residuals: np.ndarray | Tensor | RowSource, cfg: TrainConfig,
         report(finished, steps_per_epoch)
     bar.close()
     return run.sae, run.history
-
-
-def sampled_split(store_dir: Path, layer: int, max_rows: int | None, holdout_fraction: float,
-                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded cap, then seeded train/held-out split: (sampled store rows, train positions, held-out
-    positions in the sample). Deterministic, so the trainers and the analysis agree on which rows
-    are held out without passing index files around."""
-    sampled = sample_rows(layer_row_count(read_manifest(store_dir), layer), max_rows, seed)
-    return (sampled, *split_rows(len(sampled), holdout_fraction, seed))
-
-
-def training_rows(store_dir: Path, layer: int, max_rows: int | None, holdout_fraction: float, seed: int) -> np.ndarray:
-    """The store rows (sorted) a layer's SAE trains on: what the trainers stream."""
-    sampled, train_rows, _ = sampled_split(store_dir, layer, max_rows, holdout_fraction, seed)
-    return sampled[train_rows]
 
 
 def save_trained(run_dir: Path, layer: int, sae: TopKSAE, history: dict) -> None:

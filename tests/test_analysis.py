@@ -1,6 +1,7 @@
 """Analysis stage: fidelity, feature statistics, contexts, charts and the model card."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import tracemalloc
@@ -21,19 +22,20 @@ from qsae.analysis.features import (
     UndefinedAUROCError,
     auroc_direction,
     auroc_per_feature,
-    bootstrap_auroc_ci,
+    density_summary,
     feature_health,
     fire_counts,
     fire_rates,
-    stratified_resamples,
+    max_decoder_cosine,
 )
 from qsae.analysis.fidelity import bootstrap_ci, mean_l0, variance_explained, variance_explained_ci
 from qsae.config import PipelineConfig
-from qsae.release import analyze_layer, encode_layer_sample, encode_sample
+from qsae.release import analyze_layer, encode_sample, rollout_labels, sample_rows_of
+from qsae.rollout import Rollout
 from qsae.sae import TopKSAE
+from qsae.sample import RowRules, select_rows, split_by_question
 from qsae.store import (CHUNK_ROWS, StoreSource, new_manifest, read_layer_table, residual_matrix, write_manifest,
                         write_shard)
-from qsae.train import sampled_split
 
 
 def random_codes(seed: int, n_rows: int, n_features: int, k: int, n_silent: int = 0):
@@ -110,6 +112,29 @@ def test_bootstrap_ci_brackets_estimate_and_streaming_version_agrees():
     assert bootstrap_ci(variance_explained, x, x_hat, n_boot=50, seed=4) != (low, high)
 
 
+def test_question_bootstrap_interval_equals_one_written_here():
+    """The interval resamples whole questions: a bootstrap written here, drawing the same questions,
+    gives the same 2.5% and 97.5% percentiles (and a 90% interval would not)."""
+    rng = np.random.default_rng(5)
+    groups = np.repeat(rng.permutation(30), rng.integers(5, 40, 30))  # questions of unequal length
+    x = rng.normal(size=(len(groups), 6)) + groups[:, None] * 0.1
+    x_hat = x + rng.normal(0, 0.5, size=x.shape) * (1 + groups[:, None] % 3)
+    got = variance_explained_ci(x, x_hat, n_boot=60, seed=9, groups=groups)
+
+    draw = np.random.default_rng(9)
+    ids = np.unique(groups)
+    replicates = []
+    for _ in range(60):
+        chosen = ids[draw.integers(0, len(ids), len(ids))]
+        rows = np.concatenate([np.flatnonzero(groups == g) for g in chosen])
+        replicates.append(1 - ((x[rows] - x_hat[rows]) ** 2).sum() / ((x[rows] - x[rows].mean(0)) ** 2).sum())
+    assert got == pytest.approx(tuple(np.quantile(replicates, [0.025, 0.975])), rel=1e-9)
+    assert got != pytest.approx(tuple(np.quantile(replicates, [0.05, 0.95])), rel=1e-6)
+    # resampling questions, not tokens: wider than a token bootstrap of the same rows
+    token_low, token_high = variance_explained_ci(x, x_hat, n_boot=60, seed=9)
+    assert got[1] - got[0] > token_high - token_low
+
+
 def test_bootstrap_ci_rejects_mismatched_rows():
     with pytest.raises(ValueError, match="row counts"):
         bootstrap_ci(variance_explained, np.zeros((5, 2)), np.zeros((4, 2)))
@@ -181,23 +206,28 @@ def test_auroc_memory_grows_with_k_not_n_features():
         assert auroc[f] == pytest.approx(roc_auc_score(labels, score), abs=1e-12)
 
 
+def test_density_summary_counts_against_thresholds_written_here():
+    rates = np.array([0.0, 0.0, 1e-5, 0.004, 0.011, 0.05, 0.2, 0.5])
+    got = density_summary(rates)
+    assert got["share_above_1pct"] == 4 / 8 and got["share_above_10pct"] == 2 / 8
+    counts, edges = got["log10_density_histogram"]["counts"], got["log10_density_histogram"]["edges"]
+    assert sum(counts) == 6  # the live features
+    assert counts[int(np.searchsorted(edges, np.log10(0.05), side="right")) - 1] == 1
+
+
+def test_max_decoder_cosine_finds_the_closest_pair():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(300, 16))
+    w[217] = w[41] * 3 + rng.normal(0, 0.05, 16)  # nearly the same direction, another norm
+    unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -2)
+    value, pair = max_decoder_cosine(torch.tensor(w, dtype=torch.float32), block=64)
+    assert value == pytest.approx(sims.max(), abs=1e-5) and sorted(pair) == [41, 217]
+
+
 def test_auroc_direction():
     assert auroc_direction(np.array([0.6, 0.4, 0.5])) == ["correct↑", "wrong↑", "none"]
-
-
-def test_bootstrap_auroc_ci_matches_resampled_sklearn():
-    n_features = 12
-    indices, values = random_codes(7, n_rows=200, n_features=n_features, k=4)
-    labels = np.random.default_rng(8).random(200) < 0.5
-    chosen = np.array([3, 0, 9])
-    got = bootstrap_auroc_ci(indices, values, labels, chosen, n_features, n_boot=30, seed=11)
-    dense = dense_codes(indices, values, n_features)
-    replicates = np.array([
-        [roc_auc_score(labels[rows], dense[rows, f]) for f in chosen]
-        for rows in stratified_resamples(labels, 30, 11)
-    ])
-    np.testing.assert_allclose(got, np.quantile(replicates, [0.025, 0.975], axis=0).T, atol=1e-12)
-    assert (got[:, 0] <= got[:, 1]).all()
 
 
 @pytest.mark.parametrize(
@@ -265,7 +295,7 @@ def test_charts_write_png_files(tmp_path):
         charts.plot_variance_explained({3: (0.9, 0.88, 0.92), 5: (0.7, 0.66, 0.73)}, tmp_path),
         charts.plot_fire_rates({layer: np.concatenate([np.zeros(9), rng.uniform(0, 0.5, 200)]) for layer in layers},
                                tmp_path),
-        charts.plot_auroc({3: rng.uniform(0.45, 0.55, 200), 5: None}, tmp_path),
+        charts.plot_auroc({3: (rng.uniform(0.45, 0.55, 200), 0.04), 5: None}, tmp_path),
         charts.plot_training({layer: history for layer in layers}, tmp_path, revive_every_epochs=2),
         charts.plot_feature_health({layer: {"dead": 3, "rare": 10, "healthy": 50, "dense": 1} for layer in layers},
                                    tmp_path / "health.png"),
@@ -287,28 +317,51 @@ def test_chart_rejects_value_outside_interval(tmp_path):
 # model card
 
 
-def card_info(auroc_defined: bool = True) -> dict:
+def rollout_level(max_abs: float, band: float, n_q: int, probe: float | None, auroc: float, feature: int) -> dict:
+    return {"max_abs_auroc": max_abs, "auroc": auroc, "feature": feature,
+            "direction": "correct↑" if auroc > 0.5 else "wrong↑", "chance_band_95": band,
+            "westfall_young_p": 0.0123 if max_abs > band else 0.4567, "n_q_below_0_05": n_q,
+            "length_auroc": 0.5432, "length_auroc_ci": [0.4711, 0.6122], "probe_auroc": probe,
+            "probe_auroc_ci": None if probe is None else [0.5501, 0.7702],
+            "probe_reason": None if probe else "training fold 2 of 5 holds one class only", "n_rollouts_labelled": 31}
+
+
+def card_info(correctness: bool = True) -> dict:
+    def layer(ve, ci, l0, dead, rollout):
+        return {"variance_explained": ve, "ve_ci": ci, "l0": l0, "heldout_questions": 7, "dead": dead,
+                "healthy": 1843, "dense": 212, "rare": 1986, "revived": 4321, "share_above_1pct": 0.4123,
+                "share_above_10pct": 0.0456, "dead_over_tokens": 66_713, "max_decoder_cosine": 0.8766,
+                "token_level": {"max_auroc": 0.5614, "feature": 1777, "fire_rate": 0.0734, "direction": "correct↑"},
+                "rollout_level": rollout}
     per_layer = {
-        "4": {"variance_explained": 0.9137, "ve_ci": [0.9071, 0.9188], "l0": 15.84, "dead": 7, "healthy": 1843,
-              "dense": 212, "rare": 1986, "revived": 4321, "max_auroc": 0.5614, "max_auroc_feature": 1777,
-              "max_auroc_fire_rate": 0.0734, "max_auroc_direction": "correct↑"},
-        "6": {"variance_explained": 0.8426, "ve_ci": [0.8352, 0.8491], "l0": 14.27, "dead": 19, "healthy": 2517,
-              "dense": 98, "rare": 1414, "revived": 657, "max_auroc": 0.5239, "max_auroc_feature": 903,
-              "max_auroc_fire_rate": 0.4182, "max_auroc_direction": "correct↑"},
+        "4": layer(0.9137, [0.9071, 0.9188], 15.84, 7, rollout_level(0.2101, 0.1499, 3, 0.6612, 0.7101, 1777)),
+        "6": layer(0.8426, None, 14.27, 19, rollout_level(0.0951, 0.1388, 0, None, 0.4049, 903)),
     }
-    if not auroc_defined:
+    if not correctness:
         for stats in per_layer.values():
-            stats.update(max_auroc=None, max_auroc_feature=None, max_auroc_fire_rate=None, max_auroc_direction=None)
+            stats["rollout_level"] = {"reason": "all 37 labelled rollouts are wrong", "n_rollouts_labelled": 37}
+            stats["token_level"] = dict.fromkeys(("max_auroc", "feature", "fire_rate", "direction"))
+    fidelity = {"4": {"ce_clean": 1.2345, "ce_spliced": 1.3456, "ce_zero": 4.5678, "ce_mean": 3.4567,
+                      "delta_ce": 0.1111, "delta_ce_ci": [0.0987, 0.1234], "ce_loss_recovered": 0.9667,
+                      "ce_loss_recovered_ci": [0.95, 0.97], "kl": 0.0789, "kl_ci": [0.0701, 0.0866],
+                      "n_tokens": 12_345, "n_rollouts": 17}, "6": None}
     return {
         "model_id": "org/tiny-model", "model_revision": "0123abcd", "layers": [4, 6], "d_model": 64,
         "n_features": 4048, "k": 16,
         "hook": "residual stream = output of decoder layer L = hidden_states[L+1]",
-        "questions": {"source": "bundled-sample", "n": 37, "seed": 913,
-                      "n_correct": 23 if auroc_defined else 0, "n_wrong": 14 if auroc_defined else 37},
+        "questions": {"source": "bundled-sample", "seed": 913, "thinking": True, "max_new_tokens": 4096},
+        "outcomes": {"n": 41, "correct": 23 if correctness else 0, "wrong": 8 if correctness else 31,
+                     "truncated": 6, "no_answer": 4, "unscored_rollouts": "exclude", "finish_reason_length": 6},
         "tokens": {"total_response_tokens": 81234, "per_layer_train": 60417, "per_layer_heldout": 6713},
+        "rows": {"stored": 81234, "special": 321, "special_excluded": True, "high_norm": {"4": 11, "6": 13},
+                 "median_norm": {"4": 12.5, "6": 40.25}, "norm_threshold": {"4": 125.0, "6": 402.5},
+                 "high_norm_any_layer": 17, "excluded": 338, "sampled": 67130, "train": 60417, "heldout": 6713,
+                 "max_norm_multiple": 10.0, "max_tokens_per_layer": 67130},
+        "split": {"holdout_fraction": 0.1, "seed": 5, "heldout_rollouts": 7},
         "recipe": {"optimizer": "Adam", "lr": 0.00031, "batch_size": 1024, "epochs": 17,
                    "revive_every_epochs": 3, "dead_after_steps": 377},
-        "per_layer": per_layer, "auroc_defined": auroc_defined,
+        "statistics": {"bootstrap": 200, "permutations": 1000},
+        "per_layer": per_layer, "fidelity": fidelity,
         "files": ["sae_L4_n4048_k16.pt", "saelens/blocks.4.hook_resid_post/cfg.json",
                   "sparsify/layers.4/sae.safetensors", "feature_stats.json"],
         "charts": [charts.VARIANCE_EXPLAINED_PNG, charts.FEATURE_HEALTH_PNG],
@@ -324,31 +377,55 @@ def table_cells(card: str, first_cell: str, after: str) -> list[str]:
     return [cell.strip() for cell in row.strip("|").split("|")]
 
 
-def test_card_reports_every_per_layer_number():
+def test_card_reports_every_number_with_its_interval_or_null():
     info = card_info()
     card = render_model_card(info)
-    for layer, s in info["per_layer"].items():
-        assert table_cells(card, f"L{layer}", "## Per-layer metrics") == [
-            f"L{layer}", f"{s['variance_explained']:.3f}", f"[{s['ve_ci'][0]:.3f}, {s['ve_ci'][1]:.3f}]",
-            f"{s['l0']:.1f}", f"{s['dead']:,}", f"{s['rare']:,}", f"{s['healthy']:,}", f"{s['dense']:,}",
-            f"{s['revived']:,}",
-        ]
-        assert table_cells(card, f"L{layer}", "## Correctness statistics") == [
-            f"L{layer}", f"{s['max_auroc']:.3f}", f"f{s['max_auroc_feature']}", f"{s['max_auroc_fire_rate']:.2%}",
-            s["max_auroc_direction"],
-        ]
+    f = info["fidelity"]["4"]
+    assert table_cells(card, "L4", "## Reconstruction") == [
+        "L4", "0.914", "[0.907, 0.919]", "15.8", "1.2345", "1.3456", "0.1111 [0.0987, 0.1234]", "0.967",
+        "0.0789 [0.0701, 0.0866]", "4.5678", "3.4567", "12,345 / 17"]
+    assert f["n_tokens"] == 12_345
+    # no interval with a single held-out question, no fidelity for L6: said, not left blank
+    assert table_cells(card, "L6", "## Reconstruction")[:3] == ["L6", "0.843", "not computable"]
+    assert table_cells(card, "L6", "## Reconstruction")[4:8] == ["n/a"] * 4
+    assert table_cells(card, "L4", "## Feature health") == [
+        "L4", "7 (over 66,713 tokens)", "1,986", "1,843", "212", "41.2%", "4.6%", "0.877", "4,321"]
+    assert table_cells(card, "L4", "**Rollout level**") == [
+        "L4", "31", "0.210 (AUROC 0.710)", "f1777 correct↑", "0.150", "0.0123", "3", "0.543 [0.471, 0.612]",
+        "0.661 [0.550, 0.770]"]
+    assert table_cells(card, "L6", "**Rollout level**")[8] == "n/a (training fold 2 of 5 holds one class only)"
+    assert table_cells(card, "L4", "**Token level**") == ["L4", "0.561", "f1777", "7.34%", "correct↑"]
     for text in ("org/tiny-model", "0123abcd", "4,048", "bundled-sample", "913", "81,234", "60,417", "6,713",
                  "0.00031", "377", "4,568", "9.8.7", "sae_L4_n4048_k16.pt", 'load_from_disk("sparsify/layers.4")',
-                 'load_from_disk("saelens/blocks.4.hook_resid_post")', "hidden_states[L+1]"):
+                 'load_from_disk("saelens/blocks.4.hook_resid_post")', "hidden_states[L+1]",
+                 "23 correct, 8 wrong, 6 truncated (hit the token limit), 4 without a parsable answer letter",
+                 "321 special or chat-template tokens", "L4 11 above 125.0 (median 12.5)", "338 tokens left out",
+                 "17 tokens whose residual norm exceeds 10× the layer's median",
+                 "1,000 permutations", "200 replicates", "95% percentile intervals"):
         assert text in card, text
-    assert "undefined" not in card
 
 
-def test_card_says_statistics_undefined_for_one_class():
-    card = render_model_card(card_info(auroc_defined=False))
-    assert "Correctness statistics are undefined" in card
-    assert "0 correct, 37 wrong" in card
-    assert "max AUROC" not in card
+def test_card_sentences_follow_the_numbers():
+    card = render_model_card(card_info())
+    # L4: 0.210 beyond its band of 0.150; the probe (0.661: 0.161 from chance) is no further than 0.210
+    assert "L4: the largest |AUROC − 0.5| is 0.210 (f1777, AUROC 0.710, correct↑), beyond its chance band (0.150)" in card
+    assert "3 features pass FDR 5% (q < 0.05)" in card
+    assert "the probe on mean residuals reaches AUROC 0.661 out of fold, no further from chance than the best " \
+           "single feature" in card
+    # L6: 0.095 inside its band of 0.139, the headline is a wrong↑ feature
+    assert "L6: the largest |AUROC − 0.5| is 0.095 (f903, AUROC 0.405, wrong↑), inside its chance band (0.139): " \
+           "no feature is distinguishable from chance" in card
+    assert "0 features pass FDR 5%" in card and "the probe on mean residuals was not computable" in card
+    info = card_info()
+    info["per_layer"]["4"]["rollout_level"]["probe_auroc"] = 0.2
+    assert "reaches AUROC 0.200 out of fold, further from chance than the best" in render_model_card(info)
+
+
+def test_card_says_correctness_statistics_are_not_computable():
+    card = render_model_card(card_info(correctness=False))
+    assert "L4: not computable (all 37 labelled rollouts are wrong)." in card
+    assert "0 correct and 31 wrong rollouts (10 unscored rollouts left out)" in card
+    assert table_cells(card, "L4", "**Token level**") == ["L4", "n/a", "n/a", "n/a", "n/a"]
 
 
 def test_card_front_matter():
@@ -383,10 +460,22 @@ def test_card_accepts_int_layer_keys_and_names_missing_keys():
 LAYER, D_MODEL, TOKENS_PER_ROLLOUT = 5, 16, 40
 SHARD_ROWS = {"shard_00000": 9_000, "shard_00001": 3_000, "shard_00002": 7_000}  # chunks of unequal sizes
 CAP = 15_000  # sampled rows: several chunks, and not every stored row
+N_ROLLOUTS = sum(SHARD_ROWS.values()) // TOKENS_PER_ROLLOUT
+
+
+def store_rollouts() -> dict[int, Rollout]:
+    """Every third rollout correct, every seventh truncated, two rollouts per question."""
+    def rollout(rid: int) -> Rollout:
+        outcome = "truncated" if rid % 7 == 0 else "correct" if rid % 3 == 0 else "wrong"
+        return Rollout(rollout_id=rid, question_id=f"q{rid // 2}", prompt="", response="", predicted_letter="A",
+                       letter_from_final_line=True, answer_letter="A", finish_reason="stop", outcome=outcome,
+                       correct=outcome == "correct", n_prompt_tokens=7, n_response_tokens=TOKENS_PER_ROLLOUT,
+                       engine="test", seed=0, prompt_token_ids=[], response_token_ids=[])
+    return {rid: rollout(rid) for rid in range(N_ROLLOUTS)}
 
 
 def write_rollout_store(store_dir, dtype: str) -> None:
-    """One layer of planted rows, TOKENS_PER_ROLLOUT tokens per rollout, every third rollout correct."""
+    """One layer of planted rows, TOKENS_PER_ROLLOUT tokens per rollout."""
     manifest = new_manifest("test/model", None, [LAYER], D_MODEL, dtype)
     first = 0
     for shard, n_rows in SHARD_ROWS.items():
@@ -402,10 +491,20 @@ def write_rollout_store(store_dir, dtype: str) -> None:
 
 def analysis_config(export: bool = False) -> PipelineConfig:
     cfg = PipelineConfig()
-    cfg.capture.max_tokens_per_layer = CAP
-    cfg.train.seed, cfg.train.holdout_fraction = 3, 0.1
+    cfg.capture.max_tokens_per_layer, cfg.capture.max_norm_multiple = CAP, 0.0
+    cfg.train.split_seed, cfg.train.holdout_fraction = 3, 0.2
     cfg.release.bootstrap, cfg.release.top_contexts, cfg.release.export_activations = 40, 3, export
+    cfg.release.permutations = 200
     return cfg
+
+
+def store_split(cfg):
+    question_of = {r.rollout_id: r.question_id for r in store_rollouts().values()}
+    return split_by_question(question_of, RowRules.from_config(cfg))
+
+
+def store_selection(store_dir, cfg):
+    return select_rows(store_dir, [LAYER], store_split(cfg))
 
 
 def store_sae() -> TopKSAE:
@@ -425,42 +524,59 @@ def rollout_store(request, tmp_path_factory):
     return store_dir
 
 
-def sample_in_memory(store_dir, cfg) -> SimpleNamespace:
-    """The reference: the whole sample read into memory as float32, with its metadata and split."""
-    sampled, train_rows, heldout_rows = sampled_split(store_dir, LAYER, CAP, cfg.train.holdout_fraction,
-                                                      cfg.train.seed)
-    table = read_layer_table(store_dir, LAYER, sampled)
-    return SimpleNamespace(residuals=residual_matrix(table), train_rows=train_rows, heldout_rows=heldout_rows,
+def sample_in_memory(store_dir, selection) -> SimpleNamespace:
+    """The reference: the whole sample read into memory as float32, with its metadata."""
+    table = read_layer_table(store_dir, LAYER, selection.rows)
+    return SimpleNamespace(residuals=residual_matrix(table),
                            **{name: table.column(name).to_numpy(zero_copy_only=False)
-                              for name in ("rollout_id", "position", "correct")})
+                              for name in ("rollout_id", "position")})
 
 
 def test_streamed_analysis_gives_the_statistics_of_the_sample_in_memory(rollout_store):
     torch.set_num_threads(1)
-    cfg, sae = analysis_config(), store_sae()
-    got = analyze_layer(LAYER, sae, encode_layer_sample(rollout_store, LAYER, sae, cfg), {"revived": 0}, cfg,
-                        context_of)
+    cfg, sae, rollouts = analysis_config(), store_sae(), store_rollouts()
+    selection = store_selection(rollout_store, cfg)
+    sample = encode_sample(sae, StoreSource(rollout_store, LAYER, selection.rows), selection)
+    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "exclude"), sample.position)
+    got = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg, context_of)
 
     # as before: the whole sample in memory as float32, encoded at once
-    ref = sample_in_memory(rollout_store, cfg)
-    held = ref.heldout_rows
+    ref = sample_in_memory(rollout_store, selection)
+    held = np.flatnonzero(np.isin(ref.rollout_id, store_split(cfg).heldout_rollout_ids))
     with torch.no_grad():
         values, indices = (t.numpy() for t in sae.encode_topk(torch.tensor(ref.residuals)))
         x_hat = sae.decode_topk(torch.from_numpy(values[held]), torch.from_numpy(indices[held])).numpy()
     ve = variance_explained(ref.residuals[held], x_hat)
-    assert 0 < ref.correct.mean() < 1, "both classes, so the AUROC is compared"
+    questions = np.array([rollouts[r].question_id for r in ref.rollout_id[held]])
     summary = got["summary"]
     assert summary["variance_explained"] == pytest.approx(ve, rel=1e-6)
-    assert summary["ve_ci"] == pytest.approx(variance_explained_ci(ref.residuals[held], x_hat, 40, 3), rel=1e-6)
+    assert summary["ve_ci"] == pytest.approx(
+        variance_explained_ci(ref.residuals[held], x_hat, 40, 3, groups=questions), rel=1e-6)
     assert summary["l0"] == pytest.approx(mean_l0(values[held]))
-    assert (summary["train_rows"], summary["heldout_rows"]) == (len(ref.train_rows), len(held))
-    assert summary["train_rows"] + summary["heldout_rows"] == CAP
+    assert (summary["train_rows"], summary["heldout_rows"]) == (CAP - len(held), len(held))
     np.testing.assert_array_equal(got["rates"], fire_rates(indices, values, 64))
-    np.testing.assert_allclose(got["auroc"], auroc_per_feature(indices, values, ref.correct, 64), atol=1e-12)
+    # token level over the labelled tokens: truncated rollouts (every seventh) are left out
+    outcome = np.array([rollouts[r].outcome for r in ref.rollout_id])
+    labelled = outcome != "truncated"
+    assert (~labelled).any()
+    np.testing.assert_allclose(got["token_auroc"], auroc_per_feature(
+        indices[labelled], values[labelled], outcome[labelled] == "correct", 64), atol=1e-12)
+    # rollout level: max over each rollout's sampled tokens, AUROC against sklearn
+    stats = got["stats"]
+    dense = dense_codes(indices, values, 64)
+    ids = np.unique(ref.rollout_id[labelled])
+    pooled = np.stack([dense[ref.rollout_id == r].max(axis=0) for r in ids])
+    label = np.array([rollouts[r].outcome == "correct" for r in ids])
+    for f in np.flatnonzero(pooled.any(axis=0))[:8]:
+        assert stats["rollout_auroc"][f] == pytest.approx(roc_auc_score(label, pooled[:, f]), abs=1e-12)
+    assert got["summary"]["rollout_level"]["n_rollouts_labelled"] == len(ids)
     top = top_activating_rows(indices, values, 64, 3)
     expected = describe_contexts(top, {row: f"position {ref.position[row]}" for row in range(CAP)},
                                  lambda row: (f"rollout {ref.rollout_id[row]}", ""))
     assert got["contexts"] == expected
+    # the training rows' mean, for the mean ablation
+    train = np.setdiff1d(np.arange(CAP), held)
+    np.testing.assert_allclose(got["train_mean"], ref.residuals[train].astype(np.float64).mean(axis=0), rtol=1e-6)
 
 
 class CountingSource(StoreSource):
@@ -479,19 +595,40 @@ class CountingSource(StoreSource):
 @pytest.mark.parametrize("export", [False, True])
 def test_streamed_analysis_reads_chunks_and_keeps_only_the_heldout_residuals(rollout_store, export):
     cfg, sae = analysis_config(export), store_sae()
-    sampled, train_rows, heldout_rows = sampled_split(rollout_store, LAYER, CAP, cfg.train.holdout_fraction,
-                                                      cfg.train.seed)
-    source = CountingSource(rollout_store, LAYER, sampled)
-    sample = encode_sample(sae, source, train_rows, heldout_rows, keep_residuals=export)
+    selection = store_selection(rollout_store, cfg)
+    source = CountingSource(rollout_store, LAYER, selection.rows)
+    sample = encode_sample(sae, source, selection, keep_residuals=export)
     # every sampled row read once, never more than a chunk at a time
     assert sum(source.reads) == CAP and max(source.reads) <= CHUNK_ROWS and len(source.reads) > 1
-    ref = sample_in_memory(rollout_store, cfg)
+    ref = sample_in_memory(rollout_store, selection)
     assert sample.heldout_residuals.dtype == source.dtype  # kept in the store dtype
-    np.testing.assert_array_equal(sample.heldout_residuals.astype(np.float32), ref.residuals[heldout_rows])
+    np.testing.assert_array_equal(sample.heldout_residuals.astype(np.float32), ref.residuals[selection.heldout])
     if export:
         np.testing.assert_array_equal(sample.residuals.astype(np.float32), ref.residuals)
     else:
         assert sample.residuals is None
     assert sample.values.shape == sample.indices.shape == (CAP, 4)
-    for name in ("rollout_id", "position", "correct"):
-        np.testing.assert_array_equal(getattr(sample.rows, name), getattr(ref, name))
+    np.testing.assert_array_equal(sample.position, ref.position)
+    ids = np.unique(ref.rollout_id)
+    expected_sums = np.stack([ref.residuals[ref.rollout_id == r].astype(np.float64).sum(axis=0) for r in ids])
+    np.testing.assert_allclose(sample.rollout_sum, expected_sums, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("outcome, reason", [("wrong", "are wrong"), ("truncated", "no labelled rollouts")])
+def test_correctness_statistics_are_not_computable_without_both_labels(rollout_store, outcome, reason):
+    cfg, sae = analysis_config(), store_sae()
+    rollouts = {rid: dataclasses.replace(r, outcome=outcome, correct=False) for rid, r in store_rollouts().items()}
+    selection = store_selection(rollout_store, cfg)
+    sample = encode_sample(sae, StoreSource(rollout_store, LAYER, selection.rows), selection)
+    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "exclude"), sample.position)
+    got = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg, context_of)
+    level = got["summary"]["rollout_level"]
+    assert reason in level["reason"] and level["max_abs_auroc"] is None
+    assert got["stats"]["rollout_auroc"] is None and got["token_auroc"] is None
+    text = json.dumps({"summary": got["summary"], "stats": got["stats"]}, allow_nan=False)  # never a NaN
+    assert "NaN" not in text
+    # counted as wrong, truncated rollouts become labels: still one class, still said so
+    if outcome == "truncated":
+        rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "wrong"), sample.position)
+        again = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg, context_of)
+        assert "are wrong" in again["summary"]["rollout_level"]["reason"]

@@ -1,6 +1,7 @@
 """Capture: the stored rows are the residual stream, by both definitions a user would check."""
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import numpy as np
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from qsae.capture import capture_residuals, capture_shard
+from qsae.capture import capture_residuals, capture_shard, special_token_ids
 from qsae.engines.hf_engine import HFEngine
 from qsae.models import chat_prompt, decoder_layers
 from qsae.questions import BUNDLED_QUESTIONS, format_prompt, load_questions
@@ -68,7 +69,13 @@ def test_rows_equal_what_a_hook_sees_during_generation(tiny):
 def test_capture_shard_writes_the_store_schema(tiny, rollouts, tmp_path):
     model, _ = tiny
     residuals_of = partial(capture_residuals, model, batch_size=4)
-    counts = capture_shard(residuals_of, rollouts, LAYERS, tmp_path, "shard-00000", "float32")
+    _, tokenizer = tiny
+    # one rollout whose response holds template markup, as a thinking response does
+    marked = tokenizer("<think>\nhm\n</think>\n\nAnswer: A", add_special_tokens=False).input_ids
+    rollouts = rollouts + [dataclasses.replace(rollouts[0], rollout_id=99, response_token_ids=marked,
+                                               n_response_tokens=len(marked))]
+    counts = capture_shard(residuals_of, rollouts, LAYERS, tmp_path, "shard-00000", "float32",
+                           special_ids=special_token_ids(tokenizer))
     n_rows = sum(r.n_response_tokens for r in rollouts)
     assert counts == {str(layer): n_rows for layer in LAYERS}
     manifest = new_manifest("tiny", None, LAYERS, 64, "float32")
@@ -76,7 +83,7 @@ def test_capture_shard_writes_the_store_schema(tiny, rollouts, tmp_path):
     write_manifest(tmp_path, manifest)
     table = read_layer_table(tmp_path, 7)
     assert table.schema.field("act").type == pa.list_(pa.float32(), 64)
-    assert table.schema.names == ["rollout_id", "position", "token_id", "correct", "act"]
+    assert table.schema.names == ["rollout_id", "position", "token_id", "correct", "special", "norm", "act"]
     first = rollouts[0]
     n = first.n_response_tokens
     assert table.column("position").to_pylist()[:n] == list(range(first.n_prompt_tokens, first.n_prompt_tokens + n))
@@ -84,5 +91,12 @@ def test_capture_shard_writes_the_store_schema(tiny, rollouts, tmp_path):
     assert set(table.column("rollout_id").to_pylist()) == {r.rollout_id for r in rollouts}
     expected = capture_residuals(model, [first.prompt_token_ids + first.response_token_ids], [first.n_prompt_tokens], [7], 1)
     np.testing.assert_allclose(residual_matrix(table)[:n], expected[7][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(table.column("norm").to_numpy()[:n], np.linalg.norm(expected[7][0], axis=1), rtol=1e-5)
+    # special: exactly the tokens the tokenizer adds to its vocabulary (<|im_end|>, </think>, ...)
+    added = {tokenizer.convert_tokens_to_ids(t) for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]}
+    token_ids = table.column("token_id").to_numpy()
+    special = table.column("special").to_numpy(zero_copy_only=False)
+    np.testing.assert_array_equal(special, np.isin(token_ids, list(added)))
+    assert special.sum() == 2  # <think> and </think> of the marked rollout
     assert not list(tmp_path.rglob("*.tmp")), "temporary files left behind"
     assert shard_path(tmp_path, 11, "shard-00000").exists()

@@ -117,7 +117,10 @@ def test_k_above_n_features_raises():
 @pytest.mark.parametrize(
     "override, key",
     [("capture.layers=[]", "capture.layers"), ("capture.dtype=bfloat16", "capture.dtype"),
-     ("train.holdout_fraction=1.0", "holdout_fraction"), ("capture.num_actors=0", "num_actors")],
+     ("train.holdout_fraction=1.0", "holdout_fraction"), ("capture.num_actors=0", "num_actors"),
+     ("release.unscored_rollouts=maybe", "release.unscored_rollouts"), ("capture.max_norm_multiple=0.5", "max_norm_multiple"),
+     ("capture.max_norm_multiple=-1", "max_norm_multiple"), ("release.permutations=0", "release.permutations"),
+     ("release.bootstrap=0", "release.bootstrap"), ("release.fidelity_rollouts=0", "release.fidelity_rollouts")],
 )
 def test_invalid_values_raise(override, key):
     with pytest.raises(ConfigError, match=key):

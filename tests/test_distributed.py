@@ -20,7 +20,9 @@ from qsae.pipeline import prepare
 from qsae.rollout import read_rollouts
 from qsae.store import (DiskSpaceError, StoreSource, new_manifest, read_layer_table, read_manifest, shard_path,
                         write_manifest, write_shard)
-from qsae.train import train_sae, training_rows
+from qsae.rollout import Rollout, write_rollouts
+from qsae.sample import RowRules, plan_split, training_rows
+from qsae.train import train_sae
 
 SMALL = [
     "rollout.num_questions=12",
@@ -224,28 +226,46 @@ def planted_run(tmp_path_factory):
                               np.zeros(n_rows), np.zeros(n_rows, bool), rows, "float32")
         manifest["shards"][f"shard-{i:05d}"] = {"questions": [], "rollouts": 1, "rows": {"0": written}}
     write_manifest(store_dir, manifest)
+    write_rollouts([planted_rollout(i) for i in range(3)], run_dir / "rollouts.parquet")
     overrides = [f"out={json.dumps(str(run_dir))}", "capture.layers=[0]", "train.n_features=64", "train.k=3",
                  "train.epochs=4", "train.batch_size=256", "train.shuffle_buffer_rows=2048", "train.dead_after_steps=8",
-                 "train.report_every_steps=5", "train.checkpoint_every_steps=10", "train.cpus_per_layer=1"]
+                 "train.report_every_steps=5", "train.checkpoint_every_steps=10", "train.cpus_per_layer=1",
+                 "capture.max_norm_multiple=0"]  # every planted row trains, but the held-out rollout's
     return run_dir, overrides
+
+
+def planted_rollout(rollout_id: int) -> Rollout:
+    """A rollout record for the planted rows of one shard: a question of its own, no tokens."""
+    return Rollout(rollout_id=rollout_id, question_id=f"q{rollout_id}", prompt="", response="", predicted_letter=None,
+                   letter_from_final_line=False, answer_letter="A", finish_reason="stop", outcome="no_answer",
+                   correct=False, n_prompt_tokens=0, n_response_tokens=0, engine="planted", seed=0,
+                   prompt_token_ids=[], response_token_ids=[])
+
+
+def linked_run(run_dir: Path, cfg, tmp_path: Path) -> Path:
+    """A run directory at tmp_path sharing the planted store and rollouts, with the split planned."""
+    (tmp_path / "activations").symlink_to(run_dir / "activations")
+    (tmp_path / "rollouts.parquet").symlink_to(run_dir / "rollouts.parquet")
+    plan_split(tmp_path, cfg.capture.layers, RowRules.from_config(cfg))
+    return tmp_path
 
 
 def uninterrupted(cfg, run_dir: Path) -> tuple:
     """The same training in this process, without Ray: (sae, history)."""
-    source = StoreSource(run_dir / "activations", 0, training_rows(
-        run_dir / "activations", 0, cfg.capture.max_tokens_per_layer, cfg.train.holdout_fraction, cfg.train.seed))
-    return train_sae(source, cfg.train)
+    return train_sae(StoreSource(run_dir / "activations", 0, training_rows(run_dir, cfg.capture.layers)), cfg.train)
 
 
 def test_ray_train_reports_per_step_metrics_and_checkpoints_every_n_steps(local_ray, planted_run, tmp_path):
     run_dir, overrides = planted_run
     cfg = load_config(None, overrides + [f"out={json.dumps(str(tmp_path))}"])
-    (tmp_path / "activations").symlink_to(run_dir / "activations")
+    linked_run(run_dir, cfg, tmp_path)
     result = layer_trainer(0, cfg, str(tmp_path)).fit()
     state = final_state(result)
     history = state["history"]
     total = history["steps"]
-    assert total == cfg.train.epochs * -(-len(training_rows(tmp_path / "activations", 0, None, 0.1, 0)) // 256)
+    held = json.loads((tmp_path / "saes" / "split.json").read_text())["heldout_rollout_ids"]
+    assert len(held) == 1  # one of the three planted rollouts (shards) is held out: round(0.2 x 3)
+    assert total == cfg.train.epochs * -(-(5200 - (2000, 1500, 1700)[held[0]]) // 256)
     assert len(history["step_fvu"]) == total  # one FVU per step
     # The last report carries the steps since the one before it, at report_every_steps spacing.
     assert result.metrics["step"] == total
@@ -255,16 +275,16 @@ def test_ray_train_reports_per_step_metrics_and_checkpoints_every_n_steps(local_
     assert len(kept) == 2  # num_to_keep
     steps = sorted(torch.load(p / CHECKPOINT_FILE, weights_only=False)["history"]["steps"] for p in kept)
     assert steps[-1] == total and steps[0] == (total - 1) // 10 * 10
-    sae, reference = uninterrupted(cfg, run_dir)
+    sae, reference = uninterrupted(cfg, tmp_path)
     assert history["fvu"] == reference["fvu"]  # Ray Train runs the very same training
 
 
 def test_data_parallel_workers_train_one_layer_like_one_worker(local_ray, planted_run, tmp_path):
     run_dir, overrides = planted_run
     cfg = load_config(None, overrides + [f"out={json.dumps(str(tmp_path))}", "train.workers_per_layer=2"])
-    (tmp_path / "activations").symlink_to(run_dir / "activations")
+    linked_run(run_dir, cfg, tmp_path)
     state = final_state(layer_trainer(0, cfg, str(tmp_path)).fit())
-    sae, reference = uninterrupted(cfg, run_dir)
+    sae, reference = uninterrupted(cfg, tmp_path)
     history = state["history"]
     assert history["steps"] == reference["steps"] and history["tokens_seen"] == reference["tokens_seen"]
     # The same batches, gradients averaged over two halves: equal up to floating-point order.
@@ -283,6 +303,7 @@ def test_a_killed_trainer_resumes_from_its_last_checkpoint(local_ray, planted_ru
     cfg = load_config(None, overrides + [f"out={json.dumps(str(tmp_path))}", "train.epochs=8",
                                          f"train.workers_per_layer={workers}"])
     (tmp_path / "activations").symlink_to(run_dir / "activations")
+    (tmp_path / "rollouts.parquet").symlink_to(run_dir / "rollouts.parquet")
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(train_layers(cfg, tmp_path)))
     thread.start()
@@ -299,7 +320,7 @@ def test_a_killed_trainer_resumes_from_its_last_checkpoint(local_ray, planted_ru
     sae, history = outcome[0]
     assert history["resumed_at_steps"], "the restarted worker did not resume from a checkpoint"
     assert all(step % 10 == 0 for step in history["resumed_at_steps"])
-    reference_sae, reference = uninterrupted(cfg, run_dir)
+    reference_sae, reference = uninterrupted(cfg, tmp_path)
     # Every epoch's pooled FVU, including the one the kill interrupted, as in the uninterrupted run.
     np.testing.assert_allclose(history["fvu"], reference["fvu"], atol=1e-3)
     assert len(history["step_fvu"]) == reference["steps"]

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from qsae.analysis.fidelity import variance_explained
 from qsae.sae import TopKSAE
-from qsae.train import load_trained, save_trained, split_rows
+from qsae.train import load_trained, save_trained
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["rollout.num_questions=24", "train.epochs=6", "train.n_features=128", "train.k=8", "release.bootstrap=50"]
@@ -52,12 +52,72 @@ def test_release_directory_holds_every_artifact(release):
     assert not [n for n in release.parent.iterdir() if n.name.startswith(".release-")]
 
 
+def released_rows(release):
+    acts = load_file(str(release / "activations.safetensors"))
+    return acts, np.load(release / "labels.npy")
+
+
+def test_released_labels_are_those_of_rollouts_parquet(release):
+    """labels.npy against rollouts.parquet through each row's rollout id: an inverted or shifted label
+    anywhere fails here."""
+    acts, labels = released_rows(release)
+    rollouts = {r["rollout_id"]: r for r in pq.read_table(release.parent / "rollouts.parquet").to_pylist()}
+    expected = [1 if rollouts[r]["outcome"] == "correct" else 0 if rollouts[r]["outcome"] == "wrong" else -1
+                for r in acts["rollout_id"].tolist()]
+    np.testing.assert_array_equal(labels, expected)
+    assert labels.dtype == np.int8 and {0, 1} <= set(labels.tolist())
+    # outcomes from the responses: correct is the parsed letter of a finished response
+    for r in rollouts.values():
+        assert r["correct"] == (r["outcome"] == "correct")
+        assert r["outcome"] == ("truncated" if r["finish_reason"] == "length" else "no_answer"
+                                if r["predicted_letter"] is None else
+                                "correct" if r["predicted_letter"] == r["answer_letter"] else "wrong")
+    summary = json.loads((release / "final_summary.json").read_text())["rollouts"]
+    for outcome in ("correct", "wrong", "truncated", "no_answer"):
+        assert summary[outcome] == sum(r["outcome"] == outcome for r in rollouts.values())
+
+
+def test_no_heldout_question_leaks_into_training(release):
+    acts, _ = released_rows(release)
+    split = json.loads((release / "split.json").read_text())
+    rollouts = {r["rollout_id"]: r for r in pq.read_table(release.parent / "rollouts.parquet").to_pylist()}
+    held, train = set(split["heldout_rollout_ids"]), set(split["train_rollout_ids"])
+    assert held and train and not held & train and held | train == set(rollouts)
+    held_questions = {rollouts[r]["question_id"] for r in held}
+    assert held_questions == set(split["heldout_questions"])
+    assert not held_questions & {rollouts[r]["question_id"] for r in train}
+    heldout = acts["heldout"].astype(bool)
+    np.testing.assert_array_equal(heldout, np.isin(acts["rollout_id"], sorted(held)))
+    n_train, n_held = int((~heldout).sum()), int(heldout.sum())
+    summary = json.loads((release / "final_summary.json").read_text())
+    for layer in ("3", "7", "11"):
+        row = summary["layers"][layer]
+        assert (row["train_rows"], row["heldout_rows"]) == (n_train, n_held)
+        _, history = load_trained(release.parent, int(layer))
+        assert history["tokens_seen"] == 6 * n_train  # train.epochs=6 passes over exactly the training rows
+
+
+def question_bootstrap_ve(x, x_hat, questions, n_boot, seed) -> tuple[float, float]:
+    """The card's interval, written here: resample held-out questions, 2.5% and 97.5% percentiles."""
+    draw = np.random.default_rng(seed)
+    ids = np.unique(questions)
+    replicates = []
+    for _ in range(n_boot):
+        rows = np.concatenate([np.flatnonzero(questions == q) for q in ids[draw.integers(0, len(ids), len(ids))]])
+        x64, x_hat64 = x[rows].astype(np.float64), x_hat[rows].astype(np.float64)
+        replicates.append(1 - ((x64 - x_hat64) ** 2).sum() / ((x64 - x64.mean(0)) ** 2).sum())
+    return tuple(np.quantile(replicates, [0.025, 0.975]))
+
+
 def test_statistics_are_those_of_the_released_rows(release):
     summary = json.loads((release / "final_summary.json").read_text())
     stats = json.loads((release / "feature_stats.json").read_text())
-    acts = load_file(str(release / "activations.safetensors"))
-    labels = np.load(release / "labels.npy")
-    assert 0 < labels.sum() < len(labels), "the embedded default must give both correct and wrong rollouts"
+    acts, labels = released_rows(release)
+    pooled_file = load_file(str(release / "rollout_features.safetensors"))
+    rollouts = {r["rollout_id"]: r for r in pq.read_table(release.parent / "rollouts.parquet").to_pylist()}
+    heldout = acts["heldout"].astype(bool)
+    questions = np.array([rollouts[r]["question_id"] for r in acts["rollout_id"].tolist()])
+    labelled = labels >= 0
     for layer in ("3", "7", "11"):
         x = acts[f"L{layer}"].astype(np.float32)
         assert x.shape == (len(labels), 64)
@@ -66,17 +126,52 @@ def test_statistics_are_those_of_the_released_rows(release):
             values, indices = sae.encode_topk(torch.from_numpy(x))
             x_hat = sae.decode_topk(values, indices).numpy()
             codes = sae.encode(torch.from_numpy(x)).numpy()
-        _, held = split_rows(len(x), 0.1, 0)
-        ve = variance_explained(x[held], x_hat[held])
-        assert summary["layers"][layer]["variance_explained"] == pytest.approx(ve, abs=1e-5)
-        lo, hi = summary["layers"][layer]["ve_ci"]
-        assert lo <= ve <= hi and 0.3 < ve <= 1.0
+        ve = variance_explained(x[heldout], x_hat[heldout])
+        row = summary["layers"][layer]
+        assert row["variance_explained"] == pytest.approx(ve, abs=1e-5)
+        assert row["ve_ci"] == pytest.approx(question_bootstrap_ve(x[heldout], x_hat[heldout], questions[heldout],
+                                                                   50, 0), abs=1e-5)
+        assert row["ve_ci"][0] <= ve <= row["ve_ci"][1] and 0.3 < ve <= 1.0
         np.testing.assert_allclose(stats["layers"][layer]["fire_rate"], (codes > 0).mean(axis=0), atol=1e-12)
         fired = np.flatnonzero((codes > 0).any(axis=0))[:10]
         for f in fired:
-            assert stats["layers"][layer]["auroc"][f] == pytest.approx(roc_auc_score(labels, codes[:, f]), abs=1e-9)
+            assert stats["layers"][layer]["token_auroc"][f] == pytest.approx(
+                roc_auc_score(labels[labelled], codes[labelled, f]), abs=1e-9)
+        # rollout level: max-pooled over each labelled rollout's rows, recomputed here
+        ids = np.unique(acts["rollout_id"][labelled])
+        np.testing.assert_array_equal(pooled_file["rollout_id"], ids)
+        pooled = np.stack([codes[acts["rollout_id"] == r].max(axis=0) for r in ids])
+        np.testing.assert_allclose(pooled_file[f"L{layer}"], pooled, atol=1e-6)
+        label = np.array([rollouts[r]["outcome"] == "correct" for r in ids.tolist()])
+        np.testing.assert_array_equal(pooled_file["label"], label.astype(np.uint8))
+        for f in np.flatnonzero(pooled.any(axis=0))[:10]:
+            assert stats["layers"][layer]["rollout_auroc"][f] == pytest.approx(roc_auc_score(label, pooled[:, f]),
+                                                                               abs=1e-9)
+        best = int(np.argmax(np.abs(np.array(stats["layers"][layer]["rollout_auroc"]) - 0.5)))
+        level = row["rollout_level"]
+        assert level["feature"] == best and level["n_rollouts_labelled"] == len(ids)
+        assert level["length_auroc"] == pytest.approx(
+            roc_auc_score(label, [rollouts[r]["n_response_tokens"] for r in ids.tolist()]), abs=1e-9)
+        assert all(0 < p <= 1 for p in stats["layers"][layer]["rollout_p"])
         health = summary["layers"][layer]
         assert health["dead"] + health["rare"] + health["healthy"] + health["dense"] == 128
+
+
+def test_fidelity_in_the_model_loss_is_released(release):
+    fidelity = json.loads((release / "fidelity.json").read_text())
+    split = json.loads((release / "split.json").read_text())
+    rollouts = {r["rollout_id"]: r for r in pq.read_table(release.parent / "rollouts.parquet").to_pylist()}
+    scored = [rollouts[r]["n_response_tokens"] - 1 for r in split["heldout_rollout_ids"]
+              if rollouts[r]["n_response_tokens"] > 1]  # every response position but the last
+    for layer in ("3", "7", "11"):
+        entry = fidelity["layers"][layer]
+        assert (entry["n_rollouts"], entry["n_tokens"]) == (len(scored), sum(scored))
+        assert entry["ce_clean"] < entry["ce_zero"]
+        assert entry["delta_ce"] == pytest.approx(entry["ce_spliced"] - entry["ce_clean"])
+        assert entry["delta_ce_ci"][0] <= entry["delta_ce"] <= entry["delta_ce_ci"][1]
+        assert entry["kl"] >= 0
+        recovered = (entry["ce_zero"] - entry["ce_spliced"]) / (entry["ce_zero"] - entry["ce_clean"])
+        assert entry["ce_loss_recovered"] == pytest.approx(recovered)
 
 
 def test_model_card_reports_the_run(release):
@@ -119,6 +214,23 @@ def test_analyze_refuses_an_sae_of_another_width_than_the_store(release, tmp_pat
         f"qsae: error: layer 7: the trained SAE has d_in {sae.d_in + 1} but the store's residuals have "
         f"d_model {sae.d_in}; train the layer again on this store")
     # The earlier release stands untouched, and no staging directory is left behind.
+    assert {p.name: p.read_bytes() for p in (run / "release").iterdir() if p.is_file()} == kept
+    assert not list(run.glob(".release-*"))
+
+
+@pytest.mark.parametrize("change", ["train.split_seed=1", "train.holdout_fraction=0.5", "capture.max_norm_multiple=0"])
+def test_analyze_refuses_a_config_that_would_change_the_split(release, tmp_path, change):
+    run = tmp_path / "run"
+    shutil.copytree(release.parent, run, ignore=shutil.ignore_patterns("checkpoints"))
+    kept = {p.name: p.read_bytes() for p in (run / "release").iterdir() if p.is_file()}
+    done = subprocess.run(
+        [sys.executable, "-m", "qsae", "analyze", "--out", str(run), *SMALL, change],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("qsae: error: the config would change the train/held-out split") and change.split("=")[0] in last
+    assert "Traceback" not in done.stderr
     assert {p.name: p.read_bytes() for p in (run / "release").iterdir() if p.is_file()} == kept
     assert not list(run.glob(".release-*"))
 

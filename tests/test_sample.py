@@ -147,9 +147,9 @@ def test_split_file_round_trip_and_refusals(tmp_path):
     assert saved["unit"] == "question" and saved["heldout_rollout_ids"] == split.heldout_rollout_ids
     assert load_split(tmp_path) == split
     check_same_split(load_split(tmp_path), rules, question_of)
-    with pytest.raises(SplitMismatchError, match="seed: saved 4, config 5"):
+    with pytest.raises(SplitMismatchError, match="train.split_seed: saved 4, config 5"):
         check_same_split(load_split(tmp_path), RowRules(holdout_fraction=0.3, seed=5), question_of)
-    with pytest.raises(SplitMismatchError, match="max_norm_multiple"):
+    with pytest.raises(SplitMismatchError, match="capture.max_norm_multiple: saved 10.0, config 20"):
         check_same_split(load_split(tmp_path), RowRules(holdout_fraction=0.3, seed=4, max_norm_multiple=20),
                          question_of)
     with pytest.raises(SplitMismatchError, match="rollouts"):

@@ -9,7 +9,7 @@ from planted import planted_rows, variance_explained
 from qsae.sae import TopKSAE
 from qsae.store import ArraySource, shuffled_batches
 from qsae.train import (DeadLatentBound, TrainConfig, TrainingLoss, auxk_size, geometric_median,
-                        reconstruction_losses, remove_parallel_grad_, revive_dead_, split_rows, train_sae,
+                        reconstruction_losses, remove_parallel_grad_, revive_dead_, train_sae,
                         train_step)
 
 
@@ -36,7 +36,8 @@ def small_rows() -> np.ndarray:
 @pytest.mark.parametrize("recipe", ["original", "modern"])
 def test_planted_dictionary_is_learned(recipe):
     rows = planted_rows(20_000, 32, 64, 4, seed=0)
-    train, held_out = split_rows(len(rows), 0.1, seed=0)
+    order = np.random.default_rng(0).permutation(len(rows))
+    train, held_out = np.sort(order[2000:]), np.sort(order[:2000])
     cfg = TrainConfig(recipe=recipe, n_features=64, k=4, epochs=6, batch_size=256, lr=1e-2,
                       revive_every_epochs=2, dead_after_steps=50)
     sae, history = train_sae(rows[train], cfg)
@@ -189,22 +190,6 @@ def test_non_finite_rows_raise(small_rows, value):
 def test_bad_config_raises(overrides, problem):
     with pytest.raises(ValueError, match=problem):
         small_cfg(**overrides).validate(d_in=16)
-
-
-def test_split_rows():
-    train, held_out = split_rows(1000, 0.2, seed=5)
-    assert len(held_out) == 200 and len(train) == 800
-    assert np.array_equal(np.sort(np.concatenate([train, held_out])), np.arange(1000))
-    again = split_rows(1000, 0.2, seed=5)
-    assert np.array_equal(train, again[0]) and np.array_equal(held_out, again[1])
-    assert not np.array_equal(held_out, split_rows(1000, 0.2, seed=6)[1])
-    tiny_train, tiny_held_out = split_rows(2, 0.01, seed=0)
-    assert len(tiny_train) == 1 and len(tiny_held_out) == 1
-    for fraction in (0.0, 1.0, -0.1):
-        with pytest.raises(ValueError, match="holdout_fraction"):
-            split_rows(10, fraction, seed=0)
-    with pytest.raises(ValueError, match="n_rows"):
-        split_rows(0, 0.1, seed=0)
 
 
 def original_recipe_reference(rows: np.ndarray, cfg: TrainConfig) -> tuple[TopKSAE, list[float], int]:

@@ -1,8 +1,10 @@
 """The release's model card (README.md): YAML front matter, then Markdown built only from `info`.
 
-Every number in the card comes from `info`, except the definition constants imported from
-features.py and fidelity.py. Formats: variance explained, its interval and AUROC to 3 decimals,
-L0 to 1 decimal, counts with thousands separators, fire rates as percentages to 2 decimals.
+Every number in the card comes from `info` (release.card_info), except the definition constants
+imported from the analysis modules. Every statistic is printed with what it is and how sure it is:
+an interval, a null beside it, or the reason it could not be computed. The sentences that interpret
+the numbers are computed from them. Formats: fractions to 3 decimals, CE and KL to 4, counts with
+thousands separators, fire rates as percentages.
 """
 from __future__ import annotations
 
@@ -10,16 +12,18 @@ import json
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 
-from qsae.analysis.features import CHANCE_AUROC, HEALTHY_RANGE
+from qsae.analysis.features import CHANCE_AUROC, DENSITY_THRESHOLDS, HEALTHY_RANGE
 from qsae.analysis.fidelity import DEFAULT_ALPHA
 
 REQUIRED_KEYS = (
-    "model_id", "model_revision", "layers", "d_model", "n_features", "k", "hook", "questions", "tokens",
-    "recipe", "per_layer", "auroc_defined", "files", "charts", "wall_clock", "engine", "qsae_version",
+    "model_id", "model_revision", "layers", "d_model", "n_features", "k", "hook", "questions", "outcomes",
+    "tokens", "rows", "split", "recipe", "statistics", "per_layer", "fidelity", "files", "charts", "wall_clock",
+    "engine", "qsae_version",
 )
 LAYER_KEYS = (
-    "variance_explained", "ve_ci", "l0", "dead", "healthy", "dense", "rare", "revived",
-    "max_auroc", "max_auroc_feature", "max_auroc_fire_rate", "max_auroc_direction",
+    "variance_explained", "ve_ci", "l0", "heldout_questions", "dead", "healthy", "dense", "rare", "revived",
+    "share_above_1pct", "share_above_10pct", "dead_over_tokens", "max_decoder_cosine", "token_level",
+    "rollout_level",
 )
 TAGS = ("sparse-autoencoder", "topk-sae", "interpretability", "residual-stream")
 RECIPE_LABELS = {
@@ -31,6 +35,8 @@ RECIPE_LABELS = {
     "revive_every_epochs": "dead-feature revival every (epochs)",
     "dead_after_steps": "dead after (steps without firing)",
 }
+NA = "n/a"
+COVERAGE = f"{1 - DEFAULT_ALPHA:.0%}"
 
 
 def _check(info: dict) -> dict[str, dict]:
@@ -46,6 +52,14 @@ def _check(info: dict) -> dict[str, dict]:
         if lacking:
             raise ValueError(f"per_layer[{layer!r}] is missing keys: {lacking}")
     return per_layer
+
+
+def _num(value, spec: str = ".3f") -> str:
+    return NA if value is None else format(value, spec)
+
+
+def _ci(interval, spec: str = ".3f") -> str:
+    return "not computable" if interval is None else f"[{interval[0]:{spec}}, {interval[1]:{spec}}]"
 
 
 def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
@@ -73,10 +87,17 @@ def _weights_name(info: dict, layer: int, suffix: str) -> str:
     return f"sae_L{layer}_n{info['n_features']}_k{info['k']}.{suffix}"
 
 
+def _fidelity(info: dict, layer) -> dict | None:
+    return None if info["fidelity"] is None else info["fidelity"].get(str(layer))
+
+
 def _summary(info: dict, per_layer: dict[str, dict]) -> str:
-    q, tokens = info["questions"], info["tokens"]
+    o, tokens = info["outcomes"], info["tokens"]
     layers = ", ".join(f"L{layer}" for layer in info["layers"])
-    ve = " / ".join(f"L{layer} {per_layer[str(layer)]['variance_explained']:.3f}" for layer in info["layers"])
+    ve = " / ".join(f"L{layer} {per_layer[str(layer)]['variance_explained']:.3f} "
+                    f"{_ci(per_layer[str(layer)]['ve_ci'])}" for layer in info["layers"])
+    delta = " / ".join(f"L{layer} {_num((_fidelity(info, layer) or {}).get('delta_ce'), '.4f')}"
+                       for layer in info["layers"])
     expansion = info["n_features"] / info["d_model"]
     return _table(["property", "value"], [
         ["base model", f"`{info['model_id']}` (revision `{info['model_revision']}`)"],
@@ -85,9 +106,12 @@ def _summary(info: dict, per_layer: dict[str, dict]) -> str:
         ["architecture", f"TopK SAE, {info['n_features']:,} features ({expansion:.2f}× d_model {info['d_model']:,}), "
                          f"k = {info['k']} active per token"],
         ["training tokens", f"{tokens['per_layer_train']:,} response tokens per layer "
-                            f"({tokens['per_layer_heldout']:,} held out)"],
-        ["variance explained (held-out, pooled)", ve],
-        ["rollouts", f"{q['n']:,} questions, {q['n_correct']:,} correct / {q['n_wrong']:,} wrong"],
+                            f"({tokens['per_layer_heldout']:,} held out, from {info['split']['heldout_rollouts']:,} "
+                            "held-out rollouts)"],
+        [f"variance explained (held-out, {COVERAGE} CI)", ve],
+        ["ΔCE with the SAE spliced in (nats/token)", delta],
+        ["rollouts", f"{o['n']:,}: {o['correct']:,} correct, {o['wrong']:,} wrong, {o['truncated']:,} truncated, "
+                     f"{o['no_answer']:,} without an answer"],
         ["rollout engine", info["engine"]],
         ["qsae version", info["qsae_version"]],
     ])
@@ -130,58 +154,164 @@ def _hook(info: dict) -> str:
     )
 
 
-def _formulas() -> str:
-    low, high = HEALTHY_RANGE
+def _data(info: dict) -> str:
+    q, o, rows, split = info["questions"], info["outcomes"], info["rows"], info["split"]
+    unscored = o["truncated"] + o["no_answer"]
+    use = ("left out of every correctness statistic" if o["unscored_rollouts"] == "exclude"
+           else "counted as wrong in every correctness statistic")
+    thinking = ("on: only the text after the closing `</think>` is parsed, and a rollout whose thought never "
+                "closed has no answer" if q["thinking"] else "off: the whole response is parsed")
+    high = ", ".join(f"L{layer} {rows['high_norm'][str(layer)]:,} above {_num(rows['norm_threshold'][str(layer)], '.1f')} "
+                     f"(median {rows['median_norm'][str(layer)]:.1f})" for layer in info["layers"])
+    norm_rule = (f"{rows['high_norm_any_layer']:,} tokens whose residual norm exceeds {rows['max_norm_multiple']:g}× the "
+                 f"layer's median at some captured layer ({high}): left out"
+                 if rows["max_norm_multiple"] else "no norm limit (max_norm_multiple = 0)")
+    special = (f"{rows['special']:,} special or chat-template tokens (the tokenizer's added tokens, e.g. `</think>`): "
+               + ("left out" if rows["special_excluded"] else "kept"))
+    cap = (f"a seeded sample of {rows['max_tokens_per_layer']:,}" if rows["max_tokens_per_layer"] else "all")
     return "\n".join([
-        "- **Variance explained** (pooled over held-out tokens and dimensions): "
-        "`1 − Σᵢ ‖xᵢ − x̂ᵢ‖² / Σᵢ ‖xᵢ − x̄‖²`, x̄ the mean held-out row. "
-        f"Intervals: percentile bootstrap over rows, {1 - DEFAULT_ALPHA:.0%} coverage.",
-        "- **L0**: mean number of features with a positive activation per token (at most k).",
-        "- **Fire rate** of a feature: the fraction of tokens on which it is among the top k with a positive "
-        "activation, over every sampled token (the rows of `activations.safetensors` / `labels.npy`); "
-        "AUROC uses the same rows.",
-        f"- **Feature health**: dead = never fires; rare = fire rate below {low:.1%}; "
-        f"healthy = fire rate in [{low:.1%}, {high:.0%}]; dense = above {high:.0%}.",
-        "- **AUROC** of a feature: tokens are scored by its activation (0 where it does not fire) and labelled "
-        "by whether their rollout answered correctly; AUROC is the probability that a token of a correct "
-        "rollout outscores one of a wrong rollout, ties counting one half (Mann–Whitney U / (n_correct · n_wrong)). "
-        f"Direction: `correct↑` when AUROC > {CHANCE_AUROC}, `wrong↑` when below, `none` at exactly {CHANCE_AUROC}. "
-        "Max AUROC is the largest AUROC among a layer's features.",
+        f"- Questions: {o['n']:,} from `{q['source']}` (sampling seed {q['seed']}), one greedy rollout each with "
+        f"`{info['engine']}`, at most {q['max_new_tokens']:,} new tokens, thinking {thinking}.",
+        f"- Outcomes: {o['correct']:,} correct, {o['wrong']:,} wrong, {o['truncated']:,} truncated (hit the token "
+        f"limit), {o['no_answer']:,} without a parsable answer letter. The {unscored:,} truncated or unanswered "
+        f"rollouts are neither right nor wrong: they are {use}.",
+        f"- Rows: {rows['stored']:,} response tokens stored per layer.",
+        f"  - {special}.",
+        f"  - {norm_rule}.",
+        f"  - {rows['excluded']:,} tokens left out in all, the same at every layer; of the rest, {cap} were used: "
+        f"{rows['train']:,} for training, {rows['heldout']:,} held out.",
+        f"- Split: by question, seeded ({split['seed']}): {split['holdout_fraction']:.0%} of the questions, "
+        f"{split['heldout_rollouts']:,} rollouts, are held out with all their tokens (`split.json` lists them). "
+        "No held-out token has a neighbour from its own rollout in training.",
     ])
 
 
-def _metrics(info: dict, per_layer: dict[str, dict]) -> str:
+def _definitions(info: dict) -> str:
+    low, high = HEALTHY_RANGE
+    stats = info["statistics"]
+    return "\n".join([
+        "- **Variance explained** (held-out tokens, pooled over tokens and dimensions, accumulated in float64): "
+        "`1 − Σᵢ ‖xᵢ − x̂ᵢ‖² / Σᵢ ‖xᵢ − x̄‖²`, x̄ the mean held-out row.",
+        f"- **Intervals** are {COVERAGE} percentile intervals of a bootstrap ({stats['bootstrap']:,} replicates) that "
+        "resamples held-out questions (all of a question's tokens and rollouts together), never single tokens: tokens "
+        "of one rollout are not independent. With fewer than two held-out questions no interval is computable.",
+        "- **L0**: mean number of features with a positive activation per held-out token (at most k).",
+        "- **Fire rate** of a feature: the share of sampled tokens (the rows of `activations.safetensors`) on which "
+        f"it is among the top k with a positive activation. **Dead**: never fires over those tokens; rare: below "
+        f"{low:.1%}; **healthy**: in [{low:.1%}, {high:.0%}] (the original release's band); dense: above {high:.0%}. "
+        f"Density shares: features firing on more than {DENSITY_THRESHOLDS[0]:.0%} and {DENSITY_THRESHOLDS[1]:.0%} "
+        "of tokens.",
+        "- **Max decoder cosine**: the largest cosine similarity between the decoder rows of two different features.",
+        "- **Token-level AUROC** (as the original release reported it): a feature's activation on each labelled "
+        "token (0 where it does not fire) as a score for its rollout's label; P(a correct-rollout token outscores a "
+        "wrong-rollout one), ties one half. Tokens of a rollout share its label, so it has no valid null here and "
+        "is shown for comparison only.",
+        "- **Rollout-level AUROC**: each feature's activation pooled per rollout (the max over its sampled response "
+        "tokens; the mean and the firing fraction are in `feature_stats.json`), as a score for the rollout's label. "
+        f"**p**: two-sided permutation p-value, `(1 + #{{|AUROC* − {CHANCE_AUROC}| ≥ |AUROC − {CHANCE_AUROC}|}}) / "
+        f"(1 + P)` over P = {stats['permutations']:,} permutations of the labels across rollouts (within question "
+        "when a question has several rollouts). **q**: Benjamini–Hochberg adjusted p over the layer's features. "
+        "**Westfall–Young p**: the same count against each permutation's largest |AUROC − 0.5| over all features "
+        "(family-wise). **Chance band**: the 95th percentile of that largest |AUROC − 0.5| under the permutations: "
+        "the distance from 0.5 the best feature reaches by chance alone. The headline feature is the one farthest "
+        "from 0.5 in either direction (`correct↑` above, `wrong↑` below).",
+        "- **Baselines**: the AUROC of response length alone, and of a logistic-regression probe (standardised "
+        "features, L2) on each rollout's mean residual, scored out of fold with questions as groups.",
+        "- **Fidelity in the model's loss** (`fidelity.json`): on held-out rollouts, the next-token cross-entropy "
+        "(nats per token) at every response position but the last, with the layer's output left as is (clean), "
+        "replaced by the SAE's reconstruction (spliced), by zeros, or by the training rows' mean, at every response "
+        "position whose token passes the masks above. `ΔCE = CE_spliced − CE_clean`; `CE loss recovered = "
+        "(CE_zero − CE_spliced) / (CE_zero − CE_clean)`; KL = mean over those tokens of KL(p_clean ‖ p_spliced). "
+        "Intervals: bootstrap over rollouts.",
+    ])
+
+
+def _reconstruction(info: dict, per_layer: dict[str, dict]) -> str:
+    rows = []
+    for layer in info["layers"]:
+        s, f = per_layer[str(layer)], _fidelity(info, layer) or {}
+        rows.append([f"L{layer}", f"{s['variance_explained']:.3f}", _ci(s["ve_ci"]), f"{s['l0']:.1f}",
+                     _num(f.get("ce_clean"), ".4f"), _num(f.get("ce_spliced"), ".4f"),
+                     f"{_num(f.get('delta_ce'), '.4f')} {_ci(f.get('delta_ce_ci'), '.4f') if f else ''}".strip(),
+                     _num(f.get("ce_loss_recovered")), f"{_num(f.get('kl'), '.4f')} {_ci(f.get('kl_ci'), '.4f') if f else ''}".strip(),
+                     _num(f.get("ce_zero"), ".4f"), _num(f.get("ce_mean"), ".4f"),
+                     f"{f['n_tokens']:,} / {f['n_rollouts']:,}" if f else NA])
+    header = ["layer", "variance explained", f"{COVERAGE} CI", "L0", "CE clean", "CE spliced", f"ΔCE [{COVERAGE} CI]",
+              "CE loss recovered", f"KL [{COVERAGE} CI]", "CE zero-ablated", "CE mean-ablated", "tokens / rollouts"]
+    parts = [_table(header, rows)]
+    if info["fidelity"] is None:
+        parts.append("The fidelity in the model's loss was not computed for this release.")
+    return "\n\n".join(parts)
+
+
+def _health(info: dict, per_layer: dict[str, dict]) -> str:
+    low, high = HEALTHY_RANGE
     rows = []
     for layer in info["layers"]:
         s = per_layer[str(layer)]
-        low, high = s["ve_ci"]
-        rows.append([f"L{layer}", f"{s['variance_explained']:.3f}", f"[{low:.3f}, {high:.3f}]", f"{s['l0']:.1f}",
-                     f"{s['dead']:,}", f"{s['rare']:,}", f"{s['healthy']:,}", f"{s['dense']:,}", f"{s['revived']:,}"])
-    header = ["layer", "variance explained", f"{1 - DEFAULT_ALPHA:.0%} CI", "L0",
-              "dead", "rare", "healthy", "dense", "revived in training"]
+        rows.append([f"L{layer}", f"{s['dead']:,} (over {s['dead_over_tokens']:,} tokens)", f"{s['rare']:,}",
+                     f"{s['healthy']:,}", f"{s['dense']:,}", f"{s['share_above_1pct']:.1%}",
+                     f"{s['share_above_10pct']:.1%}", f"{s['max_decoder_cosine']:.3f}", f"{s['revived']:,}"])
+    header = ["layer", "dead", "rare", f"healthy [{low:.1%}, {high:.0%}]", "dense", "> 1% density", "> 10% density",
+              "max decoder cosine", "revived in training"]
     return _table(header, rows)
 
 
+def _rollout_sentence(layer, r: dict) -> str:
+    """What a layer's rollout-level numbers say, computed from them."""
+    if r.get("reason"):
+        return f"L{layer}: not computable ({r['reason']})."
+    inside = r["max_abs_auroc"] <= r["chance_band_95"]
+    best = f"{r['auroc']:.3f}" if r.get("auroc") is not None else ""
+    verdict = (f"inside its chance band ({r['chance_band_95']:.3f}): no feature is distinguishable from chance"
+               if inside else f"beyond its chance band ({r['chance_band_95']:.3f})")
+    n_q = r["n_q_below_0_05"]
+    fdr = f"{n_q:,} feature{'s' if n_q != 1 else ''} pass{'' if n_q != 1 else 'es'} FDR 5% (q < 0.05)"
+    probe = r["probe_auroc"]
+    if probe is None:
+        compare = "the probe on mean residuals was not computable"
+    else:
+        margin = abs(probe - CHANCE_AUROC) - r["max_abs_auroc"]
+        compare = (f"the probe on mean residuals reaches AUROC {probe:.3f} out of fold, "
+                   + ("further from chance than" if margin > 0 else "no further from chance than")
+                   + " the best single feature (picked after the fact, so favoured)")
+    length = f"response length alone gives {_num(r['length_auroc'])}"
+    return (f"L{layer}: the largest |AUROC − 0.5| is {r['max_abs_auroc']:.3f} (f{r['feature']}, AUROC {best}, "
+            f"{r['direction']}), {verdict} (Westfall–Young p = {r['westfall_young_p']:.3g}); {fdr}; {compare}; "
+            f"{length}.")
+
+
 def _correctness(info: dict, per_layer: dict[str, dict]) -> str:
-    q = info["questions"]
-    counts = f"{q['n_correct']:,} correct, {q['n_wrong']:,} wrong"
-    if not info["auroc_defined"]:
-        return (
-            f"Correctness statistics are undefined for this release: every rollout fell in one class ({counts}), "
-            "so a feature's AUROC against correctness has no meaning and none is reported."
-        )
+    o = info["outcomes"]
     rows = []
     for layer in info["layers"]:
-        s = per_layer[str(layer)]
-        if s["max_auroc"] is None:
-            rows.append([f"L{layer}", "undefined", "", "", ""])
-        else:
-            rows.append([f"L{layer}", f"{s['max_auroc']:.3f}", f"f{s['max_auroc_feature']}",
-                         f"{s['max_auroc_fire_rate']:.2%}", s["max_auroc_direction"]])
-    rate = q["n_correct"] / q["n"]
+        r = per_layer[str(layer)]["rollout_level"]
+        if r.get("reason"):
+            rows.append([f"L{layer}", f"{r['n_rollouts_labelled']:,}", f"not computable: {r['reason']}"] + [""] * 6)
+            continue
+        rows.append([f"L{layer}", f"{r['n_rollouts_labelled']:,}",
+                     f"{r['max_abs_auroc']:.3f} (AUROC {_num(r.get('auroc'))})", f"f{r['feature']} {r['direction']}",
+                     f"{r['chance_band_95']:.3f}", f"{r['westfall_young_p']:.3g}", f"{r['n_q_below_0_05']:,}",
+                     f"{_num(r['length_auroc'])} {_ci(r.get('length_auroc_ci'))}",
+                     _num(r["probe_auroc"]) + (f" {_ci(r.get('probe_auroc_ci'))}" if r["probe_auroc"] is not None
+                                               else f" ({r.get('probe_reason') or 'not computable'})")])
+    header = ["layer", "labelled rollouts", "largest \\|AUROC − 0.5\\|", "feature", "chance band (95%)",
+              "Westfall–Young p", "features with q < 0.05", f"length AUROC [{COVERAGE} CI]",
+              f"probe AUROC [{COVERAGE} CI]"]
+    token_rows = []
+    for layer in info["layers"]:
+        t = per_layer[str(layer)]["token_level"]
+        token_rows.append([f"L{layer}", _num(t["max_auroc"]), NA if t["feature"] is None else f"f{t['feature']}",
+                           NA if t["fire_rate"] is None else f"{t['fire_rate']:.2%}", t["direction"] or NA])
     return "\n\n".join([
-        f"Rollouts: {counts} ({rate:.1%} correct). Every response token carries its rollout's label.",
-        _table(["layer", "max AUROC", "feature", "fire rate", "direction"], rows),
+        f"Labels: {o['correct']:,} correct and {o['wrong']:,} wrong rollouts"
+        + (f" ({o['truncated'] + o['no_answer']:,} unscored rollouts counted as wrong)" if o["unscored_rollouts"] == "wrong"
+           else f" ({o['truncated'] + o['no_answer']:,} unscored rollouts left out)") + ".",
+        "**Rollout level** (the statistics to cite):",
+        _table(header, rows),
+        "\n".join(f"- {_rollout_sentence(layer, per_layer[str(layer)]['rollout_level'])}" for layer in info["layers"]),
+        "**Token level**, as the original release reported it (largest AUROC only, no null: for comparison):",
+        _table(["layer", "max token-level AUROC", "feature", "fire rate", "direction"], token_rows),
     ])
 
 
@@ -199,17 +329,6 @@ def _recipe(info: dict) -> str:
     ] if recipe.get("recipe") == "modern" else []))
 
 
-def _data(info: dict) -> str:
-    q, tokens = info["questions"], info["tokens"]
-    return "\n".join([
-        f"- Questions: {q['n']:,} from `{q['source']}` (sampling seed {q['seed']}), one greedy rollout each "
-        f"with `{info['engine']}`.",
-        f"- Rollouts: {q['n_correct']:,} correct, {q['n_wrong']:,} wrong (answer letter parsed from the response).",
-        f"- Response tokens: {tokens['total_response_tokens']:,} in total; per layer "
-        f"{tokens['per_layer_train']:,} for training and {tokens['per_layer_heldout']:,} held out.",
-    ])
-
-
 def _files(info: dict) -> str:
     lines = [f"- `{name}`" for name in info["files"]]
     charts = "\n\n".join(f"![{name}]({name})" for name in info["charts"])
@@ -218,13 +337,11 @@ def _files(info: dict) -> str:
 
 
 def _limitations(info: dict) -> str:
-    q, tokens = info["questions"], info["tokens"]
+    o, tokens = info["outcomes"], info["tokens"]
     return "\n".join([
-        f"- Sample size: {tokens['per_layer_train']:,} training tokens per layer from {q['n']:,} rollouts; "
-        "features and correctness statistics may change with more data.",
-        "- Labels belong to rollouts, not tokens: tokens of one rollout are correlated, so per-token AUROC "
-        "and row-bootstrap intervals overstate the effective sample size.",
-        "- AUROC measures correlation with correctness, not cause; no ablation or steering was run.",
+        f"- Sample size: {tokens['per_layer_train']:,} training tokens per layer from {o['n']:,} rollouts; "
+        "held-out statistics rest on the held-out questions only, and their intervals say how much that is.",
+        "- AUROC measures association with correctness, not cause; no ablation or steering of features was run.",
         f"- One domain: multiple-choice questions from `{info['questions']['source']}`; behaviour on other text "
         "(code, open-ended writing) is untested.",
         "- Only greedy responses were captured; prompt tokens and sampled text are outside the training data.",
@@ -241,11 +358,12 @@ def render_model_card(info: dict) -> str:
         _summary(info, per_layer),
         "## How to load\n\n" + _usage(info),
         "## Hook convention\n\n" + _hook(info),
-        "## Definitions\n\n" + _formulas(),
-        "## Per-layer metrics\n\n" + _metrics(info, per_layer),
+        "## Data, labels and rows\n\n" + _data(info),
+        "## Definitions\n\n" + _definitions(info),
+        "## Reconstruction and fidelity in the model's loss\n\n" + _reconstruction(info, per_layer),
+        "## Feature health\n\n" + _health(info, per_layer),
         "## Correctness statistics\n\n" + _correctness(info, per_layer),
         "## Training recipe\n\n" + _recipe(info),
-        "## Data\n\n" + _data(info),
         "## Files\n\n" + _files(info),
         "## Limitations\n\n" + _limitations(info),
     ]

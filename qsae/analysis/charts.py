@@ -84,22 +84,26 @@ def plot_fire_rates(fire_rate_by_layer: dict[int, np.ndarray], path: str | Path)
     return _save(fig, path, FIRE_RATES_PNG)
 
 
-def plot_auroc(auroc_by_layer: dict[int, np.ndarray | None], path: str | Path) -> Path:
-    """Histogram of per-feature correctness AUROC, one panel per layer; None marks an undefined layer."""
+def plot_auroc(auroc_by_layer: dict[int, tuple[np.ndarray, float] | None], path: str | Path) -> Path:
+    """Histogram of the rollout-level AUROC of every feature, one panel per layer, with the chance band
+    (0.5 ± the 95th percentile of the largest |AUROC − 0.5| under permuted labels) shaded; None marks a
+    layer where it could not be computed."""
     layers = _layers(auroc_by_layer)
     fig = Figure(figsize=(4 * len(layers), 3.5))
     axes = fig.subplots(1, len(layers), squeeze=False)[0]
     for ax, layer in zip(axes, layers):
-        auroc = auroc_by_layer[layer]
         ax.set_title(f"L{layer}")
-        ax.set_xlabel("AUROC (correct vs wrong)")
-        if auroc is None:
-            ax.text(0.5, 0.5, "undefined: one class", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("rollout-level AUROC (correct vs wrong)")
+        if auroc_by_layer[layer] is None:
+            ax.text(0.5, 0.5, "not computable", ha="center", va="center", transform=ax.transAxes)
             ax.set_xticks([])
             ax.set_yticks([])
             continue
+        auroc, band = auroc_by_layer[layer]
+        ax.axvspan(CHANCE_AUROC - band, CHANCE_AUROC + band, color="tab:gray", alpha=0.2, label="chance band (95%)")
         ax.hist(np.asarray(auroc), bins=50, color="tab:purple")
         ax.axvline(CHANCE_AUROC, color="black", linestyle="--", linewidth=1)
+        ax.legend(fontsize=7)
     axes[0].set_ylabel("features")
     fig.tight_layout()
     return _save(fig, path, FEATURE_AUROC_PNG)

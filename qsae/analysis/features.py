@@ -7,8 +7,7 @@ grows with N * k, never with N * n.
 from __future__ import annotations
 
 import numpy as np
-
-from qsae.analysis.fidelity import DEFAULT_ALPHA
+import torch
 
 HEALTHY_RANGE = (0.005, 0.30)  # fire rate band of a useful feature, as in the original release
 CHANCE_AUROC = 0.5  # AUROC of a feature that carries no information about the label
@@ -134,52 +133,38 @@ def auroc_direction(auroc: np.ndarray) -> list[str]:
     return ["correct↑" if a > CHANCE_AUROC else "wrong↑" if a < CHANCE_AUROC else "none" for a in np.asarray(auroc)]
 
 
-def stratified_resamples(labels: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
-    """Row indices of n_boot bootstrap samples that resample each class within itself (class sizes kept)."""
-    labels = np.asarray(labels, dtype=bool)
-    rng = np.random.default_rng(seed)
-    pos, neg = np.nonzero(labels)[0], np.nonzero(~labels)[0]
-    return [np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(n_boot)]
+DENSITY_THRESHOLDS = (0.01, 0.10)  # shares of features firing on more than 1% and 10% of tokens
+LOG_DENSITY_BINS = np.arange(-6.0, 0.01, 0.25)  # log10 fire rate, 1e-6 .. 1
 
 
-def bootstrap_auroc_ci(
-    indices: np.ndarray,
-    values: np.ndarray,
-    labels: np.ndarray,
-    features: np.ndarray,
-    n_features: int,
-    n_boot: int = 200,
-    seed: int = 0,
-    alpha: float = DEFAULT_ALPHA,
-) -> np.ndarray:
-    """Percentile intervals [len(features), 2] of the AUROC of the chosen features.
+def density_summary(fire_rate: np.ndarray) -> dict:
+    """Shares of features above 1% and 10% density, and the histogram of log10 fire rate of the live
+    features (dead ones have no logarithm: they are counted by feature_health)."""
+    fire_rate = np.asarray(fire_rate, dtype=np.float64)
+    live = fire_rate[fire_rate > 0]
+    counts, _ = np.histogram(np.log10(np.clip(live, 10 ** LOG_DENSITY_BINS[0], 1)), bins=LOG_DENSITY_BINS)
+    return {
+        "share_above_1pct": float((fire_rate > DENSITY_THRESHOLDS[0]).mean()),
+        "share_above_10pct": float((fire_rate > DENSITY_THRESHOLDS[1]).mean()),
+        "log10_density_histogram": {"edges": LOG_DENSITY_BINS.tolist(), "counts": counts.tolist()},
+    }
 
-    Rows are resampled within each class (stratified, as pROC does), so no replicate is one-class.
-    Tokens of one rollout share its label and are correlated, so this row-level interval is narrower
-    than a rollout-level one would be.
-    """
-    if n_boot < 1 or not 0 < alpha < 1:
-        raise ValueError(f"need n_boot >= 1 and alpha in (0, 1), got {n_boot} and {alpha}")
-    features = np.asarray(features, dtype=np.int64)
-    if features.ndim != 1 or len(features) == 0 or features.min() < 0 or features.max() >= n_features:
-        raise ValueError(f"features must be a non-empty 1-D array of ids in [0, {n_features})")
-    if len(np.unique(features)) != len(features):
-        raise ValueError("features must not repeat an id")
-    rows, entry_features, activations = firing_entries(indices, values, n_features)
-    labels = _as_labels(labels, len(np.asarray(indices)))
-    # Keep only the chosen features' entries, renumbered 0..len(features)-1.
-    slot = np.full(n_features, -1, dtype=np.int64)
-    slot[features] = np.arange(len(features))
-    keep = slot[entry_features] >= 0
-    rows, entry_slot, activations = rows[keep], slot[entry_features[keep]], activations[keep]
-    n_pos = int(labels.sum())
-    replicates = []
-    for sample in stratified_resamples(labels, n_boot, seed):
-        copies = np.bincount(sample, minlength=len(labels))[rows]
-        replicates.append(
-            _auroc_from_entries(
-                np.repeat(entry_slot, copies), np.repeat(activations, copies), np.repeat(labels[rows], copies),
-                n_pos, len(labels) - n_pos, len(features),
-            )
-        )
-    return np.quantile(np.stack(replicates), [alpha / 2, 1 - alpha / 2], axis=0).T
+
+@torch.no_grad()
+def max_decoder_cosine(W_dec: torch.Tensor, block: int = 1024) -> tuple[float, list[int]]:
+    """The largest cosine similarity between two different features' decoder rows, and the pair:
+    near 1 means two features write (almost) the same direction. Blocks of rows keep memory at
+    block x n."""
+    directions = torch.nn.functional.normalize(W_dec.float(), dim=1)
+    n = len(directions)
+    if n < 2:
+        raise ValueError("a decoder cosine needs at least two features")
+    best, pair = -2.0, [0, 1]
+    for first in range(0, n, block):
+        sims = directions[first:first + block] @ directions.T
+        rows = torch.arange(len(sims))
+        sims[rows, rows + first] = -2.0  # a feature with itself
+        value, flat = sims.flatten().max(dim=0)
+        if value.item() > best:
+            best, pair = value.item(), [first + int(flat) // n, int(flat) % n]
+    return best, pair

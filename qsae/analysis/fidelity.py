@@ -109,37 +109,57 @@ def bootstrap_ci(
     return _percentile_interval(np.asarray(stats, dtype=np.float64), alpha)
 
 
+def cluster_resample_counts(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """How many times each row appears in one cluster-bootstrap replicate: the G distinct groups
+    (np.unique order) are drawn G times with replacement, rng.integers(0, G, G), and a row appears as
+    often as its group was drawn."""
+    _, group_of_row = np.unique(groups, return_inverse=True)
+    n_groups = int(group_of_row.max()) + 1
+    return np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[group_of_row]
+
+
 def variance_explained_ci(
     x: np.ndarray,
     x_hat: np.ndarray,
     n_boot: int = 200,
     seed: int = 0,
     alpha: float = DEFAULT_ALPHA,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """`bootstrap_ci(variance_explained, x, x_hat, ...)` without copying the resampled rows.
+    """Percentile interval of variance_explained under a bootstrap that resamples whole groups of rows
+    (`groups` [N]: e.g. each row's question, since tokens of one rollout are not independent), or single
+    rows when groups is None (then the same resamples as bootstrap_ci for the same seed).
 
-    Draws the same resamples as bootstrap_ci for the same seed. With row multiplicities c_i
-    (sum N), the resampled mean is m* = m + delta, delta = sum_i c_i (x_i - m) / N, and
-    sum_i c_i ||x_i - m*||^2 = sum_i c_i ||x_i - m||^2 - N ||delta||^2, so each replicate needs only
-    per-row squared norms and one weighted row sum (a matrix product over row chunks).
+    No resampled row is copied: with row multiplicities c_i (sum M), the resampled mean is
+    m* = m + delta, delta = sum_i c_i (x_i - m) / M, and sum_i c_i ||x_i - m*||^2 =
+    sum_i c_i ||x_i - m||^2 - M ||delta||^2, so each replicate needs only per-row squared norms and one
+    weighted row sum (a matrix product over row chunks).
     """
     x, x_hat = np.asarray(x), np.asarray(x_hat)
     _check_pair(x, x_hat)
     _check_boot(n_boot, alpha)
     n_rows = len(x)
+    if groups is not None and np.shape(groups) != (n_rows,):
+        raise ValueError(f"groups must have one entry per row ({n_rows}), got shape {np.shape(groups)}")
     mean = _column_mean(x)
     sq_err, sq_dev = _row_sq_dist(x, x_hat), _row_sq_dist(x, mean)
     rng = np.random.default_rng(seed)
+
+    def replicate_counts() -> np.ndarray:
+        if groups is None:
+            return np.bincount(rng.integers(0, n_rows, n_rows), minlength=n_rows)
+        return cluster_resample_counts(groups, rng)
+
     stats = []
     for first in range(0, n_boot, _BOOT_BATCH):
         batch = min(_BOOT_BATCH, n_boot - first)
-        counts = np.stack([np.bincount(rng.integers(0, n_rows, n_rows), minlength=n_rows) for _ in range(batch)])
-        counts = counts.astype(np.float64)
+        counts = np.stack([replicate_counts() for _ in range(batch)]).astype(np.float64)
+        total = counts.sum(axis=1)
         delta = np.zeros((batch, x.shape[1]), dtype=np.float64)
         for rows in _row_chunks(n_rows):
             delta += counts[:, rows] @ (x[rows].astype(np.float64) - mean)
-        delta /= n_rows
+        delta /= total[:, None]
         sse = counts @ sq_err
-        sst = counts @ sq_dev - n_rows * np.einsum("bj,bj->b", delta, delta)
+        sst = counts @ sq_dev - total * np.einsum("bj,bj->b", delta, delta)
         stats.extend(_ratio(e, t) for e, t in zip(sse, sst))
     return _percentile_interval(np.asarray(stats), alpha)

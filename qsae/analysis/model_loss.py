@@ -162,7 +162,7 @@ def _scored_hidden(
     pass, and the targets [N] (the next token of each scored position)."""
     input_ids = torch.tensor([rollout.token_ids], device=device)
     scored = slice(rollout.n_prompt, len(rollout.token_ids) - 1)
-    positions = torch.as_tensor(rollout.splice_positions, dtype=torch.long, device=device)
+    positions = torch.tensor(rollout.splice_positions, dtype=torch.long, device=device)  # a copy: may be read-only
     clean = _final_hidden(runner, input_ids)[scored]
     spliced = {}
     for key, replace in variants.items():

@@ -15,7 +15,7 @@ positives: (permuted labels [P, R]) @ (midranks [R, n]), one matrix product per 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ class ProbeResult:
     auroc: float | None
     reason: str | None = None
     n_splits: int = 0
+    predicted: np.ndarray | None = field(default=None, compare=False, repr=False)  # [R] out-of-fold P(correct)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class RolloutStatistics:
     length_auroc: float | None
     length_ci: tuple[float, float] | None
     probe: ProbeResult | None
+    probe_ci: tuple[float, float] | None  # question bootstrap of the out-of-fold predictions' AUROC
     summary: dict
 
 
@@ -428,7 +430,7 @@ def probe_auroc(
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER))
         probe.fit(features[train], labels[train])
         predicted[test] = probe.predict_proba(features[test])[:, 1]
-    return ProbeResult(float(roc_auc_score(labels, predicted)), None, splits)
+    return ProbeResult(float(roc_auc_score(labels, predicted)), None, splits, predicted)
 
 
 # per-layer summary
@@ -481,13 +483,15 @@ def rollout_statistics(
     UndefinedAUROCError when the labels are empty or one class."""
     test = permutation_test(pooled_max, labels, groups, n_permutations, seed=seed)
     q = bh_qvalues(test.p)
-    length_auroc = length_ci = probe = None
+    length_auroc = length_ci = probe = probe_ci = None
     if lengths is not None:
         lengths = np.asarray(lengths, dtype=np.float64)
         length_auroc = float(auroc_dense(lengths[:, None], labels)[0])
         length_ci = bootstrap_auroc_ci(lengths, labels, groups, n_boot, seed)
     if mean_residuals is not None:
         probe = probe_auroc(mean_residuals, labels, groups, seed=seed)
+        if probe.predicted is not None:  # the folds stay fixed: this interval is over the rollouts scored
+            probe_ci = bootstrap_auroc_ci(probe.predicted, labels, groups, n_boot, seed)
     summary = rollout_summary(test, q, length_auroc=length_auroc, probe_auroc=None if probe is None else probe.auroc,
                               n_labelled=len(labels))
-    return RolloutStatistics(test, q, length_auroc, length_ci, probe, summary)
+    return RolloutStatistics(test, q, length_auroc, length_ci, probe, probe_ci, summary)
