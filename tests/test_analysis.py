@@ -30,7 +30,7 @@ from qsae.analysis.features import (
 )
 from qsae.analysis.fidelity import bootstrap_ci, mean_l0, variance_explained, variance_explained_ci
 from qsae.config import PipelineConfig
-from qsae.release import analyze_layer, encode_sample, rollout_labels, sample_rows_of
+from qsae.analysis.layer import analyze_layer, encode_sample, rollout_labels, sample_rows_of
 from qsae.rollout import Rollout
 from qsae.sae import TopKSAE
 from qsae.sample import RowRules, select_rows, split_by_question
@@ -537,7 +537,7 @@ def test_streamed_analysis_gives_the_statistics_of_the_sample_in_memory(rollout_
     cfg, sae, rollouts = analysis_config(), store_sae(), store_rollouts()
     selection = store_selection(rollout_store, cfg)
     sample = encode_sample(sae, StoreSource(rollout_store, LAYER, selection.rows), selection)
-    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "exclude"), sample.position)
+    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "exclude"))
     got = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg, context_of)
 
     # as before: the whole sample in memory as float32, encoded at once
@@ -620,7 +620,7 @@ def test_correctness_statistics_are_not_computable_without_both_labels(rollout_s
     rollouts = {rid: dataclasses.replace(r, outcome=outcome, correct=False) for rid, r in store_rollouts().items()}
     selection = store_selection(rollout_store, cfg)
     sample = encode_sample(sae, StoreSource(rollout_store, LAYER, selection.rows), selection)
-    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "exclude"), sample.position)
+    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "exclude"))
     got = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg, context_of)
     level = got["summary"]["rollout_level"]
     assert reason in level["reason"] and level["max_abs_auroc"] is None
@@ -629,6 +629,6 @@ def test_correctness_statistics_are_not_computable_without_both_labels(rollout_s
     assert "NaN" not in text
     # counted as wrong, truncated rollouts become labels: still one class, still said so
     if outcome == "truncated":
-        rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "wrong"), sample.position)
+        rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "wrong"))
         again = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg, context_of)
         assert "are wrong" in again["summary"]["rollout_level"]["reason"]

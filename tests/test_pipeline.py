@@ -251,6 +251,10 @@ def test_the_vllm_config_runs_end_to_end(tmp_path):
     manifest = json.loads((tmp_path / "activations" / "manifest.json").read_text())
     stored = sum(entry["rows"]["3"] for entry in manifest["shards"].values())
     assert stored == sum(r["n_response_tokens"] for r in rollouts)
+    # the fidelity in the model's loss, through transformers' Qwen3ForCausalLM for vLLM's rollouts
+    fidelity = json.loads((tmp_path / "release" / "fidelity.json").read_text())["layers"]
+    assert sorted(fidelity, key=int) == ["1", "3", "5"]
+    assert all(entry["ce_clean"] < entry["ce_zero"] and entry["n_tokens"] > 0 for entry in fidelity.values())
 
 
 BAD_ROWS = '{"uuid": "x1", "question": "Q?", "options": ["a", "b"], "answer": "a", "answer_letter": "A", "discipline": "d", "field": "f", "subfield": "s", "difficulty": "easy"}\n'

@@ -1,0 +1,238 @@
+"""One layer's statistics from its sample: reconstruction, feature health, token- and rollout-level
+correctness, top contexts.
+
+The sample (the rows the SAE was trained and held out on, qsae.sample) is streamed from the store
+chunk by chunk and kept only as top-k codes, the held-out rows' residuals, the training rows' sum and
+each rollout's residual sum, so the analysis needs memory for N x k codes, not for N residual rows
+(unless the sample itself is exported).
+
+Labels come from rollouts.parquet through the rollout ids: 1 correct, 0 wrong, -1 neither (truncated
+or no answer; counted as 0 instead when release.unscored_rollouts = "wrong").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qsae.analysis import rollout_stats
+from qsae.analysis.contexts import describe_contexts, top_activating_rows
+from qsae.analysis.features import (
+    auroc_direction,
+    auroc_per_feature,
+    density_summary,
+    feature_health,
+    fire_rates,
+    max_decoder_cosine,
+)
+from qsae.analysis.fidelity import mean_l0, variance_explained, variance_explained_ci
+from qsae.config import PipelineConfig
+from qsae.rollout import Rollout
+from qsae.sae import TopKSAE
+from qsae.sample import RowSelection
+from qsae.store import CHUNK_ROWS, StoreSource
+
+LABEL_VALUES = {"correct": 1, "wrong": 0}  # any other outcome: UNLABELLED, or 0 when counted as wrong
+UNLABELLED = -1
+
+
+def rollout_labels(rollouts: dict[int, Rollout], unscored: str) -> dict[int, int]:
+    """rollout id -> 1 (correct), 0 (wrong), or -1 for truncated / unanswered rollouts (0 if unscored
+    rollouts count as wrong)."""
+    other = 0 if unscored == "wrong" else UNLABELLED
+    return {rid: LABEL_VALUES.get(r.outcome, other) for rid, r in rollouts.items()}
+
+
+@dataclass
+class SampleRows:
+    """The sampled tokens (a RowSelection: the same tokens at every layer, in store order) with what
+    the analysis needs beside them."""
+
+    selection: RowSelection
+    label: np.ndarray  # int8 [N]: 1 correct, 0 wrong, -1 unlabelled
+    question: np.ndarray  # int64 [N]: the row's question, numbered (the bootstrap's resampling unit)
+
+
+def sample_rows_of(selection: RowSelection, rollouts: dict[int, Rollout], labels: dict[int, int]) -> SampleRows:
+    questions = {q: i for i, q in enumerate(sorted({r.question_id for r in rollouts.values()}))}
+    ids = selection.rollout_id.tolist()
+    return SampleRows(
+        selection=selection,
+        label=np.array([labels[r] for r in ids], dtype=np.int8),
+        question=np.array([questions[rollouts[r].question_id] for r in ids], dtype=np.int64),
+    )
+
+
+@dataclass
+class EncodedSample:
+    """One layer's sample as the analysis keeps it. Residuals stay in the store dtype."""
+
+    values: np.ndarray  # [N, k] float32, top-k activations
+    indices: np.ndarray  # [N, k] int32, their feature ids
+    position: np.ndarray  # [N] token positions
+    heldout_residuals: np.ndarray  # [held-out rows, d_model]
+    train_sum: np.ndarray  # [d_model] float64, sum of the training rows (their mean: mean ablation)
+    rollout_sum: np.ndarray  # [rollouts in the sample, d_model] float32, by sorted rollout id (the probe's input)
+    residuals: np.ndarray | None  # [N, d_model], only when the sample is exported
+
+
+@torch.no_grad()
+def encode_sample(sae: TopKSAE, source: StoreSource, selection: RowSelection,
+                  keep_residuals: bool = False) -> EncodedSample:
+    """One pass over the sampled rows in `source` (its chunks follow the sample's order), one chunk in
+    memory at a time."""
+    heldout_rows = selection.heldout_rows
+    rollout_ids, rollout_index = np.unique(selection.rollout_id, return_inverse=True)
+    train_sum = np.zeros(source.d_in, dtype=np.float64)
+    rollout_sum = torch.zeros(len(rollout_ids), source.d_in)  # float32: a probe's input, sums of <= a response
+    values, indices, positions, heldout, kept = [], [], [], [], []
+    offset = 0
+    for chunk, size in enumerate(source.chunk_sizes):
+        x = source.read_chunk(chunk)
+        x32 = torch.from_numpy(x.astype(np.float32))  # a copy: store chunks may be read-only memory maps
+        v, i = sae.encode_topk(x32)
+        values.append(v.numpy())
+        indices.append(i.numpy().astype(np.int32))  # feature ids fit: half the memory of int64
+        positions.append(source.read_columns(chunk, ["position"]).column("position").to_numpy())
+        part = slice(offset, offset + size)
+        train_sum += x[~selection.heldout[part]].sum(axis=0, dtype=np.float64)
+        rollout_sum.index_add_(0, torch.from_numpy(rollout_index[part]), x32)
+        lo, hi = np.searchsorted(heldout_rows, [offset, offset + size])
+        heldout.append(x[heldout_rows[lo:hi] - offset])
+        kept += [x] if keep_residuals else []
+        offset += size
+    return EncodedSample(np.concatenate(values), np.concatenate(indices), np.concatenate(positions),
+                         np.concatenate(heldout), train_sum, rollout_sum.numpy(),
+                         np.concatenate(kept) if keep_residuals else None)
+
+
+@torch.no_grad()
+def reconstruct(sae: TopKSAE, values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """decode_topk in batches into one float32 array (no second full-size temporary)."""
+    x_hat = np.empty((len(values), sae.d_in), dtype=np.float32)
+    for first in range(0, len(values), CHUNK_ROWS):
+        batch = slice(first, first + CHUNK_ROWS)
+        x_hat[batch] = sae.decode_topk(torch.from_numpy(values[batch]),
+                                       torch.from_numpy(indices[batch].astype(np.int64))).numpy()
+    return x_hat
+
+
+def reconstruction_stats(sae: TopKSAE, sample: EncodedSample, rows: SampleRows, cfg: PipelineConfig) -> dict:
+    """Variance explained on the held-out rows, its interval from resampling held-out questions, and L0."""
+    held = rows.selection.heldout_rows
+    x_hat = reconstruct(sae, sample.values[held], sample.indices[held])
+    groups = rows.question[held]
+    ve_ci = None
+    if len(np.unique(groups)) >= 2:  # one question resampled is no interval
+        ve_ci = list(variance_explained_ci(sample.heldout_residuals, x_hat, n_boot=cfg.release.bootstrap,
+                                           seed=cfg.train.split_seed, groups=groups))
+    return {
+        "variance_explained": variance_explained(sample.heldout_residuals, x_hat),
+        "ve_ci": ve_ci,
+        "l0": mean_l0(sample.values[held]),
+        "heldout_questions": int(len(np.unique(groups))),
+    }
+
+
+def token_level_auroc(sample: EncodedSample, rows: SampleRows, n_features: int) -> np.ndarray | None:
+    """AUROC of each feature's per-token activation against its rollout's label, over the labelled
+    tokens; None when they are not of both classes."""
+    labelled = rows.label >= 0
+    labels = rows.label[labelled] == 1
+    if not 0 < labels.sum() < len(labels):
+        return None
+    return auroc_per_feature(sample.indices[labelled], sample.values[labelled], labels, n_features)
+
+
+ROLLOUT_SUMMARY_KEYS = ("max_abs_auroc", "feature", "auroc", "direction", "chance_band_95", "westfall_young_p",
+                        "n_q_below_0_05", "length_auroc", "length_auroc_ci", "probe_auroc", "probe_auroc_ci")
+
+
+def rollout_level(sample: EncodedSample, rows: SampleRows, rollouts: dict[int, Rollout], n_features: int,
+                  cfg: PipelineConfig) -> dict:
+    """Per-rollout pooled activations and their correctness statistics (rollout_stats), over the
+    labelled rollouts that have rows in the sample; "reason" says why when they cannot be computed."""
+    pooled = rollout_stats.pool_by_rollout(sample.values, sample.indices, rows.selection.rollout_id, n_features)
+    label_of = dict(zip(rows.selection.rollout_id.tolist(), rows.label.tolist()))
+    keep = np.array([label_of[r] >= 0 for r in pooled.rollout_ids.tolist()], dtype=bool)
+    ids = pooled.rollout_ids[keep]
+    correct = np.array([label_of[r] == 1 for r in ids.tolist()], dtype=bool)
+    result = {"pooled": pooled, "keep": keep, "rollout_id": ids, "label": correct.astype(np.uint8)}
+    if not 0 < correct.sum() < len(correct):
+        reason = ("no labelled rollouts" if len(correct) == 0 else
+                  f"all {len(correct)} labelled rollouts are {'correct' if correct.all() else 'wrong'}")
+        summary = {**dict.fromkeys(ROLLOUT_SUMMARY_KEYS), "n_rollouts_labelled": len(correct), "reason": reason}
+        return {**result, "reason": reason, "summary": summary}
+    questions = {q: i for i, q in enumerate(sorted({rollouts[r].question_id for r in ids.tolist()}))}
+    stats = rollout_stats.rollout_statistics(
+        pooled.max[keep], correct, np.array([questions[rollouts[r].question_id] for r in ids.tolist()]),
+        lengths=np.array([rollouts[r].n_response_tokens for r in ids.tolist()]),
+        mean_residuals=sample.rollout_sum[keep] / pooled.n_tokens[keep][:, None],
+        n_permutations=cfg.release.permutations, n_boot=cfg.release.bootstrap, seed=cfg.train.split_seed)
+    summary = {**stats.summary, "length_auroc_ci": None if stats.length_ci is None else list(stats.length_ci),
+               "probe_auroc_ci": None if stats.probe_ci is None else list(stats.probe_ci),
+               "probe_reason": stats.probe.reason, "reason": None}
+    return {
+        **result,
+        "reason": None,
+        "test": stats.test,
+        "q": stats.q,
+        "auroc_mean": rollout_stats.auroc_dense(pooled.mean[keep], correct),
+        "auroc_fire_fraction": rollout_stats.auroc_dense(pooled.fire_fraction[keep], correct),
+        "summary": summary,
+    }
+
+
+def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, rows: SampleRows, history: dict,
+                  rollouts: dict[int, Rollout], cfg: PipelineConfig, context_of) -> dict:
+    """Every statistic of one layer's SAE."""
+    values, indices = sample.values, sample.indices
+    rates = fire_rates(indices, values, sae.n_features)
+    token_auroc = token_level_auroc(sample, rows, sae.n_features)
+    by_rollout = rollout_level(sample, rows, rollouts, sae.n_features, cfg)
+    top = top_activating_rows(indices, values, sae.n_features, cfg.release.top_contexts)
+    shown = {row for ranked in top.values() for row, _ in ranked}
+    text = {row: context_of(int(rows.selection.rollout_id[row]), int(sample.position[row])) for row in shown}
+    contexts = describe_contexts(top, {row: t for row, (_, t) in text.items()}, lambda row: text[row])
+    cosine, pair = max_decoder_cosine(sae.W_dec.detach())
+    summary = {
+        **reconstruction_stats(sae, sample, rows, cfg),
+        **feature_health(rates),
+        **density_summary(rates),
+        "dead_over_tokens": int(len(values)),
+        "max_decoder_cosine": cosine,
+        "max_decoder_cosine_pair": pair,
+        "revived": int(history["revived"]),
+        "train_rows": len(rows.selection.train_rows),
+        "heldout_rows": len(rows.selection.heldout_rows),
+        "token_level": token_auroc_summary(token_auroc, rates),
+        "rollout_level": by_rollout["summary"],
+    }
+    stats = {
+        "fire_rate": rates.tolist(),
+        "token_auroc": None if token_auroc is None else token_auroc.tolist(),
+        "token_direction": None if token_auroc is None else auroc_direction(token_auroc),
+        **rollout_feature_lists(by_rollout),
+        "summary": by_rollout["summary"],
+    }
+    return {"summary": summary, "stats": stats, "contexts": contexts, "rates": rates, "token_auroc": token_auroc,
+            "rollout": by_rollout, "train_mean": sample.train_sum / max(len(rows.selection.train_rows), 1)}
+
+
+def token_auroc_summary(auroc: np.ndarray | None, rates: np.ndarray) -> dict:
+    """The largest token-level AUROC, as the original release reported it (no null: see rollout_level)."""
+    if auroc is None:
+        return {"max_auroc": None, "feature": None, "fire_rate": None, "direction": None}
+    best = int(np.argmax(auroc))
+    return {"max_auroc": float(auroc[best]), "feature": best, "fire_rate": float(rates[best]),
+            "direction": auroc_direction(auroc[best:best + 1])[0]}
+
+
+def rollout_feature_lists(by_rollout: dict) -> dict:
+    names = ("rollout_auroc", "rollout_p", "rollout_q", "rollout_auroc_mean", "rollout_auroc_fire_fraction")
+    if by_rollout["reason"] is not None:
+        return dict.fromkeys(names)
+    test = by_rollout["test"]
+    arrays = (test.auroc, test.p, by_rollout["q"], by_rollout["auroc_mean"], by_rollout["auroc_fire_fraction"])
+    return {name: np.asarray(a, dtype=np.float64).tolist() for name, a in zip(names, arrays)}
