@@ -152,6 +152,10 @@ def test_split_file_round_trip_and_refusals(tmp_path):
     with pytest.raises(SplitMismatchError, match="capture.max_norm_multiple: saved 10.0, config 20"):
         check_same_split(load_split(tmp_path), RowRules(holdout_fraction=0.3, seed=4, max_norm_multiple=20),
                          question_of)
+    with pytest.raises(SplitMismatchError, match="train.holdout_fraction: saved 0.3, config 0.5"):
+        check_same_split(load_split(tmp_path), RowRules(holdout_fraction=0.5, seed=4), question_of)
+    with pytest.raises(SplitMismatchError, match="capture.max_tokens_per_layer: saved None, config 100"):
+        check_same_split(load_split(tmp_path), RowRules(holdout_fraction=0.3, seed=4, max_rows=100), question_of)
     with pytest.raises(SplitMismatchError, match="rollouts"):
         check_same_split(load_split(tmp_path), rules, {**question_of, 99: "q99"})
     (tmp_path / "saes" / "split.json").write_text("{}")
