@@ -53,15 +53,16 @@ def cmd_analyze(args) -> int:
     from qsae.distributed import fidelity_in_ray
     from qsae.models import load_tokenizer, resolve_model_path
     from qsae.pipeline import connect_ray
-    from qsae.release import build_release, prepare_selection
+    from qsae.release import build_release
     from qsae.rollout import read_rollouts
+    from qsae.sample import RowRules, check_same_split, load_split
     from qsae.train import load_trained
 
     cfg = load_pipeline_config(args)
     run_dir = Path(cfg.out).resolve()
     trained = {layer: load_trained(run_dir, layer) for layer in cfg.capture.layers}
-    rollouts = {r.rollout_id: r for r in read_rollouts(run_dir / "rollouts.parquet")}
-    prepare_selection(cfg, run_dir, rollouts)  # refuses a config that would change the split, before Ray starts
+    question_of = {r.rollout_id: r.question_id for r in read_rollouts(run_dir / "rollouts.parquet")}
+    check_same_split(load_split(run_dir), RowRules.from_config(cfg), question_of)  # before Ray starts
     model_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     connect_ray(cfg.ray_address)

@@ -226,16 +226,21 @@ def _definitions(info: dict) -> str:
     ])
 
 
+def _fidelity_cells(f: dict | None) -> list[str]:
+    """CE clean, CE spliced, ΔCE [CI], CE loss recovered, KL [CI], CE zero, CE mean, tokens / rollouts."""
+    if f is None:
+        return [NA] * 8
+    return [f"{f['ce_clean']:.4f}", f"{f['ce_spliced']:.4f}", f"{f['delta_ce']:.4f} {_ci(f['delta_ce_ci'], '.4f')}",
+            _num(f["ce_loss_recovered"]), f"{f['kl']:.4f} {_ci(f['kl_ci'], '.4f')}", f"{f['ce_zero']:.4f}",
+            f"{f['ce_mean']:.4f}", f"{f['n_tokens']:,} / {f['n_rollouts']:,}"]
+
+
 def _reconstruction(info: dict, per_layer: dict[str, dict]) -> str:
     rows = []
     for layer in info["layers"]:
-        s, f = per_layer[str(layer)], _fidelity(info, layer) or {}
+        s = per_layer[str(layer)]
         rows.append([f"L{layer}", f"{s['variance_explained']:.3f}", _ci(s["ve_ci"]), f"{s['l0']:.1f}",
-                     _num(f.get("ce_clean"), ".4f"), _num(f.get("ce_spliced"), ".4f"),
-                     f"{_num(f.get('delta_ce'), '.4f')} {_ci(f.get('delta_ce_ci'), '.4f') if f else ''}".strip(),
-                     _num(f.get("ce_loss_recovered")), f"{_num(f.get('kl'), '.4f')} {_ci(f.get('kl_ci'), '.4f') if f else ''}".strip(),
-                     _num(f.get("ce_zero"), ".4f"), _num(f.get("ce_mean"), ".4f"),
-                     f"{f['n_tokens']:,} / {f['n_rollouts']:,}" if f else NA])
+                     *_fidelity_cells(_fidelity(info, layer))])
     header = ["layer", "variance explained", f"{COVERAGE} CI", "L0", "CE clean", "CE spliced", f"ΔCE [{COVERAGE} CI]",
               "CE loss recovered", f"KL [{COVERAGE} CI]", "CE zero-ablated", "CE mean-ablated", "tokens / rollouts"]
     parts = [_table(header, rows)]

@@ -155,6 +155,7 @@ def rollout_level(sample: EncodedSample, rows: SampleRows, rollouts: dict[int, R
     labelled rollouts that have rows in the sample; "reason" says why when they cannot be computed."""
     pooled = rollout_stats.pool_by_rollout(sample.values, sample.indices, rows.selection.rollout_id, n_features)
     label_of = dict(zip(rows.selection.rollout_id.tolist(), rows.label.tolist()))
+    question_of = dict(zip(rows.selection.rollout_id.tolist(), rows.question.tolist()))
     keep = np.array([label_of[r] >= 0 for r in pooled.rollout_ids.tolist()], dtype=bool)
     ids = pooled.rollout_ids[keep]
     correct = np.array([label_of[r] == 1 for r in ids.tolist()], dtype=bool)
@@ -164,9 +165,8 @@ def rollout_level(sample: EncodedSample, rows: SampleRows, rollouts: dict[int, R
                   f"all {len(correct)} labelled rollouts are {'correct' if correct.all() else 'wrong'}")
         summary = {**dict.fromkeys(ROLLOUT_SUMMARY_KEYS), "n_rollouts_labelled": len(correct), "reason": reason}
         return {**result, "reason": reason, "summary": summary}
-    questions = {q: i for i, q in enumerate(sorted({rollouts[r].question_id for r in ids.tolist()}))}
     stats = rollout_stats.rollout_statistics(
-        pooled.max[keep], correct, np.array([questions[rollouts[r].question_id] for r in ids.tolist()]),
+        pooled.max[keep], correct, np.array([question_of[r] for r in ids.tolist()]),
         lengths=np.array([rollouts[r].n_response_tokens for r in ids.tolist()]),
         mean_residuals=sample.rollout_sum[keep] / pooled.n_tokens[keep][:, None],
         n_permutations=cfg.release.permutations, n_boot=cfg.release.bootstrap, seed=cfg.train.split_seed)
