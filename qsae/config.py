@@ -128,6 +128,9 @@ class PipelineConfig:
         gpus, workers = self.train.gpus_per_layer, self.train.workers_per_layer
         if gpus < 0 or self.train.cpus_per_layer <= 0 or self.train.max_failures < 0:
             raise ConfigError("train.gpus_per_layer and train.max_failures must be >= 0, train.cpus_per_layer > 0")
+        if workers > 1 and gpus and gpus != workers:
+            raise ConfigError(f"train.gpus_per_layer = {gpus:g} with {workers} data-parallel workers: NCCL needs one "
+                              f"whole GPU per worker; set train.gpus_per_layer = {workers}, or one worker to share a GPU")
         if gpus > workers:
             raise ConfigError(f"train.gpus_per_layer = {gpus:g} with {workers} worker(s): a worker drives one GPU at "
                               f"most; set train.workers_per_layer = {math.ceil(gpus)} to train on several GPUs (DDP)")

@@ -211,6 +211,10 @@ def run_actor_pool(
 # several data-parallel ones, streaming its rows from the store.
 
 CHECKPOINT_FILE = "train_state.pt"
+# GPU workers get a process group with a CPU backend beside NCCL (Ray Train's default for GPUs is NCCL
+# alone, which refuses any collective on a host tensor); CPU-only torch builds have no NCCL at all.
+GPU_PROCESS_GROUP = "cpu:gloo,cuda:nccl"
+CPU_PROCESS_GROUP = "gloo"
 
 
 def quiet_ray_train_logs() -> None:
@@ -278,11 +282,13 @@ def train_run_name(layer: int, cfg: PipelineConfig, run_dir: str) -> str:
 
 
 def layer_trainer(layer: int, cfg: PipelineConfig, run_dir: str):
-    """One layer's TorchTrainer: workers_per_layer workers (gloo on CPU, nccl on GPU) sharing the
-    layer's resources, checkpoints under <run>/checkpoints, restarts from the last one on a crash."""
+    """One layer's TorchTrainer: workers_per_layer workers (gloo on CPU; on GPU nccl, and gloo for
+    host tensors) sharing the layer's resources, checkpoints under <run>/checkpoints, restarts from
+    the last one on a crash."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
+    use_gpu = cfg.train.gpus_per_layer > 0
     return TorchTrainer(
         train_layer_worker,
         train_loop_config={
@@ -291,9 +297,10 @@ def layer_trainer(layer: int, cfg: PipelineConfig, run_dir: str):
             "run_dir": str(Path(run_dir).resolve()),
             "train": asdict(cfg.train),
         },
+        torch_config=TorchConfig(backend=GPU_PROCESS_GROUP if use_gpu else CPU_PROCESS_GROUP),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.workers_per_layer,
-            use_gpu=cfg.train.gpus_per_layer > 0,
+            use_gpu=use_gpu,
             resources_per_worker=cfg.train.resources_per_worker(),
         ),
         run_config=RunConfig(

@@ -143,10 +143,11 @@ def as_source(residuals: np.ndarray | Tensor | RowSource) -> RowSource:
     return ArraySource(residuals)
 
 
-def scan_rows(source: RowSource, rank: int = 0, world: int = 1) -> float:
+def scan_rows(source: RowSource, rank: int = 0, world: int = 1, device: str | torch.device = "cpu") -> float:
     """One pass over the rows, chunk by chunk (bounded memory): refuse NaN/inf, and return the pooled
     total variance sum ||x - mean(x)||^2 over all rows (float64), the FVU denominator. Data-parallel
-    workers scan every world-th chunk and add up their sums."""
+    workers scan every world-th chunk and add up their sums on the training device (an NCCL group
+    has no CPU backend)."""
     total, total_sq, bad = np.zeros(source.d_in), 0.0, ""
     for chunk in range(rank, len(source.chunk_sizes), world):
         rows = source.read_chunk(chunk).astype(np.float64)
@@ -157,8 +158,9 @@ def scan_rows(source: RowSource, rank: int = 0, world: int = 1) -> float:
         total += rows.sum(axis=0)
         total_sq += float(np.square(rows).sum())
     if world > 1:
-        sums = torch.from_numpy(np.concatenate([total, [total_sq, float(bool(bad))]]))
+        sums = torch.from_numpy(np.concatenate([total, [total_sq, float(bool(bad))]])).to(device)
         dist.all_reduce(sums)
+        sums = sums.cpu()
         total, total_sq = sums[:-2].numpy(), float(sums[-2])
         if sums[-1] and not bad:
             bad = "a row seen by another data-parallel worker contains NaN or inf"
@@ -554,9 +556,9 @@ def train_sae(residuals: np.ndarray | Tensor | RowSource, cfg: TrainConfig,
     cfg.validate(source.d_in)
     if resume is not None:
         check_resumable(resume, cfg, source)
-    total_variance = scan_rows(source, rank, world)
-    n_rows, batch_size = source.n_rows, cfg.batch_size
     device = torch.device(cfg.device)
+    total_variance = scan_rows(source, rank, world, device)
+    n_rows, batch_size = source.n_rows, cfg.batch_size
     modern = cfg.recipe == "modern"
     autocast = modern and cfg.autocast_bf16 and autocast_supported(device)
     if modern and cfg.autocast_bf16 and not autocast:

@@ -139,3 +139,10 @@ def test_invalid_toml_is_named(tmp_path):
     with pytest.raises(ConfigError, match="broken.toml"):
         load_config(path)
 
+
+
+def test_data_parallel_gpu_workers_need_a_whole_gpu_each():
+    # NCCL refuses two ranks on one GPU, and Ray may place fractional workers together.
+    with pytest.raises(ConfigError, match="one whole GPU per worker"):
+        load_config(None, ["train.workers_per_layer=2", "train.gpus_per_layer=1"])
+    assert load_config(None, ["train.workers_per_layer=2", "train.gpus_per_layer=2"]).train.gpus_per_layer == 2

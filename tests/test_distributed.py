@@ -292,6 +292,22 @@ def test_data_parallel_workers_train_one_layer_like_one_worker(local_ray, plante
     np.testing.assert_allclose(state["sae_state"]["W_dec"].numpy(), sae.W_dec.detach().numpy(), atol=1e-3)
 
 
+def test_gpu_trainers_get_a_process_group_that_takes_host_and_device_tensors(local_ray, planted_run, tmp_path):
+    """Ray Train gives GPU workers NCCL alone by default, which refuses every collective on a host
+    tensor ("No backend type associated with device type cpu"). CI has no GPU to start NCCL, so this
+    reads the process group a GPU layer's trainer asks for, as torch itself parses it."""
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    run_dir, overrides = planted_run
+    for gpus, workers in ((2, 2), (0.5, 1)):
+        cfg = load_config(None, overrides + [f"out={json.dumps(str(tmp_path))}", f"train.gpus_per_layer={gpus}",
+                                             f"train.workers_per_layer={workers}"])
+        trainer = layer_trainer(0, cfg, str(run_dir))
+        assert trainer.scaling_config.use_gpu
+        backends = BackendConfig(trainer.backend_config.backend).get_device_backend_map()
+        assert backends == {"cpu": "gloo", "cuda": "nccl"}
+
+
 def train_workers() -> list[int]:
     """PIDs of Ray Train worker processes."""
     return ray_workers_titled("ray::RayTrainWorker")
