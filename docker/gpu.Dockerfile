@@ -25,6 +25,12 @@ ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv
 RUN pip install --upgrade pip \
     && pip install vllm==0.33.0 "ray[default,data,train]==2.60.0" boto3
 
+# The fast Gated-DeltaNet kernels transformers picks up for Qwen3.5 (rollouts, capture and the fidelity
+# pass on the transformers path; without them it runs reference loops). causal-conv1d builds against
+# the torch above and this image's nvcc, hence no build isolation.
+RUN pip install flash-linear-attention \
+    && pip install --no-build-isolation causal-conv1d
+
 # qsae from this repository, editable, so the code in /qsae (jobs/, configs/) is what runs; a job
 # submitted with --working-dir ships its own copy, which Ray puts ahead of this one on PYTHONPATH.
 WORKDIR /qsae

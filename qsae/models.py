@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,16 +107,35 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
     return tokenizer
 
 
+# Qwen3.5's Gated-DeltaNet layers run transformers' reference loops unless these import (the `gpu` extra).
+FAST_LINEAR_ATTENTION_KERNELS = {"fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
+
+
+def missing_fast_kernels(config, device: str) -> list[str]:
+    """PyPI names of the fast linear-attention kernels a hybrid model would run without on `device`:
+    none on CPU (the kernels are CUDA/Triton) or for a model without linear-attention layers."""
+    layer_types = getattr(config.get_text_config(), "layer_types", None) or []
+    if not resolve_device(device).startswith("cuda") or "linear_attention" not in layer_types:
+        return []
+    return [name for module, name in FAST_LINEAR_ATTENTION_KERNELS.items() if importlib.util.find_spec(module) is None]
+
+
 def load_model(name_or_path: str, revision: str | None = None, dtype: str = "float32", device: str = "cpu"):
-    """Load (model, tokenizer) in eval mode; errors name the model that failed."""
+    """Load (model, tokenizer) in eval mode, the weights straight onto `device` (never a full copy in
+    host memory first); errors name the model that failed."""
     path = resolve_model_path(name_or_path)
     config = load_config(path, revision)
     tokenizer = load_tokenizer(path, revision)
+    device = resolve_device(device)
+    if missing := missing_fast_kernels(config, device):
+        warnings.warn(f"{name_or_path}: linear-attention layers will use transformers' slow reference kernels; "
+                      f"install {' and '.join(missing)} (pip install -e '.[gpu]') for the fast ones", stacklevel=2)
     try:
-        model = model_class_for(config).from_pretrained(path, revision=revision, dtype=dtype_from_name(dtype))
+        model = model_class_for(config).from_pretrained(path, revision=revision, dtype=dtype_from_name(dtype),
+                                                        device_map=device)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the weights of model {name_or_path!r}: {err}") from err
-    return model.to(resolve_device(device)).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def parameter_count(model_path: str) -> int | None:

@@ -1,6 +1,8 @@
 """Pipeline configs: TOML files, `section.key=value` overrides, type checks and validation."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from qsae.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config, parse_override
@@ -31,7 +33,22 @@ def test_qwen_config_is_the_original_release():
     assert cfg.train.epochs == 20
     assert cfg.train.batch_size == 4096
     assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.enforce_eager
+    # Every epoch one shuffle of the whole sample, as the original shuffled it in memory.
+    assert cfg.train.shuffle_buffer_rows >= cfg.capture.max_tokens_per_layer
     cfg.validate()
+
+
+def test_the_transformers_variant_of_the_reproduction_differs_only_in_its_engine():
+    vllm = dataclasses.asdict(load_config(CONFIG_DIR / "qwen36_27b.toml"))
+    hf = dataclasses.asdict(load_config(CONFIG_DIR / "qwen36_27b_transformers.toml"))
+    assert hf["rollout"]["engine"] == "transformers"
+    engine_keys = {"engine", "batch_size", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
+                   "max_model_len"}
+    for cfg in (vllm, hf):
+        cfg["rollout"] = {key: value for key, value in cfg["rollout"].items() if key not in engine_keys}
+        del cfg["out"]  # a store of its own: rows of the two engines are not mixed
+    assert vllm == hf
 
 
 def test_overrides_apply_with_the_right_types():

@@ -1,6 +1,8 @@
 """Model loading, layer lookup, chat prompts and the tiny-model factory."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from qsae.models import (
     decoder_layers,
     load_model,
     memory_budget,
+    missing_fast_kernels,
     model_dims,
     parameter_count,
     resolve_model_path,
@@ -97,3 +100,15 @@ def test_a_model_larger_than_its_replica_is_refused(tiny_path):
     with pytest.raises(ModelLoadError, match="needs about .* GiB for its weights in bfloat16.*capture.gpus_per_actor"):
         check_fits("tiny", n_parameters, "bfloat16", one_gpu)
     assert parameter_count("Qwen/Qwen3.6-27B") is None  # a hub id: unknown before download, not refused
+
+
+def test_the_missing_fast_linear_attention_kernels_are_named_for_a_hybrid_model_on_cuda(tiny, tiny_path):
+    model, _ = tiny
+    absent = [name for module, name in (("fla", "flash-linear-attention"), ("causal_conv1d", "causal-conv1d"))
+              if importlib.util.find_spec(module) is None]
+    assert missing_fast_kernels(model.config, "cuda") == absent
+    assert missing_fast_kernels(model.config, "cpu") == []  # CUDA/Triton kernels: nothing to miss on CPU
+    dense, _ = load_model("tiny-dense")
+    assert missing_fast_kernels(dense.config, "cuda") == []  # no linear-attention layers
+    loaded, _ = load_model(tiny_path, device="cpu")
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"} and not loaded.training
