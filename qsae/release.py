@@ -209,6 +209,7 @@ def card_info(cfg, manifest, rollouts, results, selection, fidelity, files, char
         "d_model": manifest["d_model"],
         "n_features": cfg.train.n_features,
         "k": cfg.train.k,
+        "architecture": cfg.train.architecture,
         "hook": manifest["hook"],
         "questions": {"source": cfg.rollout.questions, "seed": cfg.rollout.seed,
                       "thinking": cfg.rollout.thinking, "max_new_tokens": cfg.rollout.max_new_tokens},

@@ -1,4 +1,4 @@
-"""Training one TopK SAE on one layer's residual rows, with one of two recipes.
+"""Training one TopK (or BatchTopK) SAE on one layer's residual rows, with one of two recipes.
 
 "original" reproduces the original release's recipe as its model card gives it: Adam at lr 3e-4,
 batch 4096, MSE reconstruction loss (mean over rows and dimensions), decoder rows projected back to
@@ -35,6 +35,22 @@ exactly what qsae's trainer computed before the modern recipe existed, bit for b
 - the encoder's backward pass through `TopKEncoder` (sae.py), which touches only the selected
   latents, and a fused Adam step.
 
+`architecture = "batchtopk"` (modern recipe only; "topk", the default, is the original's and the
+reproduction's) trains a BatchTopKSAE (sae.py; Bussmann et al. 2024, arXiv:2412.06410): each step
+keeps the k x B largest ReLU'd pre-activations of the batch's B rows instead of k per row, so rows
+that need more latents get more; a data-parallel worker selects k x (its rows) among its share of
+the batch. Everything else is the modern recipe as above (AuxK per row over the dead latents,
+sparse backward through `BatchTopKEncoder`). At inference a BatchTopK SAE keeps every latent whose
+pre-activation exceeds a learned threshold theta. theta follows the smallest positive activation m
+the step selected (over all workers): theta <- theta + 0.01 (m - theta) after every step, and
+theta = m after the first. The average is SAELens's (BatchTopKTrainingSAE: rate 0.01 on the
+minimum positive selected activation), so a batch encoded with theta keeps about the k x B latents
+training kept; the start at the first m is dictionary_learning's (its BatchTopKTrainer starts
+from that step's m, then averages at rate 0.001 from step 1000 on), where SAELens starts at 0 and
+would pull theta toward 0 for the first few hundred steps of a short run. theta is a buffer of the SAE, so
+checkpoints carry it and a resumed run continues it exactly. The release writes it as a fifth
+tensor, `threshold` (sae.py for the SAELens layout; no sparsify layout).
+
 Both draw the same stream of batches (store.shuffled_batches: a seeded shuffle buffer over chunks of
 an array, a .npy memmap or the Arrow store). train_sae is a plain function; the distributed layer
 wraps it (one Ray Train run per layer, data-parallel workers when asked) and reports and checkpoints
@@ -63,7 +79,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from qsae.sae import TopKSAE
+from qsae.sae import ARCHITECTURES, BatchTopKSAE, TopKSAE, sae_class
 from qsae.store import ArraySource, RowSource, StoreSource, prefetched, shuffled_batches
 
 RECIPES = ("original", "modern")
@@ -74,11 +90,13 @@ GEOMETRIC_MEDIAN_ROWS = 4096  # rows sampled for the b_dec initialisation
 ENCODER_INIT_NORM = 1 / math.sqrt(3)  # modern: initial encoder column norm (sparsify's; see the module docstring)
 DEAD_RECHECK_STEPS = 50  # modern: steps between host copies of the dead-latent counters
 WEISZFELD_ITERATIONS = 50  # at most; stops earlier once the estimate moves < 1e-5 of the spread
+THRESHOLD_RATE = 0.01  # batchtopk: rate of the threshold's moving average (SAELens's; the module docstring)
 
 
 @dataclass
 class TrainConfig:
     recipe: str = "modern"  # "original" (the release's recipe, bit for bit) | "modern"; see the module docstring
+    architecture: str = "topk"  # "topk" | "batchtopk" (top k x batch in training, a learned threshold after; modern only)
     n_features: int = 4096  # dictionary size n (latents per SAE)
     k: int = 32  # active latents per token
     epochs: int = 20  # full passes over the training rows
@@ -107,9 +125,17 @@ class TrainConfig:
         """A copy with the recipe defaults filled in (for metrics and model cards)."""
         return dataclasses.replace(self, lr=self.learning_rate(), revive_every_epochs=self.revival_period())
 
-    def validate(self, d_in: int) -> None:
+    def check_choices(self) -> None:
+        """The recipe and the architecture are known names and go together."""
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
+        if self.architecture != "topk" and self.recipe == "original":
+            raise ValueError(f"architecture {self.architecture!r} needs the modern recipe: the original recipe is TopK")
+
+    def validate(self, d_in: int) -> None:
+        self.check_choices()
         positive = {"d_in": d_in, "n_features": self.n_features, "k": self.k, "epochs": self.epochs,
                     "batch_size": self.batch_size, "lr": self.learning_rate(),
                     "dead_after_steps": self.dead_after_steps, "shuffle_buffer_rows": self.shuffle_buffer_rows}
@@ -187,13 +213,14 @@ def reconstruction_losses(sae: TopKSAE, x: Tensor, dead: Tensor | None = None, a
     `dead` [n] weighted by their ReLU'd pre-activations, without b_dec (k_aux = auxk_size).
     aux_width (default k_aux) is how many latents the AuxK top-k picks: any number >= min(k_aux,
     n_dead) gives the same term, since picks beyond the dead ones weigh 0. The AuxK term is 0 when
-    dead is None or marks no latent. Also returns the top-k (values, indices)."""
+    dead is None or marks no latent. Also returns the selected (values, indices): top-k pairs, or
+    BatchTopK's (sae.encode_for_training)."""
     k_aux = auxk_size(sae)
     width = 0 if dead is None else min(k_aux, k_aux if aux_width is None else aux_width)
     cast = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with cast:
         values, indices, aux_values, aux_indices = sae.encode_for_training(x, dead if width else None, width)
-    error = x - sae.decode_topk(values, indices)
+    error = x - sae.decode_for_training(values, indices, len(x))
     sq_error = error.pow(2).sum()
     if width == 0:
         return sq_error, sq_error.new_zeros(()), values, indices
@@ -257,10 +284,12 @@ class TrainingLoss(nn.Module):
 
 
 def train_step(model: nn.Module, sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor,
-               dead: Tensor | None = None, aux_width: int | None = None, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+               dead: Tensor | None = None, aux_width: int | None = None, scale: float = 1.0,
+               threshold_rate: float = THRESHOLD_RATE) -> tuple[Tensor, Tensor]:
     """One Adam step on `model`'s loss (a TrainingLoss over sae, or its DDP wrapper); modern: the
-    gradient parallel to decoder rows removed first; then decoder rows back to unit norm. Returns the
-    batch's summed squared error and per-feature fire counts (device tensors, no host sync)."""
+    gradient parallel to decoder rows removed first; then decoder rows back to unit norm, and a
+    BatchTopK SAE's threshold moved by threshold_rate (update_threshold_). Returns the batch's summed
+    squared error and per-feature fire counts (device tensors, no host sync)."""
     loss, sq_error, values, indices = model(x, dead, aux_width, scale)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -268,9 +297,22 @@ def train_step(model: nn.Module, sae: TopKSAE, optimizer: torch.optim.Optimizer,
         remove_parallel_grad_(sae)
     optimizer.step()
     sae.normalize_decoder_()
-    fires = torch.zeros(sae.n_features, device=x.device).scatter_add_(
-        0, indices.flatten(), (values > 0).flatten().float())
-    return sq_error, fires
+    if isinstance(sae, BatchTopKSAE):
+        update_threshold_(sae, values, threshold_rate)
+    return sq_error, sae.fire_counts(values, indices)
+
+
+@torch.no_grad()
+def update_threshold_(sae: BatchTopKSAE, values: Tensor, rate: float) -> None:
+    """threshold <- threshold + rate * (m - threshold), m the smallest positive value among the
+    activations this step selected (`values`), over all data-parallel workers (a collective), so
+    they keep one threshold; unchanged when none was positive. No host sync."""
+    none = values.new_full((1,), float("inf"))
+    smallest = torch.cat([values.flatten().masked_fill(values.flatten() <= 0, float("inf")), none]).min()
+    if distributed_rank_and_world()[1] > 1:
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    moved = torch.lerp(sae.threshold, smallest.to(sae.threshold.dtype), rate)
+    sae.threshold.copy_(torch.where(smallest.isfinite(), moved, sae.threshold))
 
 
 def autocast_supported(device: torch.device) -> bool:
@@ -349,8 +391,11 @@ def _is_revival_epoch(epoch: int, cfg: TrainConfig) -> bool:
 
 
 def run_key(cfg: TrainConfig) -> dict:
-    """Every setting that shapes a training run (all but the device), as a checkpoint records it."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "device"}
+    """Every setting that shapes a training run (all but the device), as a checkpoint records it.
+    The architecture is left out while it is the default "topk", so the checkpoints and Ray Train
+    run names of runs made before the setting existed still match theirs."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name != "device" and not (f.name == "architecture" and cfg.architecture == "topk")}
 
 
 def check_resumable(state: dict, cfg: TrainConfig, source: RowSource) -> None:
@@ -425,7 +470,7 @@ def new_run(source: RowSource, cfg: TrainConfig, device: torch.device, init_bias
     modern = cfg.recipe == "modern"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        sae = TopKSAE(source.d_in, cfg.n_features, cfg.k)
+        sae = sae_class(cfg.architecture)(source.d_in, cfg.n_features, cfg.k)
     sae.to(device)
     # Modern: one fused kernel per step instead of a dozen passes over the parameters.
     fused = True if modern and device.type in ("cpu", "cuda") else None
@@ -508,7 +553,8 @@ def step_metrics(run: RunState, log: StepLog, cfg: TrainConfig, epoch: int) -> d
     return {"epoch": epoch, "step": run.history["steps"], "tokens_seen": run.history["tokens_seen"],
             "fvu": float(np.mean(recent)) if recent else float("nan"), "step_fvu": recent,
             "dead_fraction": (run.steps_since_fired >= cfg.dead_after_steps).float().mean().item(),
-            "revived": run.history["revived"]}
+            "revived": run.history["revived"],
+            **({"threshold": run.sae.threshold.item()} if isinstance(run.sae, BatchTopKSAE) else {})}
 
 
 def end_epoch(run: RunState, cfg: TrainConfig, n_rows: int, total_variance: float, world: int) -> float:
@@ -535,7 +581,7 @@ def end_epoch(run: RunState, cfg: TrainConfig, n_rows: int, total_variance: floa
 def train_sae(residuals: np.ndarray | Tensor | RowSource, cfg: TrainConfig,
               on_step: Callable[[Progress], None] | None = None,
               resume: dict | None = None) -> tuple[TopKSAE, dict]:
-    """Train a TopK SAE on residual rows with cfg.recipe (module docstring). `residuals` is an array
+    """Train a TopK SAE (BatchTopK with cfg.architecture) on residual rows with cfg.recipe (module docstring). `residuals` is an array
     [rows, d_in] (np.memmap included: read a batch at a time), a tensor, or a RowSource over the
     Arrow store; rows are streamed through a seeded shuffle buffer of cfg.shuffle_buffer_rows rows,
     the next buffer read in the background while this one trains.
@@ -599,7 +645,8 @@ def train_sae(residuals: np.ndarray | Tensor | RowSource, cfg: TrainConfig,
                 aux_width = run.dead_bound.at(run.step_in_epoch, run.steps_since_fired)
                 dead = run.steps_since_fired >= cfg.dead_after_steps if aux_width else None
             sq_error, fires = train_step(model, run.sae, run.optimizer, to_device(rows, device), dead, aux_width,
-                                         len(rows) * world / batch_rows)
+                                         len(rows) * world / batch_rows,
+                                         threshold_rate=1.0 if run.history["steps"] == 0 else THRESHOLD_RATE)
             if world > 1:
                 dist.all_reduce(fires)  # every worker tracks the same dead latents
             run.steps_since_fired = torch.where(fires > 0, 0, run.steps_since_fired + 1)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from planted import (GATE_ACTIVE, GATE_ATOMS, GATE_BATCH, best_cosine, learnable, planted_rows, power_law_rows,
                      variance_explained)
-from qsae.sae import TopKSAE
+from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.store import new_manifest, write_manifest, write_shard
 from qsae.train import TrainConfig
 
@@ -120,6 +120,30 @@ def test_export_writes_the_same_tensors(trained, tmp_path):
     assert not (exported / "metrics.json").exists()
 
 
+def test_train_and_export_a_batchtopk_sae(trained, tmp_path):
+    _, acts, _ = trained
+    out = tmp_path / "batchtopk"
+    proc = qsae("train", "--activations", acts, "--layer", 0, "--n-features", N_FEATURES, "--k", K, "--epochs", 8,
+                "--batch-size", 256, "--lr", 3e-3, "--architecture", "batchtopk", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["config"]["architecture"] == "batchtopk"
+    for rel in RELEASE_FILES:  # every format but sparsify's, which has no thresholded architecture
+        assert (out / rel).is_file() == (not rel.startswith("sparsify/")), rel
+    sae = TopKSAE.load(out / f"{STEM}.pt")
+    assert type(sae) is BatchTopKSAE and sae.threshold > 0
+    assert variance_explained(sae, planted(2000, seed=2)) > 0.7
+    # Exported again from the SAELens folder (k from its metadata): the same tensors.
+    exported = tmp_path / "exported"
+    result = qsae("export", "--sae", out / "saelens" / HOOK, "--layer", 0, "--out", exported)
+    assert result.returncode == 0, result.stderr
+    original = torch.load(out / f"{STEM}.pt", weights_only=True)
+    again = torch.load(exported / f"{STEM}.pt", weights_only=True)
+    assert set(again) == set(original) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+    for name in original:
+        assert torch.equal(again[name], original[name]), name
+    assert not (exported / "sparsify").exists()
+
+
 def make_bad_input(kind: str, root: Path) -> tuple[list, str]:
     """(train arguments, text the error must contain) for one kind of bad input."""
     good = root / "good.npy"
@@ -129,6 +153,9 @@ def make_bad_input(kind: str, root: Path) -> tuple[list, str]:
     if kind == "one_dimensional":
         np.save(root / "flat.npy", np.zeros(100, dtype=np.float32))
         return ["--activations", root / "flat.npy", "--n-features", 8, "--k", 2], "2-D"
+    if kind == "batchtopk_original":
+        return (["--activations", good, "--n-features", 8, "--k", 2, "--recipe", "original", "--architecture",
+                 "batchtopk"], "needs the modern recipe: the original recipe is TopK")
     if kind == "k_above_n":
         return ["--activations", good, "--n-features", 4, "--k", 5], "k=5 exceeds n_features=4"
     if kind == "nan_row":
@@ -145,8 +172,8 @@ def make_bad_input(kind: str, root: Path) -> tuple[list, str]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing", "one_dimensional", "k_above_n", "nan_row", "store_without_shards",
-                                  "layer_without_rows"])
+@pytest.mark.parametrize("kind", ["missing", "one_dimensional", "k_above_n", "batchtopk_original", "nan_row",
+                                  "store_without_shards", "layer_without_rows"])
 def test_train_bad_input_fails_cleanly(tmp_path, kind):
     args, problem = make_bad_input(kind, tmp_path)
     out = tmp_path / "out"

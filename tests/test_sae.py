@@ -1,11 +1,13 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from qsae.sae import TopKSAE
+from qsae.sae import BatchTopKSAE, TopKSAE
 
 D_IN, N_FEATURES, K = 24, 80, 6
 
@@ -249,3 +251,197 @@ def test_encode_for_training_under_bf16_autocast(sae, x):
     assert overlap.sum() >= 0.9 * (values > 0).sum()
     assert torch.allclose(dense_codes(cast_values, cast_indices, N_FEATURES)[overlap],
                           sae.encode(x)[overlap], rtol=0.05, atol=0.05)
+
+
+# BatchTopK
+
+THRESHOLD = 12.0  # with the fixture's weights about K latents a row are above it: some rows more, some fewer
+
+
+@pytest.fixture
+def batchtopk() -> BatchTopKSAE:
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(D_IN, N_FEATURES, K)
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        sae.threshold.fill_(THRESHOLD)
+    return sae
+
+
+def numpy_pre(sae: TopKSAE, x: torch.Tensor) -> np.ndarray:
+    """The encoder's pre-activations, written out in float64 numpy."""
+    W_enc, b_enc, b_dec = (getattr(sae, name).detach().double().numpy() for name in ("W_enc", "b_enc", "b_dec"))
+    return (x.double().numpy() - b_dec) @ W_enc + b_enc
+
+
+def test_batchtopk_encode_keeps_what_exceeds_the_threshold(batchtopk, x):
+    pre = numpy_pre(batchtopk, x)
+    expected = np.where(pre > THRESHOLD, pre, 0.0)
+    codes = batchtopk.encode(x).detach()
+    assert not (np.abs(pre - THRESHOLD) < 1e-4).any()  # no entry so near the threshold that rounding decides
+    np.testing.assert_array_equal(codes.numpy() > 0, expected > 0)
+    np.testing.assert_allclose(codes.numpy(), expected, atol=1e-4)
+    active = (expected > 0).sum(axis=1)
+    assert active.min() < K < active.max()  # not k per row: the threshold decides
+    assert torch.allclose(batchtopk(x), batchtopk.decode(codes), atol=1e-5)  # forward is dense: never truncated
+    # Until trained the threshold is 0: every positive pre-activation (ReLU).
+    fresh = BatchTopKSAE(D_IN, N_FEATURES, K)
+    np.testing.assert_array_equal(fresh.encode(x).detach().numpy() > 0, numpy_pre(fresh, x) > 0)
+
+
+def test_batchtopk_sparse_view_is_the_dense_codes_up_to_its_width(batchtopk, x):
+    assert batchtopk.sparse_width == min(N_FEATURES, 4 * K)
+    values, indices = batchtopk.encode_topk(x)
+    assert values.shape == indices.shape == (len(x), batchtopk.sparse_width)
+    dense = batchtopk.encode(x)
+    assert torch.equal(dense_codes(values, indices, N_FEATURES), dense)  # no row has 4k latents above the threshold
+    assert torch.allclose(batchtopk.decode_topk(values, indices), batchtopk(x), atol=1e-5)
+    # With the threshold at 0 about half the latents are active: the view keeps each row's largest.
+    with torch.no_grad():
+        batchtopk.threshold.zero_()
+    values, indices = batchtopk.encode_topk(x)
+    dense = batchtopk.encode(x)
+    assert ((dense > 0).sum(dim=1) > batchtopk.sparse_width).all()
+    assert torch.equal(values, dense.topk(batchtopk.sparse_width, dim=-1).values)
+
+
+def top_pairs(pre: np.ndarray, count: int) -> set[tuple[int, int]]:
+    """The (row, latent) pairs of the `count` largest entries of pre, by a full sort in numpy."""
+    flat = np.argsort(-pre, axis=None, kind="stable")[:count]
+    return {(int(i) // pre.shape[1], int(i) % pre.shape[1]) for i in flat}
+
+
+@pytest.mark.parametrize("case", ["candidates", "one row dominates"])
+def test_batchtopk_training_selects_k_times_batch_over_the_batch(batchtopk, x, case):
+    x = x.clone()
+    if case == "one row dominates":  # row 0 holds more than the 4k candidates per row: the exact fallback
+        x[0] *= 40
+    pre = numpy_pre(batchtopk, x)
+    values, positions, _, _ = (t.detach() for t in batchtopk.encode_for_training(x))
+    assert values.shape == positions.shape == (K * len(x),)
+    assert torch.equal(positions, positions.sort().values)
+    pairs = {(int(p) // N_FEATURES, int(p) % N_FEATURES) for p in positions}
+    assert pairs == top_pairs(pre, K * len(x))
+    rows, latents = positions // N_FEATURES, positions % N_FEATURES
+    np.testing.assert_allclose(values.numpy(), np.maximum(pre[rows.numpy(), latents.numpy()], 0), atol=1e-4)
+    per_row = torch.bincount(rows, minlength=len(x))
+    assert per_row.min() < K < per_row.max()
+    if case == "one row dominates":
+        assert per_row[0] > batchtopk.sparse_width
+    # The reconstruction of those codes: one bag of decoder rows per batch row, b_dec for a row without any.
+    dense = torch.zeros(len(x), N_FEATURES).index_put_((rows, latents), values)
+    assert torch.allclose(batchtopk.decode_for_training(values, positions, len(x)), batchtopk.decode(dense),
+                          atol=1e-4)
+    assert torch.equal(batchtopk.fire_counts(values, positions), (dense > 0).sum(dim=0).float())
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_batchtopk_encoder_gradients_match_autograd(with_dead):
+    """BatchTopKEncoder's sparse backward against autograd through the dense formula (float64)."""
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(D_IN, N_FEATURES, K).double()
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(50, D_IN, dtype=torch.float64, requires_grad=True)
+    dead = (torch.arange(N_FEATURES) % 3 == 0) if with_dead else None
+    k_aux, weights = 9, torch.randn(50, N_FEATURES, dtype=torch.float64)
+
+    def grads(objective):
+        for tensor in (*sae.parameters(), x):
+            tensor.grad = None
+        objective.backward()
+        return [tensor.grad for tensor in (sae.W_enc, sae.b_enc, sae.b_dec, x)]
+
+    values, positions, aux_values, aux_indices = sae.encode_for_training(x, dead, k_aux)
+    ours = torch.zeros(50 * N_FEATURES, dtype=torch.float64).index_put((positions,), values).reshape(50, N_FEATURES)
+    objective = (ours * weights).sum()
+    if with_dead:
+        objective = objective + dense_codes(aux_values, aux_indices, N_FEATURES).pow(2).sum()
+    fast = grads(objective)
+
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    kept = pre.flatten().topk(K * 50).indices
+    expected = torch.zeros(50 * N_FEATURES, dtype=torch.float64).index_put(
+        (kept,), pre.flatten()[kept].relu()).reshape(50, N_FEATURES)
+    objective = (expected * weights).sum()
+    if with_dead:
+        aux_top, aux_top_indices = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1)
+        objective = objective + dense_codes(aux_top.relu(), aux_top_indices, N_FEATURES).pow(2).sum()
+    assert torch.allclose(ours, expected)
+    for name, got, want in zip(("W_enc", "b_enc", "b_dec", "x"), fast, grads(objective)):
+        assert torch.allclose(got, want, atol=1e-10), name
+
+
+def test_batchtopk_release_round_trips_every_format(batchtopk, x, tmp_path):
+    paths = batchtopk.save_release(tmp_path, layer=7, hook_name="blocks.7.hook_resid_post")
+    assert set(paths) == {"pt", "safetensors", "saelens"}  # sparsify has no thresholded architecture
+    assert not (tmp_path / "sparsify").exists()
+    expected = batchtopk.encode(x)
+    for fmt, path in {"pt": paths["pt"], "safetensors": paths["safetensors"], "saelens": paths["saelens"],
+                      "saelens cfg.json": paths["saelens"] / "cfg.json"}.items():
+        for cls in (TopKSAE, BatchTopKSAE):  # the stored architecture decides, whichever class loads it
+            loaded = cls.load(path)
+            assert type(loaded) is BatchTopKSAE and loaded.k == K, fmt
+            assert loaded.threshold.item() == pytest.approx(THRESHOLD), fmt
+            assert torch.equal(loaded.encode(x), expected), fmt
+    # The training state dict, as distributed.train_layers rebuilds the SAE from a checkpoint.
+    rebuilt = TopKSAE.from_tensors(batchtopk.state_dict(), K, "batchtopk")
+    assert type(rebuilt) is BatchTopKSAE and torch.equal(rebuilt.encode(x), expected)
+    with pytest.raises(ValueError, match="recorded as 'topk'"):
+        TopKSAE.from_tensors(batchtopk.state_dict(), K, "topk")
+
+
+def test_batchtopk_release_files_follow_the_contract(batchtopk, tmp_path):
+    paths = batchtopk.save_release(tmp_path, layer=7, hook_name="blocks.7.hook_resid_post")
+    state = torch.load(paths["pt"], weights_only=True)
+    assert set(state) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+    assert state["threshold"].shape == () and state["threshold"].item() == pytest.approx(THRESHOLD)
+    with safe_open(str(paths["safetensors"]), "pt") as f:
+        assert (f.metadata()["architecture"], f.metadata()["k"]) == ("batchtopk", str(K))
+        assert f.get_tensor("threshold").item() == pytest.approx(THRESHOLD)
+    # SAELens's own BatchTopK trainer saves for inference as a JumpReLU SAE: cfg of JumpReLUSAEConfig,
+    # the threshold repeated per latent, training architecture and k in the metadata.
+    cfg = json.loads((paths["saelens"] / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"]) == ("jumprelu", D_IN, N_FEATURES)
+    assert cfg["metadata"]["training_architecture"] == "batchtopk"
+    assert cfg["metadata"]["training_architecture_details"]["k"] == K
+    with safe_open(str(paths["saelens"] / "sae_weights.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("threshold"), torch.full((N_FEATURES,), THRESHOLD))
+
+
+def test_load_refuses_mismatched_architectures(sae, batchtopk, tmp_path):
+    topk_paths = sae.save_release(tmp_path / "topk", layer=1, hook_name="h")
+    with pytest.raises(ValueError, match="topk SAE, not a batchtopk one"):
+        BatchTopKSAE.load(topk_paths["pt"])
+    paths = batchtopk.save_release(tmp_path / "batchtopk", layer=1, hook_name="h")
+    tensors = batchtopk.release_tensors()
+    save_file(tensors, tmp_path / "mislabelled_k6.safetensors", metadata={"k": str(K), "architecture": "topk"})
+    with pytest.raises(ValueError, match="recorded as 'topk'"):
+        TopKSAE.load(tmp_path / "mislabelled_k6.safetensors")
+    save_file(tensors, tmp_path / "unknown_k6.safetensors", metadata={"k": str(K), "architecture": "gated"})
+    with pytest.raises(ValueError, match="unknown SAE architecture 'gated'; expected one of topk, batchtopk"):
+        TopKSAE.load(tmp_path / "unknown_k6.safetensors")
+    # A JumpReLU SAE with per-latent thresholds is not a BatchTopK one.
+    weights = paths["saelens"] / "sae_weights.safetensors"
+    save_file({**batchtopk.saelens_tensors(tensors), "threshold": torch.rand(N_FEATURES)}, weights)
+    with pytest.raises(ValueError, match="thresholds differ between latents"):
+        TopKSAE.load(paths["saelens"])
+
+
+def test_saelens_loads_batchtopk_release(batchtopk, tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    x = torch.randn(200, D_IN, generator=torch.Generator().manual_seed(2))
+    paths = batchtopk.save_release(tmp_path, layer=3, hook_name="blocks.3.hook_resid_post")
+    theirs = sae_lens.SAE.load_from_disk(str(paths["saelens"]))
+    assert theirs.cfg.architecture() == "jumprelu"
+    assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    with torch.no_grad():
+        ours, codes = batchtopk.encode(x), theirs.encode(x)
+        assert ((ours > 0).sum(dim=1) != K).any()  # thresholded codes, not k per row
+        assert torch.equal(codes > 0, ours > 0)  # the same latents
+        assert torch.allclose(codes, ours, atol=1e-5)
+        assert torch.allclose(theirs.decode(codes), batchtopk(x), atol=1e-4)

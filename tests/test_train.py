@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from planted import planted_rows, variance_explained
-from qsae.sae import TopKSAE
+from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.store import ArraySource, shuffled_batches
-from qsae.train import (DeadLatentBound, TrainConfig, TrainingLoss, auxk_size, geometric_median,
-                        reconstruction_losses, remove_parallel_grad_, revive_dead_, train_sae,
-                        train_step)
+from qsae.train import (THRESHOLD_RATE, DeadLatentBound, TrainConfig, TrainingLoss, auxk_size,
+                        geometric_median, reconstruction_losses, remove_parallel_grad_, revive_dead_,
+                        train_sae, train_step)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -117,12 +117,15 @@ def test_training_is_reproducible(small_rows):
     assert not torch.equal(first.W_dec, other.W_dec)
 
 
-@pytest.mark.parametrize("recipe, revive_every_epochs", [("original", 3), ("modern", 3), ("modern", None)])
-def test_resume_matches_uninterrupted_run(small_rows, recipe, revive_every_epochs):
+@pytest.mark.parametrize("recipe, revive_every_epochs, architecture",
+                         [("original", 3, "topk"), ("modern", 3, "topk"), ("modern", None, "topk"),
+                          ("modern", None, "batchtopk")])
+def test_resume_matches_uninterrupted_run(small_rows, recipe, revive_every_epochs, architecture):
     # Original: revival after epoch 3 only, so the resumed part replays a revival too. Modern:
-    # features die within the first epochs, so the resumed part replays AuxK steps.
+    # features die within the first epochs, so the resumed part replays AuxK steps. BatchTopK: the
+    # threshold (in the state dict compared below) continues its moving average.
     cfg = small_cfg(recipe=recipe, epochs=4, revive_every_epochs=revive_every_epochs, dead_after_steps=2,
-                    n_features=96)
+                    n_features=96, architecture=architecture)
     checkpoints, ends_of_epochs = {}, []
 
     def on_step(progress):
@@ -131,6 +134,8 @@ def test_resume_matches_uninterrupted_run(small_rows, recipe, revive_every_epoch
             ends_of_epochs.append((progress.epoch, progress.step))
 
     full, history = train_sae(small_rows, cfg, on_step=on_step)
+    assert type(full) is (BatchTopKSAE if architecture == "batchtopk" else TopKSAE)
+    assert architecture == "topk" or full.threshold > 0
     steps_per_epoch = -(-len(small_rows) // cfg.batch_size)
     assert ends_of_epochs == [(epoch, epoch * steps_per_epoch) for epoch in range(1, 5)]
     assert sorted(checkpoints) == list(range(1, 4 * steps_per_epoch + 1))
@@ -144,6 +149,7 @@ def test_resume_matches_uninterrupted_run(small_rows, recipe, revive_every_epoch
         resumed, resumed_history = train_sae(small_rows, cfg, resume=checkpoints[step])
         for name, param in full.state_dict().items():
             assert torch.equal(param, resumed.state_dict()[name]), (step, name)
+        assert architecture == "topk" or torch.equal(resumed.threshold, full.threshold), step
         for key in ("loss", "fvu", "step_fvu", "revived", "steps", "tokens_seen"):
             assert resumed_history[key] == history[key], (step, key)
 
@@ -186,6 +192,8 @@ def test_non_finite_rows_raise(small_rows, value):
     ({"recipe": "anthropic"}, "recipe"),
     ({"revive_every_epochs": -1}, "revive_every_epochs"),
     ({"recipe": "original", "autocast_bf16": True}, "autocast_bf16"),
+    ({"architecture": "gated"}, "unknown architecture 'gated'; expected one of topk, batchtopk"),
+    ({"recipe": "original", "architecture": "batchtopk"}, "needs the modern recipe: the original recipe is TopK"),
 ])
 def test_bad_config_raises(overrides, problem):
     with pytest.raises(ValueError, match=problem):
@@ -249,6 +257,7 @@ def test_original_recipe_is_unchanged(small_rows):
 
 def test_recipe_defaults():
     assert TrainConfig().recipe == "modern"
+    assert TrainConfig().architecture == "topk"
     original, modern = TrainConfig(recipe="original"), TrainConfig(recipe="modern", n_features=4096)
     assert original.learning_rate() == 3e-4
     assert modern.learning_rate() == pytest.approx(2e-4 / math.sqrt(4096 / 2**14))
@@ -402,3 +411,68 @@ def test_bf16_autocast_trains(small_rows):
     assert bf16.W_enc.dtype == torch.float32
     assert bf16_history["fvu"][-1] < 0.6 * bf16_history["fvu"][0]
     assert bf16_history["fvu"][-1] == pytest.approx(fp32_history["fvu"][-1], abs=0.02)
+
+
+def batchtopk_step_reference(sae: TopKSAE, x: np.ndarray, k: int) -> tuple[np.ndarray, float | None]:
+    """What a BatchTopK training step selects, written out in float64 numpy: fire counts per latent
+    of the k x B largest pre-activations of the batch that are positive, and the smallest of those."""
+    W_enc, b_enc, b_dec = (getattr(sae, name).detach().double().numpy() for name in ("W_enc", "b_enc", "b_dec"))
+    pre = (x.astype(np.float64) - b_dec) @ W_enc + b_enc
+    chosen = np.argsort(-pre, axis=None)[:k * len(x)]
+    values = pre.flat[chosen]
+    fires = np.bincount(chosen[values > 0] % pre.shape[1], minlength=pre.shape[1])
+    return fires, float(values[values > 0].min()) if (values > 0).any() else None
+
+
+def test_batchtopk_step_selects_k_times_batch_and_moves_the_threshold(small_rows):
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(12, 48, 3)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    model = TrainingLoss(sae, "modern")
+    expected, rows_per_batch = 0.0, 100
+    for step in range(5):
+        x = small_rows[step * rows_per_batch:(step + 1) * rows_per_batch]
+        fires, smallest = batchtopk_step_reference(sae, x, 3)
+        rate = 1.0 if step == 0 else THRESHOLD_RATE  # as train_sae passes it: the first step sets it
+        expected += rate * (smallest - expected)
+        _, got = train_step(model, sae, optimizer, torch.from_numpy(x), threshold_rate=rate)
+        np.testing.assert_array_equal(got.numpy(), fires)  # k x B latents of the batch, any number per row
+        assert sae.threshold.item() == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+    values, positions, _, _ = sae.encode_for_training(torch.from_numpy(small_rows[:rows_per_batch]))
+    per_row = torch.bincount(positions // 48, minlength=rows_per_batch)
+    assert len(values) == 3 * rows_per_batch and per_row.min() < 3 < per_row.max()
+
+
+def test_batchtopk_threshold_starts_at_the_first_batch_then_averages(small_rows):
+    """train_sae's schedule: theta = m after step 1, then theta + rate (m - theta). A learning rate of
+    1e-30 leaves the weights as they start, so the reference can recompute each step's m from them."""
+    cfg = small_cfg(architecture="batchtopk", epochs=1, lr=1e-30, revive_every_epochs=None)
+    seen = []
+    sae, _ = train_sae(small_rows, cfg, on_step=lambda progress: seen.append(progress.sae.threshold.item()))
+    batches = shuffled_batches(ArraySource(small_rows), cfg.batch_size, cfg.shuffle_buffer_rows, cfg.seed, 1)
+    expected = []
+    for batch in batches:
+        _, smallest = batchtopk_step_reference(sae, batch, cfg.k)
+        expected.append(smallest if not expected else expected[-1] + THRESHOLD_RATE * (smallest - expected[-1]))
+    assert len(seen) == len(expected) > 5
+    assert seen == pytest.approx(expected, rel=1e-5)
+
+
+def test_batchtopk_learns_the_dictionary_and_a_threshold_that_keeps_about_k():
+    rows = planted_rows(20_000, 32, 64, 4, seed=0)
+    held_out = torch.from_numpy(rows[:2000])
+    cfg = TrainConfig(architecture="batchtopk", n_features=64, k=4, epochs=6, batch_size=256, lr=1e-2,
+                      dead_after_steps=50)
+    reported = []
+    sae, history = train_sae(rows[2000:], cfg, on_step=lambda p: reported.append(p.metrics()["threshold"])
+                             if p.epoch_done else None)
+    assert type(sae) is BatchTopKSAE
+    assert variance_explained(sae, rows[:2000]) > 0.8
+    assert reported[-1] == sae.threshold.item() > 0
+    with torch.no_grad():
+        l0 = (sae.encode(held_out) > 0).sum(dim=1).float()
+        assert 2 <= l0.mean() <= 8  # about k = 4 a token, as training kept on average
+        assert l0.min() < l0.max()  # a threshold, not k per row
+        sae.threshold.zero_()
+        assert (sae.encode(held_out) > 0).sum(dim=1).float().mean() > 2 * l0.mean()  # the threshold did the work

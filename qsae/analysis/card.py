@@ -16,7 +16,7 @@ from qsae.analysis.features import CHANCE_AUROC, DENSITY_THRESHOLDS, HEALTHY_RAN
 from qsae.analysis.fidelity import DEFAULT_ALPHA
 
 REQUIRED_KEYS = (
-    "model_id", "model_revision", "layers", "d_model", "n_features", "k", "hook", "questions", "outcomes",
+    "model_id", "model_revision", "layers", "d_model", "n_features", "k", "architecture", "hook", "questions", "outcomes",
     "tokens", "rows", "split", "recipe", "statistics", "per_layer", "fidelity", "files", "charts", "wall_clock",
     "engine", "qsae_version",
 )
@@ -26,6 +26,7 @@ LAYER_KEYS = (
     "rollout_level",
 )
 TAGS = ("sparse-autoencoder", "topk-sae", "interpretability", "residual-stream")
+ARCHITECTURE_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK"}
 RECIPE_LABELS = {
     "recipe": "recipe (original | modern)",
     "optimizer": "optimizer",
@@ -44,6 +45,8 @@ def _check(info: dict) -> dict[str, dict]:
     missing = [key for key in REQUIRED_KEYS if key not in info]
     if missing:
         raise ValueError(f"model card info is missing keys: {missing}")
+    if info["architecture"] not in ARCHITECTURE_NAMES:
+        raise ValueError(f"model card info names an unknown architecture {info['architecture']!r}")
     per_layer = {str(layer): stats for layer, stats in info["per_layer"].items()}
     for layer in info["layers"]:
         if str(layer) not in per_layer:
@@ -77,7 +80,7 @@ def _front_matter(info: dict) -> str:
         "library_name: qsae",
         "license: apache-2.0",
         f"base_model: {json.dumps(info['model_id'])}",
-        f"tags: [{', '.join(TAGS)}]",
+        f"tags: [{', '.join(tag.replace('topk', info['architecture']) for tag in TAGS)}]",
         f"datasets: [{json.dumps(info['questions']['source'])}]",
         "---",
     ])
@@ -85,6 +88,20 @@ def _front_matter(info: dict) -> str:
 
 def _weights_name(info: dict, layer: int, suffix: str) -> str:
     return f"sae_L{layer}_n{info['n_features']}_k{info['k']}.{suffix}"
+
+
+def _batchtopk(info: dict) -> bool:
+    return info["architecture"] == "batchtopk"
+
+
+def _architecture(info: dict, per_layer: dict[str, dict]) -> str:
+    expansion = info["n_features"] / info["d_model"]
+    size = f"{info['n_features']:,} features ({expansion:.2f}× d_model {info['d_model']:,})"
+    if not _batchtopk(info):
+        return f"TopK SAE, {size}, k = {info['k']} active per token"
+    thresholds = " / ".join(f"L{layer} {_num(per_layer[str(layer)].get('threshold'), '.4f')}" for layer in info["layers"])
+    return (f"BatchTopK SAE, {size}, k = {info['k']} active per token on average in training (the top k × batch "
+            f"of each batch); at inference every feature above the learned threshold θ ({thresholds})")
 
 
 def _fidelity(info: dict, layer) -> dict | None:
@@ -98,13 +115,11 @@ def _summary(info: dict, per_layer: dict[str, dict]) -> str:
                     f"{_ci(per_layer[str(layer)]['ve_ci'])}" for layer in info["layers"])
     delta = " / ".join(f"L{layer} {_num((_fidelity(info, layer) or {}).get('delta_ce'), '.4f')}"
                        for layer in info["layers"])
-    expansion = info["n_features"] / info["d_model"]
     return _table(["property", "value"], [
         ["base model", f"`{info['model_id']}` (revision `{info['model_revision']}`)"],
         ["layers", layers],
         ["hook", info["hook"]],
-        ["architecture", f"TopK SAE, {info['n_features']:,} features ({expansion:.2f}× d_model {info['d_model']:,}), "
-                         f"k = {info['k']} active per token"],
+        ["architecture", _architecture(info, per_layer)],
         ["training tokens", f"{tokens['per_layer_train']:,} response tokens per layer "
                             f"({tokens['per_layer_heldout']:,} held out, from {info['split']['heldout_rollouts']:,} "
                             "held-out rollouts)"],
@@ -134,9 +149,17 @@ def _usage(info: dict) -> str:
         "x_hat = sae.decode_topk(values, indices)",
         "```",
     ]
+    if _batchtopk(info):
+        parts += ["", "The files hold a fifth tensor, `threshold`, and load as a `BatchTopKSAE`: `sae.encode(residuals)` "
+                  "gives the dense codes, every feature whose pre-activation exceeds the threshold; `encode_topk` the "
+                  f"same codes as the top min(n, 4k) = {min(info['n_features'], 4 * info['k'])} (value, index) pairs per "
+                  "token, zero-padded, cut short on a token with more active features than that (dense `encode` "
+                  "and `sae(residuals)` never are). SAELens loads it as a JumpReLU SAE with that threshold for "
+                  "every feature; EleutherAI sparsify has no thresholded architecture, so there is no sparsify copy."]
     saelens, sparsify = _subfolders(info["files"], "saelens"), _subfolders(info["files"], "sparsify")
     if saelens or sparsify:
-        intro = "The same weights load in SAELens and EleutherAI sparsify, one folder per layer:"
+        intro = ("The same weights load in " + " and ".join(["SAELens"] * bool(saelens) + ["EleutherAI sparsify"] * bool(sparsify))
+                 + ", one folder per layer:")
         parts += ["", intro, "", "```python"]
         if saelens:
             parts += ["from sae_lens import SAE", f'sae = SAE.load_from_disk("{saelens[0]}")']
@@ -195,9 +218,13 @@ def _definitions(info: dict) -> str:
         f"- **Intervals** are {COVERAGE} percentile intervals of a bootstrap ({stats['bootstrap']:,} replicates) that "
         "resamples held-out questions (all of a question's tokens and rollouts together), never single tokens: tokens "
         "of one rollout are not independent. With fewer than two held-out questions no interval is computable.",
-        "- **L0**: mean number of features with a positive activation per held-out token (at most k).",
+        "- **L0**: mean number of features with a positive activation per held-out token "
+        + ("(above the threshold; counted in the sparse view of at most min(n, 4k) per token)." if _batchtopk(info)
+           else "(at most k)."),
         "- **Fire rate** of a feature: the share of sampled tokens (the rows of `activations.safetensors`) on which "
-        f"it is among the top k with a positive activation. **Dead**: never fires over those tokens; rare: below "
+        + ("it is active (above the threshold, in the sparse view)" if _batchtopk(info)
+           else "it is among the top k with a positive activation")
+        + f". **Dead**: never fires over those tokens; rare: below "
         f"{low:.1%}; **healthy**: in [{low:.1%}, {high:.0%}] (the original release's band); dense: above {high:.0%}. "
         f"Density shares: features firing on more than {DENSITY_THRESHOLDS[0]:.0%} and {DENSITY_THRESHOLDS[1]:.0%} "
         "of tokens.",
@@ -331,7 +358,12 @@ def _recipe(info: dict) -> str:
         "Modern recipe: encoder initialised as the decoder's transpose, the gradient component parallel to each "
         "decoder row removed before each step, an AuxK loss (k_aux = d_in / 2, weight 1/32) on latents that have "
         "not fired for the dead-after window, and b_dec started at the geometric median of the training rows."
-    ] if recipe.get("recipe") == "modern" else []))
+    ] if recipe.get("recipe") == "modern" else []) + ([
+        "BatchTopK: each training step kept the k × B largest ReLU'd pre-activations of its batch of B tokens "
+        "(so a token may use more or fewer than k features); the inference threshold θ is a moving average of the "
+        "smallest activation each step kept (θ ← θ + 0.01 (m − θ), θ = m after the first step), so that encoding "
+        "with θ keeps about k features per token on average."
+    ] if _batchtopk(info) else []))
 
 
 def _files(info: dict) -> str:
@@ -341,7 +373,7 @@ def _files(info: dict) -> str:
     return "\n\n".join(["\n".join(lines), "Charts:", charts, "Wall clock:", _table(["stage", "seconds"], timing)])
 
 
-def _limitations(info: dict) -> str:
+def _limitations(info: dict, per_layer: dict[str, dict]) -> str:
     o, tokens = info["outcomes"], info["tokens"]
     return "\n".join([
         f"- Sample size: {tokens['per_layer_train']:,} training tokens per layer from {o['n']:,} rollouts; "
@@ -350,7 +382,13 @@ def _limitations(info: dict) -> str:
         f"- One domain: multiple-choice questions from `{info['questions']['source']}`; behaviour on other text "
         "(code, open-ended writing) is untested.",
         "- Only greedy responses were captured; prompt tokens and sampled text are outside the training data.",
-    ])
+    ] + ([
+        "- The statistics read each token's codes from a sparse view of at most min(n, 4k) features; tokens that "
+        "fill it (" + ", ".join(f"L{layer} {per_layer[str(layer)].get('tokens_at_sparse_width', 0):,}"
+                                for layer in info["layers"])
+        + ") may have had further active features left out of them (never of `encode` or of the fidelity in the "
+        "model's loss, which use the dense codes).",
+    ] if _batchtopk(info) else []))
 
 
 def render_model_card(info: dict) -> str:
@@ -359,7 +397,7 @@ def render_model_card(info: dict) -> str:
     layers = ", ".join(f"L{layer}" for layer in info["layers"])
     sections = [
         _front_matter(info),
-        f"# TopK sparse autoencoders for {info['model_id']} ({layers})",
+        f"# {ARCHITECTURE_NAMES[info['architecture']]} sparse autoencoders for {info['model_id']} ({layers})",
         _summary(info, per_layer),
         "## How to load\n\n" + _usage(info),
         "## Hook convention\n\n" + _hook(info),
@@ -370,6 +408,6 @@ def render_model_card(info: dict) -> str:
         "## Correctness statistics\n\n" + _correctness(info, per_layer),
         "## Training recipe\n\n" + _recipe(info),
         "## Files\n\n" + _files(info),
-        "## Limitations\n\n" + _limitations(info),
+        "## Limitations\n\n" + _limitations(info, per_layer),
     ]
     return "\n\n".join(sections) + "\n"

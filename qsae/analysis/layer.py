@@ -29,7 +29,7 @@ from qsae.analysis.features import (
 from qsae.analysis.fidelity import mean_l0, variance_explained, variance_explained_ci
 from qsae.config import PipelineConfig
 from qsae.rollout import Rollout
-from qsae.sae import TopKSAE
+from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.sample import RowSelection
 from qsae.store import CHUNK_ROWS, StoreSource
 
@@ -204,6 +204,7 @@ def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, rows: SampleR
         "max_decoder_cosine": cosine,
         "max_decoder_cosine_pair": pair,
         "revived": int(history["revived"]),
+        **architecture_summary(sae, values),
         "train_rows": len(rows.selection.train_rows),
         "heldout_rows": len(rows.selection.heldout_rows),
         "token_level": token_auroc_summary(token_auroc, rates),
@@ -218,6 +219,17 @@ def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, rows: SampleR
     }
     return {"summary": summary, "stats": stats, "contexts": contexts, "rates": rates, "token_auroc": token_auroc,
             "rollout": by_rollout, "train_mean": sample.train_sum / max(len(rows.selection.train_rows), 1)}
+
+
+def architecture_summary(sae: TopKSAE, values: np.ndarray) -> dict:
+    """The SAE's architecture; for BatchTopK also its threshold, the width of the sparse view the
+    statistics are computed from (encode_topk), and how many sampled tokens fill that view, so may
+    have had active latents cut from it."""
+    if not isinstance(sae, BatchTopKSAE):
+        return {"architecture": sae.architecture}
+    full = int((values > 0).all(axis=1).sum()) if sae.sparse_width < sae.n_features else 0
+    return {"architecture": sae.architecture, "threshold": float(sae.threshold),
+            "sparse_width": sae.sparse_width, "tokens_at_sparse_width": full}
 
 
 def token_auroc_summary(auroc: np.ndarray | None, rates: np.ndarray) -> dict:
