@@ -51,7 +51,7 @@ def cmd_capture(args) -> int:
 
 def cmd_analyze(args) -> int:
     from qsae.distributed import fidelity_in_ray
-    from qsae.models import load_tokenizer, resolve_model_path
+    from qsae.models import expand_layers, load_tokenizer, model_dims, resolve_model_path
     from qsae.pipeline import connect_ray
     from qsae.release import build_release
     from qsae.rollout import read_rollouts
@@ -60,10 +60,11 @@ def cmd_analyze(args) -> int:
 
     cfg = load_pipeline_config(args)
     run_dir = Path(cfg.out).resolve()
+    model_path = resolve_model_path(cfg.model.name)
+    cfg.capture.layers = expand_layers(cfg.capture.layers, model_dims(model_path, cfg.model.revision)[0])
     trained = {layer: load_trained(run_dir, layer) for layer in cfg.capture.layers}
     question_of = {r.rollout_id: r.question_id for r in read_rollouts(run_dir / "rollouts.parquet")}
     check_same_split(load_split(run_dir), RowRules.from_config(cfg), question_of)  # before Ray starts
-    model_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     connect_ray(cfg.ray_address)
     release_dir = build_release(cfg, run_dir, trained, tokenizer, {},
@@ -131,7 +132,7 @@ def cmd_train(args) -> int:
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0 = never), got {args.checkpoint_every}")
     cfg = TrainConfig(
-        recipe=args.recipe, n_features=args.n_features, k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        recipe=args.recipe, architecture=args.architecture, n_features=args.n_features, k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         dead_after_steps=args.dead_after_steps, autocast_bf16=args.autocast_bf16, seed=args.seed,
         shuffle_buffer_rows=args.shuffle_buffer_rows, device=args.device,
     )
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, parents=[pipeline_parser(name, help_text)], add_help=False)
         p.set_defaults(func=func)
 
-    t = sub.add_parser("train", help="train one TopK SAE on an activation store or a .npy file")
+    t = sub.add_parser("train", help="train one TopK (or BatchTopK) SAE on an activation store or a .npy file")
     t.add_argument("--activations", required=True, help="activation store directory (run or activations/) or 2-D .npy")
     t.add_argument("--layer", type=int, required=True, help="layer to read from a store; names the outputs")
     t.add_argument("--n-features", type=int, required=True)
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--batch-size", type=int, default=4096)
     t.add_argument("--recipe", choices=["modern", "original"], default="modern", help="training recipe (README)")
+    t.add_argument("--architecture", choices=["topk", "batchtopk"], default="topk",
+                   help="topk, or batchtopk: top k x batch in training, a learned threshold after (modern recipe)")
     t.add_argument("--lr", type=float, help="Adam learning rate (default: the recipe's)")
     t.add_argument("--dead-after-steps", type=int, default=500,
                    help="a latent silent this many steps is dead (AuxK, revival)")
@@ -197,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--restart", action="store_true", help=f"delete <out>/{CHECKPOINT} and train from scratch")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("export", help="write an SAE in every release format (.pt, safetensors, SAELens, sparsify)")
+    e = sub.add_parser("export", help="write an SAE in every release format (.pt, safetensors, SAELens, sparsify for TopK)")
     e.add_argument("--sae", required=True, help="an SAE in any format qsae writes")
     e.add_argument("--layer", type=int, required=True)
     e.add_argument("--k", type=int, help="needed only when the file does not record k")

@@ -47,7 +47,7 @@ class RolloutConfig:
 
 @dataclass
 class CaptureConfig:
-    layers: list[int] = field(default_factory=lambda: [3, 7, 11])  # decoder layers whose output is captured
+    layers: list[int] | str = field(default_factory=lambda: [3, 7, 11])  # decoder layers captured, or "all" of them
     dtype: str = "float32"  # store dtype: float32 | float16 (float16 overflow is refused, never stored as inf)
     num_actors: int = 2  # model replicas in the capture actor pool
     cpus_per_actor: float = 1.0  # Ray CPUs reserved per replica
@@ -98,10 +98,16 @@ class PipelineConfig:
     ray_address: str | None = None  # None = connect to RAY_ADDRESS if set, else start a local Ray
 
     def validate(self) -> None:
+        try:
+            self.train.check_choices()  # recipe and architecture, before any Ray work
+        except ValueError as err:
+            raise ConfigError(f"train: {err}") from None
         if self.train.k > self.train.n_features:
             raise ConfigError(f"train.k = {self.train.k} exceeds train.n_features = {self.train.n_features}")
         if not self.capture.layers:
             raise ConfigError("capture.layers is empty")
+        if isinstance(self.capture.layers, str) and self.capture.layers != "all":
+            raise ConfigError(f'capture.layers must be a list of layer indices or "all", got {self.capture.layers!r}')
         if self.capture.dtype not in ("float16", "float32"):
             raise ConfigError(f"capture.dtype must be float16 or float32, got {self.capture.dtype!r}")
         if self.rollout.engine not in ("transformers", "vllm"):
@@ -142,6 +148,8 @@ def _check_type(where: str, value, annotation: str):
     base = annotation.replace(" | None", "")
     if value is None and "None" in annotation:
         return None
+    if base == "list[int] | str":  # a list of indices, or a word standing for one ("all")
+        base = "str" if isinstance(value, str) else "list[int]"
     expected = kinds.get(base)
     ok = expected is not None and isinstance(value, expected) and not (base in ("int", "float") and isinstance(value, bool))
     if base == "list[int]" and ok:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -67,6 +68,12 @@ class CaptureWorker:
     def process(self, shard: QuestionShard) -> dict:
         return capture_question_shard(self.replica, shard.name, shard.questions, shard.first_id, self.cfg, self.run_dir)
 
+    def close(self) -> None:
+        """Stop the engine's own processes (vLLM's engine core holds the GPU), so that the trainers
+        after capture find the GPU free rather than waiting on a killed actor's orphans."""
+        if hasattr(self.replica.engine, "close"):
+            self.replica.engine.close()
+
 
 def run_capture(cfg: PipelineConfig, model_path: str, d_model: int, questions: list[Question], run_dir: Path) -> dict:
     """Capture every shard not yet listed in the manifest; returns the final manifest."""
@@ -86,7 +93,9 @@ def run_capture(cfg: PipelineConfig, model_path: str, d_model: int, questions: l
     shards = plan_shards(questions, cfg.capture.questions_per_shard)
     check_same_questions(manifest, shards)
     pending = [s for s in shards if s.name not in manifest["shards"]]
-    if pending:
+    if not pending:
+        print(f"[qsae] capture: all {len(shards)} shards are in the store already; nothing to capture", flush=True)
+    else:
         check_replica_fits(cfg, model_path)
         warn_if_disk_may_not_fit(cfg, d_model, sum(len(s.questions) for s in pending), run_dir)
         run_actor_pool(cfg, model_path, pending, manifest, store_dir, run_dir)
@@ -199,6 +208,11 @@ def run_actor_pool(
                 if remaining:
                     check_disk_projection(done_bytes, done_questions, remaining, run_dir)
     finally:
+        idle = [actor for slot, actor in enumerate(actors) if slot not in {s for s, _ in in_flight.values()}]
+        try:
+            ray.get([actor.close.remote() for actor in idle], timeout=120)
+        except ray.exceptions.RayError:  # timeouts included
+            pass  # a replica that cannot close is killed below all the same
         for actor in actors:
             ray.kill(actor)
         if in_flight:
@@ -324,23 +338,37 @@ def fit_layer(layer: int, cfg: PipelineConfig, run_dir: str) -> dict:
     return final_state(layer_trainer(layer, cfg, run_dir).fit())
 
 
+def concurrent_layers(train: TrainStageConfig, cluster: dict[str, float]) -> int:
+    """How many layers' trainers the cluster's CPUs and GPUs hold at once (at least one: Ray says
+    what a layer lacks if the cluster cannot hold it). More would only wait, each with a driver
+    task and a Ray Train controller of its own (64 of them for every layer of a 27B model)."""
+    fits = [cluster.get("CPU", 0.0) / train.cpus_per_layer]
+    if train.gpus_per_layer > 0:
+        fits.append(cluster.get("GPU", 0.0) / train.gpus_per_layer)
+    return max(1, math.floor(min(fits) + 1e-9))
+
+
 def train_layers(cfg: PipelineConfig, run_dir: Path) -> dict[int, tuple]:
     """Split the rollouts by question (saved as <run>/saes/split.json), then train every layer's SAE
-    concurrently on its training rows; returns {layer: (TopKSAE, history)}."""
+    on its training rows, as many layers at once as the cluster's resources hold (concurrent_layers),
+    the next starting when one ends; returns {layer: (TopKSAE, history)}."""
     from qsae.sample import RowRules, plan_split
     from qsae.train import save_trained
 
     plan_split(run_dir, cfg.capture.layers, RowRules.from_config(cfg))
 
-    refs = {layer: fit_layer.remote(layer, cfg, str(run_dir)) for layer in cfg.capture.layers}
-    trained = {}
-    with tqdm(total=len(refs), desc="train", unit="layer") as bar:
-        pending = {ref: layer for layer, ref in refs.items()}
-        while pending:
+    waiting = list(cfg.capture.layers)
+    at_once = concurrent_layers(cfg.train, ray.cluster_resources())
+    trained, pending = {}, {}
+    with tqdm(total=len(waiting), desc="train", unit="layer") as bar:
+        while waiting or pending:
+            while waiting and len(pending) < at_once:
+                layer = waiting.pop(0)
+                pending[fit_layer.remote(layer, cfg, str(run_dir))] = layer
             [ref], _ = ray.wait(list(pending), num_returns=1)
             layer = pending.pop(ref)
             state = ray.get(ref)
-            sae = TopKSAE.from_tensors(state["sae_state"], cfg.train.k)
+            sae = TopKSAE.from_tensors(state["sae_state"], cfg.train.k, cfg.train.architecture)
             trained[layer] = (sae, state["history"])
             save_trained(run_dir, layer, sae, state["history"])
             bar.set_postfix(layer=layer, fvu=f"{state['history']['fvu'][-1]:.3f}")

@@ -186,6 +186,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+def expand_layers(layers: list[int] | str, n_layers: int) -> list[int]:
+    """capture.layers as the decoder layers it names: "all" is every one of the model's."""
+    if layers == "all":
+        return list(range(n_layers))
+    check_layers(layers, n_layers)
+    return list(layers)
+
+
 def check_layers(layers: list[int], n_layers: int) -> None:
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:

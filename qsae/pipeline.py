@@ -13,7 +13,7 @@ from pathlib import Path
 import ray
 
 from qsae.config import PipelineConfig
-from qsae.models import check_layers, model_dims, resolve_model_path
+from qsae.models import expand_layers, model_dims, resolve_model_path
 from qsae.questions import BUNDLED_QUESTIONS, Question, load_questions, sample_questions
 
 
@@ -23,11 +23,12 @@ def questions_path(cfg: PipelineConfig) -> Path:
 
 def prepare(cfg: PipelineConfig) -> tuple[list[Question], str, int]:
     """Load and sample the questions, resolve the model (building the tiny one if asked) and check the
-    layers against it. Returns (questions, model_path, d_model)."""
+    layers against it ("all" becomes the list of every decoder layer, in cfg). Returns (questions,
+    model_path, d_model)."""
     questions = sample_questions(load_questions(questions_path(cfg)), cfg.rollout.num_questions, cfg.rollout.seed)
     model_path = resolve_model_path(cfg.model.name)
     n_layers, d_model = model_dims(model_path, cfg.model.revision)
-    check_layers(cfg.capture.layers, n_layers)
+    cfg.capture.layers = expand_layers(cfg.capture.layers, n_layers)
     return questions, model_path, d_model
 
 

@@ -340,3 +340,15 @@ def test_a_killed_trainer_resumes_from_its_last_checkpoint(local_ray, planted_ru
     # Every epoch's pooled FVU, including the one the kill interrupted, as in the uninterrupted run.
     np.testing.assert_allclose(history["fvu"], reference["fvu"], atol=1e-3)
     assert len(history["step_fvu"]) == reference["steps"]
+
+
+def test_as_many_layers_train_at_once_as_the_cluster_holds():
+    from qsae.config import TrainStageConfig
+    from qsae.distributed import concurrent_layers
+
+    assert concurrent_layers(TrainStageConfig(cpus_per_layer=0.5), {"CPU": 2.0}) == 4
+    one_gpu = {"CPU": 16.0, "GPU": 1.0}
+    assert concurrent_layers(TrainStageConfig(cpus_per_layer=2, gpus_per_layer=0.33), one_gpu) == 3
+    assert concurrent_layers(TrainStageConfig(cpus_per_layer=2, gpus_per_layer=1), {"CPU": 64.0, "GPU": 16.0}) == 16
+    assert concurrent_layers(TrainStageConfig(cpus_per_layer=8, gpus_per_layer=1), {"CPU": 64.0, "GPU": 16.0}) == 8
+    assert concurrent_layers(TrainStageConfig(cpus_per_layer=1, gpus_per_layer=1), {"CPU": 4.0}) == 1  # Ray says why

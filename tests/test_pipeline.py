@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,9 @@ from safetensors.numpy import load_file
 from sklearn.metrics import roc_auc_score
 
 from qsae.analysis.fidelity import variance_explained
-from qsae.sae import TopKSAE
+from qsae.models import model_dims
+from qsae.sae import BatchTopKSAE, TopKSAE
+from qsae.store import read_layer_table, read_manifest
 from qsae.train import load_trained, save_trained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,6 +205,106 @@ def test_analyze_rebuilds_the_release_from_the_trained_run(release):
         assert after[layer]["variance_explained"] == pytest.approx(before[layer]["variance_explained"], abs=1e-6)
 
 
+BATCHTOPK = [*SMALL, "train.architecture=batchtopk", "train.epochs=40", "train.checkpoint_every_steps=5"]
+
+
+def store_state(run: Path) -> tuple[dict, str]:
+    """Each shard file's mtime, and the manifest's text (rewritten, unchanged, after a rerun's check)."""
+    shards = {p: p.stat().st_mtime_ns for p in (run / "activations").rglob("*.arrow")}
+    return shards, (run / "activations" / "manifest.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def batchtopk_rerun(release, tmp_path_factory):
+    """The `release` run's rollouts and store copied (so capture has nothing to do), a longer BatchTopK
+    training interrupted by Ctrl-C on the driver once every layer has a checkpoint, then the same
+    command again into the same directory. Returns (run directory, store before, the rerun's stdout)."""
+    run = tmp_path_factory.mktemp("batchtopk") / "run"
+    shutil.copytree(release.parent, run, ignore=shutil.ignore_patterns("checkpoints", "saes", "release"))
+    before = store_state(run)
+    first = subprocess.Popen([sys.executable, "jobs/release.py", "--out", str(run), *BATCHTOPK], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None:
+        if all(list((run / "checkpoints").glob(f"layer={layer}-*/checkpoint_*")) for layer in (3, 7, 11)):
+            break
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)
+    first.wait(timeout=120)
+    assert not (run / "release").exists(), "the job ended before it could be interrupted"
+    done = run_driver("--out", str(run), *BATCHTOPK)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run, before, done.stdout
+
+
+@pytest.fixture(scope="module")
+def batchtopk_release(batchtopk_rerun):
+    return batchtopk_rerun[0] / "release"
+
+
+def test_a_rerun_of_an_interrupted_job_skips_capture_and_resumes_training(batchtopk_rerun):
+    run, before, stdout = batchtopk_rerun
+    assert "nothing to capture" in stdout
+    assert before[0] and store_state(run) == before
+    for layer in (3, 7, 11):
+        history = json.loads((run / "saes" / f"layer={layer}" / "history.json").read_text())
+        assert history["resumed_at_steps"] and all(step % 5 == 0 for step in history["resumed_at_steps"])
+        assert len(history["fvu"]) == 40 and len(history["step_fvu"]) == history["steps"]
+
+
+def test_batchtopk_runs_end_to_end(batchtopk_release, release):
+    names = {p.relative_to(batchtopk_release).as_posix() for p in batchtopk_release.rglob("*") if p.is_file()}
+    summary = json.loads((batchtopk_release / "final_summary.json").read_text())["layers"]
+    stats = json.loads((batchtopk_release / "feature_stats.json").read_text())["layers"]
+    acts, _ = released_rows(batchtopk_release)
+    heldout = acts["heldout"].astype(bool)
+    for layer in ("3", "7", "11"):
+        assert {f"sae_L{layer}_n128_k8.pt", f"saelens/blocks.{layer}.hook_resid_post/cfg.json"} <= names
+        assert not any(name.startswith("sparsify/") for name in names)
+        sae = TopKSAE.load(batchtopk_release / f"sae_L{layer}_n128_k8.safetensors")
+        assert type(sae) is BatchTopKSAE
+        assert type(TopKSAE.load(release / f"sae_L{layer}_n128_k8.safetensors")) is TopKSAE  # the default run's
+        row = summary[layer]
+        assert row["architecture"] == "batchtopk" and row["threshold"] == pytest.approx(sae.threshold.item())
+        assert row["threshold"] > 0
+        x = torch.from_numpy(acts[f"L{layer}"].astype(np.float32))
+        with torch.no_grad():
+            values, indices = sae.encode_topk(x)
+            x_hat = sae.decode_topk(values, indices).numpy()
+            active = (sae.encode(x) > 0).sum(dim=1).numpy()
+        assert row["variance_explained"] == pytest.approx(variance_explained(x.numpy()[heldout], x_hat[heldout]),
+                                                          abs=1e-5)
+        assert 0.3 < row["variance_explained"] <= 1.0
+        fired = np.bincount(indices.numpy()[values.numpy() > 0], minlength=128)
+        np.testing.assert_allclose(stats[layer]["fire_rate"], fired / len(x), atol=1e-12)
+        assert row["tokens_at_sparse_width"] == int((active >= sae.sparse_width).sum())
+        if row["tokens_at_sparse_width"] == 0:  # the statistics' sparse view then holds every active latent
+            assert row["l0"] == pytest.approx(active[heldout].mean())
+        assert 4 <= active.mean() <= 16  # the learnt threshold keeps about k = 8 a token (7.9-8.2 seen)
+    card = (batchtopk_release / "README.md").read_text()
+    assert "# BatchTopK sparse autoencoders" in card and "batchtopk-sae" in card
+    assert "Sae.load_from_disk" not in card and "no sparsify copy" in card
+
+
+def test_every_decoder_layer_in_one_pass_trained_over_the_resources_given(tiny_path, tmp_path):
+    n_layers = model_dims(tiny_path)[0]
+    done = run_driver("--out", str(tmp_path), "capture.layers=all", "rollout.num_questions=8",
+                      "rollout.max_new_tokens=24", "train.epochs=2", "train.n_features=32", "train.k=4",
+                      "train.holdout_fraction=0.25", "release.bootstrap=20", "release.permutations=50")
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "activations")
+    assert manifest["layers"] == list(range(n_layers))
+    # One forward pass per rollout: every layer holds the same tokens.
+    keys = {layer: read_layer_table(tmp_path / "activations", layer).select(["rollout_id", "position"]).to_pylist()
+            for layer in range(n_layers)}
+    assert all(keys[layer] == keys[0] for layer in keys) and keys[0]
+    summary = json.loads((tmp_path / "release" / "final_summary.json").read_text())
+    assert sorted(summary["layers"], key=int) == [str(layer) for layer in range(n_layers)]
+    for layer in range(n_layers):
+        sae = TopKSAE.load(tmp_path / "release" / f"sae_L{layer}_n32_k4.safetensors")
+        assert sae.d_in == manifest["d_model"]
+
+
 def test_analyze_refuses_an_sae_of_another_width_than_the_store(release, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(release.parent, run)
@@ -271,11 +375,12 @@ BAD_ROWS = '{"uuid": "x1", "question": "Q?", "options": ["a", "b"], "answer": "a
         (["capture.layers=[3, 12]"], "out of range"),
         (["train.k=64", "train.n_features=32"], "exceeds"),
         (["train.colour=red"], "train.colour"),
+        (["train.architecture=gated"], "unknown architecture 'gated'; expected one of topk, batchtopk"),
         (["model.name=/no/such/model"], "/no/such/model"),
         (["ray_address=127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
     ],
-    ids=["missing-questions", "malformed-row", "layer-out-of-range", "k-above-n", "unknown-key", "missing-model",
-         "unreachable-ray"],
+    ids=["missing-questions", "malformed-row", "layer-out-of-range", "k-above-n", "unknown-key",
+         "unknown-architecture", "missing-model", "unreachable-ray"],
 )
 def test_bad_input_fails_cleanly(tiny_path, tmp_path, args, message):
     bad = tmp_path / "bad.jsonl"

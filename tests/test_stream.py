@@ -3,6 +3,7 @@ resuming mid-epoch, data-parallel shares, background prefetch, and training from
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 
 import numpy as np
@@ -284,3 +285,59 @@ def test_training_on_a_store_equals_training_on_its_rows_in_memory(tmp_path, dty
     for name, weight in from_store.state_dict().items():
         assert torch.equal(weight, in_memory.state_dict()[name]), name
     assert store_history["fvu"] == memory_history["fvu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: training follows the shuffle buffer, not the layer
+
+STREAM_CHILD = """
+import json, resource, sys
+from qsae.store import StoreSource
+from qsae.train import TrainConfig, train_sae
+
+source = StoreSource(sys.argv[1], 0)
+train_sae(source, TrainConfig(n_features=64, k=4, epochs=1, batch_size=4096, shuffle_buffer_rows=int(sys.argv[2])))
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rows": source.n_rows}))
+"""
+
+
+def peak_rss_of_one_epoch(store_dir, buffer_rows: int) -> dict:
+    """One epoch in a fresh process. glibc's mmap threshold is fixed so that freed batches leave the
+    process and the peak is the memory in use."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", STREAM_CHILD, str(store_dir), str(buffer_rows)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def synthetic_store(store_dir, n_shards: int, shard_rows: int, d_model: int):
+    manifest = new_manifest("synthetic", None, [0], d_model, "float32")
+    rng = np.random.default_rng(0)
+    for shard in range(n_shards):
+        written = write_shard(store_dir, 0, f"shard-{shard:05d}", np.full(shard_rows, shard), np.arange(shard_rows),
+                              np.zeros(shard_rows), np.zeros(shard_rows, bool),
+                              rng.standard_normal((shard_rows, d_model), dtype=np.float32), "float32")
+        manifest["shards"][f"shard-{shard:05d}"] = {"questions": [], "rollouts": 1, "rows": {"0": written}}
+    write_manifest(store_dir, manifest)
+    return store_dir
+
+
+def test_training_from_a_store_many_buffers_large_holds_a_few_buffers(tmp_path):
+    """Peak resident memory of an epoch from stores of 4 and 24 buffers (32 and 192 MiB): streaming
+    peaks alike, where a whole-layer load would add the 20 buffers between them. (The difference of
+    two runs cancels what torch's first step maps: libraries, thread pools.)"""
+    d_model, buffer_rows = 256, CHUNK_ROWS
+    buffer_bytes = buffer_rows * d_model * 4
+    peaks = {}
+    for n_buffers in (4, 24):
+        store = synthetic_store(tmp_path / f"store{n_buffers}", n_buffers // 4, 4 * buffer_rows, d_model)
+        measured = peak_rss_of_one_epoch(store, buffer_rows)
+        assert measured["rows"] == n_buffers * buffer_rows
+        peaks[n_buffers] = measured["peak"]
+    grown = peaks[24] - peaks[4]
+    assert grown < 3 * buffer_bytes, f"6x the store added {grown / 2**20:.0f} MiB; a buffer is {buffer_bytes / 2**20:.0f} MiB"
