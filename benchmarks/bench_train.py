@@ -1,264 +1,360 @@
-"""SAE training tokens per second and held-out quality: qsae against the original release's way, in one run.
+"""`qsae train` against sparsify on a planted dictionary: whole-process wall time and held-out FVU.
 
-    python benchmarks/bench_train.py [--d-in 512] [--n-features 4096] [--k 32] [--batch-size 4096]
-                                     [--train-rows 32768] [--epochs 6] [--threads N]
+    python benchmarks/bench_train.py [--train-rows 500000] [--epochs 2] [--repeats 3] [--quick]
+                                     [--methods modern,original,sparsify] [--sparsify-python PATH]
 
-Data: synthetic activations from a planted dictionary at a realistic width (the same rows for every
-method): 4 x n_features random unit atoms in d_in dimensions, used with power-law frequencies
-(atom i from 1 with probability proportional to i ** -1.1), --active atoms per row drawn with
-replacement, exponential coefficients, Gaussian noise of 5% of the signal's per-dimension scale.
-Held-out rows come from the same distribution.
+Data (seeded, written once to --data-dir as train.npy and held_out.npy, reused while the settings
+match): a planted dictionary of --atoms random unit atoms in --d-in dimensions. Each row draws
+--active distinct atoms, atom i (from 0) with probability proportional to 1 / (i + 10) (Zipf-like;
+drawn in sequence without replacement), with log-normal coefficients exp(N(--coef-mu,
+--coef-sigma^2)), plus isotropic Gaussian noise whose variance is --noise (2%) of the rows' total
+variance. The held-out rows are drawn from the same dictionary after the training rows.
 
-Methods, each for the same token budget (train rows x epochs) and the same batches:
-- "original release": a reimplementation of the original release's training as its model card shows
-  it: encode with a dense scatter (z = zeros.scatter_(topk)), decode z @ W_dec + b_dec, fp32, Adam at
-  3e-4, MSE, decoder rows renormalised after each step, revival every 5 epochs of features silent for
-  >= dead_after_steps steps. Initialised like qsae (random unit decoder rows, encoder = their
-  transpose, zero biases; the card does not say).
-- "qsae original": qsae's trainer, recipe "original" (same init and batches, so the same run up to
-  floating-point differences: its FVU should match the release's).
-- "qsae modern": qsae's trainer, recipe "modern"; "qsae modern bf16" the same with autocast_bf16.
-- "sparsify": when EleutherAI sparsify is importable, its SparseCoder trained with its Adam path
-  (lr 2e-4 / sqrt(n / 2**14), b_dec at the first batch's mean, AuxK at 1/32, parallel gradient
-  removed, unit-norm decoder) but at a constant learning rate (its trainer warms up over 1000 steps
-  and decays linearly, which would dominate a run this short).
-Every method counts a latent dead after --dead-after-steps silent steps (25 by default: a run this
-short never reaches the recipes' 500).
+Methods, each one whole process (start-up, imports, data scan, initialisation, checkpoints and
+output files included), timed from spawn to exit, one after another (a round), --repeats rounds:
+- "qsae modern": `python -m qsae.cli train --activations train.npy --layer 0 --n-features N --k K
+  --epochs E --batch-size B --out DIR`, qsae's defaults (the modern recipe);
+- "qsae original": the same with `--recipe original`;
+- "qsae modern bf16": the same as modern with `--autocast-bf16` (only when asked for in --methods:
+  bf16 matmuls are very slow on CPUs without native bf16 support);
+- "sparsify": EleutherAI sparsify's own `Trainer` at its defaults (SparseCoderConfig(num_latents=N,
+  k=K); TrainConfig defaults: the "signum" optimizer, sign descent under a schedule-free wrapper at
+  lr 5e-3 / sqrt(N / 2**14), b_dec at the first batch's mean, no AuxK), run by --sparsify-python
+  (default: this interpreter) when it can import sparsify. Its trainer reads activations through a
+  model's forward hooks, so the rows are served by a stand-in model whose one layer returns the
+  rows its input ids index, one "sequence" of --batch-size shuffled rows per step (each epoch its
+  own seeded permutation, the last batch of an epoch short), batch size 1 sequence.
 
-Reported: tokens/s = training rows / seconds of the fastest epoch (best of the epochs, so that other
-load on a shared machine distorts it less; "seconds" is the whole training call, set-up included);
-held-out FVU, pooled: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the held-out rows; L0 = mean
-number of positive latents per held-out row; dead % = latents that fire on no held-out row; and
-each method's tokens/s over the original release's.
+Reported per method (median over the rounds for seconds; the quality of the first round's run,
+which is deterministic for a given seed): whole-process wall seconds; tokens/s = train rows x
+epochs / those seconds; held-out FVU, pooled: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the
+held-out rows, from the SAE file the process wrote (qsae: TopKSAE.load of the .safetensors;
+sparsify: its SparseCoder.load_from_disk, evaluated by --sparsify-python); L0 = mean number of
+positive latents per held-out row; dead % = latents that fire on no held-out row; and wall time
+over the original recipe's; then the CPU seconds the process used (user + system, children
+included) and their ratio to the original's: on a machine shared with other load, a steadier
+measure of the work than wall time. `--json PATH` also writes every run's numbers.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import math
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
-from qsae.sae import TopKSAE
-from qsae.store import ArraySource, shuffled_batches
-from qsae.train import TrainConfig, train_sae
-
-ZIPF_EXPONENT = 1.1
-ATOMS_PER_LATENT = 4
-NOISE_FRACTION = 0.05
+ZIPF_OFFSET = 10  # atom i is drawn with probability proportional to 1 / (i + ZIPF_OFFSET)
+METHODS = ("modern", "original", "modern-bf16", "sparsify")
+LABELS = {"modern": "qsae modern", "original": "qsae original", "modern-bf16": "qsae modern bf16"}
+HERE = Path(__file__).resolve()
 
 
-def planted_activations(n_rows: int, d_in: int, n_atoms: int, active: int, seed: int) -> np.ndarray:
-    """Rows = sum of `active` power-law-drawn unit atoms with exponential coefficients, plus noise."""
-    rng = np.random.default_rng(seed)
-    atoms = torch.from_numpy(rng.standard_normal((n_atoms, d_in), dtype=np.float32))
-    atoms /= atoms.norm(dim=1, keepdim=True)
-    p = np.arange(1, n_atoms + 1, dtype=np.float64) ** -ZIPF_EXPONENT
-    support = torch.from_numpy(rng.choice(n_atoms, size=(n_rows, active), p=p / p.sum()))
-    coefficients = torch.from_numpy(rng.exponential(1.0, (n_rows, active)).astype(np.float32))
-    rows = F.embedding_bag(support, atoms, per_sample_weights=coefficients, mode="sum")
-    scale = rows.std().item()
-    rows += NOISE_FRACTION * scale * torch.from_numpy(rng.standard_normal(rows.shape, dtype=np.float32))
-    return rows.numpy()
+# ------------------------------------------------------------------------------------------------
+# Data
 
 
-class OriginalReleaseSAE(nn.Module):
-    """The original release's TopKSAE as its model card writes it: dense codes by scatter."""
-
-    def __init__(self, d_in: int, n: int, k: int, seed: int):
-        super().__init__()
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            init = TopKSAE(d_in, n, k)  # the same initial weights as qsae's trainer draws
-        self.k = k
-        self.W_enc = nn.Parameter(init.W_enc.detach().clone())
-        self.b_enc = nn.Parameter(init.b_enc.detach().clone())
-        self.W_dec = nn.Parameter(init.W_dec.detach().clone())
-        self.b_dec = nn.Parameter(init.b_dec.detach().clone())
-
-    def encode(self, x: Tensor) -> Tensor:
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
-        top_v, top_i = pre.topk(self.k, dim=-1)
-        return torch.zeros_like(pre).scatter_(-1, top_i, F.relu(top_v))
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z = self.encode(x)
-        return z @ self.W_dec + self.b_dec, z
+def draw_supports(rng: np.random.Generator, n_rows: int, n_atoms: int, active: int) -> np.ndarray:
+    """[n_rows, active] distinct atom indices per row, drawn one after another with probability
+    proportional to 1 / (i + ZIPF_OFFSET) among the atoms not drawn yet (weighted sampling without
+    replacement): draws with replacement, keeping each row's first `active` distinct ones."""
+    weights = 1.0 / (np.arange(n_atoms) + ZIPF_OFFSET)
+    cdf = np.cumsum(weights / weights.sum())
+    out = np.empty((n_rows, active), dtype=np.int64)
+    todo = np.arange(n_rows)
+    draws = 2 * active
+    while len(todo):
+        d = np.minimum(np.searchsorted(cdf, rng.random((len(todo), draws))), n_atoms - 1)
+        order = np.argsort(d, axis=1, kind="stable")  # equal atoms keep their draw order
+        repeat_sorted = np.take_along_axis(d, order, axis=1)
+        repeat = np.zeros(d.shape, dtype=bool)
+        np.put_along_axis(repeat, order[:, 1:], repeat_sorted[:, 1:] == repeat_sorted[:, :-1], axis=1)
+        keep = ~repeat & (np.cumsum(~repeat, axis=1) <= active)
+        full = keep.sum(axis=1) == active
+        out[todo[full]] = d[full][keep[full]].reshape(-1, active)
+        todo = todo[~full]  # rows with too many repeats draw again
+    return out
 
 
-def epoch_batches(rows: np.ndarray, cfg: TrainConfig, epoch: int):
-    """The batches qsae's trainer draws in this epoch, so every method sees the same ones."""
-    return shuffled_batches(ArraySource(rows), cfg.batch_size, cfg.shuffle_buffer_rows, cfg.seed, epoch)
+def planted_rows(args: argparse.Namespace, n_rows: int, atoms: np.ndarray, rng: np.random.Generator,
+                 noise_std: float | None, chunk: int = 8192) -> tuple[np.ndarray, float]:
+    """Signal rows [n_rows, d_in] (float32) plus noise of per-dimension std noise_std (when given)."""
+    out = np.empty((n_rows, atoms.shape[1]), dtype=np.float32)
+    for start in range(0, n_rows, chunk):
+        size = min(chunk, n_rows - start)
+        support = draw_supports(rng, size, len(atoms), args.active)
+        coef = rng.lognormal(args.coef_mu, args.coef_sigma, (size, args.active)).astype(np.float32)
+        out[start:start + size] = np.einsum("ra,rad->rd", coef, atoms[support], optimize=True)
+    signal_var = float(((out - out.mean(0, dtype=np.float64)) ** 2).sum(dtype=np.float64)) / n_rows
+    if noise_std is None:
+        # noise variance = noise of the total: noise_var = f / (1 - f) x signal variance
+        noise_std = float(np.sqrt(args.noise / (1 - args.noise) * signal_var / atoms.shape[1]))
+    for start in range(0, n_rows, chunk):
+        rows = out[start:start + chunk]
+        rows += noise_std * rng.standard_normal(rows.shape, dtype=np.float32)
+    return out, noise_std
 
 
-def train_original_release(rows: np.ndarray, cfg: TrainConfig, on_epoch) -> OriginalReleaseSAE:
-    sae = OriginalReleaseSAE(rows.shape[1], cfg.n_features, cfg.k, cfg.seed)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4)
-    steps_since_fired = torch.zeros(cfg.n_features, dtype=torch.long)
-    for epoch in range(1, cfg.epochs + 1):
-        for batch in epoch_batches(rows, cfg, epoch):
-            x = torch.from_numpy(batch)
-            x_hat, z = sae(x)
-            loss = F.mse_loss(x_hat, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
-            steps_since_fired = torch.where((z > 0).any(dim=0), 0, steps_since_fired + 1)
-        if epoch % 5 == 0 and epoch < cfg.epochs:
-            revive(sae, optimizer, steps_since_fired >= cfg.dead_after_steps)
-            steps_since_fired[steps_since_fired >= cfg.dead_after_steps] = 0
-        on_epoch()
-    return sae
+def data_files(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(train.npy, held_out.npy) for these settings, generated once."""
+    key = (f"d{args.d_in}_a{args.atoms}_s{args.active}_mu{args.coef_mu}_sd{args.coef_sigma}_"
+           f"noise{args.noise}_r{args.train_rows}_h{args.held_out_rows}_seed{args.seed}")
+    folder = Path(args.data_dir) / key
+    train, held_out = folder / "train.npy", folder / "held_out.npy"
+    if train.exists() and held_out.exists():
+        return train, held_out
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    atoms = rng.standard_normal((args.atoms, args.d_in)).astype(np.float32)
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    rows, noise_std = planted_rows(args, args.train_rows, atoms, rng, None)
+    np.save(folder / "train.tmp.npy", rows)
+    rows, _ = planted_rows(args, args.held_out_rows, atoms, rng, noise_std)
+    np.save(folder / "held_out.tmp.npy", rows)
+    os.replace(folder / "train.tmp.npy", train)
+    os.replace(folder / "held_out.tmp.npy", held_out)
+    print(f"[bench] planted data written to {folder} in {time.perf_counter() - started:.0f} s", flush=True)
+    return train, held_out
 
 
-@torch.no_grad()
-def revive(sae: OriginalReleaseSAE, optimizer: torch.optim.Optimizer, dead: Tensor) -> None:
-    """The card's revival: dead decoder rows become random unit vectors (encoder columns follow)."""
-    idx = dead.nonzero().flatten()
-    fresh = torch.randn(len(idx), sae.W_dec.shape[1])
-    fresh /= fresh.norm(dim=1, keepdim=True)
-    sae.W_dec[idx], sae.W_enc[:, idx], sae.b_enc[idx] = fresh, fresh.T, 0.0
-    for param in (sae.W_dec, sae.W_enc, sae.b_enc):
-        for moment in optimizer.state[param].values():
-            if moment.ndim:
-                moment.index_fill_(1 if param is sae.W_enc else 0, idx, 0.0)
+# ------------------------------------------------------------------------------------------------
+# Held-out quality (runs under either interpreter: numpy and torch only, the SAE's own package lazily)
 
 
-def train_sparsify(sparsify, rows: np.ndarray, cfg: TrainConfig, on_epoch):
-    """sparsify's SparseCoder through the Adam path of its trainer, at a constant learning rate."""
-    torch.manual_seed(cfg.seed)
-    sae = sparsify.SparseCoder(rows.shape[1], sparsify.SparseCoderConfig(num_latents=cfg.n_features, k=cfg.k))
-    optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / math.sqrt(cfg.n_features / 2**14))
-    tokens_since_fired = torch.zeros(cfg.n_features, dtype=torch.long)
-    dead_after_tokens = cfg.dead_after_steps * cfg.batch_size
-    for epoch in range(1, cfg.epochs + 1):
-        for step, batch in enumerate(epoch_batches(rows, cfg, epoch)):
-            x = torch.from_numpy(batch)
-            if epoch == 1 and step == 0:
-                sae.b_dec.data = x.mean(0)
-            out = sae(x, dead_mask=tokens_since_fired >= dead_after_tokens)
-            (out.fvu + out.auxk_loss / 32).backward()
-            sae.remove_gradient_parallel_to_decoder_directions()
-            optimizer.step()
-            optimizer.zero_grad()
-            sae.set_decoder_norm_to_unit_norm()
-            fired = torch.zeros(cfg.n_features, dtype=torch.bool)
-            fired[out.latent_indices.flatten()] = True
-            tokens_since_fired += len(x)
-            tokens_since_fired[fired] = 0
-        on_epoch()
-    return sae
+def held_out_metrics(reconstruct, held_out: np.ndarray, n_features: int, chunk: int = 8192) -> dict:
+    """reconstruct(x) -> (x_hat, latent indices [B, k], latent values [B, k]); pooled FVU, L0, dead."""
+    import torch
+
+    sq_error, active = 0.0, 0
+    fired = torch.zeros(n_features, dtype=torch.bool)
+    x_all = torch.from_numpy(np.ascontiguousarray(held_out, dtype=np.float32))
+    with torch.no_grad():
+        for start in range(0, len(x_all), chunk):
+            x = x_all[start:start + chunk]
+            x_hat, indices, values = reconstruct(x)
+            sq_error += (x - x_hat.float()).double().pow(2).sum().item()
+            positive = values > 0
+            active += int(positive.sum())
+            fired[indices[positive]] = True
+    x64 = x_all.double()
+    total = (x64 - x64.mean(0)).pow(2).sum().item()
+    return {"fvu": sq_error / total, "l0": active / len(x_all), "dead": 1.0 - fired.float().mean().item()}
 
 
-@torch.no_grad()
-def held_out_metrics(reconstruct, held_out: Tensor, n_features: int) -> dict:
-    """reconstruct(x) -> (x_hat, latent indices [B, k], latent values [B, k])."""
-    sq_error, fired, active = 0.0, torch.zeros(n_features, dtype=torch.bool), 0
-    for start in range(0, len(held_out), 4096):
-        x = held_out[start:start + 4096]
-        x_hat, indices, values = reconstruct(x)
-        sq_error += (x - x_hat).pow(2).sum().item()
-        positive = values > 0
-        active += positive.sum().item()
-        fired[indices[positive]] = True
-    total = (held_out - held_out.mean(0)).pow(2).sum().item()
-    return {"fvu": sq_error / total, "l0": active / len(held_out), "dead": 1.0 - fired.float().mean().item()}
+def evaluate(kind: str, sae_path: str, held_out_path: str) -> dict:
+    held_out = np.load(held_out_path)
+    if kind == "qsae":
+        from qsae.sae import TopKSAE
 
+        sae = TopKSAE.load(sae_path)
 
-def qsae_reconstruct(sae: TopKSAE):
-    def run(x):
-        values, indices = sae.encode_topk(x)
-        return sae.decode_topk(values, indices), indices, values
-    return run
+        def reconstruct(x):
+            values, indices = sae.encode_topk(x)
+            return sae.decode_topk(values, indices), indices, values
 
+        return held_out_metrics(reconstruct, held_out, sae.n_features)
+    from sparsify import SparseCoder
 
-def release_reconstruct(sae: OriginalReleaseSAE):
-    def run(x):
-        x_hat, z = sae(x)
-        values, indices = z.topk(sae.k, dim=-1)
-        return x_hat, indices, values
-    return run
+    sae = SparseCoder.load_from_disk(sae_path)
 
-
-def sparsify_reconstruct(sae):
-    def run(x):
+    def reconstruct(x):
         out = sae(x)
         return out.sae_out, out.latent_indices, out.latent_acts
-    return run
+
+    return held_out_metrics(reconstruct, held_out, sae.num_latents)
 
 
-def timed(run) -> tuple:
-    """Run one method; returns (its reconstruct function, total seconds, fastest epoch's seconds).
-    Epochs after the first exclude set-up; the fastest is the least disturbed by other load."""
-    marks = [time.perf_counter()]
-    reconstruct = run(lambda: marks.append(time.perf_counter()))
-    return reconstruct, marks[-1] - marks[0], float(np.diff(marks).min())
+# ------------------------------------------------------------------------------------------------
+# sparsify's own trainer, fed by a stand-in model (runs in the --sparsify-python process)
 
 
-def main() -> None:
+def sparsify_train(train_path: str, out: str, n_features: int, k: int, epochs: int, batch_size: int,
+                   seed: int) -> None:
+    import torch
+    from sparsify import SaeConfig, Trainer, TrainConfig
+    from torch import nn
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    rows = torch.from_numpy(np.load(train_path))  # the trainer reads them through the model: in memory
+
+    class RowsConfig(PretrainedConfig):
+        model_type = "bench_rows"
+
+    class RowsModel(PreTrainedModel):
+        """One identity layer over the rows its input ids index: sparsify hooks that layer's output."""
+        config_class = RowsConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.register_buffer("rows", rows, persistent=False)
+            self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)  # model.device reads a parameter
+            self.layers = nn.ModuleList([nn.Identity()])
+
+        def forward(self, input_ids, **_):
+            hidden = nn.functional.embedding(input_ids, self.rows)
+            for layer in self.layers:
+                hidden = layer(hidden)
+            return hidden
+
+    class Sequences(torch.utils.data.Dataset):
+        """Each epoch: a seeded permutation of the rows cut into 'sequences' of batch_size rows."""
+
+        def __init__(self):
+            n = len(rows)
+            self.per_epoch = -(-n // batch_size)
+            self.orders = [torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
+                           for epoch in range(1, epochs + 1)]
+
+        def __len__(self):
+            return epochs * self.per_epoch
+
+        def __getitem__(self, i):
+            epoch, j = divmod(i, self.per_epoch)
+            return {"input_ids": self.orders[epoch][j * batch_size:(j + 1) * batch_size]}
+
+    model = RowsModel(RowsConfig(num_hidden_layers=1))
+    cfg = TrainConfig(SaeConfig(num_latents=n_features, k=k), batch_size=1, layers=[0], init_seeds=[seed],
+                      log_to_wandb=False, save_dir=out, run_name="run")
+    Trainer(cfg, Sequences(), model).fit()
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+
+
+def can_import_sparsify(python: str) -> str | None:
+    """sparsify's version under that interpreter, or None."""
+    probe = "import importlib.metadata, sparsify; print(importlib.metadata.version('eai-sparsify'))"
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
+
+
+def command(method: str, args: argparse.Namespace, train: Path, out: Path) -> list[str]:
+    if method == "sparsify":
+        return [args.sparsify_python, str(HERE), "_sparsify-train", str(train), str(out), str(args.n_features),
+                str(args.k), str(args.epochs), str(args.batch_size), str(args.seed)]
+    cmd = [sys.executable, "-m", "qsae.cli", "train", "--activations", str(train), "--layer", "0",
+           "--n-features", str(args.n_features), "--k", str(args.k), "--epochs", str(args.epochs),
+           "--batch-size", str(args.batch_size), "--out", str(out)]
+    if method == "original":
+        cmd += ["--recipe", "original"]
+    if method == "modern-bf16":
+        cmd += ["--autocast-bf16"]
+    return cmd + list(args.qsae_arg)
+
+
+def run_once(method: str, args: argparse.Namespace, train: Path, held_out: Path, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    with open(log, "w") as sink:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        done = subprocess.run(command(method, args, train, out), stdout=sink, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    if done.returncode != 0:
+        raise RuntimeError(f"{method} failed (exit {done.returncode}); see {log}:\n{log.read_text()[-2000:]}")
+    if method == "sparsify":
+        probe = [args.sparsify_python, str(HERE), "_evaluate", "sparsify", str(out / "run" / "layers.0"), str(held_out)]
+    else:
+        probe = [sys.executable, str(HERE), "_evaluate", "qsae",
+                 str(out / f"sae_L0_n{args.n_features}_k{args.k}.safetensors"), str(held_out)]
+    quality = subprocess.run(probe, capture_output=True, text=True, check=True)
+    return {"method": method, "seconds": seconds, "cpu_seconds": cpu, **json.loads(quality.stdout.strip().splitlines()[-1])}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d-in", type=int, default=512)
-    parser.add_argument("--n-features", type=int, default=4096)
+    parser.add_argument("--atoms", type=int, default=2048, help="planted dictionary size")
+    parser.add_argument("--active", type=int, default=16, help="distinct atoms per row")
+    parser.add_argument("--coef-mu", type=float, default=0.0, help="log-normal coefficients: mean of the log")
+    parser.add_argument("--coef-sigma", type=float, default=0.5, help="log-normal coefficients: std of the log")
+    parser.add_argument("--noise", type=float, default=0.02, help="noise variance as a fraction of the rows' total")
+    parser.add_argument("--train-rows", type=int, default=500_000)
+    parser.add_argument("--held-out-rows", type=int, default=50_000)
+    parser.add_argument("--n-features", type=int, default=2048)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--active", type=int, default=32, help="planted atoms per row")
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--train-rows", type=int, default=32_768)
-    parser.add_argument("--held-out-rows", type=int, default=16_384)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--dead-after-steps", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data and every trainer")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all methods; seconds are medians")
+    parser.add_argument("--methods", default="modern,original,sparsify",
+                        help=f"comma-separated, run in this order each round, from {', '.join(METHODS)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small size for trying things: 65,536 train rows, 16,384 held out")
+    parser.add_argument("--sparsify-python", default=sys.executable,
+                        help="interpreter that can import sparsify (e.g. a separate venv's python)")
+    parser.add_argument("--qsae-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for every `qsae train` (repeatable, e.g. --qsae-arg=--lr=1e-3)")
+    parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "qsae-bench-train"))
+    parser.add_argument("--json", help="also write every run's numbers here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train_rows, args.held_out_rows = 65_536, 16_384
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    return args
 
-    rows = planted_activations(args.train_rows + args.held_out_rows, args.d_in,
-                               ATOMS_PER_LATENT * args.n_features, args.active, args.seed)
-    train, held_out = rows[:args.train_rows], torch.from_numpy(rows[args.train_rows:])
-    base = dict(n_features=args.n_features, k=args.k, epochs=args.epochs, batch_size=args.batch_size,
-                dead_after_steps=args.dead_after_steps, seed=args.seed)
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    train, held_out = data_files(args)
+    labels = dict(LABELS)
+    if "sparsify" in args.methods:
+        version = can_import_sparsify(args.sparsify_python)
+        if version is None:
+            print(f"sparsify is not importable by {args.sparsify_python}: its row is skipped", flush=True)
+            args.methods.remove("sparsify")
+        labels["sparsify"] = f"sparsify {version}"
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+        for round_ in range(args.repeats):
+            for method in args.methods:
+                result = run_once(method, args, train, held_out, Path(scratch) / f"{method}-{round_}")
+                runs.append({"round": round_, **result})
+                print(f"[bench] round {round_ + 1}/{args.repeats} {labels[method]}: {result['seconds']:.1f} s, "
+                      f"held-out FVU {result['fvu']:.4f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+
     tokens = args.train_rows * args.epochs
-
-    # Each run calls on_epoch() after every epoch; see timed().
-    runs = [("original release", lambda on_epoch: release_reconstruct(
-        train_original_release(train, TrainConfig(recipe="original", **base), on_epoch)))]
-    for name, recipe, bf16 in (("qsae original", "original", False), ("qsae modern", "modern", False),
-                               ("qsae modern bf16", "modern", True)):
-        cfg = TrainConfig(recipe=recipe, autocast_bf16=bf16, **base)
-        runs.append((name, lambda on_epoch, cfg=cfg: qsae_reconstruct(
-            train_sae(train, cfg, on_step=lambda p: p.epoch_done and on_epoch())[0])))
-    try:
-        import sparsify
-    except ImportError:
-        print("sparsify is not importable here: its row is skipped")
-    else:
-        runs.append((f"sparsify {importlib.metadata.version('eai-sparsify')}",
-                     lambda on_epoch: sparsify_reconstruct(train_sparsify(sparsify, train, TrainConfig(**base),
-                                                                          on_epoch))))
-
-    results = []
-    for name, run in runs:
-        reconstruct, seconds, best_epoch = timed(run)
-        results.append((name, seconds, best_epoch, held_out_metrics(reconstruct, held_out, args.n_features)))
-
-    print(f"planted dictionary: d_in {args.d_in}, {ATOMS_PER_LATENT * args.n_features} atoms, {args.active} per "
-          f"row; SAE n {args.n_features}, k {args.k}, batch {args.batch_size}; {args.train_rows} train rows x "
-          f"{args.epochs} epochs = {tokens} tokens; dead after {args.dead_after_steps} steps; "
-          f"{args.held_out_rows} held-out rows; {args.threads} CPU threads")
-    print("held-out FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2; dead = fires on no held-out row; "
-          "tokens/s over the fastest epoch (the CPU is shared), seconds = the whole training call")
-    base_rate = args.train_rows / results[0][2]
-    print(f"{'method':<18} {'seconds':>8} {'tokens/s':>9} {'FVU':>7} {'L0':>6} {'dead %':>7} {'vs release':>10}")
-    for name, seconds, best_epoch, m in results:
-        rate = args.train_rows / best_epoch
-        print(f"{name:<18} {seconds:>8.1f} {rate:>9.0f} {m['fvu']:>7.4f} {m['l0']:>6.1f} "
-              f"{100 * m['dead']:>7.1f} {rate / base_rate:>9.2f}x")
+    seconds = {m: statistics.median(r["seconds"] for r in runs if r["method"] == m) for m in args.methods}
+    cpu = {m: statistics.median(r["cpu_seconds"] for r in runs if r["method"] == m) for m in args.methods}
+    first = {m: next(r for r in runs if r["method"] == m) for m in args.methods}
+    print(f"\nplanted dictionary: d_in {args.d_in}, {args.atoms} atoms (p_i ~ 1/(i+{ZIPF_OFFSET})), {args.active} "
+          f"per row, log-normal coefficients (mu {args.coef_mu}, sigma {args.coef_sigma}), noise "
+          f"{100 * args.noise:g}% of the variance; {args.train_rows} train rows x {args.epochs} epochs = {tokens} "
+          f"tokens, {args.held_out_rows} held-out rows; SAE n {args.n_features}, k {args.k}, batch "
+          f"{args.batch_size}; {os.cpu_count()} CPUs; seconds = whole process, median of {args.repeats}")
+    print(f"{'method':<20} {'seconds':>8} {'tokens/s':>9} {'FVU':>7} {'L0':>6} {'dead %':>7} {'/ original':>10} "
+          f"{'CPU s':>8} {'CPU / orig':>10}")
+    for method in args.methods:
+        m = first[method]
+        ratio, cpu_ratio = (f"{seconds[method] / seconds['original']:>10.3f}", f"{cpu[method] / cpu['original']:>10.3f}") \
+            if "original" in seconds else (f"{'-':>10}", f"{'-':>10}")
+        print(f"{labels[method]:<20} {seconds[method]:>8.1f} {tokens / seconds[method]:>9.0f} {m['fvu']:>7.4f} "
+              f"{m['l0']:>6.1f} {100 * m['dead']:>7.1f} {ratio} {cpu[method]:>8.1f} {cpu_ratio}")
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "_evaluate":
+        print(json.dumps(evaluate(*sys.argv[2:5])))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_sparsify-train":
+        a = sys.argv[2:]
+        sparsify_train(a[0], a[1], *map(int, a[2:7]))
+    else:
+        main()

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from sklearn.metrics import roc_auc_score
 
 from qsae.analysis.fidelity import variance_explained
-from qsae.models import model_dims
+from qsae.models import model_dims, resolve_model_path
 from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.store import read_layer_table, read_manifest
 from qsae.train import load_trained, save_trained
@@ -286,9 +286,10 @@ def test_batchtopk_runs_end_to_end(batchtopk_release, release):
     assert "Sae.load_from_disk" not in card and "no sparsify copy" in card
 
 
-def test_every_decoder_layer_in_one_pass_trained_over_the_resources_given(tiny_path, tmp_path):
-    n_layers = model_dims(tiny_path)[0]
-    done = run_driver("--out", str(tmp_path), "capture.layers=all", "rollout.num_questions=8",
+def test_every_decoder_layer_in_one_pass_trained_over_the_resources_given(tmp_path):
+    # The tiny dense model: half the hybrid's layers, so half the trainers to start on two cores.
+    n_layers = model_dims(resolve_model_path("tiny-dense"))[0]
+    done = run_driver("--out", str(tmp_path), "model.name=tiny-dense", "capture.layers=all", "rollout.num_questions=8",
                       "rollout.max_new_tokens=24", "train.epochs=2", "train.n_features=32", "train.k=4",
                       "train.holdout_fraction=0.25", "release.bootstrap=20", "release.permutations=50")
     assert done.returncode == 0, done.stderr[-3000:]

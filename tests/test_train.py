@@ -260,8 +260,8 @@ def test_recipe_defaults():
     assert TrainConfig().architecture == "topk"
     original, modern = TrainConfig(recipe="original"), TrainConfig(recipe="modern", n_features=4096)
     assert original.learning_rate() == 3e-4
-    assert modern.learning_rate() == pytest.approx(2e-4 / math.sqrt(4096 / 2**14))
-    assert TrainConfig(recipe="modern", n_features=2**14).learning_rate() == pytest.approx(2e-4)
+    assert modern.learning_rate() == pytest.approx(2e-3 / math.sqrt(4096 / 2048))
+    assert TrainConfig(recipe="modern", n_features=2048).learning_rate() == pytest.approx(2e-3)
     assert TrainConfig(recipe="modern", lr=1e-3).learning_rate() == 1e-3
     assert (original.revival_period(), modern.revival_period()) == (5, 0)
     assert TrainConfig(recipe="modern", revive_every_epochs=2).revival_period() == 2
