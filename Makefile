@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # cpu: vLLM's CPU build (pins torch 2.13.0+cpu, so pip keeps the torch above); gpu: vLLM for CUDA.
 EXTRAS ?= test,cpu
 
-.PHONY: install release test test-interop clean
+.PHONY: install release test test-interop browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,14 @@ install: $(VENV)/.installed
 release: install
 	$(PY) jobs/release.py $(ARGS)
 
-test: install
+test: install browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Headless Chromium (Debian's package) for the feature browser's tests; they skip without it outside CI.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "could not install chromium (needs root and apt): the browser tests will be skipped"
 
 # SAELens and sparsify pin newer transformers than qsae allows, so they get a venv of their own;
 # the tests there load the release formats with each library and compare its codes with qsae's.

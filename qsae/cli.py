@@ -50,7 +50,7 @@ def cmd_capture(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from qsae.distributed import fidelity_in_ray
+    from qsae.distributed import model_side_in_ray
     from qsae.models import expand_layers, load_tokenizer, model_dims, resolve_model_path
     from qsae.pipeline import connect_ray
     from qsae.release import build_release
@@ -68,7 +68,7 @@ def cmd_analyze(args) -> int:
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     connect_ray(cfg.ray_address)
     release_dir = build_release(cfg, run_dir, trained, tokenizer, {},
-                                fidelity_of=fidelity_in_ray(cfg, model_path, trained))
+                                model_side_of=model_side_in_ray(cfg, model_path, trained))
     print(f"[qsae] release written to {release_dir}")
     return 0
 

@@ -80,7 +80,8 @@ class TrainStageConfig(TrainConfig):
 class ReleaseConfig:
     export_activations: bool = True  # write activations.safetensors (the training sample); off for large runs
     top_contexts: int = 10  # top-activating tokens kept per live feature
-    context_tokens: int = 12  # tokens of left context shown with each
+    quantile_examples: int = 5  # tokens shown from each of a feature's 5 activation quantile bins
+    context_tokens: int = 12  # tokens of context shown either side of each
     bootstrap: int = 200  # bootstrap resamples for confidence intervals (over questions)
     permutations: int = 1000  # label permutations for the rollout-level p-values and chance band
     unscored_rollouts: str = "exclude"  # truncated / unparsable rollouts: "exclude" from correctness statistics, or count as "wrong"
@@ -118,9 +119,11 @@ class PipelineConfig:
             raise ConfigError(f"release.unscored_rollouts must be exclude or wrong, got {self.release.unscored_rollouts!r}")
         if self.capture.max_norm_multiple < 0 or 0 < self.capture.max_norm_multiple <= 1:
             raise ConfigError(f"capture.max_norm_multiple must be 0 (off) or above 1, got {self.capture.max_norm_multiple:g}")
-        for name in ("bootstrap", "permutations"):
+        for name in ("bootstrap", "permutations", "top_contexts", "quantile_examples"):
             if getattr(self.release, name) < 1:
                 raise ConfigError(f"release.{name} must be >= 1")
+        if self.release.context_tokens < 0:
+            raise ConfigError(f"release.context_tokens must be >= 0, got {self.release.context_tokens}")
         if self.release.fidelity_rollouts is not None and self.release.fidelity_rollouts < 1:
             raise ConfigError("release.fidelity_rollouts must be >= 1 (or unset for all held-out rollouts)")
         if not 0 < self.train.holdout_fraction < 1:

@@ -377,27 +377,34 @@ def train_layers(cfg: PipelineConfig, run_dir: Path) -> dict[int, tuple]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fidelity in the model's loss: the model once more, with each layer's SAE spliced in, in a task placed
-# like a capture replica (on a cluster the driver's node may have no GPU, or too little memory).
+# What needs the model itself after training: the fidelity in its loss, with each layer's SAE spliced
+# in, and the tokens each decoder direction promotes. In a task placed like a capture replica (on a
+# cluster the driver's node may have no GPU, or too little memory), the model loaded once for both.
 
 
-def layer_fidelity_task(model_path: str, cfg: PipelineConfig, saes: dict[int, TopKSAE],
-                        means: dict[int, np.ndarray], rollouts: list) -> dict[int, dict]:
+def model_side_task(model_path: str, cfg: PipelineConfig, saes: dict[int, TopKSAE], means: dict[int, np.ndarray],
+                    rollouts: list) -> tuple[dict[int, dict] | None, dict[int, dict]]:
+    """(fidelity per layer, None without rollouts to run it on; decoder logit tables per layer)."""
+    from qsae.analysis.feature_data import decoder_logits
     from qsae.analysis.model_loss import fidelity_of_layers
     from qsae.models import load_model
 
     torch.set_num_threads(max(1, int(cfg.capture.cpus_per_actor)))
     model, _ = load_model(model_path, cfg.model.revision, cfg.model.dtype, cfg.model.device)
-    return fidelity_of_layers(model, saes, means, rollouts, n_boot=cfg.release.bootstrap, seed=cfg.train.split_seed)
+    logits = decoder_logits(model, {layer: sae.W_dec for layer, sae in saes.items()})
+    if not rollouts:
+        return None, logits
+    return fidelity_of_layers(model, saes, means, rollouts, n_boot=cfg.release.bootstrap,
+                              seed=cfg.train.split_seed), logits
 
 
-def fidelity_in_ray(cfg: PipelineConfig, model_path: str, trained: dict[int, tuple]):
-    """The release's fidelity_of: runs layer_fidelity_task on the cluster, with a replica's resources."""
-    task = ray.remote(layer_fidelity_task).options(num_cpus=cfg.capture.cpus_per_actor,
-                                                   num_gpus=cfg.capture.gpus_per_actor)
+def model_side_in_ray(cfg: PipelineConfig, model_path: str, trained: dict[int, tuple]):
+    """The release's model_side_of: runs model_side_task on the cluster, with a replica's resources."""
+    task = ray.remote(model_side_task).options(num_cpus=cfg.capture.cpus_per_actor,
+                                               num_gpus=cfg.capture.gpus_per_actor)
 
-    def fidelity_of(rollouts: list, means: dict[int, np.ndarray]) -> dict[int, dict]:
+    def model_side_of(rollouts: list, means: dict[int, np.ndarray]) -> tuple[dict | None, dict]:
         saes = {layer: sae for layer, (sae, _) in trained.items()}
         return ray.get(task.remote(model_path, cfg, saes, means, rollouts))
 
-    return fidelity_of
+    return model_side_of

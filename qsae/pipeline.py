@@ -72,7 +72,7 @@ def connect_ray(address: str | None) -> None:
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage; returns the release directory."""
-    from qsae.distributed import fidelity_in_ray, run_capture, train_layers
+    from qsae.distributed import model_side_in_ray, run_capture, train_layers
     from qsae.models import load_tokenizer
     from qsae.release import build_release
 
@@ -89,5 +89,5 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         trained = train_layers(cfg, run_dir)
     with stage("analyze, fidelity in the model's loss, release", timings):
         release_dir = build_release(cfg, run_dir, trained, load_tokenizer(model_path, cfg.model.revision), timings,
-                                    fidelity_of=fidelity_in_ray(cfg, model_path, trained))
+                                    model_side_of=model_side_in_ray(cfg, model_path, trained))
     return release_dir

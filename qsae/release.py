@@ -8,6 +8,7 @@ leaves a half-written release where a good one is expected.
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -19,9 +20,11 @@ from safetensors.numpy import save_file
 
 import qsae
 from qsae.analysis import card, charts
+from qsae.analysis.feature_data import LayerFeatures, TokenTable, layer_features
 from qsae.analysis.features import HEALTHY_RANGE
 from qsae.analysis.layer import SampleRows, analyze_layer, encode_sample, rollout_labels, sample_rows_of
 from qsae.analysis.model_loss import FIDELITY_DEFINITION, RolloutTokens
+from qsae.browser import BLOCK_SIZE, write_assets, write_data, write_layer
 from qsae.config import PipelineConfig
 from qsae.questions import OUTCOMES
 from qsae.rollout import Rollout, read_rollouts
@@ -30,19 +33,9 @@ from qsae.sample import RowRules, RowSelection, SplitMismatchError, check_same_s
 from qsae.store import StoreSource, read_manifest
 
 VE_FORMULA = "1 - sum_rows ||x - x_hat||^2 / sum_rows ||x - mean(x)||^2 (pooled over held-out rows, float64)"
-# (held-out rollouts with their splice positions, {layer: training mean}) -> {layer: fidelity entry}
-FidelityFn = Callable[[list[RolloutTokens], dict[int, np.ndarray]], dict[int, dict]]
-
-
-def token_context(rollouts: dict[int, Rollout], tokenizer, width: int):
-    """(rollout_id, position) -> (left context text, token text)."""
-
-    def context(rollout_id: int, position: int) -> tuple[str, str]:
-        r = rollouts[rollout_id]
-        ids = r.prompt_token_ids + r.response_token_ids
-        return tokenizer.decode(ids[max(0, position - width) : position]), tokenizer.decode([ids[position]])
-
-    return context
+# (held-out rollouts with their splice positions, {layer: training mean}) ->
+# ({layer: fidelity entry} or None without rollouts, {layer: decoder logit tables}): what needs the model
+ModelSideFn = Callable[[list[RolloutTokens], dict[int, np.ndarray]], tuple[dict[int, dict] | None, dict[int, dict]]]
 
 
 def fidelity_rollouts(selection: RowSelection, rollouts: dict[int, Rollout], limit: int | None,
@@ -70,10 +63,11 @@ def prepare_selection(cfg: PipelineConfig, run_dir: Path, rollouts: dict[int, Ro
 
 def build_release(
     cfg: PipelineConfig, run_dir: Path, trained: dict[int, tuple[TopKSAE, dict]], tokenizer, timings: dict,
-    fidelity_of: FidelityFn | None = None,
+    model_side_of: ModelSideFn | None = None,
 ) -> Path:
-    """Write <run>/release atomically (staged, then renamed); returns its path. `fidelity_of` computes
-    the fidelity in the model's loss (None: not computed, and the card says so)."""
+    """Write <run>/release atomically (staged, then renamed); returns its path. `model_side_of`
+    computes the fidelity in the model's loss and the decoder logit tables (None: neither, and the
+    card and the browser say so)."""
     store_dir = run_dir / "activations"
     manifest = read_manifest(store_dir)
     for layer in cfg.capture.layers:  # before any work: e.g. the store was captured again from another model
@@ -83,23 +77,28 @@ def build_release(
     rollouts = {r.rollout_id: r for r in read_rollouts(run_dir / "rollouts.parquet")}
     selection = prepare_selection(cfg, run_dir, rollouts)
     rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, cfg.release.unscored_rollouts))
-    context_of = token_context(rollouts, tokenizer, cfg.release.context_tokens)
+    tokens = TokenTable({r: x.prompt_token_ids + x.response_token_ids for r, x in rollouts.items()})
     final = run_dir / "release"
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".release-"))
     try:
-        results, exported, files = {}, {}, []
+        results, exported, files, features = {}, {}, [], {}
         for layer in cfg.capture.layers:
             sae, history = trained[layer]
             sample = encode_sample(sae, StoreSource(store_dir, layer, selection.rows), selection,
                                    keep_residuals=cfg.release.export_activations)
-            results[layer] = analyze_layer(layer, sae, sample, rows, history, rollouts, cfg, context_of)
+            results[layer] = analyze_layer(layer, sae, sample, rows, history, rollouts, cfg)
+            features[layer] = layer_features(
+                sae.W_dec.detach(), sample.values, sample.indices, selection.rollout_id, sample.position, tokens,
+                top=cfg.release.top_contexts, width=cfg.release.context_tokens,
+                per_bin=cfg.release.quantile_examples, seed=cfg.train.split_seed)
             exported[layer] = sample.residuals
             del sample  # its codes and held-out residuals: one layer's at a time
             files += [p.relative_to(staging).as_posix() for p in sae.save_release(staging, layer, hook_name(layer)).values()]
-        fidelity = None
-        tokens = fidelity_rollouts(selection, rollouts, cfg.release.fidelity_rollouts, cfg.train.split_seed)
-        if fidelity_of is not None and tokens:  # else the card says it was not computed
-            fidelity = fidelity_of(tokens, {layer: r["train_mean"] for layer, r in results.items()})
+        fidelity, logits = None, None
+        if model_side_of is not None:  # else the card and the browser say what was not computed
+            fidelity, logits = model_side_of(
+                fidelity_rollouts(selection, rollouts, cfg.release.fidelity_rollouts, cfg.train.split_seed),
+                {layer: r["train_mean"] for layer, r in results.items()})
         files += write_data_files(staging, cfg, results, rows, exported, fidelity, run_dir)
         chart_files = write_charts(staging, cfg, results, trained)
         write_json(staging / "final_summary.json", {
@@ -112,6 +111,9 @@ def build_release(
         })
         files.append("final_summary.json")
         info = card_info(cfg, manifest, rollouts, results, selection, fidelity, files, chart_files, timings)
+        files += write_feature_pages(staging, info, results, features, logits, token_texts(tokenizer),
+                                     {r: x.outcome for r, x in rollouts.items()})
+        info["files"] = files + ["README.md"]
         (staging / "README.md").write_text(card.render_model_card(info))
         if final.exists():
             shutil.rmtree(final)
@@ -132,8 +134,8 @@ def outcome_counts(rollouts: dict[int, Rollout], unscored: str) -> dict:
 
 def write_data_files(staging: Path, cfg: PipelineConfig, results: dict, rows: SampleRows, exported: dict,
                      fidelity: dict | None, run_dir: Path) -> list[str]:
-    """labels.npy, split.json, the activations and rollout features, feature_stats.json,
-    feature_characterization.json and fidelity.json; returns their names."""
+    """labels.npy, split.json, the activations and rollout features, feature_stats.json and
+    fidelity.json; returns their names."""
     np.save(staging / "labels.npy", rows.label)
     shutil.copyfile(run_dir / "saes" / "split.json", staging / "split.json")
     names = ["labels.npy", "split.json"]
@@ -155,14 +157,71 @@ def write_data_files(staging: Path, cfg: PipelineConfig, results: dict, rows: Sa
         "healthy_range": list(HEALTHY_RANGE),
         "layers": {str(layer): r["stats"] for layer, r in results.items()},
     })
-    write_json(staging / "feature_characterization.json",
-               {"layers": {str(layer): r["contexts"] for layer, r in results.items()}})
-    names += ["feature_stats.json", "feature_characterization.json"]
+    names.append("feature_stats.json")
     if fidelity is not None:
         write_json(staging / "fidelity.json", {"definition": FIDELITY_DEFINITION,
                                                "layers": {str(layer): entry for layer, entry in fidelity.items()}})
         names.append("fidelity.json")
     return names
+
+
+def token_texts(tokenizer) -> Callable[[int], str]:
+    """The text of one token id, decoded once per id."""
+    return functools.lru_cache(maxsize=None)(lambda token_id: tokenizer.decode([token_id]))
+
+
+def write_feature_pages(staging: Path, info: dict, results: dict, features: dict[int, LayerFeatures],
+                        logits: dict | None, token_text: Callable[[int], str], outcome_of: dict[int, str]) -> list[str]:
+    """browser/ (qsae.browser) and feature_characterization.json (every live feature's top contexts),
+    one layer's feature pages in memory at a time; returns the files' names."""
+    out = staging / "browser"
+    charts = write_assets(out, [staging / name for name in info["charts"]])
+    top_contexts = {}
+    for layer, data in features.items():
+        stats = results[layer]["stats"]
+        records = [data.record(int(f), stats, token_text, outcome_of.__getitem__,
+                               None if logits is None else logits[layer]) for f in data.live]
+        write_layer(out, layer, len(data.fire_count), records)
+        top_contexts[str(layer)] = {str(r["feature"]): r["top"] for r in records}
+    write_data(out, "release", browser_front_page(info, results, charts))
+    write_json(staging / "feature_characterization.json", {
+        "contexts": "per layer, per live feature: its top-activating tokens (descending), each with `tokens`, the "
+                    "text of the tokens around it, `acts`, the feature's activation at each (0 where it did not "
+                    "fire or the token is not in the sample), and `at`, the index of the token itself",
+        "layers": top_contexts})
+    return ["feature_characterization.json",
+            *sorted(p.relative_to(staging).as_posix() for p in out.rglob("*") if p.is_file())]
+
+
+def browser_front_page(info: dict, results: dict, charts: list[str]) -> dict:
+    """data/release.js: the card's key numbers and each layer's headline statistics."""
+    outcomes = info["outcomes"]
+    scored = outcomes["correct"] + outcomes["wrong"]
+    key_numbers = [
+        ("Model", f"{info['model_id']}" + (f" @ {info['model_revision']}" if info["model_revision"] else "")),
+        ("SAE", f"{info['architecture']}, {info['n_features']} features, k = {info['k']}, d_model {info['d_model']}"),
+        ("Hook", info["hook"]),
+        ("Layers", ", ".join(str(layer) for layer in info["layers"])),
+        ("Rollouts", f"{outcomes['n']} ({outcomes['correct']} correct of {scored} scored)"),
+        ("Sampled tokens per layer", f"{info['tokens']['per_layer_train']} training, "
+                                     f"{info['tokens']['per_layer_heldout']} held out"),
+        ("Recipe", f"{info['recipe']['recipe']}, lr {info['recipe']['lr']:.3g}, {info['recipe']['epochs']} epochs"),
+    ]
+    per_layer = {}
+    for layer, r in results.items():
+        summary, level = r["summary"], r["summary"]["rollout_level"]
+        per_layer[str(layer)] = {
+            "variance_explained": summary["variance_explained"], "ve_ci": summary["ve_ci"], "l0": summary["l0"],
+            "live": info["n_features"] - summary["dead"], "dead": summary["dead"], "n_features": info["n_features"],
+            "rollout_max_abs_auroc": level["max_abs_auroc"], "n_q_below_0_05": level["n_q_below_0_05"]}
+    return {"title": f"{card.ARCHITECTURE_NAMES[info['architecture']]} sparse autoencoders for {info['model_id']}", "model_id": info["model_id"],
+            "model_revision": info["model_revision"], "architecture": info["architecture"],
+            "n_features": info["n_features"], "k": info["k"], "d_model": info["d_model"], "hook": info["hook"],
+            "layers": list(info["layers"]),
+            "key_numbers": [{"label": label, "value": value} for label, value in key_numbers],
+            "per_layer": per_layer,
+            "charts": [{"file": c, "title": Path(c).stem.replace("_", " ")} for c in charts],
+            "block_size": BLOCK_SIZE}
 
 
 def hook_name(layer: int) -> str:

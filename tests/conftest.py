@@ -31,3 +31,13 @@ def local_ray():
              runtime_env=LOCAL_RUNTIME_ENV)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """A headless Chromium (tests/browser.py); skipped where none is installed, except in CI."""
+    from browser import Browser, skip_unless_chromium
+
+    skip_unless_chromium()
+    with Browser() as browser:
+        yield browser

@@ -1,4 +1,4 @@
-"""Analysis stage: fidelity, feature statistics, contexts, charts and the model card."""
+"""Analysis stage: fidelity, feature statistics, feature data, charts and the model card."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +16,7 @@ from planted import planted_rows
 
 from qsae.analysis import charts
 from qsae.analysis.card import render_model_card
-from qsae.analysis.contexts import describe_contexts, top_activating_rows
+from qsae.analysis.feature_data import FeatureStream, TokenTable, keep_best, layer_features, logit_tables, final_norm_gain
 from qsae.analysis.features import (
     HEALTHY_RANGE,
     UndefinedAUROCError,
@@ -249,32 +249,85 @@ def test_repeated_id_is_allowed_when_not_firing():
     np.testing.assert_array_equal(counts, [0, 1, 1, 0])
 
 
-# contexts
+# feature data
 
 
-def test_top_activating_rows_matches_brute_force():
-    n_features = 30
-    indices, values = random_codes(3, n_rows=250, n_features=n_features, k=4, n_silent=3)
+def test_keep_best_keeps_each_features_largest_scores():
+    rng = np.random.default_rng(0)
+    feature, score, row = rng.integers(0, 7, 300), rng.integers(0, 5, 300).astype(float), rng.permutation(300)
+    kept = keep_best(feature, score, row, 4)
+    for f in range(7):
+        mine = np.flatnonzero(feature == f)
+        expected = sorted(mine, key=lambda i: (-score[i], row[i]))[:4]
+        assert [i for i in kept if feature[i] == f] == expected
+
+
+def test_feature_stream_state_does_not_grow_with_the_rows():
+    """Bounded memory: after 2 and after 20 chunks the kept entries and counts are the same size."""
+    stream, sizes = FeatureStream(n_features=64, top=5, reservoir=20, seed=0), []
+    for chunk in range(20):
+        indices, values = random_codes(chunk, n_rows=2000, n_features=64, k=4)
+        stream.add(values, indices)
+        if chunk in (1, 19):
+            sizes.append(sum(a.nbytes for a in (*stream.top.astuple(), *stream.sample.astuple(), stream.counts)))
+    assert sizes[0] == sizes[1] <= 64 * (5 + 20) * 32 + stream.counts.nbytes
+
+
+def test_feature_data_matches_brute_force():
+    """Top rows, fire counts, histogram totals, quantile bins and windows against a dense reference."""
+    n_features, k, width = 40, 4, 3
+    indices, values = random_codes(5, n_rows=3000, n_features=n_features, k=k, n_silent=4)
+    values = values * np.random.default_rng(1).uniform(0.5, 1.5, values.shape).astype(np.float32)  # fewer ties
+    rollout = np.repeat(np.arange(30), 100)
+    position = np.tile(np.arange(100), 30) * 2 + 9  # every other token of each rollout is sampled
+    tokens = TokenTable({r: list(range(1000 * r, 1000 * r + 220)) for r in range(30)})
+    W_dec = torch.randn(n_features, 8)
+    data = layer_features(W_dec, values, indices, rollout, position, tokens, top=6, width=width, per_bin=3, seed=2)
     dense = dense_codes(indices, values, n_features)
-    got = top_activating_rows(indices, values, n_features, top=5)
-    expected = {}
-    for f in range(n_features):
-        firing = [(row, dense[row, f]) for row in range(len(dense)) if dense[row, f] > 0]
-        if firing:
-            expected[f] = sorted(firing, key=lambda pair: (-pair[1], pair[0]))[:5]
-    assert got == expected
-    assert all(f < n_features - 3 for f in got)
+    np.testing.assert_array_equal(data.live, np.flatnonzero((dense > 0).any(axis=0)))
+    stats = {"token_auroc": [0.25] * n_features}
+    for f in data.live[:: 5].tolist():
+        record = data.record(f, stats, lambda t: f"<{t}>", lambda r: f"outcome {r}", None)
+        firing = np.flatnonzero(dense[:, f] > 0)
+        assert record["fire_count"] == len(firing) == sum(record["histogram"]["counts"])
+        assert record["max_activation"] == pytest.approx(dense[firing, f].max())
+        expected_top = sorted(firing, key=lambda i: (-dense[i, f], i))[:6]
+        assert [e["position"] for e in record["top"]] == [int(position[i]) for i in expected_top]
+        for e, i in zip(record["top"], expected_top):
+            r, p = int(rollout[i]), int(position[i])
+            assert e["rollout"] == r and e["outcome"] == f"outcome {r}" and e["activation"] == pytest.approx(dense[i, f], abs=1e-4)
+            lo = max(0, p - width)
+            assert e["tokens"] == [f"<{1000 * r + t}>" for t in range(lo, p + width + 1)] and e["at"] == p - lo
+            for t, act in zip(range(lo, p + width + 1), e["acts"]):  # sampled tokens carry the feature's value
+                j = np.flatnonzero((rollout == r) & (position == t))
+                assert act == pytest.approx(dense[j[0], f] if len(j) else 0.0, abs=1e-4)
+        samples = [e for b in record["quantiles"] for e in b["examples"]]
+        assert 0 < len(samples) <= 5 * 3 and len(record["quantiles"]) == 5
+        for b in record["quantiles"]:
+            assert all(b["low"] - 1e-4 <= e["activation"] <= b["high"] + 1e-4 for e in b["examples"])
+        sims = torch.nn.functional.normalize(W_dec, dim=1) @ torch.nn.functional.normalize(W_dec, dim=1).T
+        sims.fill_diagonal_(-2)
+        assert [i for i, _ in record["similar"]] == sims[f].topk(5).indices.tolist()
+        assert record["token_auroc"] == 0.25 and record["logits"] is None
+        json.dumps(record, allow_nan=False)
 
 
-def test_describe_contexts_is_json_ready():
-    tokens = ["The", " cat", " sat"]
-    top = {7: [(2, 1.5), (0, 0.25)]}
-    described = describe_contexts(top, tokens, lambda row: ("".join(tokens[:row]), tokens[row]))
-    assert described == {"7": [
-        {"row": 2, "token": " sat", "left": "The cat", "activation": 1.5},
-        {"row": 0, "token": "The", "left": "", "activation": 0.25},
-    ]}
-    json.dumps(described)
+def test_logit_tables_rank_the_unembedded_direction_through_the_norm_gain():
+    torch.manual_seed(0)
+    d, vocab = 16, 50
+    norm = torch.nn.RMSNorm(d, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+    head = torch.nn.Linear(d, vocab, bias=False)
+    W_dec = torch.randn(7, d)
+    gain = final_norm_gain(norm, d)
+    np.testing.assert_allclose(gain.numpy(), norm.weight.detach().numpy(), rtol=1e-5)
+    up_ids, up_values, down_ids, down_values = logit_tables(W_dec, gain, head, top=3, block=2)
+    expected = (W_dec * norm.weight.detach()) @ head.weight.detach().T
+    for f in range(7):
+        assert up_ids[f].tolist() == expected[f].topk(3).indices.tolist()
+        assert down_ids[f].tolist() == expected[f].topk(3, largest=False).indices.tolist()
+        np.testing.assert_allclose(up_values[f].numpy(), expected[f].topk(3).values.numpy(), rtol=1e-4)
 
 
 # charts
@@ -514,11 +567,6 @@ def store_sae() -> TopKSAE:
     return TopKSAE(D_MODEL, 64, 4)
 
 
-def context_of(rollout_id: int, position: int) -> tuple[str, str]:
-    """Names the token, so the contexts show which rows the analysis attributed them to."""
-    return f"rollout {rollout_id}", f"position {position}"
-
-
 @pytest.fixture(scope="module", params=["float16", "float32"])
 def rollout_store(request, tmp_path_factory):
     store_dir = tmp_path_factory.mktemp(f"analysis-{request.param}") / "activations"
@@ -540,7 +588,7 @@ def test_streamed_analysis_gives_the_statistics_of_the_sample_in_memory(rollout_
     selection = store_selection(rollout_store, cfg)
     sample = encode_sample(sae, StoreSource(rollout_store, LAYER, selection.rows), selection)
     rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "exclude"))
-    got = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg, context_of)
+    got = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg)
 
     # as before: the whole sample in memory as float32, encoded at once
     ref = sample_in_memory(rollout_store, selection)
@@ -572,10 +620,6 @@ def test_streamed_analysis_gives_the_statistics_of_the_sample_in_memory(rollout_
     for f in np.flatnonzero(pooled.any(axis=0))[:8]:
         assert stats["rollout_auroc"][f] == pytest.approx(roc_auc_score(label, pooled[:, f]), abs=1e-12)
     assert got["summary"]["rollout_level"]["n_rollouts_labelled"] == len(ids)
-    top = top_activating_rows(indices, values, 64, 3)
-    expected = describe_contexts(top, {row: f"position {ref.position[row]}" for row in range(CAP)},
-                                 lambda row: (f"rollout {ref.rollout_id[row]}", ""))
-    assert got["contexts"] == expected
     # the training rows' mean, for the mean ablation
     train = np.setdiff1d(np.arange(CAP), held)
     np.testing.assert_allclose(got["train_mean"], ref.residuals[train].astype(np.float64).mean(axis=0), rtol=1e-6)
@@ -623,7 +667,7 @@ def test_correctness_statistics_are_not_computable_without_both_labels(rollout_s
     selection = store_selection(rollout_store, cfg)
     sample = encode_sample(sae, StoreSource(rollout_store, LAYER, selection.rows), selection)
     rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "exclude"))
-    got = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg, context_of)
+    got = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg)
     level = got["summary"]["rollout_level"]
     assert reason in level["reason"] and level["max_abs_auroc"] is None
     assert got["stats"]["rollout_auroc"] is None and got["token_auroc"] is None
@@ -632,5 +676,5 @@ def test_correctness_statistics_are_not_computable_without_both_labels(rollout_s
     # counted as wrong, truncated rollouts become labels: still one class, still said so
     if outcome == "truncated":
         rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "wrong"))
-        again = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg, context_of)
+        again = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg)
         assert "are wrong" in again["summary"]["rollout_level"]["reason"]

@@ -180,6 +180,67 @@ def test_fidelity_in_the_model_loss_is_released(release):
         assert entry["ce_loss_recovered"] == pytest.approx(recovered)
 
 
+def shown_as(token: str) -> str:
+    """A token's text as the browser shows it: line breaks and tabs as visible symbols."""
+    return token.replace("\n", "↵").replace("\r", "␍").replace("\t", "→")
+
+
+def test_feature_browser_works_offline_and_shows_every_live_feature(release, tiny, chromium, tmp_path):
+    """The browser in a real headless Chromium from file://: front page, a layer's table (every live
+    feature, sorting, the token filter), a feature page (its contexts and logit tables); no console
+    error, no network request. Screenshots under tmp_path."""
+    layer = "7"
+    rates = json.loads((release / "feature_stats.json").read_text())["layers"][layer]["fire_rate"]
+    live = [f for f, rate in enumerate(rates) if rate > 0]
+    contexts = json.loads((release / "feature_characterization.json").read_text())["layers"][layer]
+    assert sorted(map(int, contexts)) == live
+    page = chromium.open((release / "browser" / "index.html").as_uri())
+    ready = "document.body.dataset.ready === '1' && !!document.querySelector({!r})"
+    page.wait_for(ready.format("#front-page"))
+    charts = page.evaluate("[...document.querySelectorAll('#front-page img')].map(i => i.complete && i.naturalWidth)")
+    assert len(charts) >= 3 and all(charts)
+    page.screenshot(tmp_path / "front.png")
+
+    page.goto(f"#/layer/{layer}")
+    page.wait_for(ready.format(f'#layer-page[data-layer="{layer}"]'))
+    shown = "[...document.querySelectorAll('#feature-table tbody tr:not([hidden])')].map(r => +r.dataset.feature)"
+    assert sorted(page.evaluate(shown)) == live
+    page.evaluate("document.querySelector('th[data-sort=\"fire_rate\"]').click()")
+    order = page.evaluate(shown)
+    assert [rates[f] for f in order] in (sorted(rates[f] for f in live), sorted((rates[f] for f in live), reverse=True))
+    busiest = max(live, key=lambda f: rates[f])
+    token = contexts[str(busiest)][0]["tokens"][contexts[str(busiest)][0]["at"]].strip()
+    expected = sorted(int(f) for f, examples in contexts.items()
+                      if any(token.lower() in e["tokens"][e["at"]].lower() for e in examples))
+    page.evaluate(f"(f => {{ f.value = {json.dumps(token)}; f.dispatchEvent(new Event('input')); }})"
+                  f"(document.querySelector('#filter'))")
+    page.wait_for(f"{shown}.length === {len(expected)}")
+    assert sorted(page.evaluate(shown)) == expected and busiest in expected
+    page.screenshot(tmp_path / "layer.png")
+
+    page.goto(f"#/layer/{layer}/feature/{busiest}")
+    page.wait_for(ready.format(f'#feature-page[data-layer="{layer}"][data-feature="{busiest}"]'))
+    fired = page.evaluate("[...document.querySelectorAll('#top-contexts .context')]"
+                          ".map(c => c.querySelector('.token.fire').textContent)")
+    assert len(fired) == len(contexts[str(busiest)]) > 0
+    assert fired == [shown_as(e["tokens"][e["at"]]) for e in contexts[str(busiest)]]
+    # the logit table against the model: the final norm of the decoder direction (the norm's gain times
+    # the direction, up to a positive scale) through the output embedding, ranked
+    model, tokenizer = tiny
+    sae = TopKSAE.load(release / f"sae_L{layer}_n128_k8.safetensors")
+    with torch.no_grad():
+        final_norm = model.model.language_model.norm  # Qwen3.5: the text model inside the multimodal one
+        logits = model.get_output_embeddings()(final_norm(sae.W_dec[busiest][None]))[0]
+    for table, largest in (("promoted", True), ("suppressed", False)):
+        cells = page.evaluate(f"[...document.querySelectorAll('#logits-{table} tbody tr')]"
+                              ".map(r => r.cells[0].textContent)")
+        ids = logits.topk(10, largest=largest).indices.tolist()
+        assert len(cells) == 10
+        assert cells[:5] == [shown_as(tokenizer.decode([i])) for i in ids[:5]]
+    page.screenshot(tmp_path / "feature.png", full_page=True)
+    assert page.console_errors == [] and page.requests == []
+
+
 def test_model_card_reports_the_run(release):
     card = (release / "README.md").read_text()
     summary = json.loads((release / "final_summary.json").read_text())

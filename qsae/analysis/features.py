@@ -150,21 +150,28 @@ def density_summary(fire_rate: np.ndarray) -> dict:
     }
 
 
-@torch.no_grad()
 def max_decoder_cosine(W_dec: torch.Tensor, block: int = 1024) -> tuple[float, list[int]]:
     """The largest cosine similarity between two different features' decoder rows, and the pair:
-    near 1 means two features write (almost) the same direction. Blocks of rows keep memory at
-    block x n."""
-    directions = torch.nn.functional.normalize(W_dec.float(), dim=1)
-    n = len(directions)
-    if n < 2:
+    near 1 means two features write (almost) the same direction."""
+    if len(W_dec) < 2:
         raise ValueError("a decoder cosine needs at least two features")
-    best, pair = -2.0, [0, 1]
-    for first in range(0, n, block):
+    ids, cosines = nearest_decoder_directions(W_dec, count=1, block=block)
+    first = int(np.argmax(cosines[:, 0]))
+    return float(cosines[first, 0]), [first, int(ids[first, 0])]
+
+
+@torch.no_grad()
+def nearest_decoder_directions(W_dec: torch.Tensor, count: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature, the `count` other features whose decoder rows have the largest cosine with its
+    own: (ids [n, count], cosines [n, count]), most similar first. Memory: block x n."""
+    directions = torch.nn.functional.normalize(W_dec.float(), dim=1)
+    count = min(count, len(directions) - 1)
+    ids, cosines = [], []
+    for first in range(0, len(directions), block):
         sims = directions[first:first + block] @ directions.T
         rows = torch.arange(len(sims))
         sims[rows, rows + first] = -2.0  # a feature with itself
-        value, flat = sims.flatten().max(dim=0)
-        if value.item() > best:
-            best, pair = value.item(), [first + int(flat) // n, int(flat) % n]
-    return best, pair
+        best = sims.topk(count, dim=-1)
+        ids.append(best.indices)
+        cosines.append(best.values)
+    return torch.cat(ids).numpy(), torch.cat(cosines).numpy()

@@ -1,5 +1,5 @@
 """One layer's statistics from its sample: reconstruction, feature health, token- and rollout-level
-correctness, top contexts.
+correctness.
 
 The sample (the rows the SAE was trained and held out on, qsae.sample) is streamed from the store
 chunk by chunk and kept only as top-k codes, the held-out rows' residuals, the training rows' sum and
@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from qsae.analysis import rollout_stats
-from qsae.analysis.contexts import describe_contexts, top_activating_rows
 from qsae.analysis.features import (
     auroc_direction,
     auroc_per_feature,
@@ -185,16 +184,12 @@ def rollout_level(sample: EncodedSample, rows: SampleRows, rollouts: dict[int, R
 
 
 def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, rows: SampleRows, history: dict,
-                  rollouts: dict[int, Rollout], cfg: PipelineConfig, context_of) -> dict:
-    """Every statistic of one layer's SAE."""
+                  rollouts: dict[int, Rollout], cfg: PipelineConfig) -> dict:
+    """Every statistic of one layer's SAE (what each feature looks like: feature_data)."""
     values, indices = sample.values, sample.indices
     rates = fire_rates(indices, values, sae.n_features)
     token_auroc = token_level_auroc(sample, rows, sae.n_features)
     by_rollout = rollout_level(sample, rows, rollouts, sae.n_features, cfg)
-    top = top_activating_rows(indices, values, sae.n_features, cfg.release.top_contexts)
-    shown = {row for ranked in top.values() for row, _ in ranked}
-    text = {row: context_of(int(rows.selection.rollout_id[row]), int(sample.position[row])) for row in shown}
-    contexts = describe_contexts(top, {row: t for row, (_, t) in text.items()}, lambda row: text[row])
     cosine, pair = max_decoder_cosine(sae.W_dec.detach())
     summary = {
         **reconstruction_stats(sae, sample, rows, cfg),
@@ -217,7 +212,7 @@ def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, rows: SampleR
         **rollout_feature_lists(by_rollout),
         "summary": by_rollout["summary"],
     }
-    return {"summary": summary, "stats": stats, "contexts": contexts, "rates": rates, "token_auroc": token_auroc,
+    return {"summary": summary, "stats": stats, "rates": rates, "token_auroc": token_auroc,
             "rollout": by_rollout, "train_mean": sample.train_sum / max(len(rows.selection.train_rows), 1)}
 
 

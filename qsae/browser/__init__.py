@@ -1,0 +1,73 @@
+"""The release's static feature browser: `browser/` in the release, opened from file:// with no
+server and no network request.
+
+index.html, app.js and style.css (this package's files) are copied as they are; the data goes
+beside them as JS files that call `QSAE.add(name, object)`, so the page loads each with a <script>
+tag (which file:// allows, where fetch is refused): data/release.js (front page), one
+data/layer_L.js per layer (its table of live features) and one data/layer_L_block_B.js per
+BLOCK_SIZE features (their pages), loaded when a feature of the block is opened.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+ASSETS = ("index.html", "app.js", "style.css")
+BLOCK_SIZE = 256  # features per block file
+TABLE_COLUMNS = ("feature", "fire_rate", "token_auroc", "rollout_auroc", "rollout_q", "max_activation", "tokens")
+
+
+def data_script(name: str, obj: dict) -> str:
+    """A data file's text: QSAE.add("name", {...});"""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return f"QSAE.add({json.dumps(name)}, {text});\n"
+
+
+def write_data(out: Path, name: str, obj: dict) -> None:
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    (out / "data" / f"{name}.js").write_text(data_script(name, obj), encoding="utf-8")
+
+
+def write_assets(out: Path, charts: Iterable[Path]) -> list[str]:
+    """The page's own files, and copies of the charts under charts/; returns the charts' paths in out."""
+    out.mkdir(parents=True, exist_ok=True)
+    here = Path(__file__).parent
+    for name in ASSETS:
+        shutil.copyfile(here / name, out / name)
+    (out / "charts").mkdir(exist_ok=True)
+    copied = []
+    for chart in charts:
+        shutil.copyfile(chart, out / "charts" / chart.name)
+        copied.append(f"charts/{chart.name}")
+    return copied
+
+
+def table_row(record: dict) -> list:
+    """A feature's row in its layer's table: TABLE_COLUMNS, "tokens" the distinct firing tokens of
+    its top contexts (what the filter box searches)."""
+    firing = dict.fromkeys(e["tokens"][e["at"]].strip() for e in record["top"])
+    return [record["feature"], record["fire_rate"], record["token_auroc"], record["rollout_auroc"],
+            record["rollout_q"], record["max_activation"], " ".join(t for t in firing if t)]
+
+
+def write_layer(out: Path, layer: int, n_features: int, records: Iterable[dict]) -> int:
+    """A layer's table and block files from its live features' records (feature_data's
+    LayerFeatures.record, ascending by feature); returns how many features it lists."""
+    rows, block, blocks = [], None, {}
+
+    def flush() -> None:
+        if block is not None:
+            write_data(out, f"layer_{layer}_block_{block}", {"layer": layer, "block": block, "features": blocks})
+
+    for record in records:
+        if record["feature"] // BLOCK_SIZE != block:
+            flush()
+            block, blocks = record["feature"] // BLOCK_SIZE, {}
+        blocks[str(record["feature"])] = record
+        rows.append(table_row(record))
+    flush()
+    write_data(out, f"layer_{layer}", {"layer": layer, "n_features": n_features, "block_size": BLOCK_SIZE,
+                                       "columns": list(TABLE_COLUMNS), "rows": rows})
+    return len(rows)
