@@ -312,6 +312,18 @@ def test_feature_data_matches_brute_force():
         json.dumps(record, allow_nan=False)
 
 
+def test_a_layer_without_live_features_gets_empty_feature_data(tmp_path):
+    from qsae.browser import write_layer
+
+    indices, values = random_codes(0, n_rows=50, n_features=16, k=2)
+    tokens = TokenTable({0: list(range(60))})
+    data = layer_features(torch.randn(16, 4), np.zeros_like(values), indices, np.zeros(50, np.int64), np.arange(50),
+                          tokens, top=3, width=2, per_bin=2, seed=0)
+    assert len(data.live) == 0 and data.fire_count.sum() == 0
+    assert write_layer(tmp_path, 5, 16, []) == 0
+    assert '"rows":[]' in (tmp_path / "data" / "layer_5.js").read_text()
+
+
 def test_logit_tables_rank_the_unembedded_direction_through_the_norm_gain():
     torch.manual_seed(0)
     d, vocab = 16, 50
@@ -322,12 +334,15 @@ def test_logit_tables_rank_the_unembedded_direction_through_the_norm_gain():
     W_dec = torch.randn(7, d)
     gain = final_norm_gain(norm, d)
     np.testing.assert_allclose(gain.numpy(), norm.weight.detach().numpy(), rtol=1e-5)
-    up_ids, up_values, down_ids, down_values = logit_tables(W_dec, gain, head, top=3, block=2)
+    tables = logit_tables(W_dec, gain, head, top=3, block=2, bins=6)
     expected = (W_dec * norm.weight.detach()) @ head.weight.detach().T
     for f in range(7):
-        assert up_ids[f].tolist() == expected[f].topk(3).indices.tolist()
-        assert down_ids[f].tolist() == expected[f].topk(3, largest=False).indices.tolist()
-        np.testing.assert_allclose(up_values[f].numpy(), expected[f].topk(3).values.numpy(), rtol=1e-4)
+        assert tables["promoted_ids"][f].tolist() == expected[f].topk(3).indices.tolist()
+        assert tables["suppressed_ids"][f].tolist() == expected[f].topk(3, largest=False).indices.tolist()
+        np.testing.assert_allclose(tables["promoted_values"][f].numpy(), expected[f].topk(3).values.numpy(), rtol=1e-4)
+        counts, edges = np.histogram(expected[f].numpy(), bins=6)
+        assert tables["histogram_heights"][f].tolist() == counts.tolist()
+        np.testing.assert_allclose(tables["histogram_values"][f].numpy(), (edges[:-1] + edges[1:]) / 2, rtol=1e-4)
 
 
 # charts

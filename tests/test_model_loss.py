@@ -28,7 +28,7 @@ LAYER = 3  # exists in both tiny models (12 and 6 decoder layers)
 RESPONSE_TOKENS = 24
 FIDELITY_KEYS = {
     "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "delta_ce", "delta_ce_ci", "ce_loss_recovered",
-    "ce_loss_recovered_ci", "kl", "kl_ci", "n_tokens", "n_rollouts",
+    "ce_loss_recovered_ci", "kl", "kl_ci", "kl_zero", "n_tokens", "n_rollouts",
 }
 
 
@@ -239,6 +239,7 @@ def test_layer_fidelity_pools_over_tokens_and_bootstraps_over_rollouts():
     for name in ("clean", "spliced", "zero", "mean"):
         assert entry[f"ce_{name}"] == pytest.approx(ce[name].sum() / n.sum(), rel=1e-12)
     assert (entry["delta_ce"], entry["ce_loss_recovered"], entry["kl"]) == pytest.approx(stats(np.arange(7)), rel=1e-12)
+    assert entry["kl_zero"] == pytest.approx(table.kl[(2, "zero")][scored].sum() / n.sum(), rel=1e-12)
     assert entry["n_tokens"] == n.sum() and entry["n_rollouts"] == 7
     rng = np.random.default_rng(seed)
     replicates = np.array([stats(rng.integers(0, 7, 7)) for _ in range(n_boot)])

@@ -241,6 +241,82 @@ def test_feature_browser_works_offline_and_shows_every_live_feature(release, tin
     assert page.console_errors == [] and page.requests == []
 
 
+SAEBENCH_GROUPS = {
+    "model_behavior_preservation": {"kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"},
+    "model_performance_preservation": {"ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae", "ce_loss_without_sae"},
+    "reconstruction_quality": {"explained_variance", "mse", "cossim"},
+    "shrinkage": {"l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"},
+    "sparsity": {"l0", "l1"},
+    "token_stats": {"total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"},
+    "misc_metrics": {"freq_over_1_percent", "freq_over_10_percent", "normalized_freq_over_1_percent",
+                     "normalized_freq_over_10_percent", "average_max_encoder_cosine_sim",
+                     "average_max_decoder_cosine_sim", "frac_alive"},
+}
+SAEBENCH_FEATURE_KEYS = {"index", "feature_density", "consistent_activation_heuristic", "encoder_bias", "encoder_norm",
+                         "encoder_decoder_cosine_sim", "max_decoder_cosine_sim", "max_encoder_cosine_sim"}
+NEURONPEDIA_FEATURE_KEYS = {
+    "feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
+    "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson", "correlated_features_indices",
+    "correlated_features_l1", "correlated_features_pearson", "neg_str", "neg_values", "pos_str", "pos_values",
+    "frac_nonzero", "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "logits_hist_data_bar_heights",
+    "logits_hist_data_bar_values", "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist",
+    "activations"}
+NEURONPEDIA_ACTIVATION_KEYS = {"bin_min", "bin_max", "bin_contains", "tokens", "values", "qualifying_token_index"}
+
+
+def test_saebench_and_neuronpedia_files_hold_the_releases_numbers(release):
+    """SAEBench's core layout (every required group and field) with qsae's fidelity and metrics
+    recomputed here from the released rows; Neuronpedia batches (SAEDashboard's runner layout) listing
+    exactly the live features, each feature's top context reaching its largest activation on the sample."""
+    acts, _ = released_rows(release)
+    fidelity = json.loads((release / "fidelity.json").read_text())["layers"]
+    stats = json.loads((release / "feature_stats.json").read_text())["layers"]
+    for layer in ("3", "7", "11"):
+        core = json.loads((release / "saebench" / f"qsae-topk-128_blocks.{layer}.hook_resid_post_eval_results.json").read_text())
+        assert core["eval_type_id"] == "core" and core["sae_lens_id"] == f"blocks.{layer}.hook_resid_post"
+        metrics = core["eval_result_metrics"]
+        assert {group: set(fields) for group, fields in metrics.items()} == SAEBENCH_GROUPS
+        f = fidelity[layer]
+        assert metrics["model_performance_preservation"] == {
+            "ce_loss_score": f["ce_loss_recovered"], "ce_loss_with_ablation": f["ce_zero"],
+            "ce_loss_with_sae": f["ce_spliced"], "ce_loss_without_sae": f["ce_clean"]}
+        assert metrics["model_behavior_preservation"]["kl_div_with_sae"] == f["kl"]
+        assert metrics["model_behavior_preservation"]["kl_div_with_ablation"] == f["kl_zero"] > f["kl"]
+        sae = TopKSAE.load(release / f"sae_L{layer}_n128_k8.safetensors")
+        x = acts[f"L{layer}"][acts["heldout"] == 1].astype(np.float64)
+        with torch.no_grad():
+            x_hat = sae(torch.from_numpy(x).float()).double().numpy()
+        per_token = 1 - np.square(x - x_hat).sum(1) / np.square(x - x.mean(0)).sum(1)
+        quality = metrics["reconstruction_quality"]
+        assert quality["explained_variance"] == pytest.approx(per_token.mean(), rel=1e-4)
+        assert quality["mse"] == pytest.approx(np.square(x - x_hat).mean(), rel=1e-4)
+        rates = np.array(stats[layer]["fire_rate"])
+        assert metrics["misc_metrics"]["frac_alive"] == pytest.approx((rates > 0).mean())
+        assert metrics["token_stats"]["total_tokens_eval_sparsity_variance"] == len(x)
+        details = core["eval_result_details"]
+        assert [d["index"] for d in details] == list(range(128)) and set(details[0]) == SAEBENCH_FEATURE_KEYS
+        np.testing.assert_allclose([d["feature_density"] for d in details], rates)
+        np.testing.assert_allclose([d["encoder_bias"] for d in details], sae.b_enc.detach().numpy(), rtol=1e-6)
+
+        folder = release / "neuronpedia" / f"tiny_qsae-topk-128_blocks.{layer}.hook_resid_post_128"
+        batches = [json.loads(p.read_text()) for p in sorted(folder.glob("batch-*.json"))]
+        features = [feature for batch in batches for feature in batch["features"]]
+        assert all({"model_id", "layer", "sae_set", "sae_id_suffix", "features"} <= set(b) for b in batches)
+        assert [feature["feature_index"] for feature in features] == np.flatnonzero(rates > 0).tolist()
+        skipped = json.loads((folder / "skipped_indexes.json").read_text())["skipped_indexes"]
+        assert skipped == np.flatnonzero(rates == 0).tolist()
+        with torch.no_grad():
+            sample_max = sae.encode(torch.from_numpy(acts[f"L{layer}"]).float()).max(dim=0).values.numpy()
+        for feature in features:
+            assert set(feature) == NEURONPEDIA_FEATURE_KEYS
+            assert feature["frac_nonzero"] == pytest.approx(rates[feature["feature_index"]])
+            assert len(feature["pos_str"]) == len(feature["neg_str"]) == 10
+            top = feature["activations"][0]
+            assert set(top) == NEURONPEDIA_ACTIVATION_KEYS and len(top["tokens"]) == len(top["values"])
+            assert top["values"][top["qualifying_token_index"]] == pytest.approx(
+                sample_max[feature["feature_index"]], abs=1e-4)
+
+
 def test_model_card_reports_the_run(release):
     card = (release / "README.md").read_text()
     summary = json.loads((release / "final_summary.json").read_text())

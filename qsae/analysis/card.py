@@ -367,7 +367,7 @@ def _recipe(info: dict) -> str:
 
 
 def _files(info: dict) -> str:
-    lines = [f"- `{name}`" for name in info["files"] if not name.startswith("browser/")]
+    lines = [f"- `{name}`" for name in info["files"] if not name.startswith(("browser/", "neuronpedia/"))]
     if any(name.startswith("browser/") for name in info["files"]):
         lines.append("- `browser/`: the feature browser. Open `browser/index.html` in a web browser: it works from "
                      "the file system, with no server and no network, so the folder can be zipped or uploaded as it "
@@ -375,6 +375,10 @@ def _files(info: dict) -> str:
                      "contexts); per feature, its top-activating contexts, samples from five quantile bins of its "
                      "activations, an activation histogram, AUROCs, the output tokens its decoder direction "
                      "promotes and suppresses, and its nearest features by decoder cosine.")
+    if any(name.startswith("neuronpedia/") for name in info["files"]):
+        lines.append("- `neuronpedia/`: the same feature data in the layout of SAEDashboard's Neuronpedia runner "
+                     "(`batch-N.json` per 128 features, per layer), ready for Neuronpedia's importer; `saebench/` "
+                     "holds each layer's evaluation numbers in SAEBench's core evaluation layout.")
     charts = "\n\n".join(f"![{name}]({name})" for name in info["charts"])
     timing = [[stage, f"{seconds:,.0f}"] for stage, seconds in info["wall_clock"].items()]
     return "\n\n".join(["\n".join(lines), "Charts:", charts, "Wall clock:", _table(["stage", "seconds"], timing)])

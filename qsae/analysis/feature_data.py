@@ -33,6 +33,7 @@ HISTOGRAM_BARS = 40  # at most, per feature: adjacent fine bins merged over the 
 QUANTILE_BINS = 5
 RESERVOIR = 200  # firing rows sampled per feature for the quantile bins
 LOGIT_TOKENS = 10  # promoted and suppressed tokens per feature
+LOGIT_HISTOGRAM_BINS = 50  # bins of a feature's logits over the vocabulary (SAEDashboard's)
 SIMILAR_FEATURES = 5
 
 
@@ -335,30 +336,37 @@ def final_norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
 
 @torch.no_grad()
 def logit_tables(W_dec: torch.Tensor, gain: torch.Tensor, head: nn.Module, top: int = LOGIT_TOKENS,
-                 block: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per feature, the `top` output tokens its decoder direction raises most and lowers most:
-    logits = head(gain * W_dec[f]) (the unembedding of the direction after the final norm's gain).
-    Returns (promoted ids, their logits, suppressed ids, their logits), each [n, top], on the CPU;
-    `block` features at a time, so memory holds block x vocab logits."""
+                 block: int = 256, bins: int = LOGIT_HISTOGRAM_BINS) -> dict[str, torch.Tensor]:
+    """Per feature, the `top` output tokens its decoder direction raises most and lowers most, and a
+    histogram of its logits over the whole vocabulary: logits = head(gain * W_dec[f]) (the
+    unembedding of the direction after the final norm's gain). Returns, on the CPU,
+    promoted_ids / promoted_values / suppressed_ids / suppressed_values [n, top] and
+    histogram_heights / histogram_values [n, bins] (counts in equal bins from the smallest logit to
+    the largest, and the bins' centres); `block` features at a time, so memory holds block x vocab."""
     weight = next(head.parameters())
     parts = []
     for first in range(0, len(W_dec), block):
         directions = (W_dec[first:first + block].float().to(gain.device) * gain).to(weight.dtype)
         logits = head(directions.to(weight.device)).float()
         up, down = logits.topk(top, dim=-1), logits.topk(top, dim=-1, largest=False)
-        parts.append((up.indices.cpu(), up.values.cpu(), down.indices.cpu(), down.values.cpu()))
-    return tuple(torch.cat(column) for column in zip(*parts))
+        low, high = logits.min(dim=-1, keepdim=True).values, logits.max(dim=-1, keepdim=True).values
+        width = ((high - low) / bins).clamp_min(torch.finfo(torch.float32).tiny)
+        which = ((logits - low) / width).long().clamp(0, bins - 1)
+        heights = torch.zeros(len(logits), bins, device=logits.device).scatter_add_(1, which, torch.ones_like(logits))
+        centres = low + width * (torch.arange(bins, device=logits.device) + 0.5)
+        parts.append((up.indices, up.values, down.indices, down.values, heights.long(), centres))
+    names = ("promoted_ids", "promoted_values", "suppressed_ids", "suppressed_values", "histogram_heights",
+             "histogram_values")
+    return {name: torch.cat([part[i].cpu() for part in parts]) for i, name in enumerate(names)}
 
 
 @torch.no_grad()
 def decoder_logits(model: nn.Module, W_decs: dict[int, torch.Tensor], top: int = LOGIT_TOKENS) -> dict[int, dict]:
-    """logit_tables of each layer's decoder through the model's final norm and output embedding:
-    {layer: {"promoted_ids", "promoted_values", "suppressed_ids", "suppressed_values"}} as lists [n][top]."""
+    """logit_tables of each layer's decoder through the model's final norm and output embedding,
+    {layer: {name: list [n][...]}}."""
     runner, head = text_model(model), model.get_output_embeddings()
     out = {}
     for layer, W_dec in W_decs.items():
         gain = final_norm_gain(runner.norm, W_dec.shape[1])
-        tables = logit_tables(W_dec.detach(), gain, head, top)
-        out[layer] = {name: t.tolist() for name, t in
-                      zip(("promoted_ids", "promoted_values", "suppressed_ids", "suppressed_values"), tables)}
+        out[layer] = {name: t.tolist() for name, t in logit_tables(W_dec.detach(), gain, head, top).items()}
     return out

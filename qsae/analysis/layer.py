@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from qsae.analysis import rollout_stats
+from qsae.analysis.ecosystem import reconstruction_metrics
 from qsae.analysis.features import (
     auroc_direction,
     auroc_per_feature,
@@ -117,8 +118,9 @@ def reconstruct(sae: TopKSAE, values: np.ndarray, indices: np.ndarray) -> np.nda
     return x_hat
 
 
-def reconstruction_stats(sae: TopKSAE, sample: EncodedSample, rows: SampleRows, cfg: PipelineConfig) -> dict:
-    """Variance explained on the held-out rows, its interval from resampling held-out questions, and L0."""
+def reconstruction_stats(sae: TopKSAE, sample: EncodedSample, rows: SampleRows, cfg: PipelineConfig) -> tuple[dict, dict]:
+    """Variance explained on the held-out rows, its interval from resampling held-out questions, and
+    L0; and SAEBench's per-token reconstruction metrics on the same rows (ecosystem)."""
     held = rows.selection.heldout_rows
     x_hat = reconstruct(sae, sample.values[held], sample.indices[held])
     groups = rows.question[held]
@@ -131,7 +133,7 @@ def reconstruction_stats(sae: TopKSAE, sample: EncodedSample, rows: SampleRows, 
         "ve_ci": ve_ci,
         "l0": mean_l0(sample.values[held]),
         "heldout_questions": int(len(np.unique(groups))),
-    }
+    }, reconstruction_metrics(sample.heldout_residuals, x_hat, sample.values[held])
 
 
 def token_level_auroc(sample: EncodedSample, rows: SampleRows, n_features: int) -> np.ndarray | None:
@@ -191,8 +193,9 @@ def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, rows: SampleR
     token_auroc = token_level_auroc(sample, rows, sae.n_features)
     by_rollout = rollout_level(sample, rows, rollouts, sae.n_features, cfg)
     cosine, pair = max_decoder_cosine(sae.W_dec.detach())
+    reconstruction, core_metrics = reconstruction_stats(sae, sample, rows, cfg)
     summary = {
-        **reconstruction_stats(sae, sample, rows, cfg),
+        **reconstruction,
         **feature_health(rates),
         **density_summary(rates),
         "dead_over_tokens": int(len(values)),
@@ -212,7 +215,9 @@ def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, rows: SampleR
         **rollout_feature_lists(by_rollout),
         "summary": by_rollout["summary"],
     }
-    return {"summary": summary, "stats": stats, "rates": rates, "token_auroc": token_auroc,
+    pooled_max = by_rollout["pooled"].max
+    return {"summary": summary, "stats": stats, "rates": rates, "core_metrics": core_metrics,
+            "rollouts_fired": (pooled_max > 0).sum(axis=0), "token_auroc": token_auroc,
             "rollout": by_rollout, "train_mean": sample.train_sum / max(len(rows.selection.train_rows), 1)}
 
 

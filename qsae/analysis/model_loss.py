@@ -287,6 +287,7 @@ def layer_fidelity(
         "ce_zero": table.ce[(layer, "zero")][scored],
         "ce_mean": table.ce[(layer, "mean")][scored],
         "kl": table.kl[(layer, "spliced")][scored],
+        "kl_zero": table.kl[(layer, "zero")][scored],
     }
     n_rollouts = int(scored.sum())
     point = {name: value[0] for name, value in _pooled(np.ones((1, n_rollouts)), sums).items()}
@@ -298,6 +299,7 @@ def layer_fidelity(
     entry["ce_loss_recovered_ci"] = None
     entry["kl"] = float(point["kl"])
     entry["kl_ci"] = None
+    entry["kl_zero"] = float(point["kl_zero"])
     if n_rollouts > 1:
         resamples = bootstrap_rollouts(n_rollouts, n_boot, seed)
         weights = np.stack([np.bincount(rows, minlength=n_rollouts) for rows in resamples]).astype(np.float64)
@@ -315,7 +317,7 @@ def _pooled(weights: np.ndarray, sums: dict[str, np.ndarray]) -> dict[str, np.nd
     """Pooled statistics for each row of rollout multiplicities `weights` [B, R] (ones: the estimate
     itself); ce_loss_recovered is NaN where ce_zero == ce_clean."""
     tokens = weights @ sums["n_tokens"]
-    out = {name: weights @ sums[name] / tokens for name in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl")}
+    out = {name: weights @ sums[name] / tokens for name in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl", "kl_zero")}
     out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
     gap = out["ce_zero"] - out["ce_clean"]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -340,6 +342,7 @@ FIDELITY_DEFINITION = {
     "delta_ce": "ce_spliced - ce_clean",
     "ce_loss_recovered": "(ce_zero - ce_spliced) / (ce_zero - ce_clean)",
     "kl": "mean over scored tokens of KL(p_clean || p_spliced), nats",
+    "kl_zero": "the same for the zero ablation, KL(p_clean || p_zero)",
     "intervals": "95% percentile bootstrap over rollouts",
 }
 

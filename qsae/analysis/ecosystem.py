@@ -1,0 +1,198 @@
+"""The release's numbers and feature data in the layouts of the ecosystem's viewers.
+
+- SAEBench's core evaluation output (`eval_type_id` "core": the JSON Neuronpedia shows for an SAE),
+  one file per layer, `saebench/<release>_<hook>_eval_results.json`. Its seven metric groups are all
+  required; qsae fills each from its own measurements on the held-out tokens and rollouts (the
+  definitions are written into the file, under `eval_result_unstructured`), and writes SAEBench's
+  own "not computed" value, -1, for what it did not measure (the loss metrics when the fidelity in
+  the model's loss was not run). The ablation baseline is zero ablation, as SAEBench's.
+- SAEDashboard's Neuronpedia runner output, `neuronpedia/<model>_<set>_<hook>_<n>/batch-<i>.json`
+  (features in contiguous blocks of NEURONPEDIA_BATCH, dead ones left out and listed in
+  skipped_indexes.json), which Neuronpedia's importer converts: per feature its decoder's largest
+  residual dimensions, the logit table and a histogram of the logits over the vocabulary, its fire
+  rate and activation histogram, and its example contexts (the top group first, then the quantile
+  bins, highest first). Correlations of activations with neurons or other features are not
+  computed (empty lists, as the importer accepts).
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import numpy as np
+import torch
+
+import qsae
+from qsae.analysis.features import nearest_decoder_directions
+
+SAEBENCH_UNDEFINED = -1  # SAEBench's value for what was not computed (it writes -1 for NaN)
+NEURONPEDIA_BATCH = 128  # features per batch file (SAEDashboard's runner default)
+ALIGNMENT_DIMS = 3  # residual dimensions listed per feature (neuron_alignment_*)
+
+
+def reconstruction_metrics(x: np.ndarray, x_hat: np.ndarray, values: np.ndarray) -> dict:
+    """SAEBench's reconstruction_quality, shrinkage and sparsity groups over the held-out tokens:
+    x, x_hat [H, d] and their codes' values [H, width]. Per-token quantities averaged over tokens."""
+    x, x_hat = x.astype(np.float64), x_hat.astype(np.float64)
+    error = np.square(x - x_hat).sum(axis=1)
+    spread = np.square(x - x.mean(axis=0)).sum(axis=1)
+    norm_in, norm_out = np.linalg.norm(x, axis=1), np.linalg.norm(x_hat, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        explained = np.where(spread > 0, 1 - error / spread, np.nan)
+        cosine = (x * x_hat).sum(axis=1) / (norm_in * norm_out)
+    return {
+        "reconstruction_quality": {"explained_variance": _finite_mean(explained),
+                                   "mse": float(error.mean() / x.shape[1]), "cossim": _finite_mean(cosine)},
+        "shrinkage": {"l2_norm_in": float(norm_in.mean()), "l2_norm_out": float(norm_out.mean()),
+                      "l2_ratio": float((norm_out / np.where(norm_in < 1e-4, 1.0, norm_in)).mean()),
+                      "relative_reconstruction_bias": float(np.square(norm_out).mean() / (x * x_hat).sum(axis=1).mean())},
+        "sparsity": {"l0": float((values > 0).sum(axis=1).mean()), "l1": float(values.sum(axis=1).mean())},
+    }
+
+
+def _finite_mean(a: np.ndarray) -> float:
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else SAEBENCH_UNDEFINED
+
+
+RECONSTRUCTION_DEFINITIONS = {
+    "tokens": "the held-out tokens (all rows of the held-out questions' rollouts that pass the row masks)",
+    "explained_variance": "mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean(x)||^2, mean over the held-out tokens "
+                          "(SAEBench's per-token form; the card's variance explained is pooled instead)",
+    "mse": "mean over tokens of ||x - x_hat||^2 / d_model",
+    "cossim": "mean over tokens of cos(x, x_hat)",
+    "l2_ratio": "mean over tokens of ||x_hat|| / ||x||",
+    "relative_reconstruction_bias": "mean ||x_hat||^2 / mean x . x_hat",
+    "l0": "mean number of active latents per token", "l1": "mean sum of latent activations per token",
+    "loss_metrics": "qsae's fidelity in the model's loss (fidelity.json): next-token CE and KL(clean || variant) "
+                    "per scored token of the held-out rollouts, ablation = the layer's output set to zero",
+    "feature_density": "fire rate over every sampled token (training and held out)",
+    "consistent_activation_heuristic": "firing tokens / rollouts in which the feature fired at least once",
+}
+
+
+def saebench_core(*, layer: int, sae, hook: str, release_id: str, metrics: dict, fidelity: dict | None,
+                  fire_rate: np.ndarray, fire_count: np.ndarray, rollouts_fired: np.ndarray, decoder_similar: np.ndarray,
+                  config: dict, extra: dict) -> dict:
+    """One layer's SAEBench core eval output. `metrics` is reconstruction_metrics'; `fidelity` the
+    layer's fidelity.json entry or None; the per-feature arrays are over all n features
+    (decoder_similar: each feature's largest cosine with another decoder row). `config` fills
+    eval_config, `extra` joins eval_result_unstructured."""
+    W_enc = sae.W_enc.detach().float().cpu()
+    W_dec = sae.W_dec.detach().float().cpu()
+    b_enc = sae.b_enc.detach().float().cpu().numpy()
+    _, encoder_similar = nearest_decoder_directions(W_enc.T, 1)
+    encoder_similar = encoder_similar[:, 0]
+    encoder_norm = torch.linalg.vector_norm(W_enc, dim=0).numpy()
+    enc_dec_cos = torch.nn.functional.cosine_similarity(W_enc.T, W_dec, dim=1).numpy()
+    total = fire_rate.sum()
+    density = {
+        "freq_over_1_percent": float((fire_rate > 0.01).mean()),
+        "freq_over_10_percent": float((fire_rate > 0.1).mean()),
+        "normalized_freq_over_1_percent": float(fire_rate[fire_rate > 0.01].sum() / total) if total else 0.0,
+        "normalized_freq_over_10_percent": float(fire_rate[fire_rate > 0.1].sum() / total) if total else 0.0,
+        "average_max_encoder_cosine_sim": float(encoder_similar.mean()),
+        "average_max_decoder_cosine_sim": float(decoder_similar.mean()),
+        "frac_alive": float((fire_rate > 0).mean()),
+    }
+    f = fidelity or {}
+    undefined = SAEBENCH_UNDEFINED
+    kl, kl_zero = f.get("kl", undefined), f.get("kl_zero", undefined)
+    details = [{"index": i, "feature_density": float(fire_rate[i]),
+                "consistent_activation_heuristic": float(fire_count[i] / rollouts_fired[i]) if rollouts_fired[i] else undefined,
+                "encoder_bias": float(b_enc[i]), "encoder_norm": float(encoder_norm[i]),
+                "encoder_decoder_cosine_sim": float(enc_dec_cos[i]), "max_decoder_cosine_sim": float(decoder_similar[i]),
+                "max_encoder_cosine_sim": float(encoder_similar[i])} for i in range(sae.n_features)]
+    return {
+        "eval_type_id": "core",
+        "eval_config": config,
+        "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": {
+            "model_behavior_preservation": {
+                "kl_div_score": (kl_zero - kl) / kl_zero if fidelity and kl_zero else undefined,
+                "kl_div_with_ablation": kl_zero, "kl_div_with_sae": kl},
+            "model_performance_preservation": {
+                "ce_loss_score": _or_undefined(f.get("ce_loss_recovered")),
+                "ce_loss_with_ablation": f.get("ce_zero", undefined), "ce_loss_with_sae": f.get("ce_spliced", undefined),
+                "ce_loss_without_sae": f.get("ce_clean", undefined)},
+            **metrics,
+            "token_stats": {"total_tokens_eval_reconstruction": f.get("n_tokens", undefined),
+                            "total_tokens_eval_sparsity_variance": extra["heldout_tokens"]},
+            "misc_metrics": density,
+        },
+        "eval_result_details": details,
+        "sae_bench_commit_hash": "Unknown",
+        "sae_lens_id": hook,
+        "sae_lens_release_id": release_id,
+        "sae_lens_version": None,
+        "sae_cfg_dict": {**sae.saelens_cfg(hook), "hook_layer": layer},
+        "eval_result_unstructured": {"written_by": f"qsae {qsae.__version__}", "definitions": RECONSTRUCTION_DEFINITIONS,
+                                     **extra},
+    }
+
+
+def _or_undefined(value) -> float:
+    return SAEBENCH_UNDEFINED if value is None else value
+
+
+def saebench_file_name(release_id: str, hook: str) -> str:
+    """SAEBench's result file name for an SAE (its `<release>_<sae id>_eval_results.json`, "/" as "_")."""
+    return f"{release_id}_{hook}_eval_results.json".replace("/", "_")
+
+
+# ------------------------------------------------------------------------------------------------
+# Neuronpedia (SAEDashboard's runner layout)
+
+
+def neuronpedia_folder(model_id: str, sae_set: str, hook: str, n_features: int) -> str:
+    """The runner's output folder name: <model>_<set>_<hook>_<n>, "/" in a model id as "_"."""
+    return re.sub(r"[/\\]", "_", f"{model_id}_{sae_set}_{hook}_{n_features}")
+
+
+def neuronpedia_feature(record: dict, W_dec_row: np.ndarray, logit_histogram: tuple[list, list] | None,
+                        context: dict) -> dict:
+    """One feature of a batch file, from its browser record (feature_data.LayerFeatures.record).
+    context: n_prompts_total, n_tokens_in_prompt, dataset, n_rows (sampled tokens)."""
+    top_dims = np.argsort(-W_dec_row, kind="stable")[:ALIGNMENT_DIMS]
+    l1 = float(np.abs(W_dec_row).sum()) or 1.0
+    logits = record["logits"] or {"promoted": [], "suppressed": []}
+    hist = record["histogram"]
+    edges = np.asarray(hist["edges"], dtype=np.float64)
+    centres = np.sqrt(edges[:-1] * edges[1:]).tolist() if len(edges) > 1 else []  # log-spaced bins
+    heights, values = logit_histogram if logit_histogram is not None else ([], [])
+    activations = [_activation(e, -1, record["max_activation"], -1) for e in record["top"]]
+    share = record["fire_rate"] / max(len(record["quantiles"]), 1)  # each quantile bin holds about this share
+    for b in reversed(record["quantiles"]):  # highest activations first, as the runner orders its bins
+        activations += [_activation(e, b["low"], b["high"], share) for e in b["examples"]]
+    return {
+        "feature_index": record["feature"],
+        "neuron_alignment_indices": top_dims.tolist(),
+        "neuron_alignment_values": [round(float(W_dec_row[i]), 3) for i in top_dims],
+        "neuron_alignment_l1": [round(abs(float(W_dec_row[i])) / l1, 3) for i in top_dims],
+        "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
+        "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
+        "neg_str": [t for t, _ in logits["suppressed"]], "neg_values": [round(v, 3) for _, v in logits["suppressed"]],
+        "pos_str": [t for t, _ in logits["promoted"]], "pos_values": [round(v, 3) for _, v in logits["promoted"]],
+        "frac_nonzero": record["fire_rate"],
+        "freq_hist_data_bar_values": [round(c, 4) for c in centres], "freq_hist_data_bar_heights": hist["counts"],
+        "logits_hist_data_bar_heights": heights, "logits_hist_data_bar_values": [round(v, 3) for v in values],
+        "n_prompts_total": context["n_prompts_total"], "n_tokens_in_prompt": context["n_tokens_in_prompt"],
+        "dataset": context["dataset"], "decoder_weights_dist": [],
+        "activations": activations,
+    }
+
+
+def _activation(example: dict, bin_min: float, bin_max: float, bin_contains: float) -> dict:
+    return {"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains, "tokens": example["tokens"],
+            "values": example["acts"], "qualifying_token_index": example["at"]}
+
+
+def neuronpedia_batches(records: list[dict], batch: int = NEURONPEDIA_BATCH) -> list[tuple[int, list[dict]]]:
+    """(batch number, its features' records) over contiguous index ranges of `batch` features; ranges
+    whose features are all dead get no file (the runner skips them too)."""
+    out: dict[int, list[dict]] = {}
+    for record in records:
+        out.setdefault(record["feature"] // batch, []).append(record)
+    return sorted(out.items())
