@@ -50,9 +50,10 @@ def cmd_capture(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from qsae.distributed import model_side_in_ray
+    from qsae.distributed import causal_in_ray, model_side_in_ray
     from qsae.models import expand_layers, load_tokenizer, model_dims, resolve_model_path
-    from qsae.pipeline import connect_ray
+    from qsae.pipeline import connect_ray, questions_path
+    from qsae.questions import load_questions, sample_questions
     from qsae.release import build_release
     from qsae.rollout import read_rollouts
     from qsae.sample import RowRules, check_same_split, load_split
@@ -66,9 +67,11 @@ def cmd_analyze(args) -> int:
     question_of = {r.rollout_id: r.question_id for r in read_rollouts(run_dir / "rollouts.parquet")}
     check_same_split(load_split(run_dir), RowRules.from_config(cfg), question_of)  # before Ray starts
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
+    questions = sample_questions(load_questions(questions_path(cfg)), cfg.rollout.num_questions, cfg.rollout.seed)
     connect_ray(cfg.ray_address)
     release_dir = build_release(cfg, run_dir, trained, tokenizer, {},
-                                model_side_of=model_side_in_ray(cfg, model_path, trained))
+                                model_side_of=model_side_in_ray(cfg, model_path, trained),
+                                causal_of=causal_in_ray(cfg, model_path, trained, questions))
     print(f"[qsae] release written to {release_dir}")
     return 0
 

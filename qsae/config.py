@@ -89,14 +89,39 @@ class ReleaseConfig:
 
 
 @dataclass
+class CausalConfig:
+    enabled: bool = True  # run the causal check (qsae.causal) as part of the release
+    layers: list[int] | None = None  # layers checked; None = every captured layer
+    features: int = 2  # m: features per layer, the top by rollout-level |AUROC - 0.5| on the training questions
+    steer_multiples: list[float] = field(default_factory=lambda: [4.0])  # steering strengths, x the typical activation, both signs
+    questions: int | None = None  # held-out rollouts rerun per arm (a seeded sample); None = all
+
+
+@dataclass
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     train: TrainStageConfig = field(default_factory=TrainStageConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    causal: CausalConfig = field(default_factory=CausalConfig)
     out: str = "runs/tiny"  # run directory: rollouts, activation store, checkpoints, release/
     ray_address: str | None = None  # None = connect to RAY_ADDRESS if set, else start a local Ray
+
+    def validate_causal(self) -> None:
+        causal = self.causal
+        if causal.features < 1:
+            raise ConfigError(f"causal.features must be >= 1, got {causal.features}")
+        if causal.questions is not None and causal.questions < 1:
+            raise ConfigError(f"causal.questions must be >= 1 (or unset for every held-out rollout), got {causal.questions}")
+        if not causal.steer_multiples or any(not s > 0 for s in causal.steer_multiples):
+            raise ConfigError(f"causal.steer_multiples must be positive numbers (both signs are run), "
+                              f"got {causal.steer_multiples}")
+        if causal.layers is not None:
+            if not causal.layers:
+                raise ConfigError("causal.layers is empty; leave it unset for every captured layer")
+            if isinstance(self.capture.layers, list) and (missing := sorted(set(causal.layers) - set(self.capture.layers))):
+                raise ConfigError(f"causal.layers {missing} are not captured (capture.layers = {self.capture.layers})")
 
     def validate(self) -> None:
         try:
@@ -122,6 +147,7 @@ class PipelineConfig:
         for name in ("bootstrap", "permutations", "top_contexts", "quantile_examples"):
             if getattr(self.release, name) < 1:
                 raise ConfigError(f"release.{name} must be >= 1")
+        self.validate_causal()
         if self.release.context_tokens < 0:
             raise ConfigError(f"release.context_tokens must be >= 0, got {self.release.context_tokens}")
         if self.release.fidelity_rollouts is not None and self.release.fidelity_rollouts < 1:
@@ -147,7 +173,7 @@ class PipelineConfig:
 
 def _check_type(where: str, value, annotation: str):
     """Coerce TOML values to the field's declared type, or say what was expected."""
-    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[int]": list}
+    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[int]": list, "list[float]": list}
     base = annotation.replace(" | None", "")
     if value is None and "None" in annotation:
         return None
@@ -157,8 +183,12 @@ def _check_type(where: str, value, annotation: str):
     ok = expected is not None and isinstance(value, expected) and not (base in ("int", "float") and isinstance(value, bool))
     if base == "list[int]" and ok:
         ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if base == "list[float]" and ok:
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     if not ok:
         raise ConfigError(f"{where} expects {annotation}, got {value!r}")
+    if base == "list[float]":
+        return [float(v) for v in value]
     return float(value) if base == "float" else value
 
 
@@ -180,7 +210,8 @@ def apply_mapping(cfg: PipelineConfig, data: dict) -> PipelineConfig:
         elif key in ("out", "ray_address"):
             setattr(cfg, key, _check_type(key, value, "str | None"))
         else:
-            raise ConfigError(f"unknown config key '{key}'; valid: model, rollout, capture, train, release, out, ray_address")
+            raise ConfigError(f"unknown config key '{key}'; valid: model, rollout, capture, train, release, causal, out, "
+                              "ray_address")
     return cfg
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from qsae.capture import capture_question_shard, load_replica
 from qsae.config import PipelineConfig, TrainStageConfig
+from qsae.engines import Generation
 from qsae.models import TINY_DENSE_MODEL, TINY_MODEL, check_fits, memory_budget, parameter_count
 from qsae.questions import Question
 from qsae.sae import TopKSAE
@@ -408,3 +409,59 @@ def model_side_in_ray(cfg: PipelineConfig, model_path: str, trained: dict[int, t
         return ray.get(task.remote(model_path, cfg, saes, means, rollouts))
 
     return model_side_of
+
+
+# The causal check's reruns: the held-out prompts once per arm, the arms spread over tasks placed
+# like capture replicas, on the transformers engine (its forward hooks see every position).
+
+
+def causal_task(model_path: str, cfg: PipelineConfig, saes: dict[int, TopKSAE], arms: list,
+                prompts: list[list[int]]) -> dict[str, list[tuple[list[int], str]]]:
+    """{arm name: [(response token ids, finish reason)] per prompt} for each arm."""
+    from qsae.causal import intervened
+    from qsae.engines.hf_engine import HFEngine
+    from qsae.models import decoder_layers, load_model
+
+    torch.set_num_threads(max(1, int(cfg.capture.cpus_per_actor)))
+    model, tokenizer = load_model(model_path, cfg.model.revision, cfg.model.dtype, cfg.model.device)
+    engine = HFEngine(model, tokenizer, cfg.rollout.max_new_tokens, cfg.rollout.batch_size)
+    layers, device = decoder_layers(model), model.get_input_embeddings().weight.device
+    saes = {layer: sae.to(device) for layer, sae in saes.items()}
+    out = {}
+    for arm in arms:
+        with intervened(layers, arm, saes.get(arm.layer)):
+            out[arm.name] = [(g.token_ids, g.finish_reason) for g in engine.generate(prompts)]
+    return out
+
+
+def causal_in_ray(cfg: PipelineConfig, model_path: str, trained: dict[int, tuple], questions: list[Question]):
+    """The release's causal_of: runs the arms in up to capture.num_actors causal_tasks, then grades
+    every answer as the rollout stage does (qsae.rollout.make_rollout)."""
+    from qsae.causal import Answers
+    from qsae.models import load_tokenizer
+    from qsae.rollout import make_rollout
+
+    task = ray.remote(causal_task).options(num_cpus=cfg.capture.cpus_per_actor, num_gpus=cfg.capture.gpus_per_actor)
+    question_of = {q.uuid: q for q in questions}
+
+    def causal_of(arms: list, heldout: list) -> dict:
+        saes = {layer: sae for layer, (sae, _) in trained.items() if any(arm.layer == layer for arm in arms)}
+        prompts = [r.prompt_token_ids for r in heldout]
+        groups = [arms[i::cfg.capture.num_actors] for i in range(min(cfg.capture.num_actors, len(arms)))]
+        generations = {}
+        for part in ray.get([task.remote(model_path, cfg, saes, group, prompts) for group in groups]):
+            generations.update(part)
+        tokenizer = load_tokenizer(model_path, cfg.model.revision)
+        answers = {}
+        for name, outputs in generations.items():
+            graded = [make_rollout(r.rollout_id, question_of[r.question_id], r.prompt, r.prompt_token_ids,
+                                   Generation(tokens, finish), tokenizer=tokenizer, thinking=cfg.rollout.thinking,
+                                   engine="transformers", seed=cfg.rollout.seed)
+                      for r, (tokens, finish) in zip(heldout, outputs)]
+            answers[name] = Answers(np.array([g.correct for g in graded], dtype=bool),
+                                    [g.predicted_letter for g in graded],
+                                    np.array([g.n_response_tokens for g in graded]),
+                                    [g.response_token_ids for g in graded])
+        return answers
+
+    return causal_of

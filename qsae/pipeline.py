@@ -72,7 +72,7 @@ def connect_ray(address: str | None) -> None:
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage; returns the release directory."""
-    from qsae.distributed import model_side_in_ray, run_capture, train_layers
+    from qsae.distributed import causal_in_ray, model_side_in_ray, run_capture, train_layers
     from qsae.models import load_tokenizer
     from qsae.release import build_release
 
@@ -87,7 +87,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         run_capture(cfg, model_path, d_model, questions, run_dir)
     with stage(f"train ({len(cfg.capture.layers)} SAEs, n={cfg.train.n_features}, k={cfg.train.k})", timings):
         trained = train_layers(cfg, run_dir)
-    with stage("analyze, fidelity in the model's loss, release", timings):
+    with stage("analyze, fidelity in the model's loss, causal check, release", timings):
         release_dir = build_release(cfg, run_dir, trained, load_tokenizer(model_path, cfg.model.revision), timings,
-                                    model_side_of=model_side_in_ray(cfg, model_path, trained))
+                                    model_side_of=model_side_in_ray(cfg, model_path, trained),
+                                    causal_of=causal_in_ray(cfg, model_path, trained, questions))
     return release_dir

@@ -19,6 +19,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 import qsae
+from qsae import causal
 from qsae.analysis import card, charts, ecosystem
 from qsae.analysis.feature_data import LayerFeatures, TokenTable, layer_features
 from qsae.analysis.features import HEALTHY_RANGE
@@ -35,6 +36,8 @@ from qsae.store import StoreSource, read_manifest
 VE_FORMULA = "1 - sum_rows ||x - x_hat||^2 / sum_rows ||x - mean(x)||^2 (pooled over held-out rows, float64)"
 # (held-out rollouts with their splice positions, {layer: training mean}) ->
 # ({layer: fidelity entry} or None without rollouts, {layer: decoder logit tables}): what needs the model
+# (arms, held-out rollouts) -> {arm name: its Answers}: the causal check's reruns (qsae.causal)
+CausalFn = Callable[[list, list[Rollout]], dict]
 ModelSideFn = Callable[[list[RolloutTokens], dict[int, np.ndarray]], tuple[dict[int, dict] | None, dict[int, dict]]]
 
 
@@ -63,11 +66,12 @@ def prepare_selection(cfg: PipelineConfig, run_dir: Path, rollouts: dict[int, Ro
 
 def build_release(
     cfg: PipelineConfig, run_dir: Path, trained: dict[int, tuple[TopKSAE, dict]], tokenizer, timings: dict,
-    model_side_of: ModelSideFn | None = None,
+    model_side_of: ModelSideFn | None = None, causal_of: CausalFn | None = None,
 ) -> Path:
     """Write <run>/release atomically (staged, then renamed); returns its path. `model_side_of`
     computes the fidelity in the model's loss and the decoder logit tables (None: neither, and the
-    card and the browser say so)."""
+    card and the browser say so); `causal_of` runs the causal check's arms (None, or
+    causal.enabled off: no causal check, and the card says so)."""
     store_dir = run_dir / "activations"
     manifest = read_manifest(store_dir)
     for layer in cfg.capture.layers:  # before any work: e.g. the store was captured again from another model
@@ -81,7 +85,9 @@ def build_release(
     final = run_dir / "release"
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".release-"))
     try:
-        results, exported, files, features = {}, {}, [], {}
+        results, exported, files, features, causal_inputs = {}, {}, [], {}, {}
+        causal_layers = cfg.causal.layers or cfg.capture.layers
+        label_of = {rid: int(label) for rid, label in zip(rows.selection.rollout_id.tolist(), rows.label.tolist())}
         for layer in cfg.capture.layers:
             sae, history = trained[layer]
             sample = encode_sample(sae, StoreSource(store_dir, layer, selection.rows), selection,
@@ -92,6 +98,9 @@ def build_release(
                 top=cfg.release.top_contexts, width=cfg.release.context_tokens,
                 per_bin=cfg.release.quantile_examples, seed=cfg.train.split_seed)
             exported[layer] = sample.residuals
+            if layer in causal_layers:
+                causal_inputs[layer] = causal.training_inputs(results[layer]["rollout"]["pooled"], sample.rollout_sum,
+                                                              label_of, set(selection.heldout_positions))
             del sample  # its codes and held-out residuals: one layer's at a time
             files += [p.relative_to(staging).as_posix() for p in sae.save_release(staging, layer, hook_name(layer)).values()]
         fidelity, logits = None, None
@@ -99,8 +108,13 @@ def build_release(
             fidelity, logits = model_side_of(
                 fidelity_rollouts(selection, rollouts, cfg.release.fidelity_rollouts, cfg.train.split_seed),
                 {layer: r["train_mean"] for layer, r in results.items()})
+        causal_check = None
+        if causal_of is not None and cfg.causal.enabled:
+            causal_check = run_causal_check(cfg, results, features, causal_inputs, rollouts, selection, causal_of)
+            write_json(staging / "causal.json", causal_check)
+            files.append("causal.json")
         files += write_data_files(staging, cfg, results, rows, exported, fidelity, run_dir)
-        chart_files = write_charts(staging, cfg, results, trained)
+        chart_files = write_charts(staging, cfg, results, trained, causal_check)
         write_json(staging / "final_summary.json", {
             "layers": {str(layer): {**r["summary"], "fidelity": None if fidelity is None else fidelity[layer]}
                        for layer, r in results.items()},
@@ -111,6 +125,7 @@ def build_release(
         })
         files.append("final_summary.json")
         info = card_info(cfg, manifest, rollouts, results, selection, fidelity, files, chart_files, timings)
+        info["causal"] = causal_check
         files += write_feature_pages(staging, cfg, info, results, features, trained, logits, token_texts(tokenizer),
                                      {r: x.outcome for r, x in rollouts.items()})
         files += write_saebench(staging, cfg, info, results, features, trained, fidelity)
@@ -300,7 +315,26 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=1))
 
 
-def write_charts(staging: Path, cfg: PipelineConfig, results: dict, trained: dict) -> list[str]:
+def run_causal_check(cfg: PipelineConfig, results: dict, features: dict[int, LayerFeatures], inputs: dict,
+                     rollouts: dict[int, Rollout], selection: RowSelection, causal_of: CausalFn) -> dict:
+    """causal.json: the plans of the layers checked (qsae.causal), run on the held-out rollouts (a
+    seeded sample of causal.questions of them)."""
+    plans = {}
+    for layer in cfg.causal.layers or cfg.capture.layers:
+        pooled_max, labels, direction = inputs[layer]
+        plans[layer] = causal.plan_layer(
+            layer, m=cfg.causal.features, steer_multiples=cfg.causal.steer_multiples, fire_rate=results[layer]["rates"],
+            typical=features[layer].mean_activation, pooled_max=pooled_max, labels=labels, direction=direction,
+            seed=cfg.train.split_seed)
+    ids = sorted(selection.heldout_positions)
+    if cfg.causal.questions is not None and cfg.causal.questions < len(ids):
+        ids = sorted(np.random.default_rng(cfg.train.split_seed).choice(ids, cfg.causal.questions, replace=False).tolist())
+    return causal.run_causal(plans, [rollouts[r] for r in ids], causal_of, n_boot=cfg.release.bootstrap,
+                             seed=cfg.train.split_seed)
+
+
+def write_charts(staging: Path, cfg: PipelineConfig, results: dict, trained: dict,
+                 causal_check: dict | None = None) -> list[str]:
     ve = {L: (r["summary"]["variance_explained"], *r["summary"]["ve_ci"]) for L, r in results.items()
           if r["summary"]["ve_ci"] is not None}
     paths = [charts.plot_variance_explained(ve, staging / charts.VARIANCE_EXPLAINED_PNG)] if ve else []
@@ -318,6 +352,10 @@ def write_charts(staging: Path, cfg: PipelineConfig, results: dict, trained: dic
             staging / charts.FEATURE_HEALTH_PNG,
         ),
     ]
+    arms = {int(layer): entry["arms"] for layer, entry in ((causal_check or {}).get("layers") or {}).items()
+            if entry["arms"]}
+    if arms:
+        paths.append(charts.plot_causal(arms, staging / charts.CAUSAL_PNG))
     return [p.name for p in paths]
 
 

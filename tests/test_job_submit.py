@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # This interpreter's bin/: its `ray`, and the `python` that the job's entrypoint names. The head runs
 # the entrypoint with its own PATH, so it gets this environment's Python and packages.
 BIN = Path(sys.executable).parent
-SMALL = ["rollout.num_questions=16", "train.epochs=3", "train.n_features=64", "train.k=8"]
+SMALL = ["rollout.num_questions=16", "train.epochs=3", "train.n_features=64", "train.k=8", "causal.enabled=false"]
 
 
 def free_ports(n: int) -> list[int]:

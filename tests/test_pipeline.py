@@ -24,7 +24,8 @@ from qsae.train import load_trained, save_trained
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["rollout.num_questions=24", "train.epochs=6", "train.n_features=128", "train.k=8", "release.bootstrap=50",
-         "release.permutations=200"]
+         "release.permutations=200", "causal.features=1"]
+NO_CAUSAL = ["causal.enabled=false"]  # the causal check is tested on the release fixture's run
 
 
 def run_driver(*args: str) -> subprocess.CompletedProcess:
@@ -317,6 +318,51 @@ def test_saebench_and_neuronpedia_files_hold_the_releases_numbers(release):
                 sample_max[feature["feature_index"]], abs=1e-4)
 
 
+def test_causal_check_reruns_the_heldout_questions_with_the_chosen_features_intervened(release):
+    """causal.json: the un-intervened rerun reproduces the original rollouts (greedy), the chosen feature
+    is the training rollouts' top |AUROC - 0.5| (sklearn on max activations from the released rows),
+    and each arm's statistics follow from its answers (McNemar against scipy)."""
+    from scipy.stats import binomtest
+
+    check = json.loads((release / "causal.json").read_text())
+    rollouts = {r["rollout_id"]: r for r in pq.read_table(release.parent / "rollouts.parquet").to_pylist()}
+    base = check["baseline"]
+    assert base["reproduces_original_responses"] == 1.0
+    assert base["letters"] == [rollouts[r]["predicted_letter"] for r in base["rollout_ids"]]
+    assert base["correct"] == [int(rollouts[r]["outcome"] == "correct") for r in base["rollout_ids"]]
+    split = json.loads((release / "split.json").read_text())
+    assert set(base["rollout_ids"]) <= set(split["heldout_rollout_ids"])
+
+    layer = "7"  # configs/tiny.toml's causal.layers
+    acts, _ = released_rows(release)
+    sae = TopKSAE.load(release / f"sae_L{layer}_n128_k8.safetensors")
+    with torch.no_grad():
+        codes = sae.encode(torch.from_numpy(acts[f"L{layer}"]).float()).numpy()
+    train = [r for r in np.unique(acts["rollout_id"]).tolist()
+             if r not in set(split["heldout_rollout_ids"]) and rollouts[r]["outcome"] in ("correct", "wrong")]
+    pooled = np.stack([codes[acts["rollout_id"] == r].max(axis=0) for r in train])
+    labels = [rollouts[r]["outcome"] == "correct" for r in train]
+    live = np.flatnonzero((codes > 0).any(axis=0))
+    distance = {f: abs(roc_auc_score(labels, pooled[:, f]) - 0.5) for f in live.tolist()}
+    entry = check["layers"][layer]
+    chosen = entry["selected"][0]["feature"]
+    assert distance[chosen] == pytest.approx(max(distance.values()))
+    assert [c["matched_to"] for c in entry["controls"]] == [chosen] and entry["controls"][0]["feature"] != chosen
+    groups = {arm["group"] for arm in entry["arms"]}
+    assert groups == {"feature", "random", "dom"} and len(entry["arms"]) == 3 + 3 + 3
+    for arm in entry["arms"]:
+        mine, theirs = np.array(arm["correct"]), np.array(base["correct"])
+        assert arm["accuracy_change"] == pytest.approx(mine.mean() - theirs.mean())
+        b, c = int((theirs & ~mine).sum()), int((~theirs & mine).sum())
+        assert arm["mcnemar_p"] == pytest.approx(1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue)
+        changed = np.mean([x != y for x, y in zip(arm["letters"], base["letters"])])
+        assert arm["answers_changed"] == pytest.approx(changed)
+    # steering hard enough changes answers somewhere: the interventions reach the generation
+    assert max(arm["answers_changed"] for arm in entry["arms"]) > 0
+    assert (release / "06_causal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Causal check" in (release / "README.md").read_text()
+
+
 def test_model_card_reports_the_run(release):
     card = (release / "README.md").read_text()
     summary = json.loads((release / "final_summary.json").read_text())
@@ -332,7 +378,7 @@ def test_analyze_rebuilds_the_release_from_the_trained_run(release):
     before = json.loads((release / "final_summary.json").read_text())["layers"]
     (release / "README.md").unlink()
     done = subprocess.run(
-        [sys.executable, "-m", "qsae", "analyze", "--out", str(release.parent), *SMALL],
+        [sys.executable, "-m", "qsae", "analyze", "--out", str(release.parent), *SMALL, *NO_CAUSAL],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -342,7 +388,7 @@ def test_analyze_rebuilds_the_release_from_the_trained_run(release):
         assert after[layer]["variance_explained"] == pytest.approx(before[layer]["variance_explained"], abs=1e-6)
 
 
-BATCHTOPK = [*SMALL, "train.architecture=batchtopk", "train.epochs=40", "train.checkpoint_every_steps=5"]
+BATCHTOPK = [*SMALL, *NO_CAUSAL, "train.architecture=batchtopk", "train.epochs=40", "train.checkpoint_every_steps=5"]
 
 
 def store_state(run: Path) -> tuple[dict, str]:
@@ -428,7 +474,7 @@ def test_every_decoder_layer_in_one_pass_trained_over_the_resources_given(tmp_pa
     n_layers = model_dims(resolve_model_path("tiny-dense"))[0]
     done = run_driver("--out", str(tmp_path), "model.name=tiny-dense", "capture.layers=all", "rollout.num_questions=8",
                       "rollout.max_new_tokens=24", "train.epochs=2", "train.n_features=32", "train.k=4",
-                      "train.holdout_fraction=0.25", "release.bootstrap=20", "release.permutations=50")
+                      "train.holdout_fraction=0.25", "release.bootstrap=20", "release.permutations=50", *NO_CAUSAL)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = read_manifest(tmp_path / "activations")
     assert manifest["layers"] == list(range(n_layers))

@@ -166,3 +166,32 @@ def plot_feature_health(health_by_layer: dict[int, dict], path: str | Path) -> P
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return _save(fig, path, FEATURE_HEALTH_PNG)
+
+
+CAUSAL_PNG = "06_causal.png"
+CAUSAL_COLORS = {"feature": "tab:orange", "random": "tab:gray", "dom": "tab:blue"}
+
+
+def plot_causal(arms_by_layer: dict[int, list[dict]], path: str | Path) -> Path:
+    """Per layer, each intervention's change in held-out accuracy against the un-intervened run, with
+    its paired bootstrap interval (no whisker where there is none); coloured by group."""
+    layers = _layers(arms_by_layer)
+    height = max(2.5, 0.3 * max(len(arms) for arms in arms_by_layer.values()) + 1.2)
+    fig = Figure(figsize=(7, height * len(layers)))
+    for i, layer in enumerate(layers):
+        ax = fig.add_subplot(len(layers), 1, i + 1)
+        arms = arms_by_layer[layer]
+        y = np.arange(len(arms))[::-1]
+        change = np.array([a["accuracy_change"] for a in arms])
+        ax.barh(y, change, color=[CAUSAL_COLORS[a["group"]] for a in arms])
+        for yi, a in zip(y, arms):
+            if a["accuracy_change_ci"] is not None:
+                low, high = a["accuracy_change_ci"]
+                ax.plot([low, high], [yi, yi], color="black", linewidth=1)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(y, [a["name"].split(" ", 1)[1] for a in arms], fontsize=7)
+        ax.set_xlabel("accuracy change vs. no intervention")
+        ax.set_title(f"layer {layer}: feature (orange), fire-rate-matched random (gray), difference of means (blue)",
+                     fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, CAUSAL_PNG)

@@ -1,0 +1,282 @@
+"""Causal check: do the features most associated with correctness change the model's answers when
+intervened on?
+
+Per layer, the top m live features by rollout-level |AUROC - 0.5| on the training questions' rollouts
+(each feature's max activation over a rollout's sampled tokens against its correctness) are
+intervened on while the model answers the held-out questions again, greedily, from the same prompt
+tokens:
+- ablated: the feature's contribution a_f(h) d_f subtracted from the layer's output h at every
+  position (a_f as the SAE encodes h; d_f its unit decoder row);
+- steered: s c_f d_f added at every position, for each multiple s in `steer_multiples` with both
+  signs, c_f the feature's typical activation (its mean where it fires in the sample).
+Controls: for each chosen feature a random live feature matched on fire rate (drawn among the
+MATCH_POOL live features nearest in log fire rate), intervened on the same way; and the
+difference-of-means direction u between the mean residuals of correct and wrong training rollouts
+at that layer, ablated (h - (h . u) u / ||u||^2) and steered at matched norm (s times the chosen
+features' mean c_f along u / ||u||). The un-intervened arm runs too: greedy decoding is deterministic,
+so it reproduces the original rollouts' answers, and every arm is compared with it question by
+question: the change in accuracy (unscored answers count as not correct) with a paired bootstrap
+interval over questions, McNemar's exact p, the share of answers whose letter changed, and the mean
+change in response length with its interval.
+
+`plan_layer` and `arm_statistics` are pure; `intervention` builds the forward hook; the runs go to
+Ray tasks placed like capture replicas (qsae.distributed), on the transformers engine, whose hooks
+run at every position (vLLM's compiled model runner would need its own hook path).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from qsae.analysis.features import UndefinedAUROCError
+from qsae.analysis.fidelity import bootstrap_ci
+from qsae.analysis.rollout_stats import auroc_dense
+
+MATCH_POOL = 5  # random controls are drawn among this many live features nearest in fire rate
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One intervention (or none) on one layer."""
+
+    name: str  # unique, e.g. "L7 f12 steer -4x"
+    layer: int | None  # None for the baseline
+    group: str  # "baseline" | "feature" | "random" | "dom"
+    kind: str  # "none" | "ablate" | "steer"
+    feature: int | None = None  # the SAE feature (feature and random groups)
+    scale: float = 0.0  # steer: the length added along the unit direction (signed)
+    direction: list[float] | None = None  # dom: the difference-of-means direction
+
+
+@dataclass
+class LayerPlan:
+    """What a layer's causal check runs and why; `skipped` says why not, when it does not."""
+
+    layer: int
+    arms: list[Arm] = field(default_factory=list)
+    selected: list[dict] = field(default_factory=list)  # feature, train_auroc, fire_rate, typical_activation
+    controls: list[dict] = field(default_factory=list)  # feature, fire_rate, typical_activation, matched_to
+    skipped: str | None = None
+    note: str | None = None
+
+
+def train_auroc(pooled_max: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Rollout-level AUROC [n] of each feature's max activation for correctness (bool labels [R])."""
+    return auroc_dense(pooled_max, labels)
+
+
+def matched_controls(fire_rate: np.ndarray, chosen: list[int], rng: np.random.Generator) -> list[int]:
+    """For each chosen feature, a live feature not chosen (nor already drawn), drawn uniformly among
+    the MATCH_POOL nearest to it in log fire rate."""
+    taken, controls = set(chosen), []
+    log_rate = np.log(np.where(fire_rate > 0, fire_rate, np.nan))
+    for f in chosen:
+        candidates = [g for g in np.flatnonzero(fire_rate > 0).tolist() if g not in taken]
+        if not candidates:
+            break
+        nearest = sorted(candidates, key=lambda g: (abs(log_rate[g] - log_rate[f]), g))[:MATCH_POOL]
+        pick = int(rng.choice(nearest))
+        controls.append(pick)
+        taken.add(pick)
+    return controls
+
+
+def difference_of_means(mean_residuals: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Mean over correct rollouts minus mean over wrong ones of their mean residuals [R, d]."""
+    return mean_residuals[correct].astype(np.float64).mean(axis=0) - mean_residuals[~correct].astype(np.float64).mean(axis=0)
+
+
+def training_inputs(pooled, rollout_sum: np.ndarray, label_of: dict[int, int],
+                    heldout: set[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """plan_layer's inputs from a layer's sample: the labelled training rollouts' pooled max
+    activations [R, n] (a rollout_stats.RolloutPool over every sampled rollout, rows by sorted id,
+    as `rollout_sum` [all, d]), their labels (bool, True = correct), and the difference of means of
+    their mean residuals (None unless both outcomes are there)."""
+    keep = np.array([r not in heldout and label_of[r] >= 0 for r in pooled.rollout_ids.tolist()], dtype=bool)
+    labels = np.array([label_of[r] == 1 for r in pooled.rollout_ids[keep].tolist()], dtype=bool)
+    means = rollout_sum[keep] / pooled.n_tokens[keep][:, None]
+    direction = difference_of_means(means, labels) if 0 < labels.sum() < len(labels) else None
+    return pooled.max[keep], labels, direction
+
+
+def plan_layer(layer: int, *, m: int, steer_multiples: list[float], fire_rate: np.ndarray, typical: np.ndarray,
+               pooled_max: np.ndarray, labels: np.ndarray, direction: np.ndarray | None, seed: int) -> LayerPlan:
+    """The arms of one layer (module docstring) from its training rollouts: pooled_max [R, n] and
+    labels bool [R] (correct), and their difference_of_means direction (None: no dom control);
+    fire_rate and typical [n] over the sample."""
+    plan = LayerPlan(layer)
+    live = np.flatnonzero(fire_rate > 0)
+    if len(live) == 0:
+        plan.skipped = "the SAE has no live feature at this layer"
+        return plan
+    try:
+        auroc = train_auroc(pooled_max, labels)
+    except UndefinedAUROCError:
+        plan.skipped = (f"the {len(labels)} labelled training rollouts are not of both outcomes: "
+                        "no feature can be chosen by AUROC")
+        return plan
+    order = sorted(live.tolist(), key=lambda f: (-abs(auroc[f] - 0.5), f))
+    chosen = order[:m]
+    if len(chosen) < m:
+        plan.note = f"{m} features asked for, {len(chosen)} live: all of them are used"
+    controls = matched_controls(fire_rate, chosen, np.random.default_rng([seed, layer]))
+    plan.selected = [{"feature": f, "train_auroc": float(auroc[f]), "fire_rate": float(fire_rate[f]),
+                      "typical_activation": float(typical[f])} for f in chosen]
+    plan.controls = [{"feature": g, "fire_rate": float(fire_rate[g]), "typical_activation": float(typical[g]),
+                      "matched_to": f} for g, f in zip(controls, chosen)]
+    for group, features in (("feature", chosen), ("random", controls)):
+        for f in features:
+            plan.arms.append(Arm(f"L{layer} {group} f{f} ablate", layer, group, "ablate", f))
+            plan.arms += [Arm(f"L{layer} {group} f{f} steer {sign * s:+g}x", layer, group, "steer", f,
+                              sign * s * float(typical[f])) for s in steer_multiples for sign in (1, -1)]
+    if direction is not None and np.linalg.norm(direction) > 0:
+        size = float(np.mean([typical[f] for f in chosen]))
+        unit = (direction / np.linalg.norm(direction)).tolist()
+        plan.arms.append(Arm(f"L{layer} dom ablate", layer, "dom", "ablate", direction=unit))
+        plan.arms += [Arm(f"L{layer} dom steer {sign * s:+g}x", layer, "dom", "steer", scale=sign * s * size,
+                          direction=unit) for s in steer_multiples for sign in (1, -1)]
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# The intervention itself
+
+
+def intervention(arm: Arm, sae) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h [..., d] -> the intervened output of arm's layer (the SAE of that layer for feature arms)."""
+    if arm.kind == "none":
+        return lambda h: h
+    if arm.direction is not None:
+        unit = torch.tensor(arm.direction)
+        if arm.kind == "ablate":
+            return lambda h: h - (h @ unit.to(h))[..., None] * unit.to(h)
+        return lambda h: h + arm.scale * unit.to(h)
+    row = sae.W_dec[arm.feature].detach()
+    if arm.kind == "ablate":
+        def ablate(h: torch.Tensor) -> torch.Tensor:
+            values, indices = sae.encode_topk(h.to(row.dtype))
+            activation = (values * (indices == arm.feature)).sum(dim=-1)
+            return h - (activation[..., None] * row).to(h.dtype)
+        return ablate
+    return lambda h: h + (arm.scale * row).to(h)
+
+
+@contextmanager
+def intervened(layers: nn.ModuleList, arm: Arm, sae):
+    """Within the block, every forward pass of the model has arm's intervention at its layer."""
+    if arm.layer is None:
+        yield
+        return
+    change = intervention(arm, sae)
+
+    def hook(module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = change(hidden)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = layers[arm.layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics
+
+
+@dataclass
+class Answers:
+    """One arm's answers to the held-out questions, in the same question order for every arm."""
+
+    correct: np.ndarray  # bool [Q]
+    letter: list[str | None]  # [Q]
+    length: np.ndarray  # response tokens [Q]
+    responses: list[list[int]]  # [Q] response token ids
+
+
+def mcnemar_p(baseline: np.ndarray, arm: np.ndarray) -> float:
+    """Exact two-sided McNemar p: the discordant pairs as a binomial(b + c, 1/2); 1 without any."""
+    b, c = int((baseline & ~arm).sum()), int((~baseline & arm).sum())
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def arm_statistics(baseline: Answers, arm: Answers, *, n_boot: int, seed: int) -> dict:
+    """Paired effects of an arm against the baseline over the same questions."""
+    base, mine = baseline.correct.astype(np.float64), arm.correct.astype(np.float64)
+    lengths = (arm.length - baseline.length).astype(np.float64)
+    paired = len(base) >= 2  # one question resampled is no interval
+    return {
+        "accuracy": float(mine.mean()),
+        "accuracy_change": float(mine.mean() - base.mean()),
+        "accuracy_change_ci": list(bootstrap_ci(lambda a, b: float(b.mean() - a.mean()), base, mine,
+                                                n_boot=n_boot, seed=seed)) if paired else None,
+        "mcnemar_p": mcnemar_p(baseline.correct, arm.correct),
+        "answers_changed": float(np.mean([a != b for a, b in zip(baseline.letter, arm.letter)])),
+        "length_change": float(lengths.mean()),
+        "length_change_ci": list(bootstrap_ci(lambda d: float(d.mean()), lengths, n_boot=n_boot, seed=seed))
+        if paired else None,
+        "n_questions": len(base),
+        "correct": arm.correct.astype(int).tolist(),  # per question, in baseline["rollout_ids"] order
+        "letters": list(arm.letter),
+    }
+
+
+def run_causal(plans: dict[int, LayerPlan], heldout: list, run_arms: Callable[[list[Arm], list], dict[str, Answers]],
+               *, n_boot: int, seed: int) -> dict:
+    """causal.json: every layer's plan run on the held-out rollouts (qsae.rollout.Rollout, their
+    prompts rerun) by run_arms, which returns each arm's Answers, and compared with the baseline."""
+    if not heldout:
+        return {"definition": DEFINITION, "skipped": "there are no held-out rollouts to rerun", "layers": {}}
+    arms = [Arm(BASELINE, None, BASELINE, "none")] + [arm for plan in plans.values() for arm in plan.arms]
+    answers = run_arms(arms, heldout)
+    base = answers[BASELINE]
+    layers = {}
+    for layer, plan in plans.items():
+        layers[str(layer)] = {"selected": plan.selected, "controls": plan.controls, "skipped": plan.skipped,
+                              "note": plan.note,
+                              "arms": [{**arm_json(arm), **arm_statistics(base, answers[arm.name], n_boot=n_boot,
+                                                                           seed=seed)} for arm in plan.arms]}
+    return {
+        "definition": DEFINITION,
+        "skipped": None,
+        "baseline": {"accuracy": float(base.correct.mean()), "n_questions": len(heldout),
+                     "correct": base.correct.astype(int).tolist(), "letters": list(base.letter),
+                     "rollout_ids": [r.rollout_id for r in heldout],
+                     "reproduces_original_responses": float(np.mean([a == r.response_token_ids
+                                                                     for a, r in zip(base.responses, heldout)])),
+                     "reproduces_original_letters": float(np.mean([a == r.predicted_letter
+                                                                   for a, r in zip(base.letter, heldout)]))},
+        "layers": layers,
+    }
+
+
+def arm_json(arm: Arm) -> dict:
+    """An arm as causal.json lists it (without the direction's coordinates)."""
+    return {key: value for key, value in asdict(arm).items() if key != "direction"}
+
+
+DEFINITION = {
+    "selection": "per layer, the top m live features by |AUROC - 0.5| of their rollout-level max activation for "
+                 "correctness over the training questions' labelled rollouts",
+    "ablate": "feature: its contribution a_f(h) d_f subtracted from the layer output h at every position; "
+              "dom: h - (h . u) u with u the unit difference-of-means direction",
+    "steer": "s c d added at every position: d the unit decoder row (feature) or u (dom), c the feature's mean "
+             "activation where it fires (dom: the chosen features' mean of it), s the multiple (both signs)",
+    "random": "for each chosen feature a random live feature among the 5 nearest in log fire rate",
+    "dom": "mean residual of correct minus wrong training rollouts at the layer",
+    "accuracy_change": "arm accuracy - baseline accuracy on the same held-out questions (unscored answers are "
+                       "not correct); interval: 95% paired percentile bootstrap over questions",
+    "mcnemar_p": "exact two-sided McNemar test of the paired correctness",
+    "answers_changed": "share of questions whose parsed letter differs from the baseline's",
+    "length_change": "mean over questions of the response length change in tokens; interval as above",
+}
