@@ -128,7 +128,8 @@ def build_release(
         info["causal"] = causal_check
         files += write_feature_pages(staging, cfg, info, results, features, trained, logits, token_texts(tokenizer),
                                      {r: x.outcome for r, x in rollouts.items()})
-        files += write_saebench(staging, cfg, info, results, features, trained, fidelity)
+        files += [p.relative_to(staging).as_posix() for p in ecosystem.write_saebench(
+            staging / "saebench", cfg, info, results, features, trained, fidelity, hook_name)]
         info["files"] = files + ["README.md"]
         (staging / "README.md").write_text(card.render_model_card(info))
         if final.exists():
@@ -200,7 +201,8 @@ def write_feature_pages(staging: Path, cfg: PipelineConfig, info: dict, results:
         records = [data.record(int(f), results[layer]["stats"], token_text, outcome_of.__getitem__, layer_logits)
                    for f in data.live]
         write_layer(out, layer, len(data.fire_count), records)
-        write_neuronpedia(staging / "neuronpedia", cfg, info, layer, trained[layer][0], records, layer_logits)
+        ecosystem.write_neuronpedia(staging / "neuronpedia", cfg, info, layer, hook_name(layer), trained[layer][0],
+                                    records, layer_logits)
         top_contexts[str(layer)] = {str(r["feature"]): r["top"] for r in records}
     write_data(out, "release", browser_front_page(info, results, charts))
     write_json(staging / "feature_characterization.json", {
@@ -210,70 +212,6 @@ def write_feature_pages(staging: Path, cfg: PipelineConfig, info: dict, results:
         "layers": top_contexts})
     return ["feature_characterization.json", *sorted(p.relative_to(staging).as_posix() for folder in
                                                      (out, staging / "neuronpedia") for p in folder.rglob("*") if p.is_file())]
-
-
-def sae_set_name(info: dict) -> str:
-    """The release's name as SAEBench and Neuronpedia files give it (their SAELens release / SAE set)."""
-    return f"qsae-{info['architecture']}-{info['n_features']}"
-
-
-def write_neuronpedia(root: Path, cfg: PipelineConfig, info: dict, layer: int, sae: TopKSAE, records: list[dict],
-                      logits: dict | None) -> None:
-    """One layer's folder in SAEDashboard's Neuronpedia runner layout (ecosystem)."""
-    hook = hook_name(layer)
-    out = root / ecosystem.neuronpedia_folder(info["model_id"], sae_set_name(info), hook, sae.n_features)
-    out.mkdir(parents=True)
-    context = {"n_prompts_total": info["outcomes"]["n"], "n_tokens_in_prompt": 2 * cfg.release.context_tokens + 1,
-               "dataset": str(cfg.rollout.questions)}
-    W_dec = sae.W_dec.detach().float().cpu().numpy()
-    head = {"model_id": info["model_id"], "layer": layer, "sae_set": sae_set_name(info), "sae_id_suffix": None}
-    for number, batch in ecosystem.neuronpedia_batches(records):
-        features = [ecosystem.neuronpedia_feature(
-            r, W_dec[r["feature"]], None if logits is None else
-            (logits["histogram_heights"][r["feature"]], logits["histogram_values"][r["feature"]]), context)
-            for r in batch]
-        (out / f"batch-{number}.json").write_text(json.dumps({**head, "features": features}, allow_nan=False))
-    live = {r["feature"] for r in records}
-    write_json(out / "skipped_indexes.json", {**head, "layer": str(layer), "log_sparsity": None,
-                                              "skipped_indexes": [f for f in range(sae.n_features) if f not in live]})
-    write_json(out / "run_settings.json", {"written_by": f"qsae {qsae.__version__}", "hook_name": hook,
-                                           "model_id": info["model_id"], "model_revision": info["model_revision"],
-                                           "n_features_at_a_time": ecosystem.NEURONPEDIA_BATCH,
-                                           "top_contexts": cfg.release.top_contexts,
-                                           "quantile_bins": "5 quantile bins of the feature's activations",
-                                           "quantile_examples": cfg.release.quantile_examples,
-                                           "context_tokens_each_side": cfg.release.context_tokens, **context})
-
-
-def write_saebench(staging: Path, cfg: PipelineConfig, info: dict, results: dict, features: dict[int, LayerFeatures],
-                   trained: dict, fidelity: dict | None) -> list[str]:
-    """saebench/: each layer's SAEBench core eval output (ecosystem); returns the files' names."""
-    out = staging / "saebench"
-    out.mkdir()
-    names = []
-    for layer, r in results.items():
-        sae, hook = trained[layer][0], hook_name(layer)
-        entry = None if fidelity is None else fidelity[layer]
-        config = {"model_name": info["model_id"], "llm_dtype": cfg.model.dtype, "batch_size_prompts": 1,
-                  "n_eval_reconstruction_batches": 0 if entry is None else entry["n_rollouts"],
-                  "n_eval_sparsity_variance_batches": 1, "dataset": str(cfg.rollout.questions),
-                  "context_size": cfg.rollout.max_new_tokens, "compute_kl": entry is not None,
-                  "compute_ce_loss": entry is not None, "compute_l2_norms": True, "compute_sparsity_metrics": True,
-                  "compute_variance_metrics": True, "compute_featurewise_density_statistics": True,
-                  "compute_featurewise_weight_based_metrics": True,
-                  "exclude_special_tokens_from_reconstruction": cfg.capture.exclude_special_tokens, "verbose": False}
-        summary = r["summary"]
-        extra = {"heldout_tokens": summary["heldout_rows"], "variance_explained_pooled": summary["variance_explained"],
-                 "variance_explained_pooled_ci": summary["ve_ci"], "rollout_level": summary["rollout_level"],
-                 "token_level": summary["token_level"]}
-        core = ecosystem.saebench_core(
-            layer=layer, sae=sae, hook=hook, release_id=sae_set_name(info), metrics=r["core_metrics"], fidelity=entry,
-            fire_rate=r["rates"], fire_count=features[layer].fire_count, rollouts_fired=r["rollouts_fired"],
-            decoder_similar=features[layer].similar[1][:, 0], config=config, extra=extra)
-        name = ecosystem.saebench_file_name(sae_set_name(info), hook)
-        (out / name).write_text(json.dumps(core, indent=1, allow_nan=False))
-        names.append(f"saebench/{name}")
-    return names
 
 
 def browser_front_page(info: dict, results: dict, charts: list[str]) -> dict:

@@ -8,7 +8,7 @@ import torch
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
-from qsae.causal import Answers, Arm, arm_statistics, intervened, intervention, mcnemar_p, plan_layer
+from qsae.causal import Answers, Arm, arm_statistics, intervened, intervention, mcnemar_p, plan_layer, run_causal
 from qsae.models import decoder_layers
 from qsae.sae import TopKSAE
 
@@ -146,3 +146,11 @@ def test_arm_statistics_are_paired_over_questions():
     rng = np.random.default_rng(0)
     replicates = [np.mean(arm.correct[i]) - np.mean(base.correct[i]) for i in (rng.integers(0, 6, 6) for _ in range(300))]
     assert (low, high) == pytest.approx(tuple(np.quantile(replicates, [0.025, 0.975])))
+
+
+def test_a_run_without_heldout_rollouts_skips_the_check_and_says_why():
+    def never(arms, heldout):
+        raise AssertionError("nothing to rerun")
+
+    got = run_causal({}, [], never, n_boot=10, seed=0)
+    assert got["skipped"] == "there are no held-out rollouts to rerun" and got["layers"] == {}

@@ -16,15 +16,19 @@
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import qsae
 from qsae.analysis.features import nearest_decoder_directions
+from qsae.config import PipelineConfig
 
 SAEBENCH_UNDEFINED = -1  # SAEBench's value for what was not computed (it writes -1 for NaN)
 NEURONPEDIA_BATCH = 128  # features per batch file (SAEDashboard's runner default)
@@ -196,3 +200,68 @@ def neuronpedia_batches(records: list[dict], batch: int = NEURONPEDIA_BATCH) -> 
     for record in records:
         out.setdefault(record["feature"] // batch, []).append(record)
     return sorted(out.items())
+
+
+def sae_set_name(info: dict) -> str:
+    """The release's name as SAEBench and Neuronpedia files give it (their SAELens release / SAE set)."""
+    return f"qsae-{info['architecture']}-{info['n_features']}"
+
+
+def write_neuronpedia(root: Path, cfg: PipelineConfig, info: dict, layer: int, hook: str, sae, records: list[dict],
+                      logits: dict | None) -> None:
+    """One layer's folder in SAEDashboard's Neuronpedia runner layout, from its live features'
+    browser records (feature_data.LayerFeatures.record); `info` is the model card's."""
+    out = root / neuronpedia_folder(info["model_id"], sae_set_name(info), hook, sae.n_features)
+    out.mkdir(parents=True)
+    context = {"n_prompts_total": info["outcomes"]["n"], "n_tokens_in_prompt": 2 * cfg.release.context_tokens + 1,
+               "dataset": str(cfg.rollout.questions)}
+    W_dec = sae.W_dec.detach().float().cpu().numpy()
+    head = {"model_id": info["model_id"], "layer": layer, "sae_set": sae_set_name(info), "sae_id_suffix": None}
+    for number, batch in neuronpedia_batches(records):
+        features = [neuronpedia_feature(
+            r, W_dec[r["feature"]], None if logits is None else
+            (logits["histogram_heights"][r["feature"]], logits["histogram_values"][r["feature"]]), context)
+            for r in batch]
+        (out / f"batch-{number}.json").write_text(json.dumps({**head, "features": features}, allow_nan=False))
+    live = {r["feature"] for r in records}
+    (out / "skipped_indexes.json").write_text(json.dumps({
+        **head, "layer": str(layer), "log_sparsity": None,
+        "skipped_indexes": [f for f in range(sae.n_features) if f not in live]}, indent=1))
+    (out / "run_settings.json").write_text(json.dumps({"written_by": f"qsae {qsae.__version__}", "hook_name": hook,
+                                           "model_id": info["model_id"], "model_revision": info["model_revision"],
+                                           "n_features_at_a_time": NEURONPEDIA_BATCH,
+                                           "top_contexts": cfg.release.top_contexts,
+                                           "quantile_bins": "5 quantile bins of the feature's activations",
+                                           "quantile_examples": cfg.release.quantile_examples,
+                                           "context_tokens_each_side": cfg.release.context_tokens, **context}, indent=1))
+
+
+def write_saebench(out: Path, cfg: PipelineConfig, info: dict, results: dict, features: dict, trained: dict,
+                   fidelity: dict | None, hook_of: Callable[[int], str]) -> list[Path]:
+    """Each layer's SAEBench core eval output under `out`, from the release's per-layer analysis
+    results, feature data (feature_data.LayerFeatures) and fidelity; returns the files."""
+    out.mkdir()
+    names = []
+    for layer, r in results.items():
+        sae, hook = trained[layer][0], hook_of(layer)
+        entry = None if fidelity is None else fidelity[layer]
+        config = {"model_name": info["model_id"], "llm_dtype": cfg.model.dtype, "batch_size_prompts": 1,
+                  "n_eval_reconstruction_batches": 0 if entry is None else entry["n_rollouts"],
+                  "n_eval_sparsity_variance_batches": 1, "dataset": str(cfg.rollout.questions),
+                  "context_size": cfg.rollout.max_new_tokens, "compute_kl": entry is not None,
+                  "compute_ce_loss": entry is not None, "compute_l2_norms": True, "compute_sparsity_metrics": True,
+                  "compute_variance_metrics": True, "compute_featurewise_density_statistics": True,
+                  "compute_featurewise_weight_based_metrics": True,
+                  "exclude_special_tokens_from_reconstruction": cfg.capture.exclude_special_tokens, "verbose": False}
+        summary = r["summary"]
+        extra = {"heldout_tokens": summary["heldout_rows"], "variance_explained_pooled": summary["variance_explained"],
+                 "variance_explained_pooled_ci": summary["ve_ci"], "rollout_level": summary["rollout_level"],
+                 "token_level": summary["token_level"]}
+        core = saebench_core(
+            layer=layer, sae=sae, hook=hook, release_id=sae_set_name(info), metrics=r["core_metrics"], fidelity=entry,
+            fire_rate=r["rates"], fire_count=features[layer].fire_count, rollouts_fired=r["rollouts_fired"],
+            decoder_similar=features[layer].similar[1][:, 0], config=config, extra=extra)
+        name = saebench_file_name(sae_set_name(info), hook)
+        (out / name).write_text(json.dumps(core, indent=1, allow_nan=False))
+        names.append(out / name)
+    return names
