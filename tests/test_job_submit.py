@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # This interpreter's bin/: its `ray`, and the `python` that the job's entrypoint names. The head runs
 # the entrypoint with its own PATH, so it gets this environment's Python and packages.
 BIN = Path(sys.executable).parent
-SMALL = ["rollout.num_questions=16", "train.epochs=3", "train.n_features=64", "train.k=8", "causal.enabled=false"]
+SMALL = ["rollout.num_questions=8", "train.epochs=3", "train.n_features=64", "train.k=8", "release.bootstrap=20",
+         "release.permutations=50", "causal.enabled=false"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -153,7 +154,7 @@ def test_job_submit_runs_the_pipeline(ray_head, tiny_path, tmp_path):
     for row in summary["layers"].values():
         assert 0 < row["variance_explained"] <= 1
         assert row["dead"] + row["rare"] + row["healthy"] + row["dense"] == 64
-    assert summary["rollouts"]["n"] == 16
+    assert summary["rollouts"]["n"] == 8
     card = (release / "README.md").read_text()
     assert card.startswith("---\n") and all(f"L{layer}" in card for layer in (3, 7, 11))
     for layer in (3, 7, 11):

@@ -24,7 +24,7 @@ from qsae.train import load_trained, save_trained
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["rollout.num_questions=24", "train.epochs=6", "train.n_features=128", "train.k=8", "release.bootstrap=50",
-         "release.permutations=200", "causal.features=1"]
+         "release.permutations=200", "causal.features=1", "causal.questions=4"]
 NO_CAUSAL = ["causal.enabled=false"]  # the causal check is tested on the release fixture's run
 
 
@@ -531,12 +531,13 @@ def test_the_vllm_config_runs_end_to_end(tmp_path):
     pytest.importorskip("vllm")
     done = run_driver(
         "--config", "configs/tiny_vllm.toml", "--out", str(tmp_path),
-        "rollout.num_questions=16", "train.epochs=3", "train.n_features=64", "train.k=8",
+        "rollout.num_questions=8", "train.epochs=3", "train.n_features=64", "train.k=8", "release.bootstrap=20",
+        "release.permutations=50",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "release" / "final_summary.json").read_text())
     assert sorted(summary["layers"], key=int) == ["1", "3", "5"]
-    assert summary["rollouts"]["n"] == 16
+    assert summary["rollouts"]["n"] == 8
     rollouts = pq.read_table(tmp_path / "rollouts.parquet").to_pylist()
     assert {r["engine"] for r in rollouts} == {"vllm"}
     manifest = json.loads((tmp_path / "activations" / "manifest.json").read_text())
