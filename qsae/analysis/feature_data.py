@@ -59,18 +59,32 @@ class Entries:
     def empty(cls) -> Entries:
         return cls(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0))
 
-    def merged(self, other: Entries, score: np.ndarray, limit: int) -> Entries:
+    def merged(self, other: Entries, score: Callable[[Entries], np.ndarray], limit: int, n_features: int) -> Entries:
+        """The `limit` best-scoring entries per feature of self (a keep_best result) and other (later
+        rows). Where a feature already has `limit`, only other's entries that beat its worst kept one
+        can enter (a tie goes to the kept, earlier row), so after the first chunks the sort is of
+        what is kept plus a few newcomers."""
+        counts = np.bincount(self.feature, minlength=n_features)
+        full = counts >= limit
+        worst = np.full(n_features, -np.inf)
+        worst[full] = score(self)[(np.cumsum(counts) - 1)[full]]
+        other = other.select(score(other) > worst[other.feature])
         both = Entries(*(np.concatenate([a, b]) for a, b in zip(self.astuple(), other.astuple())))
-        keep = keep_best(both.feature, score(both), both.row, limit)
-        return Entries(*(a[keep] for a in both.astuple()))
+        return both.select(keep_best(both.feature, score(both), both.row, limit))
+
+    def select(self, which: np.ndarray) -> Entries:
+        return Entries(*(a[which] for a in self.astuple()))
 
     def astuple(self) -> tuple[np.ndarray, ...]:
         return self.feature, self.row, self.activation, self.key
 
     def of(self, feature: int) -> slice:
         """This feature's entries (the arrays are grouped by feature ascending)."""
-        lo, hi = np.searchsorted(self.feature, [feature, feature + 1])
-        return slice(int(lo), int(hi))
+        if not hasattr(self, "_bounds"):  # every feature's, found at once
+            self._bounds = np.searchsorted(self.feature, np.arange(self.feature.max(initial=-1) + 2)).tolist()
+        if feature + 1 >= len(self._bounds):
+            return slice(len(self.feature), len(self.feature))
+        return slice(self._bounds[feature], self._bounds[feature + 1])
 
 
 class FeatureStream:
@@ -102,8 +116,8 @@ class FeatureStream:
         self.activation_sum += np.bincount(features, weights=activations, minlength=self.n_features)
         np.maximum.at(self.max_activation, features, activations)
         new = Entries(features, rows, activations.astype(np.float32), self.rng.random(len(rows)))
-        self.top = self.top.merged(new, lambda e: e.activation, self.top_limit)
-        self.sample = self.sample.merged(new, lambda e: -e.key, self.reservoir_limit)
+        self.top = self.top.merged(new, lambda e: e.activation, self.top_limit, self.n_features)
+        self.sample = self.sample.merged(new, lambda e: -e.key, self.reservoir_limit, self.n_features)
 
     def histogram(self, feature: int) -> dict:
         """The feature's activation counts over its own range: fine bins merged into at most
@@ -140,8 +154,9 @@ class FeatureStream:
 
 
 def stream_codes(values: np.ndarray, indices: np.ndarray, n_features: int, top: int, seed: int,
-                 chunk_rows: int = 8192) -> FeatureStream:
-    """A FeatureStream over codes already in memory, a chunk of rows at a time."""
+                 chunk_rows: int = 65536) -> FeatureStream:
+    """A FeatureStream over codes already in memory, a chunk of rows at a time (each chunk's merge
+    sorts the kept entries again, so larger chunks sort less in all)."""
     stream = FeatureStream(n_features, top, seed=seed)
     for first in range(0, len(values), chunk_rows):
         stream.add(values[first:first + chunk_rows], indices[first:first + chunk_rows])
@@ -264,8 +279,9 @@ class LayerFeatures:
             keep = ex.token_ids[e] >= 0
             first = int(np.argmax(keep)) if keep.any() else 0
             centre = (ex.token_ids.shape[1] - 1) // 2
-            return {"tokens": [token_text(int(t)) for t in ex.token_ids[e][keep]],
-                    "acts": [round(float(a), 4) or 0 for a in ex.acts[e][keep]], "at": centre - first,
+            return {"tokens": [token_text(t) for t in ex.token_ids[e][keep].tolist()],
+                    "acts": [a or 0 for a in np.round(ex.acts[e][keep].astype(np.float64), 4).tolist()],
+                    "at": centre - first,
                     "activation": round(float(ex.acts[e][centre]), 4), "rollout": int(ex.rollout_id[e]),
                     "position": int(ex.position[e]), "outcome": outcome_of(int(ex.rollout_id[e]))}
 
