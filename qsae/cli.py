@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -80,21 +79,13 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint `qsae train` wrote. A .pt is a pickle: load it with weights_only, admitting besides
-    tensors and plain containers only the numpy integer array a checkpoint holds."""
-    import numpy as np
-    import torch
+    """A checkpoint `qsae train` wrote (train.load_training_state: no pickle is run)."""
+    from qsae.train import load_training_state
 
-    reconstruct = np.zeros(0).__reduce__()[0]  # numpy's array unpickler, wherever this numpy keeps it
     try:
-        with torch.serialization.safe_globals([reconstruct, np.ndarray, np.dtype, type(np.dtype(np.int64))]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"checkpoint {path} is unreadable ({reason}); rerun with --restart to discard it") from err
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} is not a qsae train checkpoint; rerun with --restart to discard it")
-    return state
+        return load_training_state(path)
+    except ValueError as err:
+        raise ValueError(f"{err}; rerun with --restart to discard it") from err
 
 
 def resume_state(checkpoint: Path, restart: bool, cfg, source) -> dict | None:

@@ -250,7 +250,7 @@ def train_layer_worker(config: dict) -> None:
 
     from qsae.sample import training_rows
     from qsae.store import StoreSource
-    from qsae.train import train_sae
+    from qsae.train import load_training_state, train_sae
 
     quiet_ray_train_logs()
     cfg = TrainStageConfig(**config["train"])
@@ -262,7 +262,7 @@ def train_layer_worker(config: dict) -> None:
     resume = None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:
-            resume = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+            resume = load_training_state(Path(directory) / CHECKPOINT_FILE)
     is_rank_zero = ray.train.get_context().get_world_rank() == 0
 
     def on_step(progress) -> None:
@@ -329,8 +329,10 @@ def layer_trainer(layer: int, cfg: PipelineConfig, run_dir: str):
 
 def final_state(result) -> dict:
     """The training state in a Ray Train result's last checkpoint."""
+    from qsae.train import load_training_state
+
     with result.checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+        return load_training_state(Path(directory) / CHECKPOINT_FILE)
 
 
 @ray.remote(num_cpus=0)

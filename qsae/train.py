@@ -70,6 +70,7 @@ import dataclasses
 import functools
 import json
 import math
+import pickle
 import time
 import warnings
 from collections.abc import Callable
@@ -505,6 +506,22 @@ def checkpoint_state(run: RunState, cfg: TrainConfig, source: RowSource, world: 
             "optimizer_state": _to_cpu(copy.deepcopy(run.optimizer.state_dict())),
             "steps_since_fired": run.steps_since_fired.cpu().clone(),
             "history": copy.deepcopy(run.history)}
+
+
+def load_training_state(path: str | Path) -> dict:
+    """A checkpoint_state saved with torch.save, read by torch's weights_only loader, which admits
+    tensors and plain containers only (and, here, the numpy integer array the state holds): a file
+    planted in a run directory is refused, never run. Raises ValueError naming the file."""
+    reconstruct = np.zeros(0).__reduce__()[0]  # numpy's array unpickler, wherever this numpy keeps it
+    try:
+        with torch.serialization.safe_globals([reconstruct, np.ndarray, np.dtype, type(np.dtype(np.int64))]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {path} is unreadable ({reason})") from err
+    if not isinstance(state, dict) or "sae_state" not in state:
+        raise ValueError(f"checkpoint {path} is not a qsae training checkpoint")
+    return state
 
 
 def restore_(run: RunState, state: dict, rank: int) -> None:

@@ -476,3 +476,50 @@ def test_batchtopk_learns_the_dictionary_and_a_threshold_that_keeps_about_k():
         assert l0.min() < l0.max()  # a threshold, not k per row
         sae.threshold.zero_()
         assert (sae.encode(held_out) > 0).sum(dim=1).float().mean() > 2 * l0.mean()  # the threshold did the work
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a planted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_checkpoint_is_refused_and_never_run(tmp_path):
+    """Checkpoints (Ray Train's and `qsae train`'s) are read by load_training_state: a pickle that runs
+    code when loaded is refused with the file's name, and the code does not run; a real one loads."""
+    from qsae.train import checkpoint_state, load_training_state, new_run
+
+    marker = tmp_path / "ran"
+    planted = tmp_path / "train_state.pt"
+    torch.save({"sae_state": {}, "history": Payload(marker)}, planted)
+    with pytest.raises(ValueError, match=f"checkpoint {planted} is unreadable"):
+        load_training_state(planted)
+    assert not marker.exists()
+    # the payload is live: an unrestricted load runs it
+    torch.load(planted, weights_only=False)
+    assert marker.exists()
+
+    cfg = TrainConfig(n_features=16, k=2, epochs=1, batch_size=32)
+    source = ArraySource(planted_rows(64, 8, 16, 2, seed=0))
+    run = new_run(source, cfg, torch.device("cpu"), init_bias=True)
+    real = tmp_path / "real.pt"
+    state = checkpoint_state(run, cfg, source, world=1)
+    torch.save(state, real)
+    loaded = load_training_state(real)
+    assert loaded["config"] == state["config"] and loaded["n_rows"] == 64
+    torch.testing.assert_close(loaded["sae_state"]["W_enc"], state["sae_state"]["W_enc"])
+    np.testing.assert_array_equal(loaded["steps_since_fired"], state["steps_since_fired"])
+
+
+def test_no_module_loads_a_pickle_unrestricted():
+    """The guard for the above: nothing in qsae calls torch.load with weights_only=False."""
+    from pathlib import Path
+
+    sources = Path(__file__).resolve().parent.parent / "qsae"
+    assert not [p for p in sources.rglob("*.py") if "weights_only=False" in p.read_text()]
