@@ -63,6 +63,12 @@ def cmd_analyze(args) -> int:
     model_path = resolve_model_path(cfg.model.name)
     cfg.capture.layers = expand_layers(cfg.capture.layers, model_dims(model_path, cfg.model.revision)[0])
     trained = {layer: load_trained(run_dir, layer) for layer in cfg.capture.layers}
+    for layer, (sae, _) in trained.items():  # the release would name one SAE and hold another
+        asked = (cfg.train.architecture, cfg.train.n_features, cfg.train.k)
+        if (sae.architecture, sae.n_features, sae.k) != asked:
+            raise ValueError(f"layer {layer}: the trained SAE is {sae.architecture} with n_features={sae.n_features}, "
+                             f"k={sae.k}, but the config asks for {asked[0]} with n_features={asked[1]}, k={asked[2]}; "
+                             "analyze with the config it was trained with, or train again")
     question_of = {r.rollout_id: r.question_id for r in read_rollouts(run_dir / "rollouts.parquet")}
     check_same_split(load_split(run_dir), RowRules.from_config(cfg), question_of)  # before Ray starts
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
@@ -209,6 +215,9 @@ def run(func, args) -> int:
     except USER_ERRORS as err:
         print(f"qsae: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's status for SIGINT
+        print("qsae: interrupted; what is finished is kept, and the same command resumes", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,11 @@
-"""Atomic file writes, shared by every stage that writes output others may read."""
+"""Atomic file writes and directory swaps, shared by every stage that writes output others may read."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,3 +36,41 @@ def current_umask() -> int:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def new_staging_dir(parent: Path, prefix: str) -> Path:
+    """A fresh directory under parent to assemble output in, with the mode a plain mkdir would give
+    (tempfile's are private, 0700, which others on shared storage could not read once it is renamed)."""
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(staging, 0o777 & ~current_umask())
+    return staging
+
+
+def replace_directory(new: Path, final: Path) -> None:
+    """Put the directory `new` where `final` is, the old `final` staying in place until the new one
+    is: one atomic exchange where the kernel offers it (Linux's renameat2 with RENAME_EXCHANGE), else
+    the old one renamed aside first. Then the old one is removed."""
+    if not final.exists():
+        new.rename(final)
+        return
+    if not _exchange(new, final):
+        aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-old-"))
+        aside.rmdir()
+        final.rename(aside)
+        new.rename(final)
+        new = aside
+    shutil.rmtree(new)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where this system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # not supported here
+        return False
+    raise OSError(ctypes.get_errno(), f"cannot swap {a} and {b}: {os.strerror(ctypes.get_errno())}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,12 +26,14 @@ from qsae.analysis.layer import SampleRows, analyze_layer, encode_sample, rollou
 from qsae.analysis.model_loss import FIDELITY_DEFINITION, RolloutTokens
 from qsae.browser import BLOCK_SIZE, write_assets, write_data, write_layer
 from qsae.config import PipelineConfig
+from qsae.files import new_staging_dir, replace_directory
 from qsae.questions import OUTCOMES
 from qsae.rollout import Rollout, read_rollouts
 from qsae.sae import TopKSAE
 from qsae.sample import RowRules, RowSelection, SplitMismatchError, check_same_split, load_split, select_rows
 from qsae.store import StoreSource, read_manifest
 
+STAGING_PREFIX = ".release-"  # the release is assembled in <run>/.release-XXXX, then swapped in
 VE_FORMULA = "1 - sum_rows ||x - x_hat||^2 / sum_rows ||x - mean(x)||^2 (pooled over held-out rows, float64)"
 # (held-out rollouts with their splice positions, {layer: training mean}) ->
 # ({layer: fidelity entry} or None without rollouts, {layer: decoder logit tables}): what needs the model
@@ -83,7 +84,9 @@ def build_release(
     rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, cfg.release.unscored_rollouts))
     tokens = TokenTable({r: x.prompt_token_ids + x.response_token_ids for r, x in rollouts.items()})
     final = run_dir / "release"
-    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".release-"))
+    for stale in run_dir.glob(f"{STAGING_PREFIX}*"):  # what a killed run left half-assembled
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = new_staging_dir(run_dir, STAGING_PREFIX)
     try:
         results, exported, files, features, causal_inputs = {}, {}, [], {}, {}
         causal_layers = cfg.causal.layers or cfg.capture.layers
@@ -132,9 +135,7 @@ def build_release(
             staging / "saebench", cfg, info, results, features, trained, fidelity, hook_name)]
         info["files"] = files + ["README.md"]
         (staging / "README.md").write_text(card.render_model_card(info))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
+        replace_directory(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final

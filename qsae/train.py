@@ -71,6 +71,7 @@ import functools
 import json
 import math
 import pickle
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -85,6 +86,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from qsae.files import new_staging_dir, replace_directory
 from qsae.sae import ARCHITECTURES, BatchTopKSAE, TopKSAE, sae_class
 from qsae.store import ArraySource, RowSource, StoreSource, prefetched, shuffled_batches
 
@@ -693,16 +695,35 @@ def train_sae(residuals: np.ndarray | Tensor | RowSource, cfg: TrainConfig,
     return run.sae, run.history
 
 
+TRAINED_RECORD = "trained.json"  # names the layer's SAE file, so analyze reads exactly the one written
+
+
 def save_trained(run_dir: Path, layer: int, sae: TopKSAE, history: dict) -> None:
-    """Keep a trained layer in the run directory, so `qsae analyze` can rebuild the release from it."""
+    """Keep a trained layer in the run directory, so `qsae analyze` can rebuild the release from it:
+    assembled beside it and swapped in whole, so no file of an earlier training stays behind."""
     out = Path(run_dir) / "saes" / f"layer={layer}"
-    sae.save_release(out, layer, f"blocks.{layer}.hook_resid_post")
-    (out / "history.json").write_text(json.dumps(history, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = new_staging_dir(out.parent, f".layer={layer}-")
+    try:
+        files = sae.save_release(staging, layer, f"blocks.{layer}.hook_resid_post")
+        (staging / "history.json").write_text(json.dumps(history, indent=1))
+        (staging / TRAINED_RECORD).write_text(json.dumps({
+            "weights": files["safetensors"].name, "architecture": sae.architecture, "d_in": sae.d_in,
+            "n_features": sae.n_features, "k": sae.k}, indent=1))
+        replace_directory(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_trained(run_dir: Path, layer: int) -> tuple[TopKSAE, dict]:
+    """The SAE and history save_trained recorded for the layer (trained.json), refused where the
+    weights disagree with the record."""
     out = Path(run_dir) / "saes" / f"layer={layer}"
-    weights = sorted(out.glob(f"sae_L{layer}_n*_k*.safetensors"))
-    if not weights or not (out / "history.json").exists():
+    if not (out / TRAINED_RECORD).exists() or not (out / "history.json").exists():
         raise FileNotFoundError(f"no trained SAE for layer {layer} in {out}: run the train stage first")
-    return TopKSAE.load(weights[0]), json.loads((out / "history.json").read_text())
+    record = json.loads((out / TRAINED_RECORD).read_text())
+    sae = TopKSAE.load(out / record["weights"])
+    found = {"architecture": sae.architecture, "d_in": sae.d_in, "n_features": sae.n_features, "k": sae.k}
+    if any(record[key] != value for key, value in found.items()):
+        raise ValueError(f"{out / record['weights']} holds an SAE with {found}, not the {record} of {out / TRAINED_RECORD}")
+    return sae, json.loads((out / "history.json").read_text())

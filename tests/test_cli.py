@@ -342,3 +342,16 @@ def test_train_streams_from_an_arrow_store(tmp_path):
     assert metrics["fvu"][-1] < 0.5 * metrics["fvu"][0]
     # Trained on the store's rows: it reconstructs held-out rows of the same dictionary.
     assert variance_explained(TopKSAE.load(out / f"{STEM}.pt"), planted(2000, seed=2)) > 0.7  # measured 0.80
+
+
+def test_analyze_refuses_a_trained_sae_other_than_the_config_asks_for(tmp_path, capsys, tiny_path):
+    """Before Ray starts: the layer's recorded SAE against train.architecture, n_features and k."""
+    from qsae.cli import main
+    from qsae.train import save_trained
+
+    for layer in (3, 7, 11):
+        save_trained(tmp_path, layer, TopKSAE(64, 32, 4), {"revived": 0})
+    assert main(["analyze", "--out", str(tmp_path), "train.n_features=64", "train.k=4"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "qsae: error: layer 3: the trained SAE is topk with n_features=32, k=4, but the config asks for topk with "
+        "n_features=64, k=4; analyze with the config it was trained with, or train again"]

@@ -405,8 +405,9 @@ def batchtopk_rerun(release, tmp_path_factory):
     run = tmp_path_factory.mktemp("batchtopk") / "run"
     shutil.copytree(release.parent, run, ignore=shutil.ignore_patterns("checkpoints", "saes", "release"))
     before = store_state(run)
+    stderr = (run.parent / "first.stderr").open("w+")
     first = subprocess.Popen([sys.executable, "jobs/release.py", "--out", str(run), *BATCHTOPK], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 600
     while time.time() < deadline and first.poll() is None:
         if all(list((run / "checkpoints").glob(f"layer={layer}-*/checkpoint_*")) for layer in (3, 7, 11)):
@@ -415,6 +416,9 @@ def batchtopk_rerun(release, tmp_path_factory):
     first.send_signal(signal.SIGINT)
     first.wait(timeout=120)
     assert not (run / "release").exists(), "the job ended before it could be interrupted"
+    stderr.seek(0)
+    # Ctrl-C: the shell's status for SIGINT and one line saying so, no traceback from the driver
+    assert first.returncode == 130 and "qsae: interrupted" in stderr.read().strip().splitlines()[-1]
     done = run_driver("--out", str(run), *BATCHTOPK)
     assert done.returncode == 0, done.stderr[-3000:]
     return run, before, done.stdout

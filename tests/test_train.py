@@ -523,3 +523,19 @@ def test_no_module_loads_a_pickle_unrestricted():
 
     sources = Path(__file__).resolve().parent.parent / "qsae"
     assert not [p for p in sources.rglob("*.py") if "weights_only=False" in p.read_text()]
+
+
+def test_a_layer_keeps_only_the_sae_its_last_training_wrote(tmp_path):
+    """Trained again at another width and architecture into the same run: the record names the new
+    SAE, no file of the old one is left (its sparsify folder included), and load_trained gives it."""
+    from qsae.train import load_trained, save_trained
+
+    save_trained(tmp_path, 7, TopKSAE(8, 32, 4), {"revived": 0})
+    newer = BatchTopKSAE(8, 16, 2)
+    save_trained(tmp_path, 7, newer, {"revived": 1})
+    out = tmp_path / "saes" / "layer=7"
+    assert not list(out.glob("sae_L7_n32_*")) and not (out / "sparsify").exists()
+    sae, history = load_trained(tmp_path, 7)
+    assert isinstance(sae, BatchTopKSAE) and (sae.n_features, sae.k) == (16, 2) and history == {"revived": 1}
+    torch.testing.assert_close(sae.W_dec, newer.W_dec)
+    assert [p.name for p in (tmp_path / "saes").iterdir()] == ["layer=7"]  # no staging left
