@@ -91,7 +91,7 @@ class ReleaseConfig:
 @dataclass
 class CausalConfig:
     enabled: bool = True  # run the causal check (qsae.causal) as part of the release
-    layers: list[int] | None = None  # layers checked; None = every captured layer
+    layers: list[int] | None = None  # layers checked (one not captured is skipped, and causal.json says so); None = every captured layer
     features: int = 2  # m: features per layer, the top by rollout-level |AUROC - 0.5| on the training questions
     steer_multiples: list[float] = field(default_factory=lambda: [4.0])  # steering strengths, x the typical activation, both signs
     questions: int | None = None  # held-out rollouts rerun per arm (a seeded sample); None = all
@@ -117,11 +117,8 @@ class PipelineConfig:
         if not causal.steer_multiples or any(not s > 0 for s in causal.steer_multiples):
             raise ConfigError(f"causal.steer_multiples must be positive numbers (both signs are run), "
                               f"got {causal.steer_multiples}")
-        if causal.layers is not None:
-            if not causal.layers:
-                raise ConfigError("causal.layers is empty; leave it unset for every captured layer")
-            if isinstance(self.capture.layers, list) and (missing := sorted(set(causal.layers) - set(self.capture.layers))):
-                raise ConfigError(f"causal.layers {missing} are not captured (capture.layers = {self.capture.layers})")
+        if causal.layers is not None and not causal.layers:
+            raise ConfigError("causal.layers is empty; leave it unset for every captured layer")
 
     def validate(self) -> None:
         try:

@@ -260,6 +260,10 @@ def run_causal_check(cfg: PipelineConfig, results: dict, features: dict[int, Lay
     seeded sample of causal.questions of them)."""
     plans = {}
     for layer in cfg.causal.layers or cfg.capture.layers:
+        if layer not in inputs:
+            plans[layer] = causal.LayerPlan(layer, skipped=f"layer {layer} is not captured "
+                                                           f"(capture.layers = {list(cfg.capture.layers)})")
+            continue
         pooled_max, labels, direction = inputs[layer]
         plans[layer] = causal.plan_layer(
             layer, m=cfg.causal.features, steer_multiples=cfg.causal.steer_multiples, fire_rate=results[layer]["rates"],
