@@ -417,8 +417,8 @@ def batchtopk_rerun(release, tmp_path_factory):
     first.wait(timeout=120)
     assert not (run / "release").exists(), "the job ended before it could be interrupted"
     stderr.seek(0)
-    # Ctrl-C: the shell's status for SIGINT and one line saying so, no traceback from the driver
-    assert first.returncode == 130 and "qsae: interrupted" in stderr.read().strip().splitlines()[-1]
+    # Ctrl-C: the shell's status for SIGINT and a line saying so (Ray's own log lines may follow it)
+    assert first.returncode == 130 and "qsae: interrupted; what is finished is kept" in stderr.read()
     done = run_driver("--out", str(run), *BATCHTOPK)
     assert done.returncode == 0, done.stderr[-3000:]
     return run, before, done.stdout
