@@ -719,8 +719,15 @@ def load_trained(run_dir: Path, layer: int) -> tuple[TopKSAE, dict]:
     """The SAE and history save_trained recorded for the layer (trained.json), refused where the
     weights disagree with the record."""
     out = Path(run_dir) / "saes" / f"layer={layer}"
-    if not (out / TRAINED_RECORD).exists() or not (out / "history.json").exists():
+    if not (out / "history.json").exists():
         raise FileNotFoundError(f"no trained SAE for layer {layer} in {out}: run the train stage first")
+    if not (out / TRAINED_RECORD).exists():  # written before the record existed: its one SAE file, if one
+        weights = sorted(out.glob(f"sae_L{layer}_n*_k*.safetensors"))
+        if len(weights) != 1:
+            raise FileNotFoundError(f"{out} has no {TRAINED_RECORD} and {len(weights)} SAE files "
+                                    f"({', '.join(p.name for p in weights)}): train the layer again")
+        sae = TopKSAE.load(weights[0])
+        return sae, json.loads((out / "history.json").read_text())
     record = json.loads((out / TRAINED_RECORD).read_text())
     sae = TopKSAE.load(out / record["weights"])
     found = {"architecture": sae.architecture, "d_in": sae.d_in, "n_features": sae.n_features, "k": sae.k}

@@ -539,3 +539,9 @@ def test_a_layer_keeps_only_the_sae_its_last_training_wrote(tmp_path):
     assert isinstance(sae, BatchTopKSAE) and (sae.n_features, sae.k) == (16, 2) and history == {"revived": 1}
     torch.testing.assert_close(sae.W_dec, newer.W_dec)
     assert [p.name for p in (tmp_path / "saes").iterdir()] == ["layer=7"]  # no staging left
+    # a layer saved before the record existed: its one SAE file loads; with two, which is unknown
+    (out / "trained.json").unlink()
+    assert load_trained(tmp_path, 7)[0].n_features == 16
+    TopKSAE(8, 32, 4).save_release(out, 7, "blocks.7.hook_resid_post")
+    with pytest.raises(FileNotFoundError, match="and 2 SAE files .*train the layer again"):
+        load_trained(tmp_path, 7)
