@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,26 @@ DEFAULT_CONFIG = CONFIG_DIR / "tiny.toml"
 
 
 class ConfigError(ValueError):
-    """A config file or override names an unknown key or holds a value of the wrong type."""
+    """A config file or override names an unknown key or holds a value that cannot work."""
+
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def at_least(section: object, prefix: str, minimum: float, *names: str, optional: bool = False) -> None:
+    """Each named field is >= minimum (or None, when optional)."""
+    for name in names:
+        value = getattr(section, name)
+        if optional and value is None:
+            continue
+        unset = " (or unset)" if optional else ""
+        require(value >= minimum, f"{prefix}.{name} must be >= {minimum:g}{unset}, got {value}")
 
 
 @dataclass
@@ -28,6 +48,12 @@ class ModelConfig:
     revision: str | None = None  # hub revision (commit or tag) for reproducible loads
     dtype: str = "float32"  # model weights during rollouts and capture: float32 | bfloat16 | float16
     device: str = "auto"  # "auto" = cuda when available, else cpu
+
+    def check(self) -> None:
+        require(bool(self.name.strip()), "model.name is empty")
+        require(self.dtype in MODEL_DTYPES, f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.dtype!r}")
+        require(DEVICE_PATTERN.fullmatch(self.device) is not None,
+                f"model.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass
@@ -44,6 +70,22 @@ class RolloutConfig:
     enforce_eager: bool = True  # vLLM: no compiled graphs; capture's hooks need it
     max_model_len: int | None = None  # vLLM: context length to reserve (None = the model's)
 
+    def check(self) -> None:
+        require(self.engine in ("transformers", "vllm"),
+                f"unknown rollout.engine {self.engine!r}; available: transformers, vllm")
+        require(self.engine != "vllm" or self.enforce_eager,
+                "rollout.enforce_eager must be true with vllm: capture hooks do not run in compiled graphs")
+        require(bool(self.questions.strip()), 'rollout.questions is empty; "bundled" or a question file')
+        at_least(self, "rollout", 1, "num_questions", "max_model_len", optional=True)
+        at_least(self, "rollout", 1, "max_new_tokens", "batch_size", "tensor_parallel_size")
+        at_least(self, "rollout", 0, "seed")
+        require(0 < self.gpu_memory_utilization <= 1,
+                f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization:g}")
+        if self.max_model_len is not None:
+            require(self.max_new_tokens < self.max_model_len,
+                    f"rollout.max_new_tokens = {self.max_new_tokens} leaves no room for a prompt in "
+                    f"rollout.max_model_len = {self.max_model_len}")
+
 
 @dataclass
 class CaptureConfig:
@@ -58,6 +100,20 @@ class CaptureConfig:
     exclude_special_tokens: bool = True  # leave special/chat-template tokens out of training and statistics
     max_norm_multiple: float = 10.0  # leave out tokens whose residual norm exceeds this x the layer median (0 = keep)
 
+    def check(self) -> None:
+        if isinstance(self.layers, str):
+            require(self.layers == "all", f'capture.layers must be a list of layer indices or "all", got {self.layers!r}')
+        else:
+            require(bool(self.layers), "capture.layers is empty")
+            require(min(self.layers) >= 0, f"capture.layers must be layer indices >= 0, got {self.layers}")
+            require(len(set(self.layers)) == len(self.layers), f"capture.layers repeats a layer: {self.layers}")
+        require(self.dtype in ("float16", "float32"), f"capture.dtype must be float16 or float32, got {self.dtype!r}")
+        at_least(self, "capture", 1, "num_actors", "questions_per_shard", "batch_size")
+        at_least(self, "capture", 1, "max_tokens_per_layer", optional=True)
+        at_least(self, "capture", 0, "cpus_per_actor", "gpus_per_actor")
+        require(self.max_norm_multiple == 0 or self.max_norm_multiple > 1,
+                f"capture.max_norm_multiple must be 0 (off) or above 1, got {self.max_norm_multiple:g}")
+
 
 @dataclass
 class TrainStageConfig(TrainConfig):
@@ -69,6 +125,26 @@ class TrainStageConfig(TrainConfig):
     report_every_steps: int = 50  # steps between metric reports to Ray Train (each waits on its controller)
     checkpoint_every_steps: int = 500  # steps between checkpoints (the last step always checkpoints)
     max_failures: int = 3  # restarts of a layer's workers after a crash, each from the last checkpoint
+
+    def check_stage(self) -> None:
+        """The training settings (TrainConfig.check) and how the stage places and splits them."""
+        try:
+            self.check()
+        except ValueError as err:
+            raise ConfigError(f"train: {err}") from None
+        require(0 < self.holdout_fraction < 1, f"train.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        at_least(self, "train", 0, "split_seed", "gpus_per_layer", "max_failures")
+        at_least(self, "train", 1, "workers_per_layer", "report_every_steps", "checkpoint_every_steps")
+        require(self.cpus_per_layer > 0, f"train.cpus_per_layer must be > 0, got {self.cpus_per_layer:g}")
+        require(self.device in ("cpu", "auto") or DEVICE_PATTERN.fullmatch(self.device) is not None,
+                f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        gpus, workers = self.gpus_per_layer, self.workers_per_layer
+        require(not (workers > 1 and gpus and gpus != workers),
+                f"train.gpus_per_layer = {gpus:g} with {workers} data-parallel workers: NCCL needs one whole GPU per "
+                f"worker; set train.gpus_per_layer = {workers}, or one worker to share a GPU")
+        require(gpus <= workers,
+                f"train.gpus_per_layer = {gpus:g} with {workers} worker(s): a worker drives one GPU at most; set "
+                f"train.workers_per_layer = {math.ceil(gpus)} to train on several GPUs (DDP)")
 
     def resources_per_worker(self) -> dict[str, float]:
         """Ray resources of one worker: the layer's share split evenly over its workers."""
@@ -87,6 +163,13 @@ class ReleaseConfig:
     unscored_rollouts: str = "exclude"  # truncated / unparsable rollouts: "exclude" from correctness statistics, or count as "wrong"
     fidelity_rollouts: int | None = None  # held-out rollouts the model-loss fidelity runs on (seeded sample; None = all)
 
+    def check(self) -> None:
+        at_least(self, "release", 1, "bootstrap", "permutations", "top_contexts", "quantile_examples")
+        at_least(self, "release", 0, "context_tokens")
+        at_least(self, "release", 1, "fidelity_rollouts", optional=True)
+        require(self.unscored_rollouts in ("exclude", "wrong"),
+                f"release.unscored_rollouts must be exclude or wrong, got {self.unscored_rollouts!r}")
+
 
 @dataclass
 class CausalConfig:
@@ -95,6 +178,13 @@ class CausalConfig:
     features: int = 2  # m: features per layer, the top by rollout-level |AUROC - 0.5| on the training questions
     steer_multiples: list[float] = field(default_factory=lambda: [4.0])  # steering strengths, x the typical activation, both signs
     questions: int | None = None  # held-out rollouts rerun per arm (a seeded sample); None = all
+
+    def check(self) -> None:
+        at_least(self, "causal", 1, "features")
+        at_least(self, "causal", 1, "questions", optional=True)
+        require(bool(self.steer_multiples) and all(s > 0 for s in self.steer_multiples),
+                f"causal.steer_multiples must be positive numbers (both signs are run), got {self.steer_multiples}")
+        require(self.layers is None or bool(self.layers), "causal.layers is empty; leave it unset for every captured layer")
 
 
 @dataclass
@@ -108,64 +198,22 @@ class PipelineConfig:
     out: str = "runs/tiny"  # run directory: rollouts, activation store, checkpoints, release/
     ray_address: str | None = None  # None = connect to RAY_ADDRESS if set, else start a local Ray
 
-    def validate_causal(self) -> None:
-        causal = self.causal
-        if causal.features < 1:
-            raise ConfigError(f"causal.features must be >= 1, got {causal.features}")
-        if causal.questions is not None and causal.questions < 1:
-            raise ConfigError(f"causal.questions must be >= 1 (or unset for every held-out rollout), got {causal.questions}")
-        if not causal.steer_multiples or any(not s > 0 for s in causal.steer_multiples):
-            raise ConfigError(f"causal.steer_multiples must be positive numbers (both signs are run), "
-                              f"got {causal.steer_multiples}")
-        if causal.layers is not None and not causal.layers:
-            raise ConfigError("causal.layers is empty; leave it unset for every captured layer")
-
     def validate(self) -> None:
-        try:
-            self.train.check_choices()  # recipe and architecture, before any Ray work
-        except ValueError as err:
-            raise ConfigError(f"train: {err}") from None
-        if self.train.k > self.train.n_features:
-            raise ConfigError(f"train.k = {self.train.k} exceeds train.n_features = {self.train.n_features}")
-        if not self.capture.layers:
-            raise ConfigError("capture.layers is empty")
-        if isinstance(self.capture.layers, str) and self.capture.layers != "all":
-            raise ConfigError(f'capture.layers must be a list of layer indices or "all", got {self.capture.layers!r}')
-        if self.capture.dtype not in ("float16", "float32"):
-            raise ConfigError(f"capture.dtype must be float16 or float32, got {self.capture.dtype!r}")
-        if self.rollout.engine not in ("transformers", "vllm"):
-            raise ConfigError(f"unknown rollout.engine {self.rollout.engine!r}; available: transformers, vllm")
-        if self.rollout.engine == "vllm" and not self.rollout.enforce_eager:
-            raise ConfigError("rollout.enforce_eager must be true with vllm: capture hooks do not run in compiled graphs")
-        if self.release.unscored_rollouts not in ("exclude", "wrong"):
-            raise ConfigError(f"release.unscored_rollouts must be exclude or wrong, got {self.release.unscored_rollouts!r}")
-        if self.capture.max_norm_multiple < 0 or 0 < self.capture.max_norm_multiple <= 1:
-            raise ConfigError(f"capture.max_norm_multiple must be 0 (off) or above 1, got {self.capture.max_norm_multiple:g}")
-        for name in ("bootstrap", "permutations", "top_contexts", "quantile_examples"):
-            if getattr(self.release, name) < 1:
-                raise ConfigError(f"release.{name} must be >= 1")
-        self.validate_causal()
-        if self.release.context_tokens < 0:
-            raise ConfigError(f"release.context_tokens must be >= 0, got {self.release.context_tokens}")
-        if self.release.fidelity_rollouts is not None and self.release.fidelity_rollouts < 1:
-            raise ConfigError("release.fidelity_rollouts must be >= 1 (or unset for all held-out rollouts)")
-        if not 0 < self.train.holdout_fraction < 1:
-            raise ConfigError(f"train.holdout_fraction must be in (0, 1), got {self.train.holdout_fraction}")
-        for name in ("num_actors", "questions_per_shard", "batch_size"):
-            if getattr(self.capture, name) < 1:
-                raise ConfigError(f"capture.{name} must be >= 1")
-        for name in ("workers_per_layer", "report_every_steps", "checkpoint_every_steps"):
-            if getattr(self.train, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1")
-        gpus, workers = self.train.gpus_per_layer, self.train.workers_per_layer
-        if gpus < 0 or self.train.cpus_per_layer <= 0 or self.train.max_failures < 0:
-            raise ConfigError("train.gpus_per_layer and train.max_failures must be >= 0, train.cpus_per_layer > 0")
-        if workers > 1 and gpus and gpus != workers:
-            raise ConfigError(f"train.gpus_per_layer = {gpus:g} with {workers} data-parallel workers: NCCL needs one "
-                              f"whole GPU per worker; set train.gpus_per_layer = {workers}, or one worker to share a GPU")
-        if gpus > workers:
-            raise ConfigError(f"train.gpus_per_layer = {gpus:g} with {workers} worker(s): a worker drives one GPU at "
-                              f"most; set train.workers_per_layer = {math.ceil(gpus)} to train on several GPUs (DDP)")
+        """Every field, alone and with the others: all that the config can show before any Ray work."""
+        for section in (self.model, self.rollout, self.capture, self.release, self.causal):
+            section.check()
+        self.train.check_stage()
+        require(bool(self.out and self.out.strip()), "out is empty; give a run directory")
+        if self.ray_address not in (None, "auto", "local"):
+            ray_host_port(self.ray_address)
+
+
+def ray_host_port(address: str) -> tuple[str, int]:
+    """(host, port) of a Ray address of the form host:port or ray://host:port."""
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r} is not of the form host:port, ray://host:port or auto")
+    return host, int(port)
 
 
 def _check_type(where: str, value, annotation: str):
@@ -233,10 +281,12 @@ def parse_override(text: str) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
     """Defaults <- TOML file (default: configs/tiny.toml) <- `section.key=value` overrides."""
     path = Path(path) if path else DEFAULT_CONFIG
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}); TOML files must be UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
     cfg = apply_mapping(PipelineConfig(), data)

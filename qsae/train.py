@@ -70,7 +70,6 @@ import dataclasses
 import functools
 import json
 import math
-import pickle
 import shutil
 import time
 import warnings
@@ -87,7 +86,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from qsae.files import new_staging_dir, replace_directory
-from qsae.sae import ARCHITECTURES, BatchTopKSAE, TopKSAE, sae_class
+from qsae.sae import ARCHITECTURES, BatchTopKSAE, TopKSAE, load_weights_only, sae_class
 from qsae.store import ArraySource, RowSource, StoreSource, prefetched, shuffled_batches
 
 RECIPES = ("original", "modern")
@@ -143,11 +142,13 @@ class TrainConfig:
         if self.architecture != "topk" and self.recipe == "original":
             raise ValueError(f"architecture {self.architecture!r} needs the modern recipe: the original recipe is TopK")
 
-    def validate(self, d_in: int) -> None:
+    def check(self) -> None:
+        """Every setting on its own and together: what can be checked before the data is seen."""
         self.check_choices()
-        positive = {"d_in": d_in, "n_features": self.n_features, "k": self.k, "epochs": self.epochs,
-                    "batch_size": self.batch_size, "lr": self.learning_rate(),
+        positive = {"n_features": self.n_features, "k": self.k, "epochs": self.epochs, "batch_size": self.batch_size,
                     "dead_after_steps": self.dead_after_steps, "shuffle_buffer_rows": self.shuffle_buffer_rows}
+        if self.n_features > 0:  # the default lr scales with n
+            positive["lr"] = self.learning_rate()
         bad = [f"{name}={value}" for name, value in positive.items() if not value > 0]
         if bad:
             raise ValueError(f"must be positive: {', '.join(bad)}")
@@ -159,6 +160,14 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.autocast_bf16 and self.recipe == "original":
             raise ValueError("autocast_bf16 belongs to the modern recipe; the original trains in fp32")
+        if not math.isfinite(self.learning_rate()):
+            raise ValueError(f"lr must be a finite number, got {self.lr}")
+
+    def validate(self, d_in: int) -> None:
+        """check(), and the width of the rows it will train on."""
+        if not d_in > 0:
+            raise ValueError(f"must be positive: d_in={d_in}")
+        self.check()
 
 
 def as_source(residuals: np.ndarray | Tensor | RowSource) -> RowSource:
@@ -201,7 +210,11 @@ def scan_rows(source: RowSource, rank: int = 0, world: int = 1, device: str | to
             bad = "a row seen by another data-parallel worker contains NaN or inf"
     if bad:
         raise ValueError(f"residuals {bad}")
-    return total_sq - float(np.square(total).sum()) / source.n_rows
+    variance = total_sq - float(np.square(total).sum()) / source.n_rows
+    if source.n_rows < 2 or not variance > 1e-12 * total_sq:
+        raise ValueError(f"the {source.n_rows} training row(s) do not vary (every row is the same), so an SAE has "
+                         "nothing to learn and its FVU is undefined")
+    return variance
 
 
 def to_device(rows: np.ndarray, device: torch.device) -> Tensor:
@@ -516,11 +529,9 @@ def load_training_state(path: str | Path) -> dict:
     planted in a run directory is refused, never run. Raises ValueError naming the file."""
     reconstruct = np.zeros(0).__reduce__()[0]  # numpy's array unpickler, wherever this numpy keeps it
     try:
-        with torch.serialization.safe_globals([reconstruct, np.ndarray, np.dtype, type(np.dtype(np.int64))]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"checkpoint {path} is unreadable ({reason})") from err
+        state = load_weights_only(path, [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.int64))])
+    except ValueError as err:
+        raise ValueError(f"checkpoint {err}") from None
     if not isinstance(state, dict) or "sae_state" not in state:
         raise ValueError(f"checkpoint {path} is not a qsae training checkpoint")
     return state

@@ -126,7 +126,7 @@ def test_wrong_type_raises_and_names_the_key(override, key):
 
 
 def test_k_above_n_features_raises():
-    with pytest.raises(ConfigError, match="train.k"):
+    with pytest.raises(ConfigError, match="train: k=17 exceeds n_features=16"):
         load_config(None, ["train.n_features=16", "train.k=17"])
     assert load_config(None, ["train.n_features=16", "train.k=16"]).train.k == 16
 
