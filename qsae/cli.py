@@ -125,12 +125,13 @@ def checkpoint_writer(checkpoint: Path, every: int):
 
 
 def cmd_train(args) -> int:
-    from qsae.files import atomic_write_json
+    from qsae.files import atomic_write_json, check_can_create_dir
     from qsae.store import open_rows
     from qsae.train import TrainConfig, train_sae
 
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0 = never), got {args.checkpoint_every}")
+    check_can_create_dir(args.out, "--out")  # before training, not after it
     cfg = TrainConfig(
         recipe=args.recipe, architecture=args.architecture, n_features=args.n_features, k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         dead_after_steps=args.dead_after_steps, autocast_bf16=args.autocast_bf16, seed=args.seed,
@@ -157,8 +158,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from qsae.files import check_can_create_dir
     from qsae.sae import TopKSAE
 
+    check_can_create_dir(args.out, "--out")
     sae = TopKSAE.load(args.sae, k=args.k)
     files = sae.save_release(Path(args.out), args.layer, f"blocks.{args.layer}.hook_resid_post")
     print(f"[qsae] exported layer {args.layer} SAE to {args.out}: {', '.join(sorted(p.name for p in files.values()))}")

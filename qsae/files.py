@@ -28,6 +28,25 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def check_can_create_dir(path: str | Path, what: str = "output directory") -> None:
+    """Before any work: `path` is a directory already, or one that can be made (its nearest existing
+    parent is a directory this process may write in)."""
+    path = Path(path).absolute()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{what} {path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{what} {path} is not writable")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot create {what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {what} {path}: {parent} is not writable")
+
+
 def current_umask() -> int:
     mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
     os.umask(mask)

@@ -73,6 +73,20 @@ def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
     return expanded if looks_like_path else name
 
 
+def check_weights(model_path: str) -> None:
+    """A local checkpoint directory holds weight files, and its safetensors headers read (which finds
+    a truncated or foreign file without loading a weight); a hub id is checked when it downloads."""
+    weights = [path for pattern in ("*.safetensors", "*.bin") for path in Path(model_path).glob(pattern)]
+    if os.path.isdir(model_path) and not weights:
+        raise ModelLoadError(f"model directory {model_path} holds no weights (no *.safetensors or *.bin file)")
+    parameter_count(model_path)
+
+
+def context_length(name_or_path: str, revision: str | None = None) -> int | None:
+    """The longest sequence the model's config admits (max_position_embeddings), if it says."""
+    return getattr(load_config(name_or_path, revision).get_text_config(), "max_position_embeddings", None)
+
+
 def model_class_for(config) -> type:
     """Qwen3.5/3.6 checkpoints are vision-language models: load them whole, as their own class expects."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -133,8 +147,9 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
     try:
         model = model_class_for(config).from_pretrained(path, revision=revision, dtype=dtype_from_name(dtype),
                                                         device_map=device)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not load the weights of model {name_or_path!r}: {err}") from err
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: shapes that do not fit, or out of memory
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelLoadError(f"could not load the weights of model {name_or_path!r}: {reason}") from None
     return model.eval(), tokenizer
 
 
@@ -146,8 +161,11 @@ def parameter_count(model_path: str) -> int | None:
     files = sorted(Path(model_path).glob("*.safetensors")) if os.path.isdir(model_path) else []
     count = 0
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            count += sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                count += sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
+        except Exception as err:  # safetensors raises its own error type
+            raise ModelLoadError(f"model weights {path} are unreadable ({err})") from None
     return count or None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -76,12 +77,33 @@ def final_answer_ids(tokenizer, response_ids: list[int], thinking: bool) -> list
     return response_ids[ends[-1] + 1:] if ends else None
 
 
+def tokenize_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The token ids the engines are given: the chat prompt as it is, no special tokens added."""
+    return tokenizer(prompts, add_special_tokens=False).input_ids if prompts else []
+
+
+def check_prompts_fit(questions: list[Question], tokenizer, thinking: bool, max_new_tokens: int,
+                      context: int | None, source: str) -> None:
+    """Every prompt, with its generation budget, fits the model's context: before any replica starts,
+    since a longer one would only fail there, minutes in."""
+    if context is None or not questions:
+        return
+    prompts = [chat_prompt(tokenizer, format_prompt(q), thinking) for q in questions]
+    lengths = np.array([len(ids) for ids in tokenize_prompts(tokenizer, prompts)])
+    over = lengths + max_new_tokens > context
+    if over.any():
+        worst = int(lengths.argmax())
+        raise ValueError(f"{source}: question {questions[worst].uuid!r} has a prompt of {lengths[worst]} tokens, which "
+                         f"with rollout.max_new_tokens = {max_new_tokens} exceeds the model's context of {context} "
+                         f"tokens ({int(over.sum())} question(s) do); shorten or leave them out")
+
+
 def run_rollouts(
     engine: Engine, tokenizer, questions: list[Question], first_id: int, thinking: bool, seed: int
 ) -> list[Rollout]:
     """Greedy rollouts of `questions`; rollout ids are first_id, first_id + 1, ... in question order."""
     prompts = [chat_prompt(tokenizer, format_prompt(q), thinking) for q in questions]
-    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    prompt_ids = tokenize_prompts(tokenizer, prompts)
     generations = engine.generate(prompt_ids)
     return [make_rollout(first_id + i, q, prompt, p_ids, g, tokenizer=tokenizer, thinking=thinking,
                          engine=engine.name, seed=seed)
