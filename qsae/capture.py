@@ -18,16 +18,67 @@ from torch import nn
 
 from qsae.engines import Engine
 from qsae.engines.hf_engine import HFEngine
-from qsae.models import decoder_layers, load_model, load_tokenizer
+from qsae.models import TINY_DENSE_MODEL, TINY_MODEL, decoder_layers, load_model, load_tokenizer
 from qsae.questions import Question
 from qsae.rollout import Rollout, run_rollouts, write_rollouts
-from qsae.store import shard_path, write_shard
+from qsae.store import MANIFEST, StoreError, check_compatible, new_manifest, read_manifest, shard_path, write_shard
 
 if TYPE_CHECKING:
     from qsae.config import PipelineConfig
 
 # (sequences, starts, layer_ids) -> {layer: [rows of sequence i from position starts[i]]}
 ResidualFn = Callable[[list[list[int]], list[int], list[int]], dict[int, list[np.ndarray]]]
+
+
+@dataclass
+class QuestionShard:
+    name: str
+    first_id: int  # rollout id of its first question: ids are positions in the sampled question list
+    questions: list[Question]
+
+
+def plan_shards(questions: list[Question], per_shard: int) -> list[QuestionShard]:
+    return [
+        QuestionShard(f"shard-{i // per_shard:05d}", i, questions[i : i + per_shard])
+        for i in range(0, len(questions), per_shard)
+    ]
+
+
+def store_manifest(cfg: PipelineConfig, model_path: str, d_model: int) -> dict:
+    """The empty manifest of this run's store: the model, how its rollouts were made, what is kept."""
+    # The tiny models have no hub revision; their cache directory name carries the build recipe's hash.
+    revision = cfg.model.revision or (Path(model_path).name if cfg.model.name in (TINY_MODEL, TINY_DENSE_MODEL) else None)
+    generated_with = {"model_dtype": cfg.model.dtype, "engine": cfg.rollout.engine, "thinking": cfg.rollout.thinking,
+                      "max_new_tokens": cfg.rollout.max_new_tokens}
+    return new_manifest(cfg.model.name, revision, cfg.capture.layers, d_model, cfg.capture.dtype,
+                        generated_with=generated_with)
+
+
+def store_to_extend(cfg: PipelineConfig, model_path: str, d_model: int, questions: list[Question],
+                    run_dir: Path) -> tuple[dict, list[QuestionShard]]:
+    """(the manifest capture extends: the run directory's store, else a new one; this run's shards),
+    refusing a store captured differently or from other questions. Reads files only, so it runs
+    before Ray starts as well as in capture."""
+    manifest = store_manifest(cfg, model_path, d_model)
+    store_dir = Path(run_dir) / "activations"
+    if (store_dir / MANIFEST).exists():
+        existing = read_manifest(store_dir)
+        check_compatible(existing, manifest)
+        manifest = existing
+    shards = plan_shards(questions, cfg.capture.questions_per_shard)
+    check_same_questions(manifest, shards)
+    return manifest, shards
+
+
+def check_same_questions(manifest: dict, shards: list[QuestionShard]) -> None:
+    """A listed shard is skipped on rerun, so it must hold the very questions this run would give it."""
+    planned = {shard.name: [q.uuid for q in shard.questions] for shard in shards}
+    for name, entry in manifest["shards"].items():
+        if planned.get(name) != entry["questions"]:
+            raise StoreError(
+                f"the activation store's {name} holds other questions than this run's sample "
+                "(changed questions, num_questions, seed or questions_per_shard?); use a new --out"
+            )
 
 
 class _StopForward(Exception):

@@ -11,7 +11,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +19,17 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from qsae.capture import capture_question_shard, load_replica
+from qsae.capture import QuestionShard, capture_question_shard, load_replica, store_to_extend
 from qsae.config import PipelineConfig, TrainStageConfig
 from qsae.engines import Generation
-from qsae.models import TINY_DENSE_MODEL, TINY_MODEL, check_fits, memory_budget, parameter_count
+from qsae.models import check_fits, memory_budget, parameter_count
 from qsae.questions import Question
 from qsae.sae import TopKSAE
 from qsae.rollout import read_rollouts, write_rollouts
 from qsae.store import (
-    MANIFEST,
     DiskSpaceError,
-    StoreError,
-    check_compatible,
     damaged_shards,
     free_bytes,
-    new_manifest,
     read_manifest,
     remove_stale_temporaries,
     row_bytes,
@@ -43,36 +39,34 @@ from qsae.store import (
 MAX_SHARD_ATTEMPTS = 3
 
 
-@dataclass
-class QuestionShard:
-    name: str
-    first_id: int  # rollout id of its first question: ids are positions in the sampled question list
-    questions: list[Question]
-
-
-def plan_shards(questions: list[Question], per_shard: int) -> list[QuestionShard]:
-    return [
-        QuestionShard(f"shard-{i // per_shard:05d}", i, questions[i : i + per_shard])
-        for i in range(0, len(questions), per_shard)
-    ]
+def get_or_raise_cause(refs, timeout: float | None = None):
+    """ray.get, but a task's error that says the input is wrong (ValueError, OSError) is raised as
+    itself, so it reaches the user as one line, not as a remote traceback."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, (ValueError, OSError)):
+            raise err.cause from None
+        raise
 
 
 class CaptureWorker:
-    """One model replica: loads the model once, then rolls out and captures whole shards."""
+    """One model replica: loads the model on its first shard (so that a model which will not load
+    fails that task once, rather than killing replica after replica), then captures whole shards."""
 
     def __init__(self, model_path: str, cfg: PipelineConfig, run_dir: str):
         torch.set_num_threads(max(1, int(cfg.capture.cpus_per_actor)))
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.replica = load_replica(model_path, cfg)
+        self.model_path, self.cfg, self.run_dir = model_path, cfg, Path(run_dir)
+        self.replica = None
 
     def process(self, shard: QuestionShard) -> dict:
+        self.replica = self.replica or load_replica(self.model_path, self.cfg)
         return capture_question_shard(self.replica, shard.name, shard.questions, shard.first_id, self.cfg, self.run_dir)
 
     def close(self) -> None:
         """Stop the engine's own processes (vLLM's engine core holds the GPU), so that the trainers
         after capture find the GPU free rather than waiting on a killed actor's orphans."""
-        if hasattr(self.replica.engine, "close"):
+        if self.replica is not None and hasattr(self.replica.engine, "close"):
             self.replica.engine.close()
 
 
@@ -80,19 +74,12 @@ def run_capture(cfg: PipelineConfig, model_path: str, d_model: int, questions: l
     """Capture every shard not yet listed in the manifest; returns the final manifest."""
     store_dir = run_dir / "activations"
     remove_stale_temporaries(run_dir)
-    if (store_dir / MANIFEST).exists():
-        manifest = read_manifest(store_dir)
-        check_compatible(manifest, cfg.model.name, cfg.capture.layers, d_model, cfg.capture.dtype)
+    manifest, shards = store_to_extend(cfg, model_path, d_model, questions, run_dir)
+    if manifest["shards"]:
         for shard, reason in damaged_shards(store_dir, manifest).items():
             tqdm.write(f"[qsae] {reason}: {shard} will be captured again")
             del manifest["shards"][shard]
         write_manifest(store_dir, manifest)
-    else:
-        # The tiny models have no hub revision; their cache directory name carries the build recipe's hash.
-        revision = cfg.model.revision or (Path(model_path).name if cfg.model.name in (TINY_MODEL, TINY_DENSE_MODEL) else None)
-        manifest = new_manifest(cfg.model.name, revision, cfg.capture.layers, d_model, cfg.capture.dtype)
-    shards = plan_shards(questions, cfg.capture.questions_per_shard)
-    check_same_questions(manifest, shards)
     pending = [s for s in shards if s.name not in manifest["shards"]]
     if not pending:
         print(f"[qsae] capture: all {len(shards)} shards are in the store already; nothing to capture", flush=True)
@@ -105,17 +92,6 @@ def run_capture(cfg: PipelineConfig, model_path: str, d_model: int, questions: l
     return manifest
 
 
-def check_same_questions(manifest: dict, shards: list[QuestionShard]) -> None:
-    """A listed shard is skipped on rerun, so it must hold the very questions this run would give it."""
-    planned = {shard.name: [q.uuid for q in shard.questions] for shard in shards}
-    for name, entry in manifest["shards"].items():
-        if planned.get(name) != entry["questions"]:
-            raise StoreError(
-                f"the activation store's {name} holds other questions than this run's sample "
-                "(changed questions, num_questions, seed or questions_per_shard?); use a new --out"
-            )
-
-
 def check_replica_fits(cfg: PipelineConfig, model_path: str) -> None:
     """Before starting replicas: do the weights fit the memory of one replica's resources? Checked in a
     task placed like a replica (it sees that replica's GPUs), so a misconfiguration fails once, clearly."""
@@ -124,10 +100,7 @@ def check_replica_fits(cfg: PipelineConfig, model_path: str) -> None:
         check_fits(cfg.model.name, parameter_count(model_path), cfg.model.dtype, memory_budget(cfg.model.device))
 
     task = ray.remote(probe).options(num_cpus=cfg.capture.cpus_per_actor, num_gpus=cfg.capture.gpus_per_actor)
-    try:
-        ray.get(task.remote())
-    except ray.exceptions.RayTaskError as err:
-        raise err.cause from None
+    get_or_raise_cause(task.remote())
 
 
 def warn_if_disk_may_not_fit(cfg: PipelineConfig, d_model: int, n_questions: int, run_dir: Path) -> None:
@@ -183,7 +156,7 @@ def run_actor_pool(
                 [ref], _ = ray.wait(list(in_flight), num_returns=1)
                 slot, shard = in_flight.pop(ref)
                 try:
-                    result = ray.get(ref)
+                    result = get_or_raise_cause(ref)
                 except ray.exceptions.RayActorError as err:
                     if attempts[shard.name] >= MAX_SHARD_ATTEMPTS:
                         raise RuntimeError(f"{shard.name} failed {attempts[shard.name]} times; last error: {err}") from err
@@ -408,7 +381,7 @@ def model_side_in_ray(cfg: PipelineConfig, model_path: str, trained: dict[int, t
 
     def model_side_of(rollouts: list, means: dict[int, np.ndarray]) -> tuple[dict | None, dict]:
         saes = {layer: sae for layer, (sae, _) in trained.items()}
-        return ray.get(task.remote(model_path, cfg, saes, means, rollouts))
+        return get_or_raise_cause(task.remote(model_path, cfg, saes, means, rollouts))
 
     return model_side_of
 
@@ -451,7 +424,7 @@ def causal_in_ray(cfg: PipelineConfig, model_path: str, trained: dict[int, tuple
         prompts = [r.prompt_token_ids for r in heldout]
         groups = [arms[i::cfg.capture.num_actors] for i in range(min(cfg.capture.num_actors, len(arms)))]
         generations = {}
-        for part in ray.get([task.remote(model_path, cfg, saes, group, prompts) for group in groups]):
+        for part in get_or_raise_cause([task.remote(model_path, cfg, saes, group, prompts) for group in groups]):
             generations.update(part)
         tokenizer = load_tokenizer(model_path, cfg.model.revision)
         answers = {}

@@ -24,7 +24,7 @@ import pyarrow as pa
 from qsae.files import atomic_write, atomic_write_json
 
 MANIFEST = "manifest.json"
-STORE_FORMAT = 2  # 2: rows carry `special` and `norm`, so training and statistics can leave rows out
+STORE_FORMAT = 3  # 2: rows carry `special` and `norm`; 3: the manifest records the rollout settings
 HOOK_CONVENTION = "output of decoder layer L (= hidden_states[L + 1]): the residual stream after block L"
 TOKEN_SELECTION = "response tokens: positions n_prompt .. n_prompt + n_response - 1 of prompt+response"
 
@@ -131,11 +131,15 @@ def write_shard(
     return n_rows
 
 
-def new_manifest(model_id: str, model_revision: str | None, layers: list[int], d_model: int, dtype: str) -> dict:
+def new_manifest(model_id: str, model_revision: str | None, layers: list[int], d_model: int, dtype: str, *,
+                 generated_with: dict | None = None) -> dict:
+    """An empty store's manifest. `generated_with` holds the rollout settings that shape its rows
+    (model dtype, engine, prompt settings), so that a rerun under others is refused."""
     return {
         "format": STORE_FORMAT,
         "model_id": model_id,
         "model_revision": model_revision,
+        "generated_with": generated_with or {},
         "layers": list(layers),
         "d_model": d_model,
         "dtype": dtype,
@@ -153,16 +157,37 @@ def read_manifest(store_dir: str | Path) -> dict:
     path = Path(store_dir) / MANIFEST
     if not path.exists():
         raise StoreError(f"no activation store at {store_dir}: {MANIFEST} is missing (capture not finished?)")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StoreError(f"{path} is damaged ({err}); capture again into a new --out") from None
+    check_manifest_shape(manifest, path)
+    return manifest
 
 
-def check_compatible(manifest: dict, model_id: str, layers: list[int], d_model: int, dtype: str) -> None:
-    """A rerun must extend the same store, not mix formats, models, layers or dtypes."""
-    wanted = {"format": STORE_FORMAT, "model_id": model_id, "layers": list(layers), "d_model": d_model, "dtype": dtype}
-    clashes = {key: (manifest.get(key), value) for key, value in wanted.items() if manifest.get(key) != value}
+def check_manifest_shape(manifest, path: Path) -> None:
+    """The fields every reader relies on, with the types they expect."""
+    shapes = {"layers": list, "d_model": int, "dtype": str, "shards": dict}
+    if not isinstance(manifest, dict) or any(not isinstance(manifest.get(k), t) for k, t in shapes.items()):
+        raise StoreError(f"{path} is not an activation store manifest (expected an object with "
+                         f"{', '.join(f'{k!r}' for k in shapes)}); capture again into a new --out")
+    for name, entry in manifest["shards"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("rows"), dict)
+                and all(isinstance(entry["rows"].get(str(layer)), int) for layer in manifest["layers"])):
+            raise StoreError(f"{path}: shard {name!r} does not list its rows per layer; capture again into a new --out")
+
+
+# What makes two runs' rows comparable; a store holds rows of one such run only.
+IDENTITY = ("format", "model_id", "model_revision", "generated_with", "layers", "d_model", "dtype")
+
+
+def check_compatible(manifest: dict, this_run: dict) -> None:
+    """A rerun may extend a store only with rows made the same way (this_run: its new_manifest)."""
+    clashes = [key for key in IDENTITY if manifest.get(key) != this_run[key]]
     if clashes:
-        details = ", ".join(f"{key}: store has {have!r}, run wants {want!r}" for key, (have, want) in clashes.items())
-        raise StoreError(f"existing activation store does not match this run ({details}); use a new --out")
+        details = ", ".join(f"{key}: store has {manifest.get(key)!r}, run wants {this_run[key]!r}" for key in clashes)
+        raise StoreError(f"the activation store was captured differently ({details}); extending it would mix rows "
+                         "of two runs: use a new --out, or the settings it was captured with")
 
 
 def open_shard(path: Path, expected_rows: int) -> pa.Table:
@@ -236,7 +261,12 @@ def open_rows(path: str | Path, layer: int | None = None) -> RowSource:
     if path.suffix == ".npy":
         if not path.exists():
             raise FileNotFoundError(f"activation file not found: {path}")
-        residuals = np.load(path, mmap_mode="r")
+        try:
+            residuals = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise StoreError(f"{path} is not a readable .npy array ({err})") from None
+        if not isinstance(residuals, np.ndarray):
+            raise StoreError(f"{path} is not a .npy array")
         if residuals.ndim != 2 or not np.issubdtype(residuals.dtype, np.floating):
             raise StoreError(f"{path} must hold a 2-D float array (rows = tokens), got {residuals.dtype} {residuals.shape}")
         if 0 in residuals.shape:
@@ -281,7 +311,8 @@ class ArraySource:
         return np.asarray(self.array[rows])
 
     def describe_row(self, chunk: int, index: int) -> str:
-        return f"row {self.chunks[chunk][index]}"
+        where = getattr(self.array, "filename", None)  # a memory-mapped .npy knows its file
+        return f"row {self.chunks[chunk][index]}" + (f" of {where}" if where else "")
 
 
 class StoreSource:

@@ -282,28 +282,36 @@ def test_unlisted_shard_is_not_read(tmp_path):
 
 def test_check_compatible_passes_on_the_same_run(tmp_path):
     build_store(tmp_path)
-    check_compatible(read_manifest(tmp_path), "test/model", list(LAYERS), D_MODEL, "float32")
+    check_compatible(read_manifest(tmp_path), new_manifest("test/model", None, list(LAYERS), D_MODEL, "float32"))
+
+
+GENERATED = {"model_dtype": "float32", "engine": "transformers", "thinking": False, "max_new_tokens": 64}
 
 
 @pytest.mark.parametrize(
-    "field, kwargs",
+    "field, change",
     [
         ("model_id", {"model_id": "other/model"}),
+        ("model_revision", {"model_revision": "abc123"}),
         ("layers", {"layers": [3, 11]}),
         ("d_model", {"d_model": 16}),
         ("dtype", {"dtype": "float16"}),
-        ("format", {}),
+        ("format", {"format": 2}),  # a store written before the manifest recorded the rollout settings
+        *[("generated_with", {"generated_with": {**GENERATED, key: value}})
+          for key, value in [("model_dtype", "bfloat16"), ("engine", "vllm"), ("thinking", True),
+                             ("max_new_tokens", 65)]],
     ],
 )
-def test_check_compatible_refuses_a_different_run(tmp_path, field, kwargs):
+def test_check_compatible_refuses_a_different_run(tmp_path, field, change):
     build_store(tmp_path)
-    if field == "format":  # a store written before rows carried `special` and `norm`
-        manifest = read_manifest(tmp_path)
-        del manifest["format"]
-        write_manifest(tmp_path, manifest)
-    wanted = {"model_id": "test/model", "layers": LAYERS, "d_model": D_MODEL, "dtype": "float32", **kwargs}
-    with pytest.raises(StoreError, match=field):
-        check_compatible(read_manifest(tmp_path), **wanted)
+    manifest = read_manifest(tmp_path)
+    manifest["generated_with"] = GENERATED
+    this_run = {**manifest, **{key: value for key, value in change.items() if key != "format"}}
+    if "format" in change:
+        manifest["format"] = change["format"]
+    check_compatible(manifest, {**manifest})  # unchanged: compatible
+    with pytest.raises(StoreError, match=f"{field}: store has"):
+        check_compatible(manifest, this_run)
 
 
 # ---------------------------------------------------------------------------------------------
