@@ -70,20 +70,30 @@ def load_questions(path: str | Path) -> list[Question]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {number}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise QuestionFormatError(f"{path} line {number}: invalid JSON ({err.msg})") from err
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise QuestionFormatError(f"{path} line {line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {number}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QuestionFormatError(f"{path} line {number}: invalid JSON ({err.msg})") from err
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq  # only Parquet inputs need pyarrow
+    import pyarrow as pa  # only Parquet inputs need pyarrow
+    import pyarrow.parquet as pq
 
-    for index, row in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as err:
+        raise QuestionFormatError(f"{path}: not a readable Parquet file ({err})") from None
+    for index, row in enumerate(rows):
         yield f"row {index} (0-based)", row
 
 
@@ -110,10 +120,15 @@ def _to_question(row: Any, path: Path, where: str) -> Question:
     keyed = options[LETTERS.index(letter)]
     if keyed != row["answer"]:
         raise fail("answer", f"is {row['answer']!r} but option {letter} is {keyed!r}")
+    for name in ("question", "uuid"):
+        if not row[name].strip():
+            raise fail(name, "is empty")
+    if empty := [LETTERS[i] for i, option in enumerate(options) if not option.strip()]:
+        raise fail("options", f"has empty option(s) {', '.join(empty)}")
+    if twins := [LETTERS[i] for i, option in enumerate(options) if option == keyed and LETTERS[i] != letter]:
+        raise fail("options", f"repeat the answer's text at {', '.join(twins)}: a letter cannot tell them apart")
     if row["difficulty"] not in DIFFICULTIES:
         raise fail("difficulty", f"must be one of {', '.join(DIFFICULTIES)}, got {row['difficulty']!r}")
-    if not row["uuid"]:
-        raise fail("uuid", "is empty")
     return Question(**{name: row[name] for name in FIELDS if name != "options"}, options=tuple(options))
 
 

@@ -18,6 +18,7 @@ layout.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -178,23 +179,34 @@ class TopKSAE(nn.Module):
         if path.is_file() and path.name == SAELENS_CFG:
             path = path.parent
         architecture = None
-        if path.is_dir():
-            tensors, stored_k, architecture = _read_dir(path)
-        elif path.suffix == ".pt":
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-            match = re.search(r"_k(\d+)$", path.stem)
-            stored_k = int(match.group(1)) if match else None
-        elif path.suffix == ".safetensors":
-            tensors, meta = _read_safetensors(path)
-            stored_k = int(meta["k"]) if "k" in meta else None
-            architecture = meta.get("architecture")  # absent from files written before BatchTopK
-        else:
-            raise ValueError(f"unrecognised SAE format: {path} (expected .pt, .safetensors, "
-                             "a SAELens hook directory or a sparsify layer directory)")
+        try:
+            if path.is_dir():
+                tensors, stored_k, architecture = _read_dir(path)
+            elif path.suffix == ".pt":
+                tensors = load_weights_only(path)
+                match = re.search(r"_k(\d+)$", path.stem)
+                stored_k = int(match.group(1)) if match else None
+            elif path.suffix == ".safetensors":
+                tensors, meta = _read_safetensors(path)
+                stored_k = int(meta["k"]) if "k" in meta else None
+                architecture = meta.get("architecture")  # absent from files written before BatchTopK
+            else:
+                raise ValueError(f"unrecognised SAE format: {path} (expected .pt, .safetensors, "
+                                 "a SAELens hook directory or a sparsify layer directory)")
+        except ValueError:
+            raise
+        except Exception as err:  # torch's unpickler and safetensors raise their own kinds
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{path} is not a readable SAE file ({reason})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
+            raise ValueError(f"{path} holds a {type(tensors).__name__}, not an SAE's dict of tensors")
         k = k if k is not None else stored_k
         if k is None:
             raise ValueError(f"k is not stored with {path}; pass k explicitly")
-        return cls.from_tensors(tensors, k, architecture).to(device)
+        try:
+            return cls.from_tensors(tensors, k, architecture).to(device)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], k: int, architecture: str | None = None) -> TopKSAE:
@@ -460,6 +472,19 @@ def _sparsify_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     # sparsify keeps the encoder as nn.Linear: weight [n, d_in] = W_enc.T.
     return {"encoder.weight": tensors["W_enc"].T.contiguous(), "encoder.bias": tensors["b_enc"],
             "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
+
+
+def load_weights_only(path: str | Path, allowed: list = ()):
+    """torch.load with torch's weights-only unpickler (tensors, plain containers and the `allowed`
+    globals): a file holding anything else is refused with a ValueError naming it, never run."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds Python objects besides tensors, which qsae never unpickles") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path} is unreadable ({reason})") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

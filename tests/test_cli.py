@@ -144,44 +144,6 @@ def test_train_and_export_a_batchtopk_sae(trained, tmp_path):
     assert not (exported / "sparsify").exists()
 
 
-def make_bad_input(kind: str, root: Path) -> tuple[list, str]:
-    """(train arguments, text the error must contain) for one kind of bad input."""
-    good = root / "good.npy"
-    np.save(good, planted(64, seed=3))
-    if kind == "missing":
-        return ["--activations", root / "absent.npy", "--n-features", 8, "--k", 2], "absent.npy"
-    if kind == "one_dimensional":
-        np.save(root / "flat.npy", np.zeros(100, dtype=np.float32))
-        return ["--activations", root / "flat.npy", "--n-features", 8, "--k", 2], "2-D"
-    if kind == "batchtopk_original":
-        return (["--activations", good, "--n-features", 8, "--k", 2, "--recipe", "original", "--architecture",
-                 "batchtopk"], "needs the modern recipe: the original recipe is TopK")
-    if kind == "k_above_n":
-        return ["--activations", good, "--n-features", 4, "--k", 5], "k=5 exceeds n_features=4"
-    if kind == "nan_row":
-        rows = planted(64, seed=3)
-        rows[17, 5] = np.nan
-        np.save(root / "nan.npy", rows)
-        return ["--activations", root / "nan.npy", "--n-features", 8, "--k", 2], "row 17 contains NaN"
-    if kind == "store_without_shards":
-        write_manifest(root / "activations", new_manifest("test/model", None, [0], D, "float32"))
-        return ["--activations", root, "--n-features", 8, "--k", 2], "lists no shards"
-    if kind == "layer_without_rows":
-        write_store(root / "activations", {"shard_00000": np.zeros((0, D), dtype=np.float32)})
-        return ["--activations", root, "--n-features", 8, "--k", 2], "no rows for layer 0"
-    raise AssertionError(kind)
-
-
-@pytest.mark.parametrize("kind", ["missing", "one_dimensional", "k_above_n", "batchtopk_original", "nan_row",
-                                  "store_without_shards", "layer_without_rows"])
-def test_train_bad_input_fails_cleanly(tmp_path, kind):
-    args, problem = make_bad_input(kind, tmp_path)
-    out = tmp_path / "out"
-    proc = qsae("train", *args, "--layer", 0, "--epochs", 1, "--out", out)
-    assert_one_error_line(proc, problem)
-    assert not out.exists()
-
-
 def assert_one_error_line(proc: subprocess.CompletedProcess, problem: str) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -551,37 +551,3 @@ def test_the_vllm_config_runs_end_to_end(tmp_path):
     fidelity = json.loads((tmp_path / "release" / "fidelity.json").read_text())["layers"]
     assert sorted(fidelity, key=int) == ["1", "3", "5"]
     assert all(entry["ce_clean"] < entry["ce_zero"] and entry["n_tokens"] > 0 for entry in fidelity.values())
-
-
-BAD_ROWS = '{"uuid": "x1", "question": "Q?", "options": ["a", "b"], "answer": "a", "answer_letter": "A", "discipline": "d", "field": "f", "subfield": "s", "difficulty": "easy"}\n'
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["rollout.questions=/no/such/questions.jsonl"], "/no/such/questions.jsonl"),
-        (["rollout.questions={bad}"], "options"),
-        (["capture.layers=[3, 12]"], "out of range"),
-        (["train.k=64", "train.n_features=32"], "exceeds"),
-        (["train.colour=red"], "train.colour"),
-        (["train.architecture=gated"], "unknown architecture 'gated'; expected one of topk, batchtopk"),
-        (["model.name=/no/such/model"], "/no/such/model"),
-        (["ray_address=127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
-    ],
-    ids=["missing-questions", "malformed-row", "layer-out-of-range", "k-above-n", "unknown-key",
-         "unknown-architecture", "missing-model", "unreachable-ray"],
-)
-def test_bad_input_fails_cleanly(tiny_path, tmp_path, args, message):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(BAD_ROWS)
-    out = tmp_path / "run"
-    done = run_driver("--out", str(out), *[a.replace("{bad}", str(bad)) for a in args])
-    assert done.returncode != 0
-    assert "qsae: error:" in done.stderr and message in done.stderr
-    assert "Traceback" not in done.stderr
-    assert not (out / "release").exists()
-
-
-def test_unknown_config_file_fails_cleanly(tmp_path):
-    done = run_driver("--config", str(tmp_path / "nope.toml"))
-    assert done.returncode != 0 and "nope.toml" in done.stderr

@@ -1,0 +1,474 @@
+"""Bad input, as a user would give it: every case ends with exit status 2, one `qsae: error:` line
+naming the problem (and the file), no traceback, and nothing written. The commands run in this
+process (the same entry points as the scripts, minus interpreter start-up); two cases run as real
+processes at the end. README's bad-input table lists the same cases (checked below)."""
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qsae.cli import main, release_main
+from qsae.config import PipelineConfig
+from qsae.questions import BUNDLED_QUESTIONS
+from qsae.store import new_manifest, write_manifest, write_shard
+
+ROOT = Path(__file__).resolve().parent.parent
+D = 8
+
+
+def assert_fails_cleanly(capsys, rc: int, problem: str) -> str:
+    """The one error line, checked; returns the run's stdout."""
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("qsae: error: ") and problem in lines[0], lines[0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Every config field: a value it cannot take, refused by the config check before anything runs.
+
+CONFIG_CASES = [
+    ("model.name=", "model.name is empty"),
+    ("model.dtype=float64", "model.dtype must be one of"),
+    ("model.device=gpu", "model.device must be auto, cpu, cuda or cuda:N"),
+    ("rollout.engine=sglang", "unknown rollout.engine 'sglang'"),
+    ('rollout.questions=" "', "rollout.questions is empty"),
+    ("rollout.num_questions=0", "rollout.num_questions must be >= 1"),
+    ("rollout.seed=-1", "rollout.seed must be >= 0"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens must be >= 1"),
+    ("rollout.batch_size=0", "rollout.batch_size must be >= 1"),
+    ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size must be >= 1"),
+    ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization must be in (0, 1]"),
+    ("rollout.gpu_memory_utilization=nan", "rollout.gpu_memory_utilization must be in (0, 1]"),
+    ("rollout.engine=vllm rollout.enforce_eager=false", "rollout.enforce_eager must be true with vllm"),
+    ("rollout.max_model_len=0", "rollout.max_model_len must be >= 1"),
+    ("rollout.max_model_len=200 rollout.max_new_tokens=200", "leaves no room for a prompt"),
+    ("train.n_features=0 train.k=0", "must be positive: n_features=0, k=0"),
+    ("capture.layers=[]", "capture.layers is empty"),
+    ("capture.layers=[-1]", "capture.layers must be layer indices >= 0"),
+    ("capture.layers=[3,3]", "capture.layers repeats a layer"),
+    ('capture.layers="some"', 'capture.layers must be a list of layer indices or "all"'),
+    ("capture.dtype=bfloat16", "capture.dtype must be float16 or float32"),
+    ("capture.num_actors=0", "capture.num_actors must be >= 1"),
+    ("capture.cpus_per_actor=-1", "capture.cpus_per_actor must be >= 0"),
+    ("capture.gpus_per_actor=-0.5", "capture.gpus_per_actor must be >= 0"),
+    ("capture.questions_per_shard=0", "capture.questions_per_shard must be >= 1"),
+    ("capture.batch_size=0", "capture.batch_size must be >= 1"),
+    ("capture.max_tokens_per_layer=0", "capture.max_tokens_per_layer must be >= 1"),
+    ("capture.max_norm_multiple=0.5", "capture.max_norm_multiple must be 0 (off) or above 1"),
+    ("train.recipe=fast", "unknown recipe 'fast'"),
+    ("train.architecture=gated", "unknown architecture 'gated'; expected one of topk, batchtopk"),
+    ("train.n_features=0", "must be positive: n_features=0"),
+    ("train.k=0", "must be positive: k=0"),
+    ("train.k=300", "train: k=300 exceeds n_features=256"),
+    ("train.epochs=-1", "must be positive: epochs=-1"),
+    ("train.batch_size=0", "must be positive: batch_size=0"),
+    ("train.lr=-0.001", "must be positive: lr=-0.001"),
+    ("train.lr=inf", "lr must be a finite number"),
+    ("train.revive_every_epochs=-1", "revive_every_epochs must be >= 0"),
+    ("train.dead_after_steps=0", "must be positive: dead_after_steps=0"),
+    ("train.recipe=original train.autocast_bf16=true", "autocast_bf16 belongs to the modern recipe"),
+    ("train.seed=-1", "seed must be >= 0"),
+    ("train.shuffle_buffer_rows=0", "must be positive: shuffle_buffer_rows=0"),
+    ("train.device=gpu", "train.device must be auto, cpu, cuda or cuda:N"),
+    ("train.holdout_fraction=1.0", "train.holdout_fraction must be in (0, 1)"),
+    ("train.split_seed=-1", "train.split_seed must be >= 0"),
+    ("train.cpus_per_layer=0", "train.cpus_per_layer must be > 0"),
+    ("train.gpus_per_layer=-1", "train.gpus_per_layer must be >= 0"),
+    ("train.workers_per_layer=0", "train.workers_per_layer must be >= 1"),
+    ("train.report_every_steps=0", "train.report_every_steps must be >= 1"),
+    ("train.checkpoint_every_steps=0", "train.checkpoint_every_steps must be >= 1"),
+    ("train.max_failures=-1", "train.max_failures must be >= 0"),
+    ("train.gpus_per_layer=2", "a worker drives one GPU at most"),
+    ("train.workers_per_layer=2 train.gpus_per_layer=1", "NCCL needs one whole GPU per worker"),
+    ("release.top_contexts=0", "release.top_contexts must be >= 1"),
+    ("release.quantile_examples=0", "release.quantile_examples must be >= 1"),
+    ("release.context_tokens=-1", "release.context_tokens must be >= 0"),
+    ("release.bootstrap=0", "release.bootstrap must be >= 1"),
+    ("release.permutations=0", "release.permutations must be >= 1"),
+    ("release.unscored_rollouts=maybe", "release.unscored_rollouts must be exclude or wrong"),
+    ("release.fidelity_rollouts=0", "release.fidelity_rollouts must be >= 1"),
+    ("causal.layers=[]", "causal.layers is empty"),
+    ("causal.features=0", "causal.features must be >= 1"),
+    ("causal.steer_multiples=[-4.0]", "causal.steer_multiples must be positive numbers"),
+    ("causal.questions=0", "causal.questions must be >= 1"),
+    ('out=""', "out is empty"),
+    ("ray_address=somewhere", "Ray address 'somewhere' is not of the form host:port"),
+    ("train.epochs=many", "train.epochs expects int, got 'many'"),
+    ("train.colour=red", "unknown config key 'train.colour'"),
+]
+
+# Fields where any value of the right type is valid (the type itself is checked for every field).
+ANY_VALUE_OF_ITS_TYPE = {"model.revision", "rollout.thinking", "capture.exclude_special_tokens",
+                         "release.export_activations", "causal.enabled"}
+
+
+def test_every_config_field_has_a_bad_value_case():
+    named = {part.split("=", 1)[0] for case, _ in CONFIG_CASES for part in shlex.split(case)}
+    fields = set()
+    for top in dataclasses.fields(PipelineConfig):
+        section = getattr(PipelineConfig(), top.name)
+        fields |= ({f"{top.name}.{f.name}" for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section)
+                   else {top.name})
+    assert fields - ANY_VALUE_OF_ITS_TYPE <= named, sorted(fields - ANY_VALUE_OF_ITS_TYPE - named)
+
+
+@pytest.mark.parametrize("case, problem", CONFIG_CASES, ids=[case for case, _ in CONFIG_CASES])
+def test_a_config_value_that_cannot_work_is_refused_before_anything_runs(capsys, tmp_path, case, problem):
+    out = tmp_path / "run"
+    where = [] if case.startswith("out=") else ["--out", str(out)]  # --out would override the case's own out
+    stdout = assert_fails_cleanly(capsys, release_main([*where, *shlex.split(case)]), problem)
+    assert "[qsae]" not in stdout  # not even the first stage started
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver's files: questions, config, model, run directory, store, Ray address. Each case is
+# (README's name for it, arguments, what the error line says); `root` holds the files it needs.
+
+def bundled_rows() -> list[dict]:
+    return [json.loads(line) for line in BUNDLED_QUESTIONS.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def edited_questions(root: Path, edit) -> str:
+    rows = bundled_rows()[:4]
+    edit(rows[1])
+    return f"rollout.questions={json.dumps(str(write_jsonl(root / 'edited.jsonl', rows)))}"
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def not_ray(root: Path) -> str:
+    """A local HTTP server: a port that answers, but not as Ray does."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"ray_address=127.0.0.1:{server.server_address[1]}"
+
+
+def closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"ray_address=127.0.0.1:{s.getsockname()[1]}"
+
+
+def weightless_model(root: Path, tiny_path: str) -> str:
+    model = root / "model"
+    shutil.copytree(tiny_path, model, ignore=shutil.ignore_patterns("*.safetensors"))
+    return f"model.name={json.dumps(str(model))}"
+
+
+def damaged_model(root: Path, tiny_path: str) -> str:
+    model = root / "model"
+    shutil.copytree(tiny_path, model)
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    return f"model.name={json.dumps(str(model))}"
+
+
+def store_of_another_run(run: Path, manifest) -> None:
+    (run / "activations").mkdir(parents=True)
+    (run / "activations" / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+
+
+def set_questions(q: dict, **values) -> None:
+    q.update(values)
+
+
+DRIVER_CASES = {
+    "question file missing": (lambda root, run: ["rollout.questions=/no/such/questions.jsonl"],
+                              "question file not found: /no/such/questions.jsonl"),
+    "question file of another type": (lambda root, run: [f"rollout.questions={json.dumps(str(root / 'q.csv'))}"],
+                                      "expected .jsonl, .json or .parquet"),
+    "question file not UTF-8": (
+        lambda root, run: [f"rollout.questions={json.dumps(str(root / 'latin1.jsonl'))}"],
+        "latin1.jsonl line 2: not UTF-8 text"),
+    "question line not JSON": (
+        lambda root, run: [f"rollout.questions={json.dumps(str(root / 'broken.jsonl'))}"],
+        "broken.jsonl line 2: invalid JSON"),
+    "question file empty": (lambda root, run: [f"rollout.questions={json.dumps(str(root / 'empty.jsonl'))}"],
+                            "empty.jsonl: contains no questions"),
+    "question Parquet unreadable": (
+        lambda root, run: [f"rollout.questions={json.dumps(str(root / 'bad.parquet'))}"],
+        "bad.parquet: not a readable Parquet file"),
+    "question field missing": (lambda root, run: [edited_questions(root, lambda q: q.pop("difficulty"))],
+                               "edited.jsonl line 2: field 'difficulty' is missing"),
+    "question text empty": (lambda root, run: [edited_questions(root, lambda q: set_questions(q, question="  "))],
+                            "edited.jsonl line 2: field 'question' is empty"),
+    "options all the same": (
+        lambda root, run: [edited_questions(root, lambda q: set_questions(
+            q, options=["same"] * 4, answer="same", answer_letter="A"))],
+        "edited.jsonl line 2: field 'options' repeat the answer's text at B, C, D"),
+    "option empty": (
+        lambda root, run: [edited_questions(root, lambda q: q["options"].__setitem__(
+            0 if q["answer_letter"] != "A" else 1, ""))],
+        "edited.jsonl line 2: field 'options' has empty option(s)"),
+    "answer not among the options": (
+        lambda root, run: [edited_questions(root, lambda q: set_questions(q, answer="nowhere"))],
+        "edited.jsonl line 2: field 'answer' is 'nowhere'"),
+    "more questions asked than exist": (lambda root, run: ["rollout.num_questions=1000"],
+                                        "cannot sample 1000 questions: 48 exist"),
+    "config file missing": (lambda root, run: ["--config", str(root / "nope.toml")], "config file not found"),
+    "config file not UTF-8": (lambda root, run: ["--config", str(root / "latin1.toml")],
+                              "latin1.toml is not UTF-8 text"),
+    "config file not TOML": (lambda root, run: ["--config", str(root / "broken.toml")],
+                             "broken.toml is not valid TOML"),
+    "model path missing": (lambda root, run: ["model.name=/no/such/model"],
+                           "model path does not exist or is not a directory: /no/such/model"),
+    "model directory without weights": (lambda root, run: [weightless_model(root, resolve_tiny())],
+                                        "holds no weights (no *.safetensors or *.bin file)"),
+    "model weights truncated": (lambda root, run: [damaged_model(root, resolve_tiny())],
+                                "model weights {model}/model.safetensors are unreadable"),
+    "layer beyond the model": (lambda root, run: ["capture.layers=[3, 12]"],
+                               "layer(s) [12] out of range: the model has 12 decoder layers"),
+    "prompt longer than the context": (
+        lambda root, run: [edited_questions(root, lambda q: set_questions(q, question="why " * 6000))],
+        "exceeds the model's context of 4096 tokens (1 question(s) do)"),
+    "prompt longer than rollout.max_model_len": (lambda root, run: ["rollout.max_model_len=300"],
+                                                 "exceeds the model's context of 300 tokens"),
+    "run directory is a file": (lambda root, run: (run.write_text("x"), [])[1],
+                                "exists and is not a directory"),
+    "run directory under a file": (lambda root, run: ["--out", str(root / "afile" / "run")],
+                                   "afile is a file, not a directory"),
+    "store captured differently": (
+        lambda root, run: store_of_another_run(run, new_manifest("tiny", "other", [3, 7, 11], 64, "float32")),
+        "the activation store was captured differently (model_revision: store has 'other'"),
+    "store manifest truncated": (lambda root, run: store_of_another_run(run, '{"format": 3, "layers": [3'),
+                                 "manifest.json is damaged"),
+    "store manifest of the wrong shape": (lambda root, run: store_of_another_run(run, "[1, 2, 3]"),
+                                          "manifest.json is not an activation store manifest"),
+    "Ray address not listening": (lambda root, run: [closed_port()], "cannot reach the Ray cluster at 127.0.0.1:"),
+    "Ray address not Ray": (lambda root, run: [not_ray(root)], "but it is not a Ray cluster"),
+}
+
+
+def resolve_tiny() -> str:
+    from qsae.models import resolve_model_path
+
+    return resolve_model_path("tiny")
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> Path:
+    root = tmp_path / "files"
+    root.mkdir()
+    rows = bundled_rows()[:3]
+    (root / "q.csv").write_text("uuid,question\n")
+    lines = [json.dumps(row) for row in rows]  # ASCII: the one byte outside UTF-8 is placed below
+    (root / "latin1.jsonl").write_bytes((lines[0] + "\n" + lines[1][:-2] + ' é"}\n').encode("latin-1"))
+    (root / "broken.jsonl").write_text(lines[0] + "\n" + lines[1][:40] + "\n")
+    (root / "empty.jsonl").write_text("\n")
+    (root / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    (root / "latin1.toml").write_bytes('out = "runs/café"\n'.encode("latin-1"))
+    (root / "broken.toml").write_text("[train\nepochs = 3\n")
+    (root / "afile").write_text("x")
+    return root
+
+
+@pytest.mark.parametrize("name", list(DRIVER_CASES))
+def test_a_bad_driver_input_is_refused_before_ray_starts(capsys, tiny_path, tmp_path, bad_files, name):
+    make, problem = DRIVER_CASES[name]
+    run = tmp_path / "run"
+    extra = make(bad_files, run) or []
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    stdout = assert_fails_cleanly(capsys, release_main(["--out", str(run), *extra]),
+                                  problem.replace("{model}", str(bad_files / "model")))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    if not name.startswith("Ray address"):
+        assert "[qsae] start ray" not in stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# `qsae train` and `qsae export` on files: activations, checkpoints, SAEs, output directories.
+
+def planted(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, D)).astype(np.float32)
+
+
+def write_store(store_dir: Path, rows: np.ndarray | None) -> None:
+    manifest = new_manifest("test/model", None, [0], D, "float32")
+    if rows is not None:
+        n = len(rows)
+        written = write_shard(store_dir, 0, "shard-00000", np.zeros(n, np.int64), np.arange(n), np.zeros(n, np.int32),
+                              np.ones(n, bool), rows, dtype="float32")
+        manifest["shards"]["shard-00000"] = {"rollouts": 1, "rows": {"0": written}}
+    write_manifest(store_dir, manifest)
+
+
+def npy(root: Path, name: str, array: np.ndarray) -> Path:
+    np.save(root / name, array, allow_pickle=True)
+    return root / name
+
+
+def raw(root: Path, name: str, data: bytes) -> Path:
+    (root / name).write_bytes(data)
+    return root / name
+
+
+class Payload:
+    """Unpickling this would create a file: what a planted file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def truncated_npy(root: Path) -> Path:
+    path = npy(root, "full.npy", planted(100, 0))
+    return raw(root, "truncated.npy", path.read_bytes()[:300])
+
+
+def nan_rows(root: Path) -> Path:
+    rows = planted(64, 3)
+    rows[17, 5] = np.nan
+    return npy(root, "nan.npy", rows)
+
+
+def store(root: Path, rows, manifest: bytes | None = None) -> Path:
+    write_store(root / "store", rows)
+    if manifest is not None:
+        (root / "store" / "manifest.json").write_bytes(manifest)
+    return root / "store"
+
+
+def train_args(activations: Path, *extra) -> list[str]:
+    return ["train", "--activations", str(activations), "--layer", "0", "--n-features", "8", "--k", "2",
+            "--epochs", "1", "--batch-size", "32", *map(str, extra)]
+
+
+TRAIN_CASES = {
+    "activations missing": (lambda r: train_args(r / "absent.npy"), "activation file not found"),
+    "activations .npy empty (0 bytes)": (lambda r: train_args(raw(r, "zero.npy", b"")),
+                                         "zero.npy is not a readable .npy array"),
+    "activations .npy truncated": (lambda r: train_args(truncated_npy(r)), "truncated.npy is not a readable .npy array"),
+    "activations .npy of Python objects": (
+        lambda r: train_args(npy(r, "objects.npy", np.array([{"a": 1}], dtype=object))),
+        "objects.npy is not a readable .npy array"),
+    "activations not 2-D": (lambda r: train_args(npy(r, "flat.npy", np.zeros(100, np.float32))),
+                            "must hold a 2-D float array"),
+    "activations with NaN": (lambda r: train_args(nan_rows(r)), "nan.npy contains NaN or inf"),
+    "activations all equal": (lambda r: train_args(npy(r, "constant.npy", np.ones((100, D), np.float32))),
+                              "the 100 training row(s) do not vary"),
+    "activations of one row": (lambda r: train_args(npy(r, "one.npy", planted(1, 0))),
+                               "the 1 training row(s) do not vary"),
+    "store without shards": (lambda r: train_args(store(r, None)), "lists no shards"),
+    "store layer without rows": (lambda r: train_args(store(r, np.zeros((0, D), np.float32))), "no rows for layer 0"),
+    "store manifest empty": (lambda r: train_args(store(r, planted(64, 0), b"")), "manifest.json is damaged"),
+    "store manifest not UTF-8": (lambda r: train_args(store(r, planted(64, 0), b'{"layers": [0]}\xff')),
+                                 "manifest.json is damaged"),
+    "store manifest of the wrong shape": (lambda r: train_args(store(r, planted(64, 0), b'{"layers": 0}')),
+                                          "manifest.json is not an activation store manifest"),
+    "train k above n": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--k", 9), "k=9 exceeds n_features=8"),
+    "train k = 0": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--k", 0), "must be positive: k=0"),
+    "train epochs negative": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--epochs", -2),
+                              "must be positive: epochs=-2"),
+    "train batch size 0": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--batch-size", 0),
+                           "must be positive: batch_size=0"),
+    "train lr negative": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--lr", -0.1),
+                          "must be positive: lr=-0.1"),
+    "train BatchTopK with the original recipe": (
+        lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--recipe", "original", "--architecture", "batchtopk"),
+        "needs the modern recipe"),
+    "train --checkpoint-every negative": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)),
+                                                               "--checkpoint-every", -1),
+                                          "--checkpoint-every must be >= 0"),
+    "export SAE missing": (lambda r: ["export", "--sae", str(r / "absent.pt"), "--layer", "0"], "no SAE at"),
+    "export .pt of Python objects": (
+        lambda r: (torch.save({"W_enc": Payload(r / "ran")}, r / "planted_k2.pt"),
+                   ["export", "--sae", str(r / "planted_k2.pt"), "--layer", "0"])[1],
+        "planted_k2.pt holds Python objects besides tensors, which qsae never unpickles"),
+    "export .pt of other tensors": (
+        lambda r: (torch.save({"weight": torch.zeros(3)}, r / "model_k2.pt"),
+                   ["export", "--sae", str(r / "model_k2.pt"), "--layer", "0"])[1],
+        "model_k2.pt: expected tensors ['W_dec', 'W_enc', 'b_dec', 'b_enc'], got ['weight']"),
+    "export .pt of one tensor": (
+        lambda r: (torch.save(torch.zeros(3), r / "tensor.pt"),
+                   ["export", "--sae", str(r / "tensor.pt"), "--layer", "0", "--k", "2"])[1],
+        "tensor.pt holds a Tensor, not an SAE's dict of tensors"),
+    "export .safetensors truncated": (
+        lambda r: ["export", "--sae", str(raw(r, "cut.safetensors", b"\x10\0\0\0\0\0\0\0{\"W_")), "--layer", "0"],
+        "cut.safetensors is not a readable SAE file"),
+    "export of another format": (lambda r: ["export", "--sae", str(raw(r, "sae.bin", b"x")), "--layer", "0"],
+                                 "unrecognised SAE format"),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAIN_CASES))
+def test_a_bad_file_for_train_or_export_is_refused(capsys, tmp_path, name):
+    make, problem = TRAIN_CASES[name]
+    root = tmp_path / "files"
+    root.mkdir()
+    argv = make(root)
+    out = tmp_path / "out"
+    assert_fails_cleanly(capsys, main([*argv, "--out", str(out)]), problem)
+    assert not out.exists()
+    assert not (root / "ran").exists()  # a planted payload never runs
+
+
+@pytest.mark.parametrize("command", ["train", "export"])
+@pytest.mark.parametrize("where, problem", [("afile", "exists and is not a directory"),
+                                            ("afile/sub", "afile is a file, not a directory")])
+def test_an_output_directory_that_cannot_be_made_is_refused_before_work(capsys, tmp_path, command, where, problem):
+    (tmp_path / "afile").write_text("x")
+    if command == "train":
+        argv = train_args(npy(tmp_path, "ok.npy", planted(64, 0)))
+    else:
+        argv = ["export", "--sae", str(tmp_path / "absent.pt"), "--layer", "0"]  # the SAE is not even read
+    assert_fails_cleanly(capsys, main([*argv, "--out", str(tmp_path / where)]), problem)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# README's table lists these cases, and only these.
+
+def readme_cases() -> set[str]:
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- bad-input table -->", 2)[1]
+    return {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line
+            and not line.startswith("| Input ")}
+
+
+def test_readme_lists_every_bad_input_case():
+    cases = set(DRIVER_CASES) | set(TRAIN_CASES) | {"any config value it cannot take", "output directory unusable"}
+    assert readme_cases() == cases
+
+
+# ---------------------------------------------------------------------------------------------
+# As real processes: the exit status and the one line reach the shell.
+
+@pytest.mark.parametrize("argv, problem", [
+    ([sys.executable, "jobs/release.py", "train.k=0"], "must be positive: k=0"),
+    ([sys.executable, "-m", "qsae", "train", "--activations", "absent.npy", "--layer", "0", "--n-features", "8",
+      "--k", "2", "--out", "never"], "activation file not found"),
+])
+def test_a_process_exits_2_with_one_line(tmp_path, argv, problem):
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and problem in done.stderr
+    assert done.stderr.startswith("qsae: error: ") and not (ROOT / "never").exists()
