@@ -53,9 +53,10 @@ def cmd_analyze(args) -> int:
     from qsae.models import expand_layers, load_tokenizer, model_dims, resolve_model_path
     from qsae.pipeline import connect_ray, questions_path
     from qsae.questions import load_questions, sample_questions
-    from qsae.release import build_release
+    from qsae.release import build_release, check_trained_matches
     from qsae.rollout import read_rollouts
     from qsae.sample import RowRules, check_same_split, load_split
+    from qsae.store import read_manifest
     from qsae.train import load_trained
 
     cfg = load_pipeline_config(args)
@@ -63,12 +64,7 @@ def cmd_analyze(args) -> int:
     model_path = resolve_model_path(cfg.model.name)
     cfg.capture.layers = expand_layers(cfg.capture.layers, model_dims(model_path, cfg.model.revision)[0])
     trained = {layer: load_trained(run_dir, layer) for layer in cfg.capture.layers}
-    for layer, (sae, _) in trained.items():  # the release would name one SAE and hold another
-        asked = (cfg.train.architecture, cfg.train.n_features, cfg.train.k)
-        if (sae.architecture, sae.n_features, sae.k) != asked:
-            raise ValueError(f"layer {layer}: the trained SAE is {sae.architecture} with n_features={sae.n_features}, "
-                             f"k={sae.k}, but the config asks for {asked[0]} with n_features={asked[1]}, k={asked[2]}; "
-                             "analyze with the config it was trained with, or train again")
+    check_trained_matches(cfg, trained, read_manifest(run_dir / "activations"))  # all before Ray starts
     question_of = {r.rollout_id: r.question_id for r in read_rollouts(run_dir / "rollouts.parquet")}
     check_same_split(load_split(run_dir), RowRules.from_config(cfg), question_of)  # before Ray starts
     tokenizer = load_tokenizer(model_path, cfg.model.revision)

@@ -65,6 +65,21 @@ def prepare_selection(cfg: PipelineConfig, run_dir: Path, rollouts: dict[int, Ro
     return selection
 
 
+def check_trained_matches(cfg: PipelineConfig, trained: dict[int, tuple[TopKSAE, dict]], manifest: dict) -> None:
+    """The SAEs are those the config names and fit the store's rows (else the release would name one
+    SAE and hold another, or encode rows of another width): checked before any work."""
+    asked = (cfg.train.architecture, cfg.train.n_features, cfg.train.k)
+    for layer in cfg.capture.layers:
+        sae = trained[layer][0]
+        if (sae.architecture, sae.n_features, sae.k) != asked:
+            raise ValueError(f"layer {layer}: the trained SAE is {sae.architecture} with n_features={sae.n_features}, "
+                             f"k={sae.k}, but the config asks for {asked[0]} with n_features={asked[1]}, k={asked[2]}; "
+                             "analyze with the config it was trained with, or train again")
+        if sae.d_in != manifest["d_model"]:  # e.g. the store was captured again from another model
+            raise ValueError(f"layer {layer}: the trained SAE has d_in {sae.d_in} but the store's residuals have "
+                             f"d_model {manifest['d_model']}; train the layer again on this store")
+
+
 def build_release(
     cfg: PipelineConfig, run_dir: Path, trained: dict[int, tuple[TopKSAE, dict]], tokenizer, timings: dict,
     model_side_of: ModelSideFn | None = None, causal_of: CausalFn | None = None,
@@ -75,10 +90,7 @@ def build_release(
     causal.enabled off: no causal check, and the card says so)."""
     store_dir = run_dir / "activations"
     manifest = read_manifest(store_dir)
-    for layer in cfg.capture.layers:  # before any work: e.g. the store was captured again from another model
-        if trained[layer][0].d_in != manifest["d_model"]:
-            raise ValueError(f"layer {layer}: the trained SAE has d_in {trained[layer][0].d_in} but the store's "
-                             f"residuals have d_model {manifest['d_model']}; train the layer again on this store")
+    check_trained_matches(cfg, trained, manifest)
     rollouts = {r.rollout_id: r for r in read_rollouts(run_dir / "rollouts.parquet")}
     selection = prepare_selection(cfg, run_dir, rollouts)
     rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, cfg.release.unscored_rollouts))

@@ -313,6 +313,7 @@ def test_analyze_refuses_a_trained_sae_other_than_the_config_asks_for(tmp_path, 
 
     for layer in (3, 7, 11):
         save_trained(tmp_path, layer, TopKSAE(64, 32, 4), {"revived": 0})
+    write_manifest(tmp_path / "activations", new_manifest("tiny", None, [3, 7, 11], 64, "float32"))
     assert main(["analyze", "--out", str(tmp_path), "train.n_features=64", "train.k=4"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "qsae: error: layer 3: the trained SAE is topk with n_features=32, k=4, but the config asks for topk with "

@@ -9,6 +9,7 @@ which would kill every Ray on the machine, the other tests' included.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -23,6 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,20 +144,33 @@ def test_job_imports_the_shipped_working_dir(ray_head):
 
 
 def test_job_submit_runs_the_pipeline(ray_head, tiny_path, tmp_path):
+    """The README's cluster command, on configs/tiny_vllm.toml where vLLM is installed (vLLM rollouts
+    and vLLM-hooked capture in the job's actor pool), else on the embedded default."""
     address, env = ray_head
     out = tmp_path / "run"
-    done = submit(address, env, "python", "jobs/release.py", "--out", str(out), *SMALL)
+    vllm = importlib.util.find_spec("vllm") is not None
+    config, layers = (["--config", "configs/tiny_vllm.toml"], ["1", "3", "5"]) if vllm else ([], ["3", "7", "11"])
+    done = submit(address, env, "python", "jobs/release.py", *config, "--out", str(out), *SMALL)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
     release = out / "release"
     assert f"release written to {release}" in done.stdout  # the driver's own log, streamed back
     summary = json.loads((release / "final_summary.json").read_text())
-    assert sorted(summary["layers"], key=int) == ["3", "7", "11"]
+    assert sorted(summary["layers"], key=int) == layers
     for row in summary["layers"].values():
         assert 0 < row["variance_explained"] <= 1
         assert row["dead"] + row["rare"] + row["healthy"] + row["dense"] == 64
     assert summary["rollouts"]["n"] == 8
     card = (release / "README.md").read_text()
-    assert card.startswith("---\n") and all(f"L{layer}" in card for layer in (3, 7, 11))
-    for layer in (3, 7, 11):
+    assert card.startswith("---\n") and all(f"L{layer}" in card for layer in layers)
+    for layer in layers:
         assert (release / f"sae_L{layer}_n64_k8.safetensors").exists()
+    rollouts = pq.read_table(out / "rollouts.parquet").to_pylist()
+    assert {r["engine"] for r in rollouts} == {"vllm" if vllm else "transformers"}
+    manifest = json.loads((out / "activations" / "manifest.json").read_text())
+    stored = sum(entry["rows"][layers[1]] for entry in manifest["shards"].values())
+    assert stored == sum(r["n_response_tokens"] for r in rollouts)
+    # the fidelity in the model's loss (for vLLM's rollouts, through transformers' Qwen3ForCausalLM)
+    fidelity = json.loads((release / "fidelity.json").read_text())["layers"]
+    assert sorted(fidelity, key=int) == layers
+    assert all(entry["ce_clean"] < entry["ce_zero"] and entry["n_tokens"] > 0 for entry in fidelity.values())
