@@ -205,6 +205,12 @@ GPU_PROCESS_GROUP = "cpu:gloo,cuda:nccl"
 CPU_PROCESS_GROUP = "gloo"
 
 
+def unusable_rows_note(run_dir: Path, layer: int) -> Path:
+    """Where a worker leaves the reason its rows cannot train, instead of failing in a way Ray Train
+    would retry (the run directory is on storage every node mounts)."""
+    return run_dir / "checkpoints" / f"layer={layer}.unusable.txt"
+
+
 def quiet_ray_train_logs() -> None:
     """Ray Train's INFO lines (one per report, with every metric in it) drown the progress bars. Some
     of its modules name their logger by file path (logging.getLogger(__file__)), out of reach of the
@@ -223,7 +229,7 @@ def train_layer_worker(config: dict) -> None:
 
     from qsae.sample import training_rows
     from qsae.store import StoreSource
-    from qsae.train import load_training_state, train_sae
+    from qsae.train import UnusableRowsError, load_training_state, train_sae
 
     quiet_ray_train_logs()
     cfg = TrainStageConfig(**config["train"])
@@ -253,7 +259,12 @@ def train_layer_worker(config: dict) -> None:
                 torch.save(state, Path(directory) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if is_rank_zero else None)
 
-    train_sae(StoreSource(run_dir / "activations", layer, rows), cfg, on_step=on_step, resume=resume)
+    try:
+        train_sae(StoreSource(run_dir / "activations", layer, rows), cfg, on_step=on_step, resume=resume)
+    except UnusableRowsError as err:  # the same on every retry: end the run with it instead of retrying
+        if is_rank_zero:
+            unusable_rows_note(run_dir, layer).parent.mkdir(parents=True, exist_ok=True)
+            unusable_rows_note(run_dir, layer).write_text(str(err))
 
 
 def train_run_name(layer: int, cfg: PipelineConfig, run_dir: str) -> str:
@@ -311,7 +322,12 @@ def final_state(result) -> dict:
 @ray.remote(num_cpus=0)
 def fit_layer(layer: int, cfg: PipelineConfig, run_dir: str) -> dict:
     """Train one layer (a task, so that every layer's trainer runs at once); its final state."""
-    return final_state(layer_trainer(layer, cfg, run_dir).fit())
+    note = unusable_rows_note(Path(run_dir), layer)
+    note.unlink(missing_ok=True)
+    result = layer_trainer(layer, cfg, run_dir).fit()
+    if note.exists():
+        raise ValueError(f"layer {layer}: {note.read_text()}")
+    return final_state(result)
 
 
 def concurrent_layers(train: TrainStageConfig, cluster: dict[str, float]) -> int:
@@ -343,7 +359,7 @@ def train_layers(cfg: PipelineConfig, run_dir: Path) -> dict[int, tuple]:
                 pending[fit_layer.remote(layer, cfg, str(run_dir))] = layer
             [ref], _ = ray.wait(list(pending), num_returns=1)
             layer = pending.pop(ref)
-            state = ray.get(ref)
+            state = get_or_raise_cause(ref)
             sae = TopKSAE.from_tensors(state["sae_state"], cfg.train.k, cfg.train.architecture)
             trained[layer] = (sae, state["history"])
             save_trained(run_dir, layer, sae, state["history"])

@@ -187,6 +187,11 @@ def as_source(residuals: np.ndarray | Tensor | RowSource) -> RowSource:
     return ArraySource(residuals)
 
 
+class UnusableRowsError(ValueError):
+    """The training rows cannot train an SAE (NaN or inf, or no variance). Data-parallel workers
+    decide it together, so every worker raises it at once."""
+
+
 def scan_rows(source: RowSource, rank: int = 0, world: int = 1, device: str | torch.device = "cpu") -> float:
     """One pass over the rows, chunk by chunk (bounded memory): refuse NaN/inf, and return the pooled
     total variance sum ||x - mean(x)||^2 over all rows (float64), the FVU denominator. Data-parallel
@@ -209,10 +214,10 @@ def scan_rows(source: RowSource, rank: int = 0, world: int = 1, device: str | to
         if sums[-1] and not bad:
             bad = "a row seen by another data-parallel worker contains NaN or inf"
     if bad:
-        raise ValueError(f"residuals {bad}")
+        raise UnusableRowsError(f"residuals {bad}")
     variance = total_sq - float(np.square(total).sum()) / source.n_rows
     if source.n_rows < 2 or not variance > 1e-12 * total_sq:
-        raise ValueError(f"the {source.n_rows} training row(s) do not vary (every row is the same), so an SAE has "
+        raise UnusableRowsError(f"the {source.n_rows} training row(s) do not vary (every row is the same), so an SAE has "
                          "nothing to learn and its FVU is undefined")
     return variance
 

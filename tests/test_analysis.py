@@ -598,7 +598,15 @@ def sample_in_memory(store_dir, selection) -> SimpleNamespace:
 
 
 def test_streamed_analysis_gives_the_statistics_of_the_sample_in_memory(rollout_store):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        streamed_analysis_matches_in_memory(rollout_store)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def streamed_analysis_matches_in_memory(rollout_store):
     cfg, sae, rollouts = analysis_config(), store_sae(), store_rollouts()
     selection = store_selection(rollout_store, cfg)
     sample = encode_sample(sae, StoreSource(rollout_store, LAYER, selection.rows), selection)

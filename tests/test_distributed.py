@@ -298,9 +298,35 @@ def linked_run(run_dir: Path, cfg, tmp_path: Path) -> Path:
     return tmp_path
 
 
+def test_rows_no_retry_can_fix_end_training_at_once_with_one_line(local_ray, tmp_path):
+    """Rows that do not vary: the workers see it in their first pass and the run ends with that
+    reason, not after train.max_failures restarts of the same failure."""
+    store_dir = tmp_path / "activations"
+    manifest = new_manifest("planted", None, [0], PLANTED_D, "float32")
+    for i in range(3):
+        rows = np.ones((300, PLANTED_D), np.float32)
+        written = write_shard(store_dir, 0, f"shard-{i:05d}", np.full(300, i), np.arange(300), np.zeros(300),
+                              np.zeros(300, bool), rows, "float32")
+        manifest["shards"][f"shard-{i:05d}"] = {"questions": [], "rollouts": 1, "rows": {"0": written}}
+    write_manifest(store_dir, manifest)
+    write_rollouts([planted_rollout(i) for i in range(3)], tmp_path / "rollouts.parquet")
+    cfg = load_config(None, [f"out={json.dumps(str(tmp_path))}", "capture.layers=[0]", "train.n_features=8",
+                             "train.k=2", "train.max_failures=3", "capture.max_norm_multiple=0"])
+    with pytest.raises(ValueError) as err:
+        train_layers(cfg, tmp_path)
+    assert not isinstance(err.value, ray.exceptions.RayError)
+    assert str(err.value).startswith("layer 0: the 600 training row(s) do not vary")
+
+
 def uninterrupted(cfg, run_dir: Path) -> tuple:
-    """The same training in this process, without Ray: (sae, history)."""
-    return train_sae(StoreSource(run_dir / "activations", 0, training_rows(run_dir, cfg.capture.layers)), cfg.train)
+    """The same training in this process, without Ray and with the threads a worker has: (sae, history)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.train.resources_per_worker()["CPU"])))
+    try:
+        return train_sae(StoreSource(run_dir / "activations", 0, training_rows(run_dir, cfg.capture.layers)),
+                         cfg.train)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_ray_train_reports_per_step_metrics_and_checkpoints_every_n_steps(local_ray, planted_run, tmp_path):
