@@ -242,6 +242,8 @@ def train_layer_worker(config: dict) -> None:
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:
             resume = load_training_state(Path(directory) / CHECKPOINT_FILE)
+    elif config["salvaged_checkpoint"]:
+        resume = load_training_state(Path(config["salvaged_checkpoint"]) / CHECKPOINT_FILE)
     is_rank_zero = ray.train.get_context().get_world_rank() == 0
 
     def on_step(progress) -> None:
@@ -280,7 +282,39 @@ def train_run_name(layer: int, cfg: PipelineConfig, run_dir: str) -> str:
     return f"layer={layer}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def layer_trainer(layer: int, cfg: PipelineConfig, run_dir: str):
+def checkpoint_storage(run_dir: str | Path) -> Path:
+    return Path(run_dir).resolve() / "checkpoints"
+
+
+def salvage_checkpoint(experiment_dir: Path) -> str | None:
+    """Ray Train rewrites its run snapshot in place, so a run killed while writing it can leave it
+    empty, or naming a checkpoint it had just deleted, and the next run's controller then fails to
+    start. Such a snapshot is removed, and the path of the furthest checkpoint that loads returned,
+    for the workers to resume from; None where the snapshot is sound (or absent)."""
+    from qsae.train import load_training_state
+
+    snapshot = experiment_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return None
+    try:
+        named = [entry["checkpoint_dir_name"] for entry in json.loads(snapshot.read_text())["checkpoint_results"]]
+        if all((experiment_dir / name).is_dir() for name in named):
+            return None
+    except (ValueError, KeyError, TypeError):
+        pass
+    snapshot.unlink()
+    steps = {}
+    for directory in experiment_dir.glob("checkpoint_*"):
+        try:
+            steps[directory] = load_training_state(directory / CHECKPOINT_FILE)["history"]["steps"]
+        except (ValueError, KeyError):
+            continue  # a checkpoint the kill left half-written
+    tqdm.write(f"[qsae] {snapshot} was damaged by an interrupted run; removed, resuming from the furthest "
+               f"checkpoint that loads ({max(steps.values()) if steps else 0} steps)")
+    return str(max(steps, key=steps.get)) if steps else None
+
+
+def layer_trainer(layer: int, cfg: PipelineConfig, run_dir: str, salvaged: str | None = None):
     """One layer's TorchTrainer: workers_per_layer workers (gloo on CPU; on GPU nccl, and gloo for
     host tensors) sharing the layer's resources, checkpoints under <run>/checkpoints, restarts from
     the last one on a crash."""
@@ -288,6 +322,7 @@ def layer_trainer(layer: int, cfg: PipelineConfig, run_dir: str):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = cfg.train.gpus_per_layer > 0
+    name, storage = train_run_name(layer, cfg, run_dir), checkpoint_storage(run_dir)
     return TorchTrainer(
         train_layer_worker,
         train_loop_config={
@@ -295,6 +330,7 @@ def layer_trainer(layer: int, cfg: PipelineConfig, run_dir: str):
             "layers": list(cfg.capture.layers),  # a token masked at any layer is masked at all
             "run_dir": str(Path(run_dir).resolve()),
             "train": asdict(cfg.train),
+            "salvaged_checkpoint": salvaged,  # where Ray Train's own record was lost (salvage_checkpoint)
         },
         torch_config=TorchConfig(backend=GPU_PROCESS_GROUP if use_gpu else CPU_PROCESS_GROUP),
         scaling_config=ScalingConfig(
@@ -303,8 +339,8 @@ def layer_trainer(layer: int, cfg: PipelineConfig, run_dir: str):
             resources_per_worker=cfg.train.resources_per_worker(),
         ),
         run_config=RunConfig(
-            name=train_run_name(layer, cfg, run_dir),
-            storage_path=str(Path(run_dir).resolve() / "checkpoints"),
+            name=name,
+            storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
@@ -322,11 +358,16 @@ def final_state(result) -> dict:
 @ray.remote(num_cpus=0)
 def fit_layer(layer: int, cfg: PipelineConfig, run_dir: str) -> dict:
     """Train one layer (a task, so that every layer's trainer runs at once); its final state."""
+    from qsae.train import load_training_state
+
     note = unusable_rows_note(Path(run_dir), layer)
     note.unlink(missing_ok=True)
-    result = layer_trainer(layer, cfg, run_dir).fit()
+    salvaged = salvage_checkpoint(checkpoint_storage(run_dir) / train_run_name(layer, cfg, run_dir))
+    result = layer_trainer(layer, cfg, run_dir, salvaged).fit()
     if note.exists():
         raise ValueError(f"layer {layer}: {note.read_text()}")
+    if result.checkpoint is None and salvaged:  # the salvaged checkpoint was the last step: nothing new reported
+        return load_training_state(Path(salvaged) / CHECKPOINT_FILE)
     return final_state(result)
 
 

@@ -298,6 +298,25 @@ def linked_run(run_dir: Path, cfg, tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.parametrize("damage", ["emptied", "names_a_deleted_checkpoint"])
+def test_a_run_snapshot_damaged_by_a_kill_is_salvaged_and_training_resumes(local_ray, planted_run, tmp_path, damage):
+    """Ray Train rewrites checkpoint_manager_snapshot.json in place: a driver killed mid-write left it
+    empty in a real run, and the rerun's controller could not start. The rerun now resumes from the
+    furthest checkpoint that loads, to the same final state."""
+    run_dir, overrides = planted_run
+    cfg = load_config(None, overrides + [f"out={json.dumps(str(tmp_path))}", "train.epochs=2"])
+    linked_run(run_dir, cfg, tmp_path)
+    first = train_layers(cfg, tmp_path)[0][1]
+    [snapshot] = (tmp_path / "checkpoints").glob("layer=0-*/checkpoint_manager_snapshot.json")
+    checkpoints = sorted(p for p in snapshot.parent.glob("checkpoint_*") if p.is_dir())
+    shutil.rmtree(checkpoints[-1])  # the snapshot names a checkpoint the kill deleted; an earlier one stays
+    if damage == "emptied":
+        snapshot.write_text("")
+    again = train_layers(cfg, tmp_path)[0][1]
+    assert again["resumed_at_steps"] and again["steps"] == first["steps"]
+    assert again["fvu"][-1] == pytest.approx(first["fvu"][-1], abs=1e-3)
+
+
 def test_rows_no_retry_can_fix_end_training_at_once_with_one_line(local_ray, tmp_path):
     """Rows that do not vary: the workers see it in their first pass and the run ends with that
     reason, not after train.max_failures restarts of the same failure."""
