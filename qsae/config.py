@@ -136,7 +136,7 @@ class TrainStageConfig(TrainConfig):
         at_least(self, "train", 0, "split_seed", "gpus_per_layer", "max_failures")
         at_least(self, "train", 1, "workers_per_layer", "report_every_steps", "checkpoint_every_steps")
         require(self.cpus_per_layer > 0, f"train.cpus_per_layer must be > 0, got {self.cpus_per_layer:g}")
-        require(self.device in ("cpu", "auto") or DEVICE_PATTERN.fullmatch(self.device) is not None,
+        require(DEVICE_PATTERN.fullmatch(self.device) is not None,
                 f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         gpus, workers = self.gpus_per_layer, self.workers_per_layer
         require(not (workers > 1 and gpus and gpus != workers),

@@ -265,8 +265,9 @@ def train_layer_worker(config: dict) -> None:
         train_sae(StoreSource(run_dir / "activations", layer, rows), cfg, on_step=on_step, resume=resume)
     except UnusableRowsError as err:  # the same on every retry: end the run with it instead of retrying
         if is_rank_zero:
-            unusable_rows_note(run_dir, layer).parent.mkdir(parents=True, exist_ok=True)
-            unusable_rows_note(run_dir, layer).write_text(str(err))
+            note = unusable_rows_note(run_dir, layer)
+            note.parent.mkdir(parents=True, exist_ok=True)
+            note.write_text(str(err))
 
 
 def train_run_name(layer: int, cfg: PipelineConfig, run_dir: str) -> str:

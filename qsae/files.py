@@ -47,6 +47,11 @@ def check_can_create_dir(path: str | Path, what: str = "output directory") -> No
         raise PermissionError(f"cannot create {what} {path}: {parent} is not writable")
 
 
+def first_line(err: BaseException) -> str:
+    """An error's message cut to its first line (libraries' messages run on with advice), or its type."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def current_umask() -> int:
     mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
     os.umask(mask)

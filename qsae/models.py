@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qsae.files import first_line
 from qsae.questions import BUNDLED_QUESTIONS, LETTERS, Question, format_prompt, load_questions
 
 TINY_MODEL = "tiny"
@@ -148,7 +149,7 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
         model = model_class_for(config).from_pretrained(path, revision=revision, dtype=dtype_from_name(dtype),
                                                         device_map=device)
     except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: shapes that do not fit, or out of memory
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         raise ModelLoadError(f"could not load the weights of model {name_or_path!r}: {reason}") from None
     return model.eval(), tokenizer
 

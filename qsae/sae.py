@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from qsae.files import atomic_write, atomic_write_json
+from qsae.files import atomic_write, atomic_write_json, first_line
 
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 SAELENS_CFG = "cfg.json"
@@ -196,7 +196,7 @@ class TopKSAE(nn.Module):
         except ValueError:
             raise
         except Exception as err:  # torch's unpickler and safetensors raise their own kinds
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = first_line(err)
             raise ValueError(f"{path} is not a readable SAE file ({reason})") from None
         if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
             raise ValueError(f"{path} holds a {type(tensors).__name__}, not an SAE's dict of tensors")
@@ -483,7 +483,7 @@ def load_weights_only(path: str | Path, allowed: list = ()):
     except pickle.UnpicklingError:
         raise ValueError(f"{path} holds Python objects besides tensors, which qsae never unpickles") from None
     except (RuntimeError, EOFError, OSError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         raise ValueError(f"{path} is unreadable ({reason})") from None
 
 

@@ -217,8 +217,8 @@ def scan_rows(source: RowSource, rank: int = 0, world: int = 1, device: str | to
         raise UnusableRowsError(f"residuals {bad}")
     variance = total_sq - float(np.square(total).sum()) / source.n_rows
     if source.n_rows < 2 or not variance > 1e-12 * total_sq:
-        raise UnusableRowsError(f"the {source.n_rows} training row(s) do not vary (every row is the same), so an SAE has "
-                         "nothing to learn and its FVU is undefined")
+        raise UnusableRowsError(f"the {source.n_rows} training row(s) do not vary (every row is the same), so an SAE "
+                                "has nothing to learn and its FVU is undefined")
     return variance
 
 
