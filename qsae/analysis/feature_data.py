@@ -16,6 +16,7 @@ sampled row, else 0 (tokens outside the sample were not encoded).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,13 +79,17 @@ class Entries:
     def astuple(self) -> tuple[np.ndarray, ...]:
         return self.feature, self.row, self.activation, self.key
 
+    @functools.cached_property
+    def bounds(self) -> list[int]:
+        """Where each feature's entries start, up to the largest feature's end (entries are never
+        changed in place: select and merged build new ones)."""
+        return np.searchsorted(self.feature, np.arange(self.feature.max(initial=-1) + 2)).tolist()
+
     def of(self, feature: int) -> slice:
         """This feature's entries (the arrays are grouped by feature ascending)."""
-        if not hasattr(self, "_bounds"):  # every feature's, found at once
-            self._bounds = np.searchsorted(self.feature, np.arange(self.feature.max(initial=-1) + 2)).tolist()
-        if feature + 1 >= len(self._bounds):
+        if feature + 1 >= len(self.bounds):
             return slice(len(self.feature), len(self.feature))
-        return slice(self._bounds[feature], self._bounds[feature + 1])
+        return slice(self.bounds[feature], self.bounds[feature + 1])
 
 
 class FeatureStream:
