@@ -15,8 +15,9 @@ output files included), timed from spawn to exit, one after another (a round), -
 - "qsae modern": `python -m qsae.cli train --activations train.npy --layer 0 --n-features N --k K
   --epochs E --batch-size B --out DIR`, qsae's defaults (the modern recipe);
 - "qsae original": the same with `--recipe original`;
-- "qsae modern bf16": the same as modern with `--autocast-bf16` (only when asked for in --methods:
-  bf16 matmuls are very slow on CPUs without native bf16 support);
+- "qsae modern fp32" and "qsae modern bf16" (only when asked for in --methods): the same as modern
+  with `--no-autocast-bf16` or `--autocast-bf16` (the modern default is bf16 where the device
+  multiplies bf16 natively; elsewhere bf16 matmuls are far slower than fp32);
 - "sparsify": EleutherAI sparsify's own `Trainer` at its defaults (SparseCoderConfig(num_latents=N,
   k=K); TrainConfig defaults: the "signum" optimizer, sign descent under a schedule-free wrapper at
   lr 5e-3 / sqrt(N / 2**14), b_dec at the first batch's mean, no AuxK), run by --sparsify-python
@@ -51,8 +52,9 @@ from pathlib import Path
 import numpy as np
 
 ZIPF_OFFSET = 10  # atom i is drawn with probability proportional to 1 / (i + ZIPF_OFFSET)
-METHODS = ("modern", "original", "modern-bf16", "sparsify")
-LABELS = {"modern": "qsae modern", "original": "qsae original", "modern-bf16": "qsae modern bf16"}
+METHODS = ("modern", "original", "modern-fp32", "modern-bf16", "sparsify")
+LABELS = {"modern": "qsae modern", "original": "qsae original", "modern-fp32": "qsae modern fp32",
+          "modern-bf16": "qsae modern bf16"}
 HERE = Path(__file__).resolve()
 
 
@@ -248,8 +250,8 @@ def command(method: str, args: argparse.Namespace, train: Path, out: Path) -> li
            "--batch-size", str(args.batch_size), "--out", str(out)]
     if method == "original":
         cmd += ["--recipe", "original"]
-    if method == "modern-bf16":
-        cmd += ["--autocast-bf16"]
+    if method in ("modern-fp32", "modern-bf16"):
+        cmd += ["--no-autocast-bf16" if method == "modern-fp32" else "--autocast-bf16"]
     return cmd + list(args.qsae_arg)
 
 

@@ -129,7 +129,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"--checkpoint-every must be >= 0 (0 = never), got {args.checkpoint_every}")
     check_can_create_dir(args.out, "--out")  # before training, not after it
     cfg = TrainConfig(
-        recipe=args.recipe, architecture=args.architecture, n_features=args.n_features, k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        recipe=args.recipe, architecture=args.architecture, n_features=args.n_features, k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay_fraction=args.lr_decay_fraction,
         dead_after_steps=args.dead_after_steps, autocast_bf16=args.autocast_bf16, seed=args.seed,
         shuffle_buffer_rows=args.shuffle_buffer_rows, device=args.device,
     )
@@ -190,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a latent silent this many steps is dead (AuxK, revival)")
     t.add_argument("--shuffle-buffer-rows", type=int, default=65536,
                    help="rows shuffled together; memory holds about three such buffers")
-    t.add_argument("--autocast-bf16", action="store_true", help="modern recipe: encoder matmul under bf16 autocast")
+    t.add_argument("--autocast-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="modern recipe: encoder matmul under bf16 autocast (default: where the device has native bf16)")
+    t.add_argument("--lr-decay-fraction", type=float,
+                   help="last fraction of the steps over which lr falls linearly to 0 (default: the recipe's, 0 or 0.2)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
     t.add_argument("--out", required=True, help="output directory for the SAE files and metrics.json")

@@ -341,8 +341,8 @@ class TopKEncoder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, dead, k_aux):
         x_centered = x - b_dec
-        pre = torch.addmm(b_enc, x_centered, W_enc)
-        values, indices = pre.topk(k, dim=-1, sorted=False)
+        pre = preactivations(x_centered, W_enc, b_enc)
+        values, indices = row_topk(pre, k)
         if k_aux > 0:
             aux_values, aux_indices = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
         else:
@@ -387,7 +387,7 @@ class BatchTopKEncoder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, width, dead, k_aux):
         x_centered = x - b_dec
-        pre = torch.addmm(b_enc, x_centered, W_enc)
+        pre = preactivations(x_centered, W_enc, b_enc)
         values, positions = batch_topk(pre, k * x.shape[0], width)
         if k_aux > 0:
             aux_values, aux_indices = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
@@ -424,6 +424,33 @@ class BatchTopKEncoder(torch.autograd.Function):
             if use_aux:
                 grad_x = grad_x + F.embedding_bag(aux_indices, W_enc_t, mode="sum", per_sample_weights=aux_weights)
         return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None, None
+
+
+def preactivations(x_centered: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """x_centered @ W_enc + b_enc [B, n]. An fp32 addmm on CPU first broadcasts the bias into the
+    whole output, which there costs a quarter of the matmul; adding it afterwards costs a tenth."""
+    if x_centered.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        return (x_centered @ W_enc).add_(b_enc)
+    return torch.addmm(b_enc, x_centered, W_enc)
+
+
+TOPK_GROUPS = 256  # row_topk: latents m, m + 256, m + 512, ... form one group
+
+
+def row_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """pre.topk(k, dim=-1) of pre [B, n], unsorted, in two cheaper passes on CPU: the k largest
+    entries of a row lie in the k groups of latents with the largest maxima (any other group's
+    entries are at most the k-th largest group maximum, and k larger entries exist), so each row
+    takes the top k among those groups' members only: 1/4 of the row at n 2048, k 32."""
+    n_rows, n = pre.shape
+    per_group = n // TOPK_GROUPS
+    if pre.device.type != "cpu" or n % TOPK_GROUPS or k * per_group * 2 > n:
+        return pre.topk(k, dim=-1, sorted=False)
+    group_max = pre.view(n_rows, per_group, TOPK_GROUPS).amax(dim=1)
+    groups = group_max.topk(k, dim=-1, sorted=False).indices
+    members = (groups.unsqueeze(-1) + TOPK_GROUPS * torch.arange(per_group, device=pre.device)).view(n_rows, -1)
+    values, picked = pre.gather(1, members).topk(k, dim=-1, sorted=False)
+    return values, members.gather(1, picked)
 
 
 def batch_topk(pre: Tensor, count: int, width: int) -> tuple[Tensor, Tensor]:

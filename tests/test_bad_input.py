@@ -82,6 +82,7 @@ CONFIG_CASES = [
     ("train.lr=-0.001", "must be positive: lr=-0.001"),
     ("train.lr=inf", "lr must be a finite number"),
     ("train.revive_every_epochs=-1", "revive_every_epochs must be >= 0"),
+    ("train.lr_decay_fraction=1.5", "lr_decay_fraction must be in [0, 1], got 1.5"),
     ("train.dead_after_steps=0", "must be positive: dead_after_steps=0"),
     ("train.recipe=original train.autocast_bf16=true", "autocast_bf16 belongs to the modern recipe"),
     ("train.seed=-1", "seed must be >= 0"),

@@ -82,7 +82,8 @@ def test_train_metrics_record_the_run(trained):
     defaults = TrainConfig()  # flags left out mean the trainer's defaults
     assert metrics["config"]["shuffle_buffer_rows"] == defaults.shuffle_buffer_rows
     assert metrics["config"]["dead_after_steps"] == defaults.dead_after_steps
-    assert metrics["config"]["autocast_bf16"] is False
+    assert metrics["config"]["autocast_bf16"] is TrainConfig(device="cpu").uses_autocast()  # resolved
+    assert metrics["config"]["lr_decay_fraction"] == 0.2
     assert len(metrics["fvu"]) == 8
     torch.manual_seed(0)
     untrained = 1.0 - variance_explained(TopKSAE(D, N_FEATURES, K), np.load(acts))

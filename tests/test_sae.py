@@ -445,3 +445,31 @@ def test_saelens_loads_batchtopk_release(batchtopk, tmp_path):
         assert torch.equal(codes > 0, ours > 0)  # the same latents
         assert torch.allclose(codes, ours, atol=1e-5)
         assert torch.allclose(theirs.decode(codes), batchtopk(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("n, k, dtype", [(2048, 32, torch.float32), (4096, 32, torch.float32),
+                                         (2048, 32, torch.bfloat16), (512, 4, torch.float64)])
+def test_row_topk_selects_each_rows_k_largest(n, k, dtype):
+    """The two-pass top-k (used where n is a multiple of its 256 groups) against a sort of each row
+    in numpy; bf16 rows have many ties, where any k largest will do, so values are compared as sets."""
+    from qsae.sae import row_topk
+
+    torch.manual_seed(1)
+    pre = (torch.randn(300, n) * torch.rand(300, 1) * 4).to(dtype)
+    pre[7] = pre[7].abs() * 0 + 1  # a row of ties
+    values, indices = row_topk(pre, k)
+    rows = pre.float().numpy()
+    expected = -np.sort(-rows, axis=1)[:, :k]
+    np.testing.assert_array_equal(-np.sort(-values.float().numpy(), axis=1), expected)
+    assert torch.equal(pre.gather(1, indices), values)
+    assert all(len(set(row)) == k for row in indices.tolist())  # k distinct latents per row
+
+
+def test_topk_encoder_selects_the_top_k_with_the_two_pass_top_k():
+    torch.manual_seed(2)
+    sae = TopKSAE(16, 512, 4)
+    x = torch.randn(64, 16)
+    values, indices, _, _ = sae.encode_for_training(x)
+    reference_values, reference_indices = sae.encode_topk(x)
+    assert torch.equal(indices.sort(dim=1).values, reference_indices.sort(dim=1).values)
+    torch.testing.assert_close(values.sort(dim=1).values, reference_values.sort(dim=1).values)

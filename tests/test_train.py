@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ def one_thread():
 
 def small_cfg(**overrides) -> TrainConfig:
     return TrainConfig(**{"n_features": 48, "k": 3, "epochs": 3, "batch_size": 128, "lr": 3e-3,
-                          "revive_every_epochs": 1, "dead_after_steps": 5, **overrides})
+                          "revive_every_epochs": 1, "dead_after_steps": 5, "autocast_bf16": False, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -260,22 +261,41 @@ def test_recipe_defaults():
     assert TrainConfig().architecture == "topk"
     original, modern = TrainConfig(recipe="original"), TrainConfig(recipe="modern", n_features=4096)
     assert original.learning_rate() == 3e-4
-    assert modern.learning_rate() == pytest.approx(2e-3 / math.sqrt(4096 / 2048))
-    assert TrainConfig(recipe="modern", n_features=2048).learning_rate() == pytest.approx(2e-3)
+    assert modern.learning_rate() == pytest.approx(3e-3 / math.sqrt(4096 / 2048))
+    assert TrainConfig(recipe="modern", n_features=2048).learning_rate() == pytest.approx(3e-3)
     assert TrainConfig(recipe="modern", lr=1e-3).learning_rate() == 1e-3
     assert (original.revival_period(), modern.revival_period()) == (5, 0)
     assert TrainConfig(recipe="modern", revive_every_epochs=2).revival_period() == 2
+    assert (original.decay_fraction(), modern.decay_fraction()) == (0.0, 0.2)
+    assert original.uses_autocast() is False
+    assert TrainConfig(recipe="modern", autocast_bf16=False).uses_autocast() is False
     resolved = modern.resolved()
-    assert (resolved.lr, resolved.revive_every_epochs) == (modern.learning_rate(), 0)
-    assert modern.lr is None  # resolved() leaves the config alone
+    assert (resolved.lr, resolved.revive_every_epochs, resolved.lr_decay_fraction) == (modern.learning_rate(), 0, 0.2)
+    assert modern.lr is None and modern.autocast_bf16 is None  # resolved() leaves the config alone
+
+
+def test_bf16_autocast_by_default_where_the_cpu_multiplies_bf16():
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    native = bool(flags & {"avx512_bf16", "amx_tile"})
+    assert TrainConfig(recipe="modern", device="cpu").uses_autocast() is native
+    assert TrainConfig(recipe="modern", device="cpu").resolved().autocast_bf16 is native
+    assert TrainConfig(recipe="original", device="cpu").uses_autocast() is False
 
 
 @pytest.mark.parametrize("recipe", ["original", "modern"])
-def test_training_uses_the_recipe_learning_rate(small_rows, recipe):
-    cfg = small_cfg(recipe=recipe, lr=None, epochs=1)
+def test_training_uses_the_recipe_learning_rate_schedule(small_rows, recipe):
+    cfg = small_cfg(recipe=recipe, lr=None, epochs=2)
     seen = []
     train_sae(small_rows, cfg, on_step=lambda progress: seen.append(progress.checkpoint()))
-    assert seen[0]["optimizer_state"]["param_groups"][0]["lr"] == cfg.learning_rate()
+    lrs = [state["optimizer_state"]["param_groups"][0]["lr"] for state in seen]
+    steps = len(lrs)
+    assert steps == 2 * math.ceil(len(small_rows) / cfg.batch_size)
+    base = 3e-4 if recipe == "original" else 3e-3 / math.sqrt(48 / 2048)
+    # modern: constant, then linear to 0 over the last fifth of the steps; original: constant
+    expected = [base * (min(1.0, (steps - s) / (0.2 * steps)) if recipe == "modern" else 1.0) for s in range(steps)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    if recipe == "modern":
+        assert lrs[-1] < lrs[0] / 2
 
 
 def test_parallel_gradient_removal_leaves_gradients_orthogonal_to_decoder_rows(small_rows):
