@@ -32,6 +32,7 @@ from qsae.rollout import Rollout, read_rollouts
 from qsae.sae import TopKSAE
 from qsae.sample import RowRules, RowSelection, SplitMismatchError, check_same_split, load_split, select_rows
 from qsae.store import StoreSource, read_manifest
+from qsae.train import TrainConfig
 
 STAGING_PREFIX = ".release-"  # the release is assembled in <run>/.release-XXXX, then swapped in
 VE_FORMULA = "1 - sum_rows ||x - x_hat||^2 / sum_rows ||x - mean(x)||^2 (pooled over held-out rows, float64)"
@@ -258,6 +259,14 @@ def browser_front_page(info: dict, results: dict, charts: list[str]) -> dict:
             "block_size": BLOCK_SIZE}
 
 
+def encoder_precision(train: TrainConfig) -> str:
+    """The encoder matmul's precision as the config sets it (an unset autocast_bf16 is decided by
+    each trainer's device, which the driver may not share)."""
+    if train.recipe == "original" or train.autocast_bf16 is False:
+        return "fp32"
+    return "bf16 (autocast)" if train.autocast_bf16 else "bf16 where the training device has native bf16, else fp32"
+
+
 def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
@@ -347,6 +356,8 @@ def card_info(cfg, manifest, rollouts, results, selection, fidelity, files, char
             "recipe": cfg.train.recipe,
             "optimizer": "Adam",
             "lr": cfg.train.learning_rate(),
+            "lr_decay_fraction": cfg.train.decay_fraction(),
+            "encoder_matmul": encoder_precision(cfg.train),
             "batch_size": cfg.train.batch_size,
             "epochs": cfg.train.epochs,
             "revive_every_epochs": cfg.train.revival_period(),

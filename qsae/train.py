@@ -41,7 +41,7 @@ exactly what qsae's trainer computed before the modern recipe existed, bit for b
   bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere: the top-k
   then picks from bf16 pre-activations, and everything after it runs in fp32. On the benchmark
   above it reached the same held-out FVU as fp32 (0.129 both at the earlier constant 2e-3) with
-  the step 1.4-1.6 times as fast on an AVX512-BF16 CPU;
+  the step 1.3-1.6 times as fast on an AVX512-BF16 CPU (the whole benchmark process 1.24 times);
 - the encoder's backward pass through `TopKEncoder` (sae.py), which touches only the selected
   latents, and a fused Adam step.
 
@@ -275,12 +275,12 @@ def reconstruction_losses(sae: TopKSAE, x: Tensor, dead: Tensor | None = None, a
     cast = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with cast:
         values, indices, aux_values, aux_indices = sae.encode_for_training(x, dead if width else None, width)
-    error = x - sae.decode_for_training(values, indices, len(x))
-    sq_error = error.pow(2).sum()
+    x_hat = sae.decode_for_training(values, indices, len(x))
+    sq_error = F.mse_loss(x_hat, x, reduction="sum")  # one fused pass each way, where (x - x_hat)^2 takes five
     if width == 0:
         return sq_error, sq_error.new_zeros(()), values, indices
     scale = (dead.sum() / k_aux).clamp(max=1.0)
-    auxk = scale * (sae.decoder_sum(aux_values, aux_indices) - error.detach()).pow(2).sum()
+    auxk = scale * F.mse_loss(sae.decoder_sum(aux_values, aux_indices), (x - x_hat).detach(), reduction="sum")
     return sq_error, auxk, values, indices
 
 

@@ -701,3 +701,16 @@ def test_correctness_statistics_are_not_computable_without_both_labels(rollout_s
         rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "wrong"))
         again = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg)
         assert "are wrong" in again["summary"]["rollout_level"]["reason"]
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"recipe": "original"}, "fp32"),
+    ({"recipe": "modern", "autocast_bf16": False}, "fp32"),
+    ({"recipe": "modern", "autocast_bf16": True}, "bf16 (autocast)"),
+    ({"recipe": "modern"}, "bf16 where the training device has native bf16, else fp32"),
+])
+def test_the_card_states_the_encoder_precision_the_config_sets(settings, expected):
+    from qsae.release import encoder_precision
+    from qsae.train import TrainConfig
+
+    assert encoder_precision(TrainConfig(**settings)) == expected

@@ -31,6 +31,8 @@ RECIPE_LABELS = {
     "recipe": "recipe (original | modern)",
     "optimizer": "optimizer",
     "lr": "learning rate",
+    "lr_decay_fraction": "learning rate falls linearly to 0 over the last (share of steps)",
+    "encoder_matmul": "encoder matmul precision",
     "batch_size": "batch size (tokens)",
     "epochs": "epochs",
     "revive_every_epochs": "dead-feature revival every (epochs)",
