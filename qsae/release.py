@@ -24,7 +24,7 @@ from qsae.analysis.feature_data import LayerFeatures, TokenTable, layer_features
 from qsae.analysis.features import HEALTHY_RANGE
 from qsae.analysis.layer import SampleRows, analyze_layer, encode_sample, rollout_labels, sample_rows_of
 from qsae.analysis.model_loss import FIDELITY_DEFINITION, RolloutTokens
-from qsae.browser import BLOCK_SIZE, write_assets, write_data, write_layer
+from qsae.browser import BLOCK_SIZE, LayerPages, write_assets, write_data
 from qsae.config import PipelineConfig
 from qsae.files import new_staging_dir, replace_directory
 from qsae.questions import OUTCOMES
@@ -205,19 +205,25 @@ def write_feature_pages(staging: Path, cfg: PipelineConfig, info: dict, results:
                         features: dict[int, LayerFeatures], trained: dict, logits: dict | None,
                         token_text: Callable[[int], str], outcome_of: dict[int, str]) -> list[str]:
     """browser/ (qsae.browser), neuronpedia/ (ecosystem) and feature_characterization.json (every
-    live feature's top contexts), one layer's feature pages in memory at a time; returns the files'
-    names."""
+    live feature's top contexts); each feature's page is written to both as it is made, so memory
+    holds one block of pages, not a layer's. Returns the files' names."""
     out = staging / "browser"
     charts = write_assets(out, [staging / name for name in info["charts"]])
     top_contexts = {}
     for layer, data in features.items():
         layer_logits = None if logits is None else logits[layer]
-        records = [data.record(int(f), results[layer]["stats"], token_text, outcome_of.__getitem__, layer_logits)
-                   for f in data.live]
-        write_layer(out, layer, len(data.fire_count), records)
-        ecosystem.write_neuronpedia(staging / "neuronpedia", cfg, info, layer, hook_name(layer), trained[layer][0],
-                                    records, layer_logits)
-        top_contexts[str(layer)] = {str(r["feature"]): r["top"] for r in records}
+        pages = LayerPages(out, layer, len(data.fire_count))
+        neuronpedia = ecosystem.NeuronpediaLayer(staging / "neuronpedia", cfg, info, layer, hook_name(layer),
+                                                 trained[layer][0], layer_logits)
+        tops = top_contexts[str(layer)] = {}
+        for feature in data.live:
+            record = data.record(int(feature), results[layer]["stats"], token_text, outcome_of.__getitem__,
+                                 layer_logits)
+            pages.add(record)
+            neuronpedia.add(record)
+            tops[str(record["feature"])] = record["top"]
+        pages.close()
+        neuronpedia.close()
     write_data(out, "release", browser_front_page(info, results, charts))
     write_json(staging / "feature_characterization.json", {
         "contexts": "per layer, per live feature: its top-activating tokens (descending), each with `tokens`, the "

@@ -313,14 +313,14 @@ def test_feature_data_matches_brute_force():
 
 
 def test_a_layer_without_live_features_gets_empty_feature_data(tmp_path):
-    from qsae.browser import write_layer
+    from qsae.browser import LayerPages
 
     indices, values = random_codes(0, n_rows=50, n_features=16, k=2)
     tokens = TokenTable({0: list(range(60))})
     data = layer_features(torch.randn(16, 4), np.zeros_like(values), indices, np.zeros(50, np.int64), np.arange(50),
                           tokens, top=3, width=2, per_bin=2, seed=0)
     assert len(data.live) == 0 and data.fire_count.sum() == 0
-    assert write_layer(tmp_path, 5, 16, []) == 0
+    assert LayerPages(tmp_path, 5, 16).close() == 0
     assert '"rows":[]' in (tmp_path / "data" / "layer_5.js").read_text()
 
 
@@ -714,3 +714,50 @@ def test_the_card_states_the_encoder_precision_the_config_sets(settings, expecte
     from qsae.train import TrainConfig
 
     assert encoder_precision(TrainConfig(**settings)) == expected
+
+
+def test_feature_pages_stream_out_a_block_at_a_time(tmp_path):
+    """Browser blocks and Neuronpedia batches are written as soon as the next one starts, each with
+    exactly its own live features, so only one block of pages is ever held; close() writes the rest."""
+    from qsae.analysis.ecosystem import NEURONPEDIA_BATCH, NeuronpediaLayer
+    from qsae.browser import BLOCK_SIZE, LayerPages
+
+    n_features = 600
+    indices, values = random_codes(7, n_rows=4000, n_features=n_features, k=4, n_silent=50)
+    rollout, position = np.repeat(np.arange(40), 100), np.tile(np.arange(100), 40)
+    tokens = TokenTable({r: list(range(100)) for r in range(40)})
+    sae = TopKSAE(8, n_features, 4)
+    data = layer_features(sae.W_dec.detach(), values, indices, rollout, position, tokens, top=3, width=2,
+                          per_bin=1, seed=0)
+    live = data.live.tolist()
+    info = {"model_id": "tiny", "model_revision": None, "architecture": "topk", "n_features": n_features,
+            "outcomes": {"n": 40}}
+    pages = LayerPages(tmp_path / "browser", 3, n_features)
+    neuronpedia = NeuronpediaLayer(tmp_path / "neuronpedia", PipelineConfig(), info, 3, "blocks.3.hook_resid_post",
+                                   sae, None)
+    block_file = lambda b: tmp_path / "browser" / "data" / f"layer_3_block_{b}.js"
+    (folder,) = (tmp_path / "neuronpedia").iterdir()
+    for feature in live:
+        block, batch = feature // BLOCK_SIZE, feature // NEURONPEDIA_BATCH
+        record = data.record(feature, {}, str, str, None)
+        pages.add(record)
+        neuronpedia.add(record)
+        assert not block_file(block).exists() and not (folder / f"batch-{batch}.json").exists()
+        assert {int(f) // BLOCK_SIZE for f in pages.pages} == {block}
+        assert all(b // NEURONPEDIA_BATCH == batch for b in (r["feature"] for r in neuronpedia.batch))
+        if block:
+            assert block_file(block - 1).exists()
+        if batch:
+            assert (folder / f"batch-{batch - 1}.json").exists()
+    assert pages.close() == len(live)
+    neuronpedia.close()
+
+    def block_features(b):
+        text = block_file(b).read_text()
+        return [int(f) for f in json.loads(text[text.index("{"):text.rindex("}") + 1])["features"]]
+
+    assert [f for b in range(3) for f in block_features(b)] == live
+    batches = [json.loads((folder / f"batch-{b}.json").read_text()) for b in range(5)]
+    assert [f["feature_index"] for b in batches for f in b["features"]] == live
+    skipped = json.loads((folder / "skipped_indexes.json").read_text())["skipped_indexes"]
+    assert skipped == [f for f in range(n_features) if f not in set(live)] and len(skipped) >= 50

@@ -193,47 +193,62 @@ def _activation(example: dict, bin_min: float, bin_max: float, bin_contains: flo
             "values": example["acts"], "qualifying_token_index": example["at"]}
 
 
-def neuronpedia_batches(records: list[dict], batch: int = NEURONPEDIA_BATCH) -> list[tuple[int, list[dict]]]:
-    """(batch number, its features' records) over contiguous index ranges of `batch` features; ranges
-    whose features are all dead get no file (the runner skips them too)."""
-    out: dict[int, list[dict]] = {}
-    for record in records:
-        out.setdefault(record["feature"] // batch, []).append(record)
-    return sorted(out.items())
-
-
 def sae_set_name(info: dict) -> str:
     """The release's name as SAEBench and Neuronpedia files give it (their SAELens release / SAE set)."""
     return f"qsae-{info['architecture']}-{info['n_features']}"
 
 
-def write_neuronpedia(root: Path, cfg: PipelineConfig, info: dict, layer: int, hook: str, sae, records: list[dict],
-                      logits: dict | None) -> None:
-    """One layer's folder in SAEDashboard's Neuronpedia runner layout, from its live features'
-    browser records (feature_data.LayerFeatures.record); `info` is the model card's."""
-    out = root / neuronpedia_folder(info["model_id"], sae_set_name(info), hook, sae.n_features)
-    out.mkdir(parents=True)
-    context = {"n_prompts_total": info["outcomes"]["n"], "n_tokens_in_prompt": 2 * cfg.release.context_tokens + 1,
-               "dataset": str(cfg.rollout.questions)}
-    W_dec = sae.W_dec.detach().float().cpu().numpy()
-    head = {"model_id": info["model_id"], "layer": layer, "sae_set": sae_set_name(info), "sae_id_suffix": None}
-    for number, batch in neuronpedia_batches(records):
+class NeuronpediaLayer:
+    """One layer's folder in SAEDashboard's Neuronpedia runner layout, written as its live features'
+    browser records (feature_data.LayerFeatures.record) arrive in ascending feature order: a batch
+    file of NEURONPEDIA_BATCH consecutive feature indices once the batch is complete (a batch whose
+    features are all dead gets no file; the runner skips it too), the index files at close().
+    `info` is the model card's."""
+
+    def __init__(self, root: Path, cfg: PipelineConfig, info: dict, layer: int, hook: str, sae,
+                 logits: dict | None):
+        self.out = root / neuronpedia_folder(info["model_id"], sae_set_name(info), hook, sae.n_features)
+        self.out.mkdir(parents=True)
+        self.cfg, self.info, self.hook, self.n_features, self.logits = cfg, info, hook, sae.n_features, logits
+        self.context = {"n_prompts_total": info["outcomes"]["n"],
+                        "n_tokens_in_prompt": 2 * cfg.release.context_tokens + 1, "dataset": str(cfg.rollout.questions)}
+        self.W_dec = sae.W_dec.detach().float().cpu().numpy()
+        self.head = {"model_id": info["model_id"], "layer": layer, "sae_set": sae_set_name(info), "sae_id_suffix": None}
+        self.number: int | None = None
+        self.batch: list[dict] = []
+        self.live: list[int] = []
+
+    def add(self, record: dict) -> None:
+        if record["feature"] // NEURONPEDIA_BATCH != self.number:
+            self._write_batch()
+            self.number, self.batch = record["feature"] // NEURONPEDIA_BATCH, []
+        self.batch.append(record)
+        self.live.append(record["feature"])
+
+    def _write_batch(self) -> None:
+        if not self.batch:
+            return
+        logits = self.logits
         features = [neuronpedia_feature(
-            r, W_dec[r["feature"]], None if logits is None else
-            (logits["histogram_heights"][r["feature"]], logits["histogram_values"][r["feature"]]), context)
-            for r in batch]
-        (out / f"batch-{number}.json").write_text(json.dumps({**head, "features": features}, allow_nan=False))
-    live = {r["feature"] for r in records}
-    (out / "skipped_indexes.json").write_text(json.dumps({
-        **head, "layer": str(layer), "log_sparsity": None,
-        "skipped_indexes": [f for f in range(sae.n_features) if f not in live]}, indent=1))
-    (out / "run_settings.json").write_text(json.dumps({"written_by": f"qsae {qsae.__version__}", "hook_name": hook,
-                                           "model_id": info["model_id"], "model_revision": info["model_revision"],
-                                           "n_features_at_a_time": NEURONPEDIA_BATCH,
-                                           "top_contexts": cfg.release.top_contexts,
-                                           "quantile_bins": "5 quantile bins of the feature's activations",
-                                           "quantile_examples": cfg.release.quantile_examples,
-                                           "context_tokens_each_side": cfg.release.context_tokens, **context}, indent=1))
+            r, self.W_dec[r["feature"]], None if logits is None else
+            (logits["histogram_heights"][r["feature"]], logits["histogram_values"][r["feature"]]), self.context)
+            for r in self.batch]
+        (self.out / f"batch-{self.number}.json").write_text(json.dumps({**self.head, "features": features},
+                                                                       allow_nan=False))
+        self.batch = []
+
+    def close(self) -> None:
+        self._write_batch()
+        cfg, info, live = self.cfg, self.info, set(self.live)
+        (self.out / "skipped_indexes.json").write_text(json.dumps({
+            **self.head, "layer": str(self.head["layer"]), "log_sparsity": None,
+            "skipped_indexes": [f for f in range(self.n_features) if f not in live]}, indent=1))
+        (self.out / "run_settings.json").write_text(json.dumps({
+            "written_by": f"qsae {qsae.__version__}", "hook_name": self.hook, "model_id": info["model_id"],
+            "model_revision": info["model_revision"], "n_features_at_a_time": NEURONPEDIA_BATCH,
+            "top_contexts": cfg.release.top_contexts, "quantile_bins": "5 quantile bins of the feature's activations",
+            "quantile_examples": cfg.release.quantile_examples,
+            "context_tokens_each_side": cfg.release.context_tokens, **self.context}, indent=1))
 
 
 def write_saebench(out: Path, cfg: PipelineConfig, info: dict, results: dict, features: dict, trained: dict,

@@ -52,22 +52,34 @@ def table_row(record: dict) -> list:
             record["rollout_q"], record["max_activation"], " ".join(t for t in firing if t)]
 
 
-def write_layer(out: Path, layer: int, n_features: int, records: Iterable[dict]) -> int:
-    """A layer's table and block files from its live features' records (feature_data's
-    LayerFeatures.record, ascending by feature); returns how many features it lists."""
-    rows, block, blocks = [], None, {}
+class LayerPages:
+    """A layer's table and block files, written as its live features' records (feature_data's
+    LayerFeatures.record) arrive in ascending feature order: a block file once its block is
+    complete, so one block's records are held at a time; the table at close()."""
 
-    def flush() -> None:
-        if block is not None:
-            write_data(out, f"layer_{layer}_block_{block}", {"layer": layer, "block": block, "features": blocks})
+    def __init__(self, out: Path, layer: int, n_features: int):
+        self.out, self.layer, self.n_features = out, layer, n_features
+        self.rows: list[list] = []
+        self.block: int | None = None
+        self.pages: dict[str, dict] = {}
 
-    for record in records:
-        if record["feature"] // BLOCK_SIZE != block:
-            flush()
-            block, blocks = record["feature"] // BLOCK_SIZE, {}
-        blocks[str(record["feature"])] = record
-        rows.append(table_row(record))
-    flush()
-    write_data(out, f"layer_{layer}", {"layer": layer, "n_features": n_features, "block_size": BLOCK_SIZE,
-                                       "columns": list(TABLE_COLUMNS), "rows": rows})
-    return len(rows)
+    def add(self, record: dict) -> None:
+        if record["feature"] // BLOCK_SIZE != self.block:
+            self._write_block()
+            self.block, self.pages = record["feature"] // BLOCK_SIZE, {}
+        self.pages[str(record["feature"])] = record
+        self.rows.append(table_row(record))
+
+    def _write_block(self) -> None:
+        if self.block is not None:
+            write_data(self.out, f"layer_{self.layer}_block_{self.block}",
+                       {"layer": self.layer, "block": self.block, "features": self.pages})
+
+    def close(self) -> int:
+        """Writes the last block and the table; returns how many features the table lists."""
+        self._write_block()
+        self.block, self.pages = None, {}
+        write_data(self.out, f"layer_{self.layer}", {"layer": self.layer, "n_features": self.n_features,
+                                                     "block_size": BLOCK_SIZE, "columns": list(TABLE_COLUMNS),
+                                                     "rows": self.rows})
+        return len(self.rows)
