@@ -341,7 +341,7 @@ class TopKEncoder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, dead, k_aux):
         x_centered = x - b_dec
-        pre = preactivations(x_centered, W_enc, b_enc)
+        pre = torch.addmm(b_enc, x_centered, W_enc)
         values, indices = row_topk(pre, k)
         if k_aux > 0:
             aux_values, aux_indices = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
@@ -387,7 +387,7 @@ class BatchTopKEncoder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, width, dead, k_aux):
         x_centered = x - b_dec
-        pre = preactivations(x_centered, W_enc, b_enc)
+        pre = torch.addmm(b_enc, x_centered, W_enc)
         values, positions = batch_topk(pre, k * x.shape[0], width)
         if k_aux > 0:
             aux_values, aux_indices = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
@@ -424,14 +424,6 @@ class BatchTopKEncoder(torch.autograd.Function):
             if use_aux:
                 grad_x = grad_x + F.embedding_bag(aux_indices, W_enc_t, mode="sum", per_sample_weights=aux_weights)
         return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None, None
-
-
-def preactivations(x_centered: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-    """x_centered @ W_enc + b_enc [B, n]. An fp32 addmm on CPU first broadcasts the bias into the
-    whole output, which there costs a quarter of the matmul; adding it afterwards costs a tenth."""
-    if x_centered.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-        return (x_centered @ W_enc).add_(b_enc)
-    return torch.addmm(b_enc, x_centered, W_enc)
 
 
 TOPK_GROUPS = 256  # row_topk: latents m, m + 256, m + 512, ... form one group

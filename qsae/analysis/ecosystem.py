@@ -216,14 +216,14 @@ class NeuronpediaLayer:
         self.head = {"model_id": info["model_id"], "layer": layer, "sae_set": sae_set_name(info), "sae_id_suffix": None}
         self.number: int | None = None
         self.batch: list[dict] = []
-        self.live: list[int] = []
+        self.live: set[int] = set()
 
     def add(self, record: dict) -> None:
         if record["feature"] // NEURONPEDIA_BATCH != self.number:
             self._write_batch()
             self.number, self.batch = record["feature"] // NEURONPEDIA_BATCH, []
         self.batch.append(record)
-        self.live.append(record["feature"])
+        self.live.add(record["feature"])
 
     def _write_batch(self) -> None:
         if not self.batch:
@@ -239,7 +239,7 @@ class NeuronpediaLayer:
 
     def close(self) -> None:
         self._write_batch()
-        cfg, info, live = self.cfg, self.info, set(self.live)
+        cfg, info, live = self.cfg, self.info, self.live
         (self.out / "skipped_indexes.json").write_text(json.dumps({
             **self.head, "layer": str(self.head["layer"]), "log_sparsity": None,
             "skipped_indexes": [f for f in range(self.n_features) if f not in live]}, indent=1))
