@@ -1,7 +1,9 @@
-"""Capture stage: one teacher-forced forward pass over prompt+response with hooks on chosen layers.
+"""Capture stage: greedy rollouts of a shard of questions, then one teacher-forced forward pass over
+prompt+response with hooks on chosen layers, written to the activation store.
 
-"Residual at layer L" is the output of decoder layer L, i.e. transformers' hidden_states[L + 1]
-(a Qwen3.5 decoder layer returns the residual stream tensor itself). Only response-token rows are kept.
+"Residual at layer L" is the output of decoder layer L (a Qwen3.5 decoder layer returns the residual
+stream tensor itself); for every layer but the last that is transformers' hidden_states[L + 1] (the
+last one transformers returns after the final norm). Only response-token rows are kept.
 """
 from __future__ import annotations
 
@@ -10,21 +12,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+from qsae.config import CaptureConfig, ModelConfig, RolloutConfig
 from qsae.engines import Engine
 from qsae.engines.hf_engine import HFEngine
-from qsae.models import TINY_DENSE_MODEL, TINY_MODEL, decoder_layers, load_model, load_tokenizer
+from qsae.models import decoder_layers, load_model, load_tokenizer
 from qsae.questions import Question
 from qsae.rollout import Rollout, run_rollouts, write_rollouts
-from qsae.store import MANIFEST, StoreError, check_compatible, new_manifest, read_manifest, shard_path, write_shard
-
-if TYPE_CHECKING:
-    from qsae.config import PipelineConfig
+from qsae.rundir import RunDir
+from qsae.store import MANIFEST, StoreError, check_compatible, new_manifest, read_manifest, ShardRows, shard_path, write_shard
+from qsae.tiny import TINY_DENSE_MODEL, TINY_MODEL
 
 # (sequences, starts, layer_ids) -> {layer: [rows of sequence i from position starts[i]]}
 ResidualFn = Callable[[list[list[int]], list[int], list[int]], dict[int, list[np.ndarray]]]
@@ -44,28 +45,40 @@ def plan_shards(questions: list[Question], per_shard: int) -> list[QuestionShard
     ]
 
 
-def store_manifest(cfg: PipelineConfig, model_path: str, d_model: int) -> dict:
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What a model replica loads and how it rolls out and captures: its config sections, with the
+    model's path and the captured layers resolved (qsae.pipeline.resolve)."""
+
+    model_path: str
+    d_model: int
+    layers: tuple[int, ...]
+    model: ModelConfig
+    rollout: RolloutConfig
+    capture: CaptureConfig
+
+
+def store_manifest(spec: ReplicaSpec) -> dict:
     """The empty manifest of this run's store: the model, how its rollouts were made, what is kept."""
+    model = spec.model
     # The tiny models have no hub revision; their cache directory name carries the build recipe's hash.
-    revision = cfg.model.revision or (Path(model_path).name if cfg.model.name in (TINY_MODEL, TINY_DENSE_MODEL) else None)
-    generated_with = {"model_dtype": cfg.model.dtype, "engine": cfg.rollout.engine, "thinking": cfg.rollout.thinking,
-                      "max_new_tokens": cfg.rollout.max_new_tokens}
-    return new_manifest(cfg.model.name, revision, cfg.capture.layers, d_model, cfg.capture.dtype,
+    revision = model.revision or (Path(spec.model_path).name if model.name in (TINY_MODEL, TINY_DENSE_MODEL) else None)
+    generated_with = {"model_dtype": model.dtype, "engine": spec.rollout.engine, "thinking": spec.rollout.thinking,
+                      "max_new_tokens": spec.rollout.max_new_tokens}
+    return new_manifest(model.name, revision, list(spec.layers), spec.d_model, spec.capture.dtype,
                         generated_with=generated_with)
 
 
-def store_to_extend(cfg: PipelineConfig, model_path: str, d_model: int, questions: list[Question],
-                    run_dir: Path) -> tuple[dict, list[QuestionShard]]:
+def store_to_extend(spec: ReplicaSpec, questions: list[Question], run: RunDir) -> tuple[dict, list[QuestionShard]]:
     """(the manifest capture extends: the run directory's store, else a new one; this run's shards),
     refusing a store captured differently or from other questions. Reads files only, so it runs
     before Ray starts as well as in capture."""
-    manifest = store_manifest(cfg, model_path, d_model)
-    store_dir = Path(run_dir) / "activations"
-    if (store_dir / MANIFEST).exists():
-        existing = read_manifest(store_dir)
+    manifest = store_manifest(spec)
+    if (run.store / MANIFEST).exists():
+        existing = read_manifest(run.store)
         check_compatible(existing, manifest)
         manifest = existing
-    shards = plan_shards(questions, cfg.capture.questions_per_shard)
+    shards = plan_shards(questions, spec.capture.questions_per_shard)
     check_same_questions(manifest, shards)
     return manifest, shards
 
@@ -114,9 +127,8 @@ def text_model(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def capture_residuals(
-    model: nn.Module, sequences: list[list[int]], starts: list[int], layer_ids: list[int], batch_size: int
-) -> dict[int, list[np.ndarray]]:
+def capture_residuals(model: nn.Module, sequences: list[list[int]], starts: list[int], layer_ids: list[int], *,
+                      batch_size: int) -> dict[int, list[np.ndarray]]:
     """For each sequence, the rows of positions starts[i]: at each layer, as float32 [n_i, d_model]."""
     layers = decoder_layers(model)
     runner = text_model(model)
@@ -148,10 +160,8 @@ def special_token_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
 
 
-def capture_shard(
-    residuals_of: ResidualFn, rollouts: list[Rollout], layer_ids: list[int], store_dir: Path, shard: str, dtype: str,
-    *, special_ids: set[int] = frozenset(),
-) -> dict[str, int]:
+def capture_shard(residuals_of: ResidualFn, rollouts: list[Rollout], layer_ids: list[int], store_dir: Path, *,
+                  shard: str, dtype: str, special_ids: set[int] = frozenset()) -> dict[str, int]:
     """Capture the response-token residuals of `rollouts` (at least one) and write a shard per layer;
     rows whose token is in `special_ids` are marked special."""
     sequences = [r.prompt_token_ids + r.response_token_ids for r in rollouts]
@@ -164,8 +174,8 @@ def capture_shard(
     correct = np.repeat([r.correct for r in rollouts], lengths)
     special = np.isin(token_id, sorted(special_ids))
     return {
-        str(layer): write_shard(store_dir, layer, shard, rollout_id, position, token_id, correct,
-                                np.concatenate(residuals[layer]), dtype, special=special)
+        str(layer): write_shard(store_dir, layer, shard, ShardRows(rollout_id, position, token_id, correct,
+                                                                   np.concatenate(residuals[layer]), special), dtype=dtype)
         for layer in layer_ids
     }
 
@@ -180,37 +190,35 @@ class Replica:
     residuals_of: ResidualFn
 
 
-def load_replica(model_path: str, cfg: PipelineConfig) -> Replica:
+def load_replica(spec: ReplicaSpec) -> Replica:
     """Load the model once, for the configured engine."""
-    if cfg.rollout.engine == "vllm":
+    model, rollout = spec.model, spec.rollout
+    if rollout.engine == "vllm":
         from qsae.engines.vllm_engine import VLLMEngine, capture_residuals_vllm
 
-        tokenizer = load_tokenizer(model_path, cfg.model.revision)
-        engine = VLLMEngine(
-            model_path, tokenizer, cfg.rollout.max_new_tokens, cfg.model.revision, cfg.model.dtype,
-            cfg.rollout.tensor_parallel_size, cfg.rollout.gpu_memory_utilization, cfg.rollout.enforce_eager,
-            cfg.rollout.seed, cfg.rollout.max_model_len,
-        )
+        tokenizer = load_tokenizer(spec.model_path, model.revision)
+        engine = VLLMEngine(spec.model_path, tokenizer, rollout.max_new_tokens, revision=model.revision, dtype=model.dtype,
+                            tensor_parallel_size=rollout.tensor_parallel_size,
+                            gpu_memory_utilization=rollout.gpu_memory_utilization,
+                            enforce_eager=rollout.enforce_eager, seed=rollout.seed, max_model_len=rollout.max_model_len)
         return Replica(tokenizer, engine, partial(capture_residuals_vllm, engine))
-    model, tokenizer = load_model(model_path, cfg.model.revision, cfg.model.dtype, cfg.model.device)
-    engine = HFEngine(model, tokenizer, cfg.rollout.max_new_tokens, cfg.rollout.batch_size)
-    return Replica(tokenizer, engine, partial(capture_residuals, model, batch_size=cfg.capture.batch_size))
+    hf_model, tokenizer = load_model(spec.model_path, model.revision, model.dtype, model.device)
+    engine = HFEngine(hf_model, tokenizer, rollout.max_new_tokens, rollout.batch_size)
+    return Replica(tokenizer, engine, partial(capture_residuals, hf_model, batch_size=spec.capture.batch_size))
 
 
-def capture_question_shard(
-    replica: Replica, shard: str, questions: list[Question], first_id: int, cfg: PipelineConfig, run_dir: Path
-) -> dict:
+def capture_question_shard(replica: Replica, shard: QuestionShard, spec: ReplicaSpec, run: RunDir) -> dict:
     """Roll out one shard of questions, then capture it. Every file is written atomically; the caller
     lists the shard in the manifest only after this returns."""
-    rollouts = run_rollouts(replica.engine, replica.tokenizer, questions, first_id, cfg.rollout.thinking, cfg.rollout.seed)
-    rollout_part = Path(run_dir) / "rollouts" / f"{shard}.parquet"
+    rollouts = run_rollouts(replica.engine, replica.tokenizer, shard.questions, shard.first_id,
+                            thinking=spec.rollout.thinking, seed=spec.rollout.seed)
+    rollout_part = run.rollout_part(shard.name)
     write_rollouts(rollouts, rollout_part)
-    store_dir = Path(run_dir) / "activations"
-    rows = capture_shard(replica.residuals_of, rollouts, cfg.capture.layers, store_dir, shard, cfg.capture.dtype,
-                         special_ids=special_token_ids(replica.tokenizer))
-    written = [rollout_part] + [shard_path(store_dir, layer, shard) for layer in cfg.capture.layers]
+    rows = capture_shard(replica.residuals_of, rollouts, list(spec.layers), run.store, shard=shard.name,
+                         dtype=spec.capture.dtype, special_ids=special_token_ids(replica.tokenizer))
+    written = [rollout_part] + [shard_path(run.store, layer, shard.name) for layer in spec.layers]
     return {
-        "shard": shard,
+        "shard": shard.name,
         "rollouts": len(rollouts),
         "rows": rows,
         "response_tokens": sum(r.n_response_tokens for r in rollouts),

@@ -19,9 +19,10 @@ question: the change in accuracy (unscored answers count as not correct) with a 
 interval over questions, McNemar's exact p, the share of answers whose letter changed, and the mean
 change in response length with its interval.
 
-`plan_layer` and `arm_statistics` are pure; `intervention` builds the forward hook; the runs go to
-Ray tasks placed like capture replicas (qsae.distributed), on the transformers engine, whose hooks
-run at every position (vLLM's compiled model runner would need its own hook path).
+The stage reads the analysis from the run directory (plan_study), reruns the held-out prompts under
+every arm (generate_arms, a plain function of a loaded model that the Ray layer runs in tasks placed
+like capture replicas, on the transformers engine, whose hooks run at every position), grades the
+answers as the rollout stage does (grade), and compares each arm with the baseline (assess).
 """
 from __future__ import annotations
 
@@ -36,7 +37,16 @@ from torch import nn
 
 from qsae.analysis.features import UndefinedAUROCError
 from qsae.analysis.fidelity import bootstrap_ci
+from qsae.analysis.results import LayerAnalysis
 from qsae.analysis.rollout_stats import auroc_dense
+from qsae.config import CausalConfig
+from qsae.engines import Generation
+from qsae.engines.hf_engine import HFEngine
+from qsae.models import decoder_layers
+from qsae.questions import Question
+from qsae.rollout import Rollout, make_rollout, read_rollouts
+from qsae.rundir import RunDir
+from qsae.sample import load_selection
 
 MATCH_POOL = 5  # random controls are drawn among this many live features nearest in fire rate
 BASELINE = "baseline"
@@ -86,24 +96,6 @@ def matched_controls(fire_rate: np.ndarray, chosen: list[int], rng: np.random.Ge
         controls.append(pick)
         taken.add(pick)
     return controls
-
-
-def difference_of_means(mean_residuals: np.ndarray, correct: np.ndarray) -> np.ndarray:
-    """Mean over correct rollouts minus mean over wrong ones of their mean residuals [R, d]."""
-    return mean_residuals[correct].astype(np.float64).mean(axis=0) - mean_residuals[~correct].astype(np.float64).mean(axis=0)
-
-
-def training_inputs(pooled, rollout_sum: np.ndarray, label_of: dict[int, int],
-                    heldout: set[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """plan_layer's inputs from a layer's sample: the labelled training rollouts' pooled max
-    activations [R, n] (a rollout_stats.RolloutPool over every sampled rollout, rows by sorted id,
-    as `rollout_sum` [all, d]), their labels (bool, True = correct), and the difference of means of
-    their mean residuals (None unless both outcomes are there)."""
-    keep = np.array([r not in heldout and label_of[r] >= 0 for r in pooled.rollout_ids.tolist()], dtype=bool)
-    labels = np.array([label_of[r] == 1 for r in pooled.rollout_ids[keep].tolist()], dtype=bool)
-    means = rollout_sum[keep] / pooled.n_tokens[keep][:, None]
-    direction = difference_of_means(means, labels) if 0 < labels.sum() < len(labels) else None
-    return pooled.max[keep], labels, direction
 
 
 def plan_layer(layer: int, *, m: int, steer_multiples: list[float], fire_rate: np.ndarray, typical: np.ndarray,
@@ -231,17 +223,81 @@ def arm_statistics(baseline: Answers, arm: Answers, *, n_boot: int, seed: int) -
     }
 
 
-def run_causal(plans: dict[int, LayerPlan], heldout: list, run_arms: Callable[[list[Arm], list], dict[str, Answers]],
-               *, n_boot: int, seed: int) -> dict:
-    """causal.json: every layer's plan run on the held-out rollouts (qsae.rollout.Rollout, their
-    prompts rerun) by run_arms, which returns each arm's Answers, and compared with the baseline."""
-    if not heldout:
-        return {"definition": DEFINITION, "skipped": "there are no held-out rollouts to rerun", "layers": {}}
-    arms = [Arm(BASELINE, None, BASELINE, "none")] + [arm for plan in plans.values() for arm in plan.arms]
-    answers = run_arms(arms, heldout)
-    base = answers[BASELINE]
+@dataclass
+class CausalStudy:
+    """What the causal check runs: every layer's plan, and the held-out rollouts whose prompts it reruns."""
+
+    plans: dict[int, LayerPlan]
+    heldout: list[Rollout]
+
+    @property
+    def arms(self) -> list[Arm]:
+        return [Arm(BASELINE, None, BASELINE, "none")] + [arm for plan in self.plans.values() for arm in plan.arms]
+
+    @property
+    def skipped(self) -> str | None:
+        return None if self.heldout else "there are no held-out rollouts to rerun"
+
+
+def plan_study(run: RunDir, cfg: CausalConfig, layers: list[int], *, seed: int) -> CausalStudy:
+    """The layers' plans from their analysis (the training rollouts' pooled max activations, labels and
+    difference-of-means direction; fire rates and typical activations over the sample), and a seeded
+    sample of cfg.questions held-out rollouts."""
+    selection = load_selection(run.selection)
+    heldout_ids = sorted(selection.heldout_positions)
+    plans = {}
+    for layer in cfg.layers or layers:
+        if layer not in layers:
+            plans[layer] = LayerPlan(layer, skipped=f"layer {layer} is not captured (capture.layers = {list(layers)})")
+            continue
+        analysis = LayerAnalysis.load(run.layer_analysis(layer))
+        train = ~np.isin(analysis.rollout_ids, heldout_ids)
+        plans[layer] = plan_layer(layer, m=cfg.features, steer_multiples=cfg.steer_multiples,
+                                  fire_rate=analysis.fire_rate, typical=analysis.features.mean_activation,
+                                  pooled_max=analysis.rollout_max[train], labels=analysis.rollout_labels[train] == 1,
+                                  direction=analysis.dom_direction, seed=seed)
+    ids = heldout_ids
+    if cfg.questions is not None and cfg.questions < len(ids):
+        ids = sorted(np.random.default_rng(seed).choice(ids, cfg.questions, replace=False).tolist())
+    rollouts = {r.rollout_id: r for r in read_rollouts(run.rollouts)}
+    return CausalStudy(plans, [rollouts[r] for r in ids])
+
+
+@torch.no_grad()
+def generate_arms(model: nn.Module, tokenizer, saes: dict, arms: list[Arm], *, prompts: list[list[int]],
+                  max_new_tokens: int, batch_size: int) -> dict[str, list[Generation]]:
+    """Every prompt answered again, greedily, under each arm's intervention."""
+    engine = HFEngine(model, tokenizer, max_new_tokens, batch_size)
+    layers, device = decoder_layers(model), model.get_input_embeddings().weight.device
+    saes = {layer: sae.to(device) for layer, sae in saes.items()}
+    out = {}
+    for arm in arms:
+        with intervened(layers, arm, saes.get(arm.layer)):
+            out[arm.name] = engine.generate(prompts)
+    return out
+
+
+def grade(study: CausalStudy, generations: dict[str, list[Generation]], *, questions: list[Question], tokenizer,
+          thinking: bool, seed: int) -> dict[str, Answers]:
+    """Each arm's answers graded as the rollout stage grades them (qsae.rollout.make_rollout)."""
+    question_of = {q.uuid: q for q in questions}
+    answers = {}
+    for name, outputs in generations.items():
+        graded = [make_rollout(r.rollout_id, question_of[r.question_id], r.prompt, r.prompt_token_ids, g,
+                               tokenizer=tokenizer, thinking=thinking, engine="transformers", seed=seed)
+                  for r, g in zip(study.heldout, outputs)]
+        answers[name] = Answers(np.array([g.correct for g in graded], dtype=bool), [g.predicted_letter for g in graded],
+                                np.array([g.n_response_tokens for g in graded]), [g.response_token_ids for g in graded])
+    return answers
+
+
+def assess(study: CausalStudy, answers: dict[str, Answers], *, n_boot: int, seed: int) -> dict:
+    """causal.json: every arm compared with the baseline over the same held-out questions."""
+    if study.skipped:
+        return {"definition": DEFINITION, "skipped": study.skipped, "layers": {}}
+    base, heldout = answers[BASELINE], study.heldout
     layers = {}
-    for layer, plan in plans.items():
+    for layer, plan in study.plans.items():
         layers[str(layer)] = {"selected": plan.selected, "controls": plan.controls, "skipped": plan.skipped,
                               "note": plan.note,
                               "arms": [{**arm_json(arm), **arm_statistics(base, answers[arm.name], n_boot=n_boot,

@@ -1,28 +1,55 @@
-"""Command line: `qsae release|capture|train|analyze|export` (also `python -m qsae`)."""
+"""Command line: `qsae release|capture|train|analyze|export` (also `python -m qsae`).
+
+`qsae train`'s SAE flags are made from TrainConfig's fields and their one-line docs, so a flag and
+the setting it sets cannot drift apart.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
+
+from qsae.config import TrainConfig
 
 # Errors that mean "the input is wrong": reported in one line, exit status 2, no traceback.
 USER_ERRORS = (ValueError, OSError, OverflowError)
+CHECKPOINT = "checkpoint.pt"
+REQUIRED_TRAIN_FLAGS = ("n_features", "k")  # no default fits every activation width
 
 
 def pipeline_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="TOML config (default: configs/tiny.toml, the embedded default)")
+    parser.add_argument("--config", help="TOML config (default: the embedded tiny.toml)")
     parser.add_argument("--out", help="run directory (overrides the config's `out`)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=5")
     return parser
 
 
+def add_config_flags(parser: argparse.ArgumentParser, cls, required: tuple[str, ...] = ()) -> None:
+    """One --flag per field of a config dataclass, typed by the field and helped by its doc; a flag
+    left out keeps the field's default."""
+    for f in dataclasses.fields(cls):
+        base = str(f.type).replace(" | None", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "the recipe's" if default is None else default
+        options = {"dest": f.name, "help": f"{f.metadata.get('doc', '')} (default: {shown})", "default": None}
+        if base == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = {"int": int, "float": float, "str": str}[base]
+        parser.add_argument("--" + f.name.replace("_", "-"), required=f.name in required, **options)
+
+
+def config_from_flags(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None})
+
+
 def load_pipeline_config(args):
     from qsae.config import load_config
 
-    overrides = list(args.overrides) + ([f"out={json.dumps(args.out)}"] if args.out else [])
+    overrides = list(args.overrides) + ([f"out={json.dumps(args.out)}"] if args.out is not None else [])
     return load_config(args.config, overrides)
 
 
@@ -35,70 +62,41 @@ def cmd_release(args) -> int:
 
 
 def cmd_capture(args) -> int:
-    from qsae.distributed import run_capture
-    from qsae.pipeline import connect_ray, prepare
+    from qsae.distributed.capture_pool import run_capture
+    from qsae.distributed.connect import connect_ray
+    from qsae.pipeline import prepare
+    from qsae.rundir import RunDir
 
     cfg = load_pipeline_config(args)
-    questions, model_path, d_model = prepare(cfg)
+    plan = prepare(cfg)
     connect_ray(cfg.ray_address)
-    run_dir = Path(cfg.out).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = run_capture(cfg, model_path, d_model, questions, run_dir)
-    print(f"[qsae] {len(manifest['shards'])} shards captured in {run_dir / 'activations'}")
+    run = RunDir(cfg.out)
+    run.root.mkdir(parents=True, exist_ok=True)
+    manifest = run_capture(plan.spec, plan.questions, run)
+    print(f"[qsae] {len(manifest['shards'])} shards captured in {run.store}")
     return 0
 
 
 def cmd_analyze(args) -> int:
-    from qsae.distributed import causal_in_ray, model_side_in_ray
-    from qsae.models import expand_layers, load_tokenizer, model_dims, resolve_model_path
-    from qsae.pipeline import connect_ray, questions_path
-    from qsae.questions import load_questions, sample_questions
-    from qsae.release import build_release, check_trained_matches
-    from qsae.rollout import read_rollouts
-    from qsae.sample import RowRules, check_same_split, load_split
-    from qsae.store import read_manifest
-    from qsae.train import load_trained
+    from qsae.pipeline import analyze_from_disk
 
-    cfg = load_pipeline_config(args)
-    run_dir = Path(cfg.out).resolve()
-    model_path = resolve_model_path(cfg.model.name)
-    cfg.capture.layers = expand_layers(cfg.capture.layers, model_dims(model_path, cfg.model.revision)[0])
-    trained = {layer: load_trained(run_dir, layer) for layer in cfg.capture.layers}
-    check_trained_matches(cfg, trained, read_manifest(run_dir / "activations"))  # all before Ray starts
-    question_of = {r.rollout_id: r.question_id for r in read_rollouts(run_dir / "rollouts.parquet")}
-    check_same_split(load_split(run_dir), RowRules.from_config(cfg), question_of)  # before Ray starts
-    tokenizer = load_tokenizer(model_path, cfg.model.revision)
-    questions = sample_questions(load_questions(questions_path(cfg)), cfg.rollout.num_questions, cfg.rollout.seed)
-    connect_ray(cfg.ray_address)
-    release_dir = build_release(cfg, run_dir, trained, tokenizer, {},
-                                model_side_of=model_side_in_ray(cfg, model_path, trained),
-                                causal_of=causal_in_ray(cfg, model_path, trained, questions))
+    release_dir = analyze_from_disk(load_pipeline_config(args))
     print(f"[qsae] release written to {release_dir}")
     return 0
 
 
-CHECKPOINT = "checkpoint.pt"
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint `qsae train` wrote (train.load_training_state: no pickle is run)."""
-    from qsae.train import load_training_state
-
-    try:
-        return load_training_state(path)
-    except ValueError as err:
-        raise ValueError(f"{err}; rerun with --restart to discard it") from err
-
-
-def resume_state(checkpoint: Path, restart: bool, cfg, source) -> dict | None:
+def resume_state(checkpoint: Path, restart: bool, cfg: TrainConfig, source) -> dict | None:
     """The checkpoint a killed run with this --out left, checked against this run; None to start
     fresh (none there, or --restart, which deletes it)."""
-    from qsae.train import check_resumable
+    from qsae.training.state import check_resumable, load_training_state
 
     if restart or not checkpoint.exists():
         checkpoint.unlink(missing_ok=True)
         return None
-    state = load_checkpoint(checkpoint)
+    try:
+        state = load_training_state(checkpoint)
+    except ValueError as err:
+        raise ValueError(f"{err}; rerun with --restart to discard it") from err
     try:
         check_resumable(state, cfg, source)
     except ValueError as err:
@@ -122,19 +120,16 @@ def checkpoint_writer(checkpoint: Path, every: int):
 
 def cmd_train(args) -> int:
     from qsae.files import atomic_write_json, check_can_create_dir
-    from qsae.store import open_rows
-    from qsae.train import TrainConfig, train_sae
+    from qsae.sae_files import hook_name, save_sae
+    from qsae.streaming import open_rows
+    from qsae.training.loop import train_sae
 
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0 = never), got {args.checkpoint_every}")
     check_can_create_dir(args.out, "--out")  # before training, not after it
-    cfg = TrainConfig(
-        recipe=args.recipe, architecture=args.architecture, n_features=args.n_features, k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay_fraction=args.lr_decay_fraction,
-        dead_after_steps=args.dead_after_steps, autocast_bf16=args.autocast_bf16, seed=args.seed,
-        shuffle_buffer_rows=args.shuffle_buffer_rows, device=args.device,
-    )
+    cfg = config_from_flags(TrainConfig, args)
+    cfg.check()
     source = open_rows(args.activations, args.layer)
-    cfg.validate(source.d_in)
     out = Path(args.out)
     checkpoint = out / CHECKPOINT
     for unfinished in out.glob(f".{CHECKPOINT}.*.tmp"):  # a killed run's half-written checkpoint
@@ -143,8 +138,8 @@ def cmd_train(args) -> int:
     if resume is not None:
         print(f"[qsae] resuming from step {resume['history']['steps']} ({checkpoint})", flush=True)
     sae, history = train_sae(source, cfg, on_step=checkpoint_writer(checkpoint, args.checkpoint_every), resume=resume)
-    files = sae.save_release(out, args.layer, f"blocks.{args.layer}.hook_resid_post")
-    metrics = {"config": asdict(cfg.resolved()), "rows": source.n_rows, "d_in": source.d_in, **history}
+    files = save_sae(sae, out, args.layer, hook_name(args.layer))
+    metrics = {"config": resolved_config(cfg), "rows": source.n_rows, "d_in": source.d_in, **history}
     atomic_write_json(out / "metrics.json", metrics)
     # Outputs complete: drop the checkpoint, so a rerun into this --out trains afresh instead of
     # repeating the tail of this run.
@@ -153,13 +148,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def resolved_config(cfg: TrainConfig) -> dict:
+    """The settings metrics.json records: the recipe's defaults filled in, and autocast as it ran."""
+    from qsae.training.recipes import RECIPES
+    from qsae.training.trained import recipe_settings
+
+    settings = recipe_settings(cfg)
+    del settings["encoder_matmul"]
+    return {**settings, "autocast_bf16": RECIPES[cfg.recipe].uses_autocast(cfg, cfg.device)}
+
+
 def cmd_export(args) -> int:
     from qsae.files import check_can_create_dir
-    from qsae.sae import TopKSAE
+    from qsae.sae_files import hook_name, load_sae, save_sae
 
     check_can_create_dir(args.out, "--out")
-    sae = TopKSAE.load(args.sae, k=args.k)
-    files = sae.save_release(Path(args.out), args.layer, f"blocks.{args.layer}.hook_resid_post")
+    sae = load_sae(args.sae, k=args.k)
+    files = save_sae(sae, Path(args.out), args.layer, hook_name(args.layer))
     print(f"[qsae] exported layer {args.layer} SAE to {args.out}: {', '.join(sorted(p.name for p in files.values()))}")
     return 0
 
@@ -168,38 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qsae", description="Sparse autoencoders for a model's residual stream")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
-        ("release", cmd_release, "whole pipeline: capture, train, analyze, release"),
+        ("release", cmd_release, "whole pipeline: capture, train, analyze, evaluate, causal check, release"),
         ("capture", cmd_capture, "rollouts and residual capture into the activation store"),
-        ("analyze", cmd_analyze, "statistics, charts, exports and model card from a trained run"),
+        ("analyze", cmd_analyze, "analysis, evaluation, causal check and release from a trained run"),
     ):
         p = sub.add_parser(name, help=help_text, parents=[pipeline_parser(name, help_text)], add_help=False)
         p.set_defaults(func=func)
 
-    t = sub.add_parser("train", help="train one TopK (or BatchTopK) SAE on an activation store or a .npy file")
+    t = sub.add_parser("train", help="train one SAE on an activation store or a .npy file")
     t.add_argument("--activations", required=True, help="activation store directory (run or activations/) or 2-D .npy")
     t.add_argument("--layer", type=int, required=True, help="layer to read from a store; names the outputs")
-    t.add_argument("--n-features", type=int, required=True)
-    t.add_argument("--k", type=int, required=True)
-    t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--batch-size", type=int, default=4096)
-    t.add_argument("--recipe", choices=["modern", "original"], default="modern", help="training recipe (README)")
-    t.add_argument("--architecture", choices=["topk", "batchtopk"], default="topk",
-                   help="topk, or batchtopk: top k x batch in training, a learned threshold after (modern recipe)")
-    t.add_argument("--lr", type=float, help="Adam learning rate (default: the recipe's)")
-    t.add_argument("--dead-after-steps", type=int, default=500,
-                   help="a latent silent this many steps is dead (AuxK, revival)")
-    t.add_argument("--shuffle-buffer-rows", type=int, default=65536,
-                   help="rows shuffled together; memory holds about three such buffers")
-    t.add_argument("--autocast-bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="modern recipe: encoder matmul under bf16 autocast (default: where the device has native bf16)")
-    t.add_argument("--lr-decay-fraction", type=float,
-                   help="last fraction of the steps over which lr falls linearly to 0 (default: the recipe's, 0 or 0.2)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
     t.add_argument("--out", required=True, help="output directory for the SAE files and metrics.json")
     t.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS",
                    help=f"save <out>/{CHECKPOINT} every STEPS steps (0 = never); a rerun resumes from it")
     t.add_argument("--restart", action="store_true", help=f"delete <out>/{CHECKPOINT} and train from scratch")
+    add_config_flags(t.add_argument_group("SAE and training settings"), TrainConfig, REQUIRED_TRAIN_FLAGS)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="write an SAE in every release format (.pt, safetensors, SAELens, sparsify for TopK)")

@@ -1,4 +1,10 @@
-"""Dataclass configs for the whole pipeline: loaded from TOML, overridden by `section.key=value`."""
+"""Dataclass configs for the whole pipeline: loaded from TOML, overridden by `section.key=value`.
+
+Every field carries its one-line documentation (`setting`), which `qsae train`'s flags and the
+README's config table are made from. Configs are frozen: what a run works out from them (the model's
+layers, devices) lives in separate resolved objects, never written back into the config. Parsing a
+config imports no torch.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,23 +14,42 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qsae.train import TrainConfig
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_dir() -> Path:
+    """configs/: inside the installed package (pyproject ships it as qsae/configs, so the embedded
+    default runs from a plain install, from any directory), else beside it in a source checkout."""
+    installed = Path(__file__).parent / "configs"
+    return installed if installed.is_dir() else Path(__file__).parent.parent / "configs"
+
+
+CONFIG_DIR = config_dir()
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.toml"
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+RECIPES = ("original", "modern")
+ARCHITECTURES = ("topk", "batchtopk")
 
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a value that cannot work."""
 
 
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+def setting(default, doc: str):
+    """A config field with its one-line documentation."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def doc_of(section, name: str) -> str:
+    return next(f.metadata.get("doc", "") for f in dataclasses.fields(section) if f.name == name)
 
 
 def require(condition: bool, message: str) -> None:
@@ -42,33 +67,36 @@ def at_least(section: object, prefix: str, minimum: float, *names: str, optional
         require(value >= minimum, f"{prefix}.{name} must be >= {minimum:g}{unset}, got {value}")
 
 
-@dataclass
+def check_device(value: str, where: str) -> None:
+    require(DEVICE_PATTERN.fullmatch(value) is not None, f"{where} must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    name: str = "tiny"  # "tiny" (built-in Qwen3.5 hybrid) / "tiny-dense" (built-in Qwen3), a local dir or a hub id
-    revision: str | None = None  # hub revision (commit or tag) for reproducible loads
-    dtype: str = "float32"  # model weights during rollouts and capture: float32 | bfloat16 | float16
-    device: str = "auto"  # "auto" = cuda when available, else cpu
+    name: str = setting("tiny", '"tiny" (built-in Qwen3.5 hybrid), "tiny-dense" (built-in Qwen3), a local dir or a hub id')
+    revision: str | None = setting(None, "hub revision (commit or tag) for reproducible loads")
+    dtype: str = setting("float32", "model weights during rollouts and capture: float32 | bfloat16 | float16")
+    device: str = setting("auto", '"auto" = cuda when available, else cpu')
 
     def check(self) -> None:
         require(bool(self.name.strip()), "model.name is empty")
         require(self.dtype in MODEL_DTYPES, f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.dtype!r}")
-        require(DEVICE_PATTERN.fullmatch(self.device) is not None,
-                f"model.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device(self.device, "model.device")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutConfig:
-    engine: str = "transformers"  # rollout engine: transformers | vllm
-    questions: str = "bundled"  # "bundled" or a SuperGPQA JSONL/Parquet file
-    num_questions: int | None = None  # sample this many questions (None = all)
-    seed: int = 100  # question sampling seed (the original release used 100)
-    thinking: bool = False  # chat template with reasoning on
-    max_new_tokens: int = 256  # generation budget per question
-    batch_size: int = 16  # prompts generated together (transformers engine; vLLM schedules its own batches)
-    tensor_parallel_size: int = 1  # vLLM: GPUs one replica spans (set capture.gpus_per_actor to match)
-    gpu_memory_utilization: float = 0.9  # vLLM: share of GPU memory it may take (of host RAM on CPU: use ~0.1)
-    enforce_eager: bool = True  # vLLM: no compiled graphs; capture's hooks need it
-    max_model_len: int | None = None  # vLLM: context length to reserve (None = the model's)
+    engine: str = setting("transformers", "rollout engine: transformers | vllm")
+    questions: str = setting("bundled", '"bundled" or a SuperGPQA JSONL/Parquet file')
+    num_questions: int | None = setting(None, "sample this many questions (unset = all)")
+    seed: int = setting(100, "question sampling seed (the original release used 100)")
+    thinking: bool = setting(False, "chat template with reasoning on")
+    max_new_tokens: int = setting(256, "generation budget per question")
+    batch_size: int = setting(16, "prompts generated together (transformers engine; vLLM schedules its own batches)")
+    tensor_parallel_size: int = setting(1, "vLLM: GPUs one replica spans (set capture.gpus_per_actor to match)")
+    gpu_memory_utilization: float = setting(0.9, "vLLM: share of GPU memory it may take (of host RAM on CPU: use ~0.1)")
+    enforce_eager: bool = setting(True, "vLLM: no compiled graphs; capture's hooks need it")
+    max_model_len: int | None = setting(None, "vLLM: context length to reserve (unset = the model's)")
 
     def check(self) -> None:
         require(self.engine in ("transformers", "vllm"),
@@ -87,18 +115,18 @@ class RolloutConfig:
                     f"rollout.max_model_len = {self.max_model_len}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CaptureConfig:
-    layers: list[int] | str = field(default_factory=lambda: [3, 7, 11])  # decoder layers captured, or "all" of them
-    dtype: str = "float32"  # store dtype: float32 | float16 (float16 overflow is refused, never stored as inf)
-    num_actors: int = 2  # model replicas in the capture actor pool
-    cpus_per_actor: float = 1.0  # Ray CPUs reserved per replica
-    gpus_per_actor: float = 0.0  # Ray GPUs per replica (1 for the 27B model in bf16 on a 96 GB GPU)
-    questions_per_shard: int = 8  # unit of work and of exactly-once bookkeeping
-    batch_size: int = 8  # sequences per teacher-forced forward pass
-    max_tokens_per_layer: int | None = None  # seeded random cap on rows per layer (the original: 200,000)
-    exclude_special_tokens: bool = True  # leave special/chat-template tokens out of training and statistics
-    max_norm_multiple: float = 10.0  # leave out tokens whose residual norm exceeds this x the layer median (0 = keep)
+    layers: list[int] | str = setting([3, 7, 11], 'decoder layers captured, or "all" of them')
+    dtype: str = setting("float32", "store dtype: float32 | float16 (float16 overflow is refused, never stored as inf)")
+    num_actors: int = setting(2, "model replicas in the capture actor pool")
+    cpus_per_actor: float = setting(1.0, "Ray CPUs reserved per replica")
+    gpus_per_actor: float = setting(0.0, "Ray GPUs per replica (1 for the 27B model in bf16 on a 96 GB GPU)")
+    questions_per_shard: int = setting(8, "unit of work and of exactly-once bookkeeping")
+    batch_size: int = setting(8, "sequences per teacher-forced forward pass")
+    max_tokens_per_layer: int | None = setting(None, "seeded random cap on rows per layer (the original: 200,000)")
+    exclude_special_tokens: bool = setting(True, "leave special/chat-template tokens out of training and statistics")
+    max_norm_multiple: float = setting(10.0, "leave out tokens whose residual norm exceeds this x the layer median (0 = keep)")
 
     def check(self) -> None:
         if isinstance(self.layers, str):
@@ -115,16 +143,121 @@ class CaptureConfig:
                 f"capture.max_norm_multiple must be 0 (off) or above 1, got {self.max_norm_multiple:g}")
 
 
-@dataclass
+@dataclass(frozen=True)
+class RecipeDefaults:
+    """What a recipe sets when the config leaves it unset."""
+
+    lr: float  # Adam learning rate at REFERENCE_LATENTS latents
+    lr_scales_with_n: bool  # lr x 1 / sqrt(n / REFERENCE_LATENTS)
+    lr_decay_fraction: float
+    revive_every_epochs: int
+
+
+REFERENCE_LATENTS = 2048
+RECIPE_DEFAULTS = {
+    # The original card: Adam 3e-4, constant, revival every 5 epochs.
+    "original": RecipeDefaults(lr=3e-4, lr_scales_with_n=False, lr_decay_fraction=0.0, revive_every_epochs=5),
+    # sparsify's 1 / sqrt(n) scaling at about 5 times its level, the last fifth of the steps decaying to 0
+    # (docs/training.md has the measurements behind these numbers).
+    "modern": RecipeDefaults(lr=3e-3, lr_scales_with_n=True, lr_decay_fraction=0.2, revive_every_epochs=0),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    recipe: str = setting("modern", '"original" (the release\'s recipe, bit for bit) | "modern"')
+    architecture: str = setting("topk", '"topk" | "batchtopk" (top k x batch in training, a learned threshold after; modern only)')
+    n_features: int = setting(4096, "dictionary size n (latents per SAE)")
+    k: int = setting(32, "active latents per token")
+    epochs: int = setting(20, "full passes over the training rows")
+    batch_size: int = setting(4096, "rows per optimiser step")
+    lr: float | None = setting(None, "Adam learning rate; unset = the recipe's: 3e-4, or 3e-3 / sqrt(n / 2048) (modern)")
+    lr_decay_fraction: float | None = setting(None, "last share of the steps over which lr falls linearly to 0; unset = 0 | 0.2 (modern)")
+    revive_every_epochs: int | None = setting(None, "revive dead features every R epochs, 0 = never; unset = 5 | 0 (modern)")
+    dead_after_steps: int = setting(500, "a feature silent for at least this many steps is dead (revival, AuxK)")
+    autocast_bf16: bool | None = setting(None, "modern only: encoder matmul under bf16 autocast; unset = where the device has native bf16")
+    seed: int = setting(0, "seeds the initial weights, the per-epoch shuffles and the revival vectors")
+    shuffle_buffer_rows: int = setting(65536, "rows shuffled together; memory holds about three such buffers")
+    device: str = setting("cpu", 'torch device the SAE and each batch live on ("auto" = the worker\'s GPU, else cpu)')
+
+    @property
+    def defaults(self) -> RecipeDefaults:
+        return RECIPE_DEFAULTS[self.recipe]
+
+    def learning_rate(self) -> float:
+        """`lr`, or the recipe's default when it is unset."""
+        if self.lr is not None:
+            return self.lr
+        scale = math.sqrt(self.n_features / REFERENCE_LATENTS) if self.defaults.lr_scales_with_n else 1.0
+        return self.defaults.lr / scale
+
+    def decay_fraction(self) -> float:
+        """`lr_decay_fraction`, or the recipe's default when it is unset."""
+        return self.defaults.lr_decay_fraction if self.lr_decay_fraction is None else self.lr_decay_fraction
+
+    def revival_period(self) -> int:
+        """`revive_every_epochs`, or the recipe's default when it is unset; 0 = never."""
+        return self.defaults.revive_every_epochs if self.revive_every_epochs is None else self.revive_every_epochs
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """The learning rate of optimiser step `step` (from 0) of `total_steps`: constant, then linear
+        to 0 over the last decay_fraction() of the steps."""
+        decay_steps = self.decay_fraction() * total_steps
+        return self.learning_rate() * min(1.0, (total_steps - step) / decay_steps) if decay_steps else self.learning_rate()
+
+    def encoder_precision(self) -> str:
+        """The encoder matmul's precision as the config sets it (an unset autocast_bf16 is decided by
+        each trainer's device)."""
+        if self.recipe == "original" or self.autocast_bf16 is False:
+            return "fp32"
+        return "bf16 (autocast)" if self.autocast_bf16 else "bf16 where the training device has native bf16, else fp32"
+
+    def check(self) -> None:
+        """Every setting on its own and together: what can be checked before the data is seen. Raises
+        ValueError without a section prefix (the stage adds it)."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
+        if self.architecture != "topk" and self.recipe == "original":
+            raise ValueError(f"architecture {self.architecture!r} needs the modern recipe: the original recipe is TopK")
+        positive = {"n_features": self.n_features, "k": self.k, "epochs": self.epochs, "batch_size": self.batch_size,
+                    "dead_after_steps": self.dead_after_steps, "shuffle_buffer_rows": self.shuffle_buffer_rows}
+        if self.n_features > 0:  # the default lr scales with n
+            positive["lr"] = self.learning_rate()
+        bad = [f"{name}={value}" for name, value in positive.items() if not value > 0]
+        if bad:
+            raise ValueError(f"must be positive: {', '.join(bad)}")
+        if not 0 <= self.decay_fraction() <= 1:
+            raise ValueError(f"lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}")
+        if self.revival_period() < 0:
+            raise ValueError(f"revive_every_epochs must be >= 0 (0 = never), got {self.revive_every_epochs}")
+        if self.k > self.n_features:
+            raise ValueError(f"k={self.k} exceeds n_features={self.n_features}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.autocast_bf16 and self.recipe == "original":
+            raise ValueError("autocast_bf16 belongs to the modern recipe; the original trains in fp32")
+        if not math.isfinite(self.learning_rate()):
+            raise ValueError(f"lr must be a finite number, got {self.lr}")
+        if DEVICE_PATTERN.fullmatch(self.device) is None:
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
 class TrainStageConfig(TrainConfig):
-    holdout_fraction: float = 0.1  # share of questions held out (all their rollouts) for the held-out statistics
-    split_seed: int = 0  # seeds the held-out questions and the row cap; fixed once trained (split.json)
-    cpus_per_layer: float = 1.0  # Ray CPUs per layer, split over its workers
-    gpus_per_layer: float = 0.0  # Ray GPUs per layer: a fraction shares one GPU; N > 1 needs N workers
-    workers_per_layer: int = 1  # data-parallel workers (DDP) per layer; each reads its share of every batch
-    report_every_steps: int = 50  # steps between metric reports to Ray Train (each waits on its controller)
-    checkpoint_every_steps: int = 500  # steps between checkpoints (the last step always checkpoints)
-    max_failures: int = 3  # restarts of a layer's workers after a crash, each from the last checkpoint
+    holdout_fraction: float = setting(0.1, "share of questions held out (all their rollouts) for the held-out statistics")
+    split_seed: int = setting(0, "seeds the held-out questions and the row cap; fixed once trained (split.json)")
+    cpus_per_layer: float = setting(1.0, "Ray CPUs per layer, split over its workers")
+    gpus_per_layer: float = setting(0.0, "Ray GPUs per layer: a fraction shares one GPU; N > 1 needs N workers")
+    workers_per_layer: int = setting(1, "data-parallel workers (DDP) per layer; each reads its share of every batch")
+    report_every_steps: int = setting(50, "steps between metric reports to Ray Train (each waits on its controller)")
+    checkpoint_every_steps: int = setting(500, "steps between checkpoints (the last step always checkpoints)")
+    max_failures: int = setting(3, "restarts of a layer's workers after a crash, each from the last checkpoint")
+
+    def trainer(self) -> TrainConfig:
+        """The settings of the SAE training itself, without the stage's placement."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
 
     def check_stage(self) -> None:
         """The training settings (TrainConfig.check) and how the stage places and splits them."""
@@ -136,8 +269,6 @@ class TrainStageConfig(TrainConfig):
         at_least(self, "train", 0, "split_seed", "gpus_per_layer", "max_failures")
         at_least(self, "train", 1, "workers_per_layer", "report_every_steps", "checkpoint_every_steps")
         require(self.cpus_per_layer > 0, f"train.cpus_per_layer must be > 0, got {self.cpus_per_layer:g}")
-        require(DEVICE_PATTERN.fullmatch(self.device) is not None,
-                f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         gpus, workers = self.gpus_per_layer, self.workers_per_layer
         require(not (workers > 1 and gpus and gpus != workers),
                 f"train.gpus_per_layer = {gpus:g} with {workers} data-parallel workers: NCCL needs one whole GPU per "
@@ -152,16 +283,16 @@ class TrainStageConfig(TrainConfig):
         return {"CPU": self.cpus_per_layer / self.workers_per_layer, **({"GPU": gpus} if gpus else {})}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReleaseConfig:
-    export_activations: bool = True  # write activations.safetensors (the training sample); off for large runs
-    top_contexts: int = 10  # top-activating tokens kept per live feature
-    quantile_examples: int = 5  # tokens shown from each of a feature's 5 activation quantile bins
-    context_tokens: int = 12  # tokens of context shown either side of each
-    bootstrap: int = 200  # bootstrap resamples for confidence intervals (over questions)
-    permutations: int = 1000  # label permutations for the rollout-level p-values and chance band
-    unscored_rollouts: str = "exclude"  # truncated / unparsable rollouts: "exclude" from correctness statistics, or count as "wrong"
-    fidelity_rollouts: int | None = None  # held-out rollouts the model-loss fidelity runs on (seeded sample; None = all)
+    export_activations: bool = setting(True, "write activations.safetensors (the training sample); off for large runs")
+    top_contexts: int = setting(10, "top-activating tokens kept per live feature")
+    quantile_examples: int = setting(5, "tokens shown from each of a feature's 5 activation quantile bins")
+    context_tokens: int = setting(12, "tokens of context shown either side of each")
+    bootstrap: int = setting(200, "bootstrap resamples for confidence intervals (over questions)")
+    permutations: int = setting(1000, "label permutations for the rollout-level p-values and chance band")
+    unscored_rollouts: str = setting("exclude", 'truncated / unparsable rollouts: "exclude" from correctness statistics, or count as "wrong"')
+    fidelity_rollouts: int | None = setting(None, "held-out rollouts the model-loss fidelity runs on (seeded sample; unset = all)")
 
     def check(self) -> None:
         at_least(self, "release", 1, "bootstrap", "permutations", "top_contexts", "quantile_examples")
@@ -171,13 +302,13 @@ class ReleaseConfig:
                 f"release.unscored_rollouts must be exclude or wrong, got {self.unscored_rollouts!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CausalConfig:
-    enabled: bool = True  # run the causal check (qsae.causal) as part of the release
-    layers: list[int] | None = None  # layers checked (one not captured is skipped, and causal.json says so); None = every captured layer
-    features: int = 2  # m: features per layer, the top by rollout-level |AUROC - 0.5| on the training questions
-    steer_multiples: list[float] = field(default_factory=lambda: [4.0])  # steering strengths, x the typical activation, both signs
-    questions: int | None = None  # held-out rollouts rerun per arm (a seeded sample); None = all
+    enabled: bool = setting(True, "run the causal check as part of the release")
+    layers: list[int] | None = setting(None, "layers checked (one not captured is skipped, and causal.json says so); unset = every captured layer")
+    features: int = setting(2, "m: features per layer, the top by rollout-level |AUROC - 0.5| on the training questions")
+    steer_multiples: list[float] = setting([4.0], "steering strengths, x the typical activation, both signs")
+    questions: int | None = setting(None, "held-out rollouts rerun per arm (a seeded sample); unset = all")
 
     def check(self) -> None:
         at_least(self, "causal", 1, "features")
@@ -187,7 +318,11 @@ class CausalConfig:
         require(self.layers is None or bool(self.layers), "causal.layers is empty; leave it unset for every captured layer")
 
 
-@dataclass
+SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "capture": CaptureConfig, "train": TrainStageConfig,
+            "release": ReleaseConfig, "causal": CausalConfig}
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -195,8 +330,8 @@ class PipelineConfig:
     train: TrainStageConfig = field(default_factory=TrainStageConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     causal: CausalConfig = field(default_factory=CausalConfig)
-    out: str = "runs/tiny"  # run directory: rollouts, activation store, checkpoints, release/
-    ray_address: str | None = None  # None = connect to RAY_ADDRESS if set, else start a local Ray
+    out: str = setting("runs/tiny", "run directory: rollouts, activation store, checkpoints, release/")
+    ray_address: str | None = setting(None, "unset = connect to RAY_ADDRESS if set, else start a local Ray")
 
     def validate(self) -> None:
         """Every field, alone and with the others: all that the config can show before any Ray work."""
@@ -216,8 +351,8 @@ def ray_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _check_type(where: str, value, annotation: str):
-    """Coerce TOML values to the field's declared type, or say what was expected."""
+def coerce(where: str, value, annotation: str):
+    """A TOML value as the field's declared type, or a ConfigError saying what was expected."""
     kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[int]": list, "list[float]": list}
     base = annotation.replace(" | None", "")
     if value is None and "None" in annotation:
@@ -237,27 +372,39 @@ def _check_type(where: str, value, annotation: str):
     return float(value) if base == "float" else value
 
 
-def _apply(section_obj, section: str, values: dict) -> None:
-    known = {f.name: f for f in dataclasses.fields(section_obj)}
-    for key, value in values.items():
+def section_values(cls, name: str, values: dict) -> dict:
+    """A table's values, each checked against its field's type."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
         if key not in known:
-            raise ConfigError(f"unknown config key '{section}.{key}'; valid keys in [{section}]: {', '.join(known)}")
-        setattr(section_obj, key, _check_type(f"{section}.{key}", value, str(known[key].type)))
+            raise ConfigError(f"unknown config key '{name}.{key}'; valid keys in [{name}]: {', '.join(known)}")
+    return {key: coerce(f"{name}.{key}", value, str(known[key].type)) for key, value in values.items()}
 
 
-def apply_mapping(cfg: PipelineConfig, data: dict) -> PipelineConfig:
+def merge(data: dict, more: dict) -> dict:
+    """`more` over `data`, table by table; what is not a known table is checked when the config is built."""
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_mapping(data: dict) -> PipelineConfig:
+    """The config a TOML mapping (with overrides merged in) describes."""
+    kwargs = {}
     for key, value in data.items():
-        target = getattr(cfg, key, None)
-        if dataclasses.is_dataclass(target):
+        if key in SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"[{key}] must be a table")
-            _apply(target, key, value)
+            kwargs[key] = SECTIONS[key](**section_values(SECTIONS[key], key, value))
         elif key in ("out", "ray_address"):
-            setattr(cfg, key, _check_type(key, value, "str | None"))
+            kwargs[key] = coerce(key, value, "str | None")
         else:
-            raise ConfigError(f"unknown config key '{key}'; valid: model, rollout, capture, train, release, causal, out, "
-                              "ray_address")
-    return cfg
+            raise ConfigError(f"unknown config key '{key}'; valid: {', '.join(SECTIONS)}, out, ray_address")
+    return PipelineConfig(**kwargs)
 
 
 def parse_override(text: str) -> dict:
@@ -278,19 +425,22 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
-    """Defaults <- TOML file (default: configs/tiny.toml) <- `section.key=value` overrides."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def read_toml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}); TOML files must be UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
-    cfg = apply_mapping(PipelineConfig(), data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """Defaults <- TOML file (default: the embedded tiny.toml) <- `section.key=value` overrides, validated."""
+    data = read_toml(Path(path) if path else DEFAULT_CONFIG)
     for text in overrides:
-        apply_mapping(cfg, parse_override(text))
+        data = merge(data, parse_override(text))
+    cfg = from_mapping(data)
     cfg.validate()
     return cfg

@@ -1,115 +1,170 @@
-"""The whole pipeline as one function: questions -> capture (actor pool) -> train (Ray Train) -> release.
+"""The pipeline as its stages, in order:
 
-Inputs are checked before any Ray work starts, so bad input fails fast with a clear message.
+    prepare -> capture -> train -> analyze -> evaluate -> causal -> release
+
+prepare checks everything the config and the files can show before Ray starts; capture and train run
+on Ray (qsae.distributed); analyze reads the trained run from disk; evaluate and the causal check
+need the model again (Ray tasks placed like capture replicas); the release is written from the run
+directory alone. Stages talk only through the run directory (qsae.rundir) and the resolved RunPlan.
+`qsae analyze` is the same sequence from analyze on.
 """
 from __future__ import annotations
 
-import os
-import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-import ray
-
-from qsae.capture import store_to_extend
-from qsae.config import PipelineConfig, ray_host_port
-from qsae.files import check_can_create_dir
+from qsae import causal
+from qsae.analyze import analyze_run
+from qsae.capture import ReplicaSpec, store_to_extend
+from qsae.config import PipelineConfig
+from qsae.evaluate import evaluation_inputs, save_evaluation
+from qsae.files import atomic_write_json, check_can_create_dir
 from qsae.models import check_weights, context_length, expand_layers, load_tokenizer, model_dims, resolve_model_path
 from qsae.questions import BUNDLED_QUESTIONS, Question, load_questions, sample_questions
+from qsae.release import ReleaseSettings, build_release, token_texts
 from qsae.rollout import check_prompts_fit
+from qsae.rundir import RunDir
+from qsae.sample import RowRules
+from qsae.training.trained import load_trained
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run works out from its config before any stage runs: the questions, and the model's path,
+    width and layers (capture.layers resolved) in the replica spec every model-loading stage receives."""
+
+    questions: list[Question]
+    spec: ReplicaSpec
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.spec.layers)
 
 
 def questions_path(cfg: PipelineConfig) -> Path:
     return BUNDLED_QUESTIONS if cfg.rollout.questions == "bundled" else Path(cfg.rollout.questions)
 
 
-def prepare(cfg: PipelineConfig) -> tuple[list[Question], str, int]:
-    """Everything that can be checked before Ray starts, beyond the config itself: the questions, the
-    model (building the tiny one if asked) and its weights, the layers against it ("all" becomes every
-    decoder layer, in cfg), every prompt against the context, the run directory and the store a rerun
-    would extend. Returns (questions, model_path, d_model)."""
-    source = questions_path(cfg)
-    questions = sample_questions(load_questions(source), cfg.rollout.num_questions, cfg.rollout.seed)
+def resolve(cfg: PipelineConfig) -> RunPlan:
+    """The questions sampled, the model located (the tiny one built if asked) and its layers and width
+    read from its config: files only, no weights loaded."""
+    questions = sample_questions(load_questions(questions_path(cfg)), cfg.rollout.num_questions, cfg.rollout.seed)
     model_path = resolve_model_path(cfg.model.name)
-    check_weights(model_path)
     n_layers, d_model = model_dims(model_path, cfg.model.revision)
-    cfg.capture.layers = expand_layers(cfg.capture.layers, n_layers)
-    context = cfg.rollout.max_model_len or context_length(model_path, cfg.model.revision)
-    check_prompts_fit(questions, load_tokenizer(model_path, cfg.model.revision), cfg.rollout.thinking,
-                      cfg.rollout.max_new_tokens, context, str(source))
+    layers = tuple(expand_layers(cfg.capture.layers, n_layers))
+    return RunPlan(questions, ReplicaSpec(model_path, d_model, layers, cfg.model, cfg.rollout, cfg.capture))
+
+
+def prepare(cfg: PipelineConfig) -> RunPlan:
+    """Everything that can be checked before Ray starts, beyond the config itself: the questions, the
+    model and its weights, the layers against it, every prompt against the context, the run directory
+    and the store a rerun would extend."""
+    plan = resolve(cfg)
+    model_path, revision = plan.spec.model_path, cfg.model.revision
+    check_weights(model_path)
+    context = cfg.rollout.max_model_len or context_length(model_path, revision)
+    check_prompts_fit(plan.questions, load_tokenizer(model_path, revision), thinking=cfg.rollout.thinking,
+                      max_new_tokens=cfg.rollout.max_new_tokens, context=context, source=str(questions_path(cfg)))
     check_can_create_dir(cfg.out, "run directory (out)")
-    store_to_extend(cfg, model_path, d_model, questions, Path(cfg.out))  # a rerun's store must be this run's
-    return questions, model_path, d_model
+    store_to_extend(plan.spec, plan.questions, RunDir(cfg.out))  # a rerun's store must be this run's
+    return plan
 
 
-@contextmanager
-def stage(name: str, timings: dict):
-    print(f"[qsae] {name} ...", flush=True)
-    started = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - started, 1)
-    print(f"[qsae] {name} done in {timings[name]:.1f} s", flush=True)
+class Stages:
+    """Each stage's line on the console and its wall-clock time, kept in the run directory."""
 
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self.run: RunDir | None = None
 
-HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds with a clear message, instead of Ray's endless retries, when nothing listens at
-    the address or what does is not Ray: Ray's GCS and client server speak gRPC, so they answer an
-    HTTP/2 preface with a SETTINGS frame (frame type 4). Clusters with TLS on are not probed."""
-    try:
-        with socket.create_connection(ray_host_port(address), timeout=timeout_s) as connection:
-            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-                return
-            connection.settimeout(timeout_s)
-            connection.sendall(HTTP2_PREFACE)
-            reply = connection.recv(9)
-    except socket.timeout:
-        reply = b""
-    except OSError as err:
-        raise ConnectionError(f"cannot reach the Ray cluster at {address}: {err}") from err
-    if len(reply) < 4 or reply[3] != 4:
-        raise ConnectionError(f"something answers at {address}, but it is not a Ray cluster (no gRPC reply); "
-                              "give the head's GCS port (6379 unless set otherwise) or ray://host:10001")
-
-
-# Ray Train's controller takes a worker's report once per poll (every 2 s by default), and the worker's
-# next report waits until it has: polling faster keeps per-step metric reports from stalling training.
-# A local Ray gets it here; cluster jobs get it from cluster/runtime_env.yaml.
-LOCAL_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}
-
-
-def connect_ray(address: str | None) -> None:
-    """Join the cluster in `address` or RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address not in ("auto", "local"):
-        check_reachable(address)
-    if ray.is_initialized():
-        return
-    runtime_env = LOCAL_RUNTIME_ENV if address is None else None
-    ray.init(address=address, log_to_driver=True, configure_logging=False, runtime_env=runtime_env)
+    @contextmanager
+    def stage(self, name: str):
+        print(f"[qsae] {name} ...", flush=True)
+        started = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - started, 1)
+        print(f"[qsae] {name} done in {self.timings[name]:.1f} s", flush=True)
+        if self.run is not None:
+            atomic_write_json(self.run.timings, self.timings)
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage; returns the release directory."""
-    from qsae.distributed import causal_in_ray, model_side_in_ray, run_capture, train_layers
-    from qsae.release import build_release
+    from qsae.distributed.capture_pool import run_capture
+    from qsae.distributed.connect import connect_ray
+    from qsae.distributed.trainers import train_layers
 
-    timings: dict[str, float] = {}
-    run_dir = Path(cfg.out).resolve()
-    with stage("prepare (questions, model, layers)", timings):
-        questions, model_path, d_model = prepare(cfg)
-    with stage("start ray", timings):
+    stages, run = Stages(), RunDir(cfg.out)
+    with stages.stage("prepare (questions, model, layers)"):
+        plan = prepare(cfg)
+    with stages.stage("start ray"):
         connect_ray(cfg.ray_address)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with stage(f"capture ({len(questions)} questions, layers {cfg.capture.layers})", timings):
-        run_capture(cfg, model_path, d_model, questions, run_dir)
-    with stage(f"train ({len(cfg.capture.layers)} SAEs, n={cfg.train.n_features}, k={cfg.train.k})", timings):
-        trained = train_layers(cfg, run_dir)
-    with stage("analyze, fidelity in the model's loss, causal check, release", timings):
-        release_dir = build_release(cfg, run_dir, trained, load_tokenizer(model_path, cfg.model.revision), timings,
-                                    model_side_of=model_side_in_ray(cfg, model_path, trained),
-                                    causal_of=causal_in_ray(cfg, model_path, trained, questions))
-    return release_dir
+    run.root.mkdir(parents=True, exist_ok=True)
+    stages.run = run
+    with stages.stage(f"capture ({len(plan.questions)} questions, layers {plan.layers})"):
+        run_capture(plan.spec, plan.questions, run)
+    with stages.stage(f"train ({len(plan.layers)} SAEs, n={cfg.train.n_features}, k={cfg.train.k})"):
+        train_layers(cfg.train, RowRules.from_config(cfg), plan.layers, run)
+    return finish(cfg, plan, run, stages)
+
+
+def analyze_from_disk(cfg: PipelineConfig) -> Path:
+    """`qsae analyze`: the stages after training, from a trained run directory."""
+    from qsae.distributed.connect import connect_ray
+
+    stages, run = Stages(), RunDir(cfg.out)
+    stages.run = run if run.root.is_dir() else None
+    plan = resolve(cfg)
+    analyze(cfg, plan, run, stages)  # no Ray: its refusals come before Ray starts
+    with stages.stage("start ray"):
+        connect_ray(cfg.ray_address)
+    return finish(cfg, plan, run, stages, analyzed=True)
+
+
+def analyze(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages) -> None:
+    with stages.stage(f"analyze ({len(plan.layers)} layers)"):
+        analyze_run(run, plan.layers, train=cfg.train, rules=RowRules.from_config(cfg), release=cfg.release)
+
+
+def finish(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages, *, analyzed: bool = False) -> Path:
+    """analyze (unless done) -> evaluate -> causal -> release."""
+    if not analyzed:
+        analyze(cfg, plan, run, stages)
+    with stages.stage("evaluate (fidelity in the model's loss, logit tables)"):
+        evaluate(cfg, plan, run)
+    if cfg.causal.enabled:
+        with stages.stage("causal check"):
+            causal_check(cfg, plan, run)
+    with stages.stage("release"):
+        tokenizer = load_tokenizer(plan.spec.model_path, cfg.model.revision)
+        settings = ReleaseSettings(cfg.release, cfg.rollout.questions, cfg.rollout.seed)
+        return build_release(run, settings, token_texts(tokenizer))
+
+
+def evaluate(cfg: PipelineConfig, plan: RunPlan, run: RunDir) -> None:
+    """Each group of layers evaluated in a task of its own (one per capture replica at most)."""
+    from qsae.distributed.model_tasks import evaluate_in_ray, layer_groups
+
+    groups = layer_groups(plan.layers, cfg.capture.num_actors)
+    inputs = [evaluation_inputs(run, group, limit=cfg.release.fidelity_rollouts, n_boot=cfg.release.bootstrap,
+                                seed=cfg.train.split_seed) for group in groups]
+    save_evaluation(run, evaluate_in_ray(plan.spec, inputs))
+
+
+def causal_check(cfg: PipelineConfig, plan: RunPlan, run: RunDir) -> None:
+    """The causal check's plans, the held-out prompts rerun under every arm, graded and compared."""
+    from qsae.distributed.model_tasks import rerun_in_ray
+
+    seed = cfg.train.split_seed
+    study = causal.plan_study(run, cfg.causal, plan.layers, seed=seed)
+    answers = {}
+    if not study.skipped:
+        layers = sorted({arm.layer for arm in study.arms if arm.layer is not None})
+        saes = {layer: load_trained(run, layer).sae for layer in layers}
+        generations = rerun_in_ray(plan.spec, saes, study.arms, [r.prompt_token_ids for r in study.heldout])
+        answers = causal.grade(study, generations, questions=plan.questions,
+                               tokenizer=load_tokenizer(plan.spec.model_path, cfg.model.revision),
+                               thinking=cfg.rollout.thinking, seed=cfg.rollout.seed)
+    atomic_write_json(run.causal, causal.assess(study, answers, n_boot=cfg.release.bootstrap, seed=seed))

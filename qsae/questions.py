@@ -229,3 +229,10 @@ def grade(letter: str | None, answer_letter: str, finish_reason: str) -> str:
     if letter is None:
         return "no_answer"
     return "correct" if letter == answer_letter else "wrong"
+
+
+def chat_prompt(tokenizer, user_text: str, thinking: bool) -> str:
+    """The model's chat template around one user turn, with reasoning on or off."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )

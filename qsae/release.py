@@ -1,10 +1,10 @@
-"""Analyze and release: per-layer statistics (analysis.layer), the fidelity in the model's loss,
-charts, weight exports and the model card.
+"""Release stage: a pure writer. It reads the run directory (the store's manifest, the rollouts, the
+split, the trained SAEs, the analysis, the evaluation and the causal check) and writes <run>/release:
+weight exports, statistics, charts, the feature browser, SAEBench and Neuronpedia files and the
+model card. No Ray, no model: everything it shows was computed by the stages before it.
 
-The rows are those the SAEs were trained and held out on (qsae.sample: masks, cap, split by question,
-read back from the run's split.json, which a config that would change it may not). The release is
-assembled in a staging directory and renamed into place only when complete, so a failed run never
-leaves a half-written release where a good one is expected.
+The release is assembled in a staging directory and swapped in only when complete, so a failed run
+never leaves a half-written release where a good one is expected.
 """
 from __future__ import annotations
 
@@ -12,146 +12,111 @@ import functools
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
 import qsae
-from qsae import causal
 from qsae.analysis import card, charts, ecosystem
-from qsae.analysis.feature_data import LayerFeatures, TokenTable, layer_features
+from qsae.analysis.facts import ReleaseFacts
 from qsae.analysis.features import HEALTHY_RANGE
-from qsae.analysis.layer import SampleRows, analyze_layer, encode_sample, rollout_labels, sample_rows_of
-from qsae.analysis.model_loss import FIDELITY_DEFINITION, RolloutTokens
+from qsae.analysis.layer import rollout_labels
+from qsae.analysis.model_loss import FIDELITY_DEFINITION
+from qsae.analysis.results import LayerAnalysis
 from qsae.browser import BLOCK_SIZE, LayerPages, write_assets, write_data
-from qsae.config import PipelineConfig
-from qsae.files import new_staging_dir, replace_directory
+from qsae.config import ReleaseConfig
+from qsae.evaluate import load_fidelity, load_logits
+from qsae.files import replace_directory
 from qsae.questions import OUTCOMES
 from qsae.rollout import Rollout, read_rollouts
-from qsae.sae import TopKSAE
-from qsae.sample import RowRules, RowSelection, SplitMismatchError, check_same_split, load_split, select_rows
-from qsae.store import StoreSource, read_manifest
-from qsae.train import TrainConfig
+from qsae.rundir import RunDir
+from qsae.sae_files import hook_name, save_sae
+from qsae.sample import RowSelection, load_selection, load_split
+from qsae.store import read_manifest
+from qsae.streaming import StoreSource
+from qsae.training.trained import TrainedSAE, load_trained
 
-STAGING_PREFIX = ".release-"  # the release is assembled in <run>/.release-XXXX, then swapped in
 VE_FORMULA = "1 - sum_rows ||x - x_hat||^2 / sum_rows ||x - mean(x)||^2 (pooled over held-out rows, float64)"
-# (held-out rollouts with their splice positions, {layer: training mean}) ->
-# ({layer: fidelity entry} or None without rollouts, {layer: decoder logit tables}): what needs the model
-# (arms, held-out rollouts) -> {arm name: its Answers}: the causal check's reruns (qsae.causal)
-CausalFn = Callable[[list, list[Rollout]], dict]
-ModelSideFn = Callable[[list[RolloutTokens], dict[int, np.ndarray]], tuple[dict[int, dict] | None, dict[int, dict]]]
 
 
-def fidelity_rollouts(selection: RowSelection, rollouts: dict[int, Rollout], limit: int | None,
-                      seed: int) -> list[RolloutTokens]:
-    """The held-out rollouts the model-loss fidelity runs on (a seeded sample of `limit` of them), each
-    spliced at the positions of its rows that pass the masks; a response of one token predicts nothing."""
-    ids = sorted(r for r in selection.heldout_positions if rollouts[r].n_response_tokens >= 2)
-    if limit is not None and limit < len(ids):
-        ids = sorted(np.random.default_rng(seed).choice(ids, size=limit, replace=False).tolist())
-    return [RolloutTokens(r, rollouts[r].prompt_token_ids + rollouts[r].response_token_ids,
-                          rollouts[r].n_prompt_tokens, selection.heldout_positions[r]) for r in ids]
+@dataclass(frozen=True)
+class ReleaseSettings:
+    """What the release takes from the config: its own section, and the question source and seed the
+    card names (everything else it reads from the run directory)."""
+
+    release: ReleaseConfig
+    questions: str
+    question_seed: int
 
 
-def prepare_selection(cfg: PipelineConfig, run_dir: Path, rollouts: dict[int, Rollout]) -> RowSelection:
-    """The rows the SAEs were trained and held out on, from the saved split; refuses a config or a
-    store that would give other rows."""
-    split = load_split(run_dir)
-    check_same_split(split, RowRules.from_config(cfg), {r: x.question_id for r, x in rollouts.items()})
-    selection = select_rows(run_dir / "activations", list(cfg.capture.layers), split)
-    if split.rows and selection.counts != split.rows:
-        raise SplitMismatchError("the activation store no longer gives the rows the SAEs were trained on "
-                                 f"(split.json: {split.rows}, now: {selection.counts}); train again")
-    return selection
+@dataclass
+class RunRecord:
+    """Everything the stages before the release left in the run directory."""
+
+    manifest: dict
+    rollouts: dict[int, Rollout]
+    selection: RowSelection
+    split_rules: dict
+    trained: dict[int, TrainedSAE]
+    analyses: dict[int, LayerAnalysis]
+    fidelity: dict[int, dict] | None
+    logits: dict[int, dict | None]  # the decoder directions' logit tables, None where not computed
+    causal: dict | None
+    timings: dict[str, float]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
 
 
-def check_trained_matches(cfg: PipelineConfig, trained: dict[int, tuple[TopKSAE, dict]], manifest: dict) -> None:
-    """The SAEs are those the config names and fit the store's rows (else the release would name one
-    SAE and hold another, or encode rows of another width): checked before any work."""
-    asked = (cfg.train.architecture, cfg.train.n_features, cfg.train.k)
-    for layer in cfg.capture.layers:
-        sae = trained[layer][0]
-        if (sae.architecture, sae.n_features, sae.k) != asked:
-            raise ValueError(f"layer {layer}: the trained SAE is {sae.architecture} with n_features={sae.n_features}, "
-                             f"k={sae.k}, but the config asks for {asked[0]} with n_features={asked[1]}, k={asked[2]}; "
-                             "analyze with the config it was trained with, or train again")
-        if sae.d_in != manifest["d_model"]:  # e.g. the store was captured again from another model
-            raise ValueError(f"layer {layer}: the trained SAE has d_in {sae.d_in} but the store's residuals have "
-                             f"d_model {manifest['d_model']}; train the layer again on this store")
+def read_run(run: RunDir) -> RunRecord:
+    manifest = read_manifest(run.store)
+    layers = manifest["layers"]
+    return RunRecord(
+        manifest=manifest, rollouts={r.rollout_id: r for r in read_rollouts(run.rollouts)},
+        selection=load_selection(run.selection), split_rules=load_split(run).to_json()["rules"],
+        trained={layer: load_trained(run, layer) for layer in layers},
+        analyses={layer: LayerAnalysis.load(run.layer_analysis(layer)) for layer in layers},
+        fidelity=load_fidelity(run), logits={layer: load_logits(run, layer) for layer in layers}, causal=json.loads(run.causal.read_text()) if run.causal.exists() else None,
+        timings=run.read_timings())
 
 
-def build_release(
-    cfg: PipelineConfig, run_dir: Path, trained: dict[int, tuple[TopKSAE, dict]], tokenizer, timings: dict,
-    model_side_of: ModelSideFn | None = None, causal_of: CausalFn | None = None,
-) -> Path:
-    """Write <run>/release atomically (staged, then renamed); returns its path. `model_side_of`
-    computes the fidelity in the model's loss and the decoder logit tables (None: neither, and the
-    card and the browser say so); `causal_of` runs the causal check's arms (None, or
-    causal.enabled off: no causal check, and the card says so)."""
-    store_dir = run_dir / "activations"
-    manifest = read_manifest(store_dir)
-    check_trained_matches(cfg, trained, manifest)
-    rollouts = {r.rollout_id: r for r in read_rollouts(run_dir / "rollouts.parquet")}
-    selection = prepare_selection(cfg, run_dir, rollouts)
-    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, cfg.release.unscored_rollouts))
-    tokens = TokenTable({r: x.prompt_token_ids + x.response_token_ids for r, x in rollouts.items()})
-    final = run_dir / "release"
-    for stale in run_dir.glob(f"{STAGING_PREFIX}*"):  # what a killed run left half-assembled
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = new_staging_dir(run_dir, STAGING_PREFIX)
+def build_release(run: RunDir, settings: ReleaseSettings, token_text: Callable[[int], str]) -> Path:
+    """Write <run>/release atomically (staged, then swapped in); returns its path. `token_text` gives
+    the text of a token id (the model's tokenizer)."""
+    record = read_run(run)
+    staging = run.new_release_staging()
     try:
-        results, exported, files, features, causal_inputs = {}, {}, [], {}, {}
-        causal_layers = cfg.causal.layers or cfg.capture.layers
-        label_of = {rid: int(label) for rid, label in zip(rows.selection.rollout_id.tolist(), rows.label.tolist())}
-        for layer in cfg.capture.layers:
-            sae, history = trained[layer]
-            sample = encode_sample(sae, StoreSource(store_dir, layer, selection.rows), selection,
-                                   keep_residuals=cfg.release.export_activations)
-            results[layer] = analyze_layer(layer, sae, sample, rows, history, rollouts, cfg)
-            features[layer] = layer_features(
-                sae.W_dec.detach(), sample.values, sample.indices, selection.rollout_id, sample.position, tokens,
-                top=cfg.release.top_contexts, width=cfg.release.context_tokens,
-                per_bin=cfg.release.quantile_examples, seed=cfg.train.split_seed)
-            exported[layer] = sample.residuals
-            if layer in causal_layers:
-                causal_inputs[layer] = causal.training_inputs(results[layer]["rollout"]["pooled"], sample.rollout_sum,
-                                                              label_of, set(selection.heldout_positions))
-            del sample  # its codes and held-out residuals: one layer's at a time
-            files += [p.relative_to(staging).as_posix() for p in sae.save_release(staging, layer, hook_name(layer)).values()]
-        fidelity, logits = None, None
-        if model_side_of is not None:  # else the card and the browser say what was not computed
-            fidelity, logits = model_side_of(
-                fidelity_rollouts(selection, rollouts, cfg.release.fidelity_rollouts, cfg.train.split_seed),
-                {layer: r["train_mean"] for layer, r in results.items()})
-        causal_check = None
-        if causal_of is not None and cfg.causal.enabled:
-            causal_check = run_causal_check(cfg, results, features, causal_inputs, rollouts, selection, causal_of)
-            write_json(staging / "causal.json", causal_check)
+        files = write_saes(staging, record)
+        if record.causal is not None:
+            write_json(staging / "causal.json", record.causal)
             files.append("causal.json")
-        files += write_data_files(staging, cfg, results, rows, exported, fidelity, run_dir)
-        chart_files = write_charts(staging, cfg, results, trained, causal_check)
-        write_json(staging / "final_summary.json", {
-            "layers": {str(layer): {**r["summary"], "fidelity": None if fidelity is None else fidelity[layer]}
-                       for layer, r in results.items()},
-            "variance_explained_formula": VE_FORMULA,
-            "rollouts": outcome_counts(rollouts, cfg.release.unscored_rollouts),
-            "rows": selection.counts,
-            "wall_clock_seconds": timings,
-        })
+        files += write_data_files(staging, record, run, settings.release)
+        chart_files = write_charts(staging, record)
+        write_json(staging / "final_summary.json", final_summary(record, settings.release))
         files.append("final_summary.json")
-        info = card_info(cfg, manifest, rollouts, results, selection, fidelity, files, chart_files, timings)
-        info["causal"] = causal_check
-        files += write_feature_pages(staging, cfg, info, results, features, trained, logits, token_texts(tokenizer),
-                                     {r: x.outcome for r, x in rollouts.items()})
-        files += [p.relative_to(staging).as_posix() for p in ecosystem.write_saebench(
-            staging / "saebench", cfg, info, results, features, trained, fidelity, hook_name)]
-        info["files"] = files + ["README.md"]
-        (staging / "README.md").write_text(card.render_model_card(info))
-        replace_directory(staging, final)
+        facts = release_facts(record, settings, files, chart_files)
+        files += write_feature_pages(staging, facts, record, token_text=token_text, release=settings.release)
+        saes = {layer: trained.sae for layer, trained in record.trained.items()}
+        files += [p.relative_to(staging).as_posix() for p in
+                  ecosystem.write_saebench(staging / "saebench", facts, record.analyses, saes)]
+        facts.files = files + ["README.md"]
+        (staging / "README.md").write_text(card.render_model_card(facts))
+        replace_directory(staging, run.release)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return run.release
+
+
+def write_saes(staging: Path, record: RunRecord) -> list[str]:
+    """Every layer's SAE in every release format; returns the files' names."""
+    files = []
+    for layer in record.layers:
+        paths = save_sae(record.trained[layer].sae, staging, layer, hook_name(layer))
+        files += [p.relative_to(staging).as_posix() for p in paths.values()]
+    return files
 
 
 def outcome_counts(rollouts: dict[int, Rollout], unscored: str) -> dict:
@@ -163,37 +128,55 @@ def outcome_counts(rollouts: dict[int, Rollout], unscored: str) -> dict:
             "finish_reason_length": sum(r.finish_reason == "length" for r in rollouts.values())}
 
 
-def write_data_files(staging: Path, cfg: PipelineConfig, results: dict, rows: SampleRows, exported: dict,
-                     fidelity: dict | None, run_dir: Path) -> list[str]:
+def write_data_files(staging: Path, record: RunRecord, run: RunDir, release: ReleaseConfig) -> list[str]:
     """labels.npy, split.json, the activations and rollout features, feature_stats.json and
     fidelity.json; returns their names."""
-    np.save(staging / "labels.npy", rows.label)
-    shutil.copyfile(run_dir / "saes" / "split.json", staging / "split.json")
+    selection = record.selection
+    label_of = rollout_labels(record.rollouts, release.unscored_rollouts)
+    np.save(staging / "labels.npy", np.array([label_of[r] for r in selection.rollout_id.tolist()], dtype=np.int8))
+    shutil.copyfile(run.split, staging / "split.json")
     names = ["labels.npy", "split.json"]
-    if cfg.release.export_activations:  # in the store dtype, as read
-        save_file({**{f"L{layer}": residuals for layer, residuals in exported.items()},
-                   "rollout_id": rows.selection.rollout_id.astype(np.int64),
-                   "heldout": rows.selection.heldout.astype(np.uint8)},
+    if release.export_activations:  # in the store dtype, as read
+        save_file({**{f"L{layer}": sample_residuals(run, layer, selection) for layer in record.layers},
+                   "rollout_id": selection.rollout_id.astype(np.int64), "heldout": selection.heldout.astype(np.uint8)},
                   str(staging / "activations.safetensors"))
         names.append("activations.safetensors")
-    first = next(iter(results.values()))["rollout"]
-    if len(first["rollout_id"]):
-        save_file({**{f"L{layer}": r["rollout"]["pooled"].max[r["rollout"]["keep"]] for layer, r in results.items()},
-                   "rollout_id": first["rollout_id"].astype(np.int64), "label": first["label"]},
+    first = record.analyses[record.layers[0]]
+    if len(first.rollout_ids):
+        save_file({**{f"L{layer}": a.rollout_max for layer, a in record.analyses.items()},
+                   "rollout_id": first.rollout_ids.astype(np.int64), "label": first.rollout_labels},
                   str(staging / "rollout_features.safetensors"))
         names.append("rollout_features.safetensors")
     write_json(staging / "feature_stats.json", {
         "rows": "token-level statistics over the rows of activations.safetensors / labels.npy (labelled rows "
                 "only for AUROC); rollout-level ones over the labelled rollouts of rollout_features.safetensors",
         "healthy_range": list(HEALTHY_RANGE),
-        "layers": {str(layer): r["stats"] for layer, r in results.items()},
+        "layers": {str(layer): a.feature_stats for layer, a in record.analyses.items()},
     })
     names.append("feature_stats.json")
-    if fidelity is not None:
+    if record.fidelity is not None:
         write_json(staging / "fidelity.json", {"definition": FIDELITY_DEFINITION,
-                                               "layers": {str(layer): entry for layer, entry in fidelity.items()}})
+                                               "layers": {str(layer): record.fidelity[layer] for layer in record.layers}})
         names.append("fidelity.json")
     return names
+
+
+def sample_residuals(run: RunDir, layer: int, selection: RowSelection) -> np.ndarray:
+    """The sampled rows of a layer, in the store dtype, read chunk by chunk from the store."""
+    source = StoreSource(run.store, layer, selection.rows)
+    return np.concatenate([source.read_chunk(chunk) for chunk in range(len(source.chunk_sizes))])
+
+
+def final_summary(record: RunRecord, release: ReleaseConfig) -> dict:
+    fidelity = record.fidelity
+    return {
+        "layers": {str(layer): {**a.summary, "fidelity": None if fidelity is None else fidelity[layer]}
+                   for layer, a in record.analyses.items()},
+        "variance_explained_formula": VE_FORMULA,
+        "rollouts": outcome_counts(record.rollouts, release.unscored_rollouts),
+        "rows": record.selection.counts,
+        "wall_clock_seconds": record.timings,
+    }
 
 
 def token_texts(tokenizer) -> Callable[[int], str]:
@@ -201,30 +184,29 @@ def token_texts(tokenizer) -> Callable[[int], str]:
     return functools.lru_cache(maxsize=None)(lambda token_id: tokenizer.decode([token_id]))
 
 
-def write_feature_pages(staging: Path, cfg: PipelineConfig, info: dict, results: dict,
-                        features: dict[int, LayerFeatures], trained: dict, logits: dict | None,
-                        token_text: Callable[[int], str], outcome_of: dict[int, str]) -> list[str]:
+def write_feature_pages(staging: Path, facts: ReleaseFacts, record: RunRecord, *, token_text: Callable[[int], str],
+                        release: ReleaseConfig) -> list[str]:
     """browser/ (qsae.browser), neuronpedia/ (ecosystem) and feature_characterization.json (every
     live feature's top contexts); each feature's page is written to both as it is made, so memory
     holds one block of pages, not a layer's. Returns the files' names."""
     out = staging / "browser"
-    charts = write_assets(out, [staging / name for name in info["charts"]])
+    chart_paths = write_assets(out, [staging / name for name in facts.charts])
+    outcome_of = {r: x.outcome for r, x in record.rollouts.items()}
     top_contexts = {}
-    for layer, data in features.items():
-        layer_logits = None if logits is None else logits[layer]
+    for layer, analysis in record.analyses.items():
+        data, logits = analysis.features, record.logits[layer]
         pages = LayerPages(out, layer, len(data.fire_count))
-        neuronpedia = ecosystem.NeuronpediaLayer(staging / "neuronpedia", cfg, info, layer, hook_name(layer),
-                                                 trained[layer][0], layer_logits)
+        neuronpedia = ecosystem.NeuronpediaLayer(staging / "neuronpedia", facts, release, layer=layer,
+                                                 sae=record.trained[layer].sae, logits=logits)
         tops = top_contexts[str(layer)] = {}
         for feature in data.live:
-            record = data.record(int(feature), results[layer]["stats"], token_text, outcome_of.__getitem__,
-                                 layer_logits)
-            pages.add(record)
-            neuronpedia.add(record)
-            tops[str(record["feature"])] = record["top"]
+            page = data.record(int(feature), analysis.feature_stats, token_text, outcome_of.__getitem__, logits)
+            pages.add(page)
+            neuronpedia.add(page)
+            tops[str(page["feature"])] = page["top"]
         pages.close()
         neuronpedia.close()
-    write_data(out, "release", browser_front_page(info, results, charts))
+    write_data(out, "release", browser_front_page(facts, record, chart_paths))
     write_json(staging / "feature_characterization.json", {
         "contexts": "per layer, per live feature: its top-activating tokens (descending), each with `tokens`, the "
                     "text of the tokens around it, `acts`, the feature's activation at each (0 where it did not "
@@ -234,147 +216,90 @@ def write_feature_pages(staging: Path, cfg: PipelineConfig, info: dict, results:
                                                      (out, staging / "neuronpedia") for p in folder.rglob("*") if p.is_file())]
 
 
-def browser_front_page(info: dict, results: dict, charts: list[str]) -> dict:
+def browser_front_page(facts: ReleaseFacts, record: RunRecord, chart_paths: list[str]) -> dict:
     """data/release.js: the card's key numbers and each layer's headline statistics."""
-    outcomes = info["outcomes"]
+    outcomes, recipe = facts.outcomes, facts.recipe
     scored = outcomes["correct"] + outcomes["wrong"]
     key_numbers = [
-        ("Model", f"{info['model_id']}" + (f" @ {info['model_revision']}" if info["model_revision"] else "")),
-        ("SAE", f"{info['architecture']}, {info['n_features']} features, k = {info['k']}, d_model {info['d_model']}"),
-        ("Hook", info["hook"]),
-        ("Layers", ", ".join(str(layer) for layer in info["layers"])),
+        ("Model", f"{facts.model_id}" + (f" @ {facts.model_revision}" if facts.model_revision else "")),
+        ("SAE", f"{facts.architecture}, {facts.n_features} features, k = {facts.k}, d_model {facts.d_model}"),
+        ("Hook", facts.hook),
+        ("Layers", ", ".join(str(layer) for layer in facts.layers)),
         ("Rollouts", f"{outcomes['n']} ({outcomes['correct']} correct of {scored} scored)"),
-        ("Sampled tokens per layer", f"{info['tokens']['per_layer_train']} training, "
-                                     f"{info['tokens']['per_layer_heldout']} held out"),
-        ("Recipe", f"{info['recipe']['recipe']}, lr {info['recipe']['lr']:.3g}, {info['recipe']['epochs']} epochs"),
+        ("Sampled tokens per layer", f"{facts.tokens['per_layer_train']} training, "
+                                     f"{facts.tokens['per_layer_heldout']} held out"),
+        ("Recipe", f"{recipe['recipe']}, lr {recipe['lr']:.3g}, {recipe['epochs']} epochs"),
     ]
     per_layer = {}
-    for layer, r in results.items():
-        summary, level = r["summary"], r["summary"]["rollout_level"]
+    for layer, analysis in record.analyses.items():
+        summary, level = analysis.summary, analysis.summary["rollout_level"]
         per_layer[str(layer)] = {
             "variance_explained": summary["variance_explained"], "ve_ci": summary["ve_ci"], "l0": summary["l0"],
-            "live": info["n_features"] - summary["dead"], "dead": summary["dead"], "n_features": info["n_features"],
+            "live": facts.n_features - summary["dead"], "dead": summary["dead"], "n_features": facts.n_features,
             "rollout_max_abs_auroc": level["max_abs_auroc"], "n_q_below_0_05": level["n_q_below_0_05"]}
-    return {"title": f"{card.ARCHITECTURE_NAMES[info['architecture']]} sparse autoencoders for {info['model_id']}", "model_id": info["model_id"],
-            "model_revision": info["model_revision"], "architecture": info["architecture"],
-            "n_features": info["n_features"], "k": info["k"], "d_model": info["d_model"], "hook": info["hook"],
-            "layers": list(info["layers"]),
+    return {"title": f"{card.ARCHITECTURE_NAMES[facts.architecture]} sparse autoencoders for {facts.model_id}",
+            "model_id": facts.model_id, "model_revision": facts.model_revision, "architecture": facts.architecture,
+            "n_features": facts.n_features, "k": facts.k, "d_model": facts.d_model, "hook": facts.hook,
+            "layers": list(facts.layers),
             "key_numbers": [{"label": label, "value": value} for label, value in key_numbers],
             "per_layer": per_layer,
-            "charts": [{"file": c, "title": Path(c).stem.replace("_", " ")} for c in charts],
+            "charts": [{"file": c, "title": Path(c).stem.replace("_", " ")} for c in chart_paths],
             "block_size": BLOCK_SIZE}
-
-
-def encoder_precision(train: TrainConfig) -> str:
-    """The encoder matmul's precision as the config sets it (an unset autocast_bf16 is decided by
-    each trainer's device, which the driver may not share)."""
-    if train.recipe == "original" or train.autocast_bf16 is False:
-        return "fp32"
-    return "bf16 (autocast)" if train.autocast_bf16 else "bf16 where the training device has native bf16, else fp32"
-
-
-def hook_name(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
 
 
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=1))
 
 
-def run_causal_check(cfg: PipelineConfig, results: dict, features: dict[int, LayerFeatures], inputs: dict,
-                     rollouts: dict[int, Rollout], selection: RowSelection, causal_of: CausalFn) -> dict:
-    """causal.json: the plans of the layers checked (qsae.causal), run on the held-out rollouts (a
-    seeded sample of causal.questions of them)."""
-    plans = {}
-    for layer in cfg.causal.layers or cfg.capture.layers:
-        if layer not in inputs:
-            plans[layer] = causal.LayerPlan(layer, skipped=f"layer {layer} is not captured "
-                                                           f"(capture.layers = {list(cfg.capture.layers)})")
-            continue
-        pooled_max, labels, direction = inputs[layer]
-        plans[layer] = causal.plan_layer(
-            layer, m=cfg.causal.features, steer_multiples=cfg.causal.steer_multiples, fire_rate=results[layer]["rates"],
-            typical=features[layer].mean_activation, pooled_max=pooled_max, labels=labels, direction=direction,
-            seed=cfg.train.split_seed)
-    ids = sorted(selection.heldout_positions)
-    if cfg.causal.questions is not None and cfg.causal.questions < len(ids):
-        ids = sorted(np.random.default_rng(cfg.train.split_seed).choice(ids, cfg.causal.questions, replace=False).tolist())
-    return causal.run_causal(plans, [rollouts[r] for r in ids], causal_of, n_boot=cfg.release.bootstrap,
-                             seed=cfg.train.split_seed)
-
-
-def write_charts(staging: Path, cfg: PipelineConfig, results: dict, trained: dict,
-                 causal_check: dict | None = None) -> list[str]:
-    ve = {L: (r["summary"]["variance_explained"], *r["summary"]["ve_ci"]) for L, r in results.items()
-          if r["summary"]["ve_ci"] is not None}
+def write_charts(staging: Path, record: RunRecord) -> list[str]:
+    analyses = record.analyses
+    ve = {L: (a.summary["variance_explained"], *a.summary["ve_ci"]) for L, a in analyses.items()
+          if a.summary["ve_ci"] is not None}
+    revival = next(iter(record.trained.values())).settings["revive_every_epochs"]
     paths = [charts.plot_variance_explained(ve, staging / charts.VARIANCE_EXPLAINED_PNG)] if ve else []
     paths += [
-        charts.plot_fire_rates({L: r["rates"] for L, r in results.items()}, staging / charts.FIRE_RATES_PNG),
-        charts.plot_auroc({L: rollout_auroc_and_band(r) for L, r in results.items()},
+        charts.plot_fire_rates({L: a.fire_rate for L, a in analyses.items()}, staging / charts.FIRE_RATES_PNG),
+        charts.plot_auroc({L: a.rollout_auroc_and_band for L, a in analyses.items()},
                           staging / charts.FEATURE_AUROC_PNG),
-        charts.plot_training(
-            {L: history for L, (_, history) in trained.items()},
-            staging / charts.TRAINING_CURVES_PNG,
-            cfg.train.revival_period() or None,
-        ),
-        charts.plot_feature_health(
-            {L: {key: r["summary"][key] for key in charts.HEALTH_CLASSES} for L, r in results.items()},
-            staging / charts.FEATURE_HEALTH_PNG,
-        ),
+        charts.plot_training({L: t.history for L, t in record.trained.items()}, staging / charts.TRAINING_CURVES_PNG,
+                             revival or None),
+        charts.plot_feature_health({L: {key: a.summary[key] for key in charts.HEALTH_CLASSES} for L, a in analyses.items()},
+                                   staging / charts.FEATURE_HEALTH_PNG),
     ]
-    arms = {int(layer): entry["arms"] for layer, entry in ((causal_check or {}).get("layers") or {}).items()
+    arms = {int(layer): entry["arms"] for layer, entry in ((record.causal or {}).get("layers") or {}).items()
             if entry["arms"]}
     if arms:
         paths.append(charts.plot_causal(arms, staging / charts.CAUSAL_PNG))
     return [p.name for p in paths]
 
 
-def rollout_auroc_and_band(result: dict) -> tuple[np.ndarray, float] | None:
-    by_rollout = result["rollout"]
-    if by_rollout["reason"] is not None:
-        return None
-    return by_rollout["test"].auroc, by_rollout["summary"]["chance_band_95"]
-
-
-def card_info(cfg, manifest, rollouts, results, selection, fidelity, files, chart_files, timings) -> dict:
-    return {
-        "model_id": manifest["model_id"],
-        "model_revision": manifest["model_revision"],
-        "layers": list(cfg.capture.layers),
-        "d_model": manifest["d_model"],
-        "n_features": cfg.train.n_features,
-        "k": cfg.train.k,
-        "architecture": cfg.train.architecture,
-        "hook": manifest["hook"],
-        "questions": {"source": cfg.rollout.questions, "seed": cfg.rollout.seed,
-                      "thinking": cfg.rollout.thinking, "max_new_tokens": cfg.rollout.max_new_tokens},
-        "outcomes": outcome_counts(rollouts, cfg.release.unscored_rollouts),
-        "tokens": {
-            "total_response_tokens": int(sum(r.n_response_tokens for r in rollouts.values())),
-            "per_layer_train": selection.counts["train"],
-            "per_layer_heldout": selection.counts["heldout"],
-        },
-        "rows": {**selection.counts, "max_norm_multiple": cfg.capture.max_norm_multiple,
-                 "max_tokens_per_layer": cfg.capture.max_tokens_per_layer},
-        "split": {"holdout_fraction": cfg.train.holdout_fraction, "seed": cfg.train.split_seed,
-                  "heldout_rollouts": len(selection.heldout_positions)},
-        "recipe": {
-            "recipe": cfg.train.recipe,
-            "optimizer": "Adam",
-            "lr": cfg.train.learning_rate(),
-            "lr_decay_fraction": cfg.train.decay_fraction(),
-            "encoder_matmul": encoder_precision(cfg.train),
-            "batch_size": cfg.train.batch_size,
-            "epochs": cfg.train.epochs,
-            "revive_every_epochs": cfg.train.revival_period(),
-            "dead_after_steps": cfg.train.dead_after_steps,
-        },
-        "statistics": {"bootstrap": cfg.release.bootstrap, "permutations": cfg.release.permutations},
-        "per_layer": {str(L): r["summary"] for L, r in results.items()},
-        "fidelity": None if fidelity is None else {str(L): entry for L, entry in fidelity.items()},
-        "files": files + ["README.md"],
-        "charts": chart_files,
-        "wall_clock": timings,
-        "engine": cfg.rollout.engine,
-        "qsae_version": qsae.__version__,
-    }
+def release_facts(record: RunRecord, settings: ReleaseSettings, files: list[str], chart_files: list[str]) -> ReleaseFacts:
+    """What the card and the other writers say about the run, from its record."""
+    manifest, selection, rules = record.manifest, record.selection, record.split_rules
+    first = next(iter(record.trained.values()))
+    generated = manifest["generated_with"]
+    train_settings = first.settings
+    return ReleaseFacts(
+        model_id=manifest["model_id"], model_revision=manifest["model_revision"], layers=record.layers,
+        d_model=manifest["d_model"], n_features=first.sae.n_features, k=first.sae.k,
+        architecture=first.sae.architecture, hook=manifest["hook"],
+        questions={"source": settings.questions, "seed": settings.question_seed, "thinking": generated["thinking"],
+                   "max_new_tokens": generated["max_new_tokens"]},
+        outcomes=outcome_counts(record.rollouts, settings.release.unscored_rollouts),
+        tokens={"total_response_tokens": int(sum(r.n_response_tokens for r in record.rollouts.values())),
+                "per_layer_train": selection.counts["train"], "per_layer_heldout": selection.counts["heldout"]},
+        rows={**selection.counts, "max_norm_multiple": rules["max_norm_multiple"],
+              "max_tokens_per_layer": rules["max_rows"]},
+        split={"holdout_fraction": rules["holdout_fraction"], "seed": rules["seed"],
+               "heldout_rollouts": len(selection.heldout_positions)},
+        recipe={"recipe": train_settings["recipe"], "optimizer": "Adam", "lr": train_settings["lr"],
+                "lr_decay_fraction": train_settings["lr_decay_fraction"],
+                "encoder_matmul": train_settings["encoder_matmul"], "batch_size": train_settings["batch_size"],
+                "epochs": train_settings["epochs"], "revive_every_epochs": train_settings["revive_every_epochs"],
+                "dead_after_steps": train_settings["dead_after_steps"]},
+        statistics={"bootstrap": settings.release.bootstrap, "permutations": settings.release.permutations},
+        per_layer={str(layer): a.summary for layer, a in record.analyses.items()},
+        fidelity=None if record.fidelity is None else {str(layer): entry for layer, entry in record.fidelity.items()},
+        files=files + ["README.md"], charts=chart_files, wall_clock=record.timings, engine=generated["engine"],
+        qsae_version=qsae.__version__, causal=record.causal, model_dtype=generated["model_dtype"],
+        exclude_special_tokens=rules["exclude_special"])

@@ -14,8 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qsae.engines import Engine, Generation
-from qsae.models import chat_prompt
-from qsae.questions import Question, format_prompt, grade, parse_answer_detail
+from qsae.questions import Question, chat_prompt, format_prompt, grade, parse_answer_detail
 from qsae.files import atomic_write
 
 
@@ -82,7 +81,7 @@ def tokenize_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return tokenizer(prompts, add_special_tokens=False).input_ids if prompts else []
 
 
-def check_prompts_fit(questions: list[Question], tokenizer, thinking: bool, max_new_tokens: int,
+def check_prompts_fit(questions: list[Question], tokenizer, *, thinking: bool, max_new_tokens: int,
                       context: int | None, source: str) -> None:
     """Every prompt, with its generation budget, fits the model's context: before any replica starts,
     since a longer one would only fail there, minutes in."""
@@ -98,9 +97,8 @@ def check_prompts_fit(questions: list[Question], tokenizer, thinking: bool, max_
                          f"tokens ({int(over.sum())} question(s) do); shorten or leave them out")
 
 
-def run_rollouts(
-    engine: Engine, tokenizer, questions: list[Question], first_id: int, thinking: bool, seed: int
-) -> list[Rollout]:
+def run_rollouts(engine: Engine, tokenizer, questions: list[Question], first_id: int, *, thinking: bool,
+                 seed: int) -> list[Rollout]:
     """Greedy rollouts of `questions`; rollout ids are first_id, first_id + 1, ... in question order."""
     prompts = [chat_prompt(tokenizer, format_prompt(q), thinking) for q in questions]
     prompt_ids = tokenize_prompts(tokenizer, prompts)

@@ -1,45 +1,26 @@
-"""TopK and BatchTopK sparse autoencoders over residual-stream rows, and their release formats.
+"""TopK and BatchTopK sparse autoencoders over residual-stream rows (their files: qsae.sae_files).
 
 Parameter names and shapes follow the original release (`W_enc [d_in, n]`, `b_enc [n]`,
-`W_dec [n, d_in]`, `b_dec [d_in]`, fp32), so its `.pt` files load into this module unchanged.
-The same weights are also written in the layouts SAELens and EleutherAI sparsify load from disk.
-`TopKEncoder` is the training-speed path: the encoder's top-k with a backward pass that touches
-only the selected latents; `BatchTopKEncoder` does the same for BatchTopK's top k x B over a batch.
+`W_dec [n, d_in]`, `b_dec [d_in]`, fp32). `TopKEncoder` is the training-speed path: the encoder's
+top-k with a backward pass that touches only the selected latents; `BatchTopKEncoder` does the same
+for BatchTopK's top k x B over a batch.
 
 `BatchTopKSAE` (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders", arXiv:2412.06410) trains
 with the top k x B pre-activations of a whole batch of B rows, so a row may use more or fewer than
 k latents, and encodes at inference with a learned threshold instead: z = ReLU(pre) * (pre > threshold),
-one scalar for all latents (the training rule is in qsae.train). Its files hold the threshold as
-a fifth tensor; SAELens loads it as the JumpReLU SAE its own BatchTopK trainer saves for inference
-(threshold repeated per latent); sparsify has no thresholded architecture, so it gets no sparsify
-layout.
+one scalar for all latents (the training rule is in qsae.training.recipes).
 """
 
 from __future__ import annotations
 
-import json
-import pickle
-import re
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from qsae.files import atomic_write, atomic_write_json, first_line
-
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-SAELENS_CFG = "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-SPARSIFY_WEIGHTS = "sae.safetensors"
-THRESHOLD = "threshold"  # BatchTopK's inference threshold: a scalar tensor, [n] in the SAELens layout
+THRESHOLD = "threshold"  # BatchTopK's inference threshold: a scalar tensor
 # BatchTopK's fixed-width sparse view (encode_topk) keeps min(n, this x k) latents per row.
 SPARSE_WIDTH_PER_K = 4
-# SAELens treats a cfg without a version marker as pre-6.0 and drops the nested metadata;
-# this marks the cfg as written in the 6.x layout.
-SAELENS_FORMAT_VERSION = "6.0.0"
 
 
 class TopKSAE(nn.Module):
@@ -47,7 +28,6 @@ class TopKSAE(nn.Module):
     `decode(z)`: z @ W_dec + b_dec."""
 
     architecture = "topk"
-    has_sparsify_layout = True
 
     def __init__(self, d_in: int, n_features: int, k: int):
         super().__init__()
@@ -126,88 +106,6 @@ class TopKSAE(nn.Module):
         return {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous()
                 for name in self.tensor_names()}
 
-    def save_release(self, out_dir: str | Path, layer: int, hook_name: str) -> dict[str, Path]:
-        """Write this SAE in its release formats under out_dir (.pt, .safetensors, SAELens, and
-        sparsify where it has that layout); returns the path of each."""
-        _check_hook_name(hook_name)
-        out_dir = Path(out_dir)
-        stem = f"sae_L{layer}_n{self.n_features}_k{self.k}"
-        tensors = self.release_tensors()
-        metadata = {"d_in": str(self.d_in), "n_features": str(self.n_features), "k": str(self.k),
-                    "layer": str(layer), "hook_name": hook_name, "architecture": self.architecture}
-        paths = {"pt": out_dir / f"{stem}.pt", "safetensors": out_dir / f"{stem}.safetensors",
-                 "saelens": out_dir / "saelens" / hook_name}
-        atomic_write(paths["pt"], lambda tmp: torch.save(tensors, tmp))
-        atomic_write(paths["safetensors"], lambda tmp: save_file(tensors, tmp, metadata=metadata))
-        atomic_write(paths["saelens"] / SAELENS_WEIGHTS, lambda tmp: save_file(self.saelens_tensors(tensors), tmp))
-        atomic_write_json(paths["saelens"] / SAELENS_CFG, self.saelens_cfg(hook_name))
-        if self.has_sparsify_layout:
-            paths["sparsify"] = out_dir / "sparsify" / f"layers.{layer}"
-            atomic_write(paths["sparsify"] / SPARSIFY_WEIGHTS,
-                         lambda tmp: save_file(_sparsify_tensors(tensors), tmp))
-            atomic_write_json(paths["sparsify"] / SAELENS_CFG, self.sparsify_cfg())
-        return paths
-
-    def saelens_tensors(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """release_tensors as SAELens's sae_weights.safetensors holds them."""
-        return tensors
-
-    def saelens_cfg(self, hook_name: str) -> dict:
-        """cfg.json for SAELens' `SAE.load_from_disk` (its TopKSAEConfig fields)."""
-        return {"architecture": "topk", "d_in": self.d_in, "d_sae": self.n_features, "k": self.k,
-                "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-                "normalize_activations": "none", "reshape_activations": "none",
-                "rescale_acts_by_decoder_norm": False,
-                "metadata": {"hook_name": hook_name, "sae_lens_version": SAELENS_FORMAT_VERSION}}
-
-    def sparsify_cfg(self) -> dict:
-        """cfg.json for sparsify's `Sae.load_from_disk`: SparseCoderConfig fields plus d_in.
-        num_latents > 0 overrides expansion_factor, which keeps sparsify's default."""
-        return {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
-                "num_latents": self.n_features, "k": self.k, "multi_topk": False,
-                "skip_connection": False, "transcode": False, "d_in": self.d_in}
-
-    @classmethod
-    def load(cls, path: str | Path, k: int | None = None, device: str | torch.device = "cpu") -> TopKSAE:
-        """Load from a release `.pt` or `.safetensors` file, a SAELens hook directory (or its
-        cfg.json), or a sparsify layer directory. An explicit k overrides the stored one. The
-        architecture is the stored one (from_tensors): TopKSAE.load of a BatchTopK release gives
-        a BatchTopKSAE."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no SAE at {path}")
-        if path.is_file() and path.name == SAELENS_CFG:
-            path = path.parent
-        architecture = None
-        try:
-            if path.is_dir():
-                tensors, stored_k, architecture = _read_dir(path)
-            elif path.suffix == ".pt":
-                tensors = load_weights_only(path)
-                match = re.search(r"_k(\d+)$", path.stem)
-                stored_k = int(match.group(1)) if match else None
-            elif path.suffix == ".safetensors":
-                tensors, meta = _read_safetensors(path)
-                stored_k = int(meta["k"]) if "k" in meta else None
-                architecture = meta.get("architecture")  # absent from files written before BatchTopK
-            else:
-                raise ValueError(f"unrecognised SAE format: {path} (expected .pt, .safetensors, "
-                                 "a SAELens hook directory or a sparsify layer directory)")
-        except ValueError:
-            raise
-        except Exception as err:  # torch's unpickler and safetensors raise their own kinds
-            reason = first_line(err)
-            raise ValueError(f"{path} is not a readable SAE file ({reason})") from None
-        if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
-            raise ValueError(f"{path} holds a {type(tensors).__name__}, not an SAE's dict of tensors")
-        k = k if k is not None else stored_k
-        if k is None:
-            raise ValueError(f"k is not stored with {path}; pass k explicitly")
-        try:
-            return cls.from_tensors(tensors, k, architecture).to(device)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], k: int, architecture: str | None = None) -> TopKSAE:
         """Build from a state dict with exactly the release tensors of one architecture: the four
@@ -247,7 +145,6 @@ class BatchTopKSAE(TopKSAE):
     statistics), never in encode or forward."""
 
     architecture = "batchtopk"
-    has_sparsify_layout = False  # sparsify 1.3 encodes with topk or groupmax only: no threshold
     threshold: Tensor
 
     def __init__(self, d_in: int, n_features: int, k: int):
@@ -293,21 +190,6 @@ class BatchTopKSAE(TopKSAE):
 
     def fire_counts(self, values: Tensor, indices: Tensor) -> Tensor:
         return super().fire_counts(values, indices % self.n_features)
-
-    def saelens_tensors(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """SAELens's JumpReLU layout: the threshold once per latent ([n], as SAELens's BatchTopK trainer saves it)."""
-        return {**tensors, THRESHOLD: tensors[THRESHOLD].expand(self.n_features).contiguous()}
-
-    def saelens_cfg(self, hook_name: str) -> dict:
-        """cfg.json of the JumpReLU inference SAE that SAELens's own BatchTopK trainer saves
-        (BatchTopKTrainingSAEConfig's inference config is JumpReLUSAEConfig): its fields, and the
-        training architecture and k in the metadata, where SAELens records them."""
-        return {"architecture": "jumprelu", "d_in": self.d_in, "d_sae": self.n_features,
-                "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-                "normalize_activations": "none", "reshape_activations": "none",
-                "metadata": {"hook_name": hook_name, "sae_lens_version": SAELENS_FORMAT_VERSION,
-                             "training_architecture": "batchtopk",
-                             "training_architecture_details": {"k": self.k}}}
 
 
 ARCHITECTURES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}
@@ -479,73 +361,3 @@ def _encoder_grads(needs_input_grad, x_centered: Tensor, W_enc: Tensor, rows: Te
         grad_b_enc.index_add_(0, latents, weights)
         grad_b_dec = -(W_enc @ grad_b_enc)
     return grad_W_enc, grad_b_enc, grad_b_dec
-
-
-def _check_hook_name(hook_name: str) -> None:
-    # The hook name becomes a directory name under saelens/.
-    if not hook_name or hook_name in (".", "..") or "/" in hook_name or "\\" in hook_name:
-        raise ValueError(f"hook_name must be a single path component, got {hook_name!r}")
-
-
-def _sparsify_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    # sparsify keeps the encoder as nn.Linear: weight [n, d_in] = W_enc.T.
-    return {"encoder.weight": tensors["W_enc"].T.contiguous(), "encoder.bias": tensors["b_enc"],
-            "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
-
-
-def load_weights_only(path: str | Path, allowed: list = ()):
-    """torch.load with torch's weights-only unpickler (tensors, plain containers and the `allowed`
-    globals): a file holding anything else is refused with a ValueError naming it, never run."""
-    try:
-        with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path} holds Python objects besides tensors, which qsae never unpickles") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        reason = first_line(err)
-        raise ValueError(f"{path} is unreadable ({reason})") from None
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
-
-
-def _read_dir(path: Path) -> tuple[dict[str, Tensor], int | None, str]:
-    """Tensors, k and architecture from a SAELens hook directory or a sparsify layer directory."""
-    cfg_path = path / SAELENS_CFG
-    if not cfg_path.is_file():
-        raise ValueError(f"{path} has no {SAELENS_CFG}; not a SAELens or sparsify SAE directory")
-    cfg = json.loads(cfg_path.read_text())
-    if (path / SAELENS_WEIGHTS).is_file():
-        tensors, _ = _read_safetensors(path / SAELENS_WEIGHTS)
-        if cfg.get("architecture") == "topk":
-            return tensors, cfg.get("k"), "topk"
-        if cfg.get("architecture") == "jumprelu" and THRESHOLD in tensors:
-            return _saelens_batchtopk(cfg_path, cfg, tensors)
-        raise ValueError(f"{cfg_path}: architecture {cfg.get('architecture')!r} is neither 'topk' nor "
-                         "'jumprelu' (the layout of a BatchTopK SAE)")
-    if (path / SPARSIFY_WEIGHTS).is_file():
-        if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
-            raise ValueError(f"{cfg_path}: only plain TopK sparse autoencoders load as TopKSAE")
-        raw, _ = _read_safetensors(path / SPARSIFY_WEIGHTS)
-        missing = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} - set(raw)
-        if missing:
-            raise ValueError(f"{path / SPARSIFY_WEIGHTS} lacks tensors {sorted(missing)}")
-        tensors = {"W_enc": raw["encoder.weight"].T, "b_enc": raw["encoder.bias"],
-                   "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
-        return tensors, cfg.get("k"), "topk"
-    raise ValueError(f"{path} has neither {SAELENS_WEIGHTS} (SAELens) nor {SPARSIFY_WEIGHTS} (sparsify)")
-
-
-def _saelens_batchtopk(cfg_path: Path, cfg: dict, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], int | None, str]:
-    """A SAELens JumpReLU directory as a BatchTopK SAE: one threshold shared by every latent (as
-    SAELens's BatchTopK trainer and qsae write it), k from the metadata's training details."""
-    threshold = tensors[THRESHOLD].reshape(-1)
-    if len(threshold) == 0 or not (threshold == threshold[0]).all():
-        raise ValueError(f"{cfg_path}: the JumpReLU thresholds differ between latents; only a BatchTopK SAE, "
-                         "with one threshold for all latents, loads as BatchTopKSAE")
-    k = ((cfg.get("metadata") or {}).get("training_architecture_details") or {}).get("k")
-    if k is not None and k != int(k):
-        raise ValueError(f"{cfg_path}: k = {k} is not a whole number of latents")
-    return {**tensors, THRESHOLD: threshold[0].clone()}, None if k is None else int(k), "batchtopk"

@@ -9,6 +9,8 @@
    neighbour from its own rollout in training. It is made once, saved as <run>/saes/split.json with
    the rules of 1 and 2, and read back by the trainers and by `qsae analyze`, which refuses a config
    that would change it.
+The rows it gives (a RowSelection) are worked out once after training and saved for the stages after
+it (analysis/selection.safetensors).
 """
 from __future__ import annotations
 
@@ -17,9 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
-from qsae.files import atomic_write_json
+from qsae.files import atomic_write, atomic_write_json
 from qsae.rollout import read_rollouts
+from qsae.rundir import RunDir
 from qsae.store import read_layer_table, sample_rows
 
 SPLIT_FILE = "split.json"
@@ -42,6 +47,7 @@ class RowRules:
 
     @classmethod
     def from_config(cls, cfg) -> RowRules:
+        """The rules a PipelineConfig sets (CONFIG_KEYS)."""
         return cls(**{name: getattr(getattr(cfg, section), key) for name, (section, key) in CONFIG_KEYS.items()})
 
 
@@ -164,38 +170,30 @@ def select_rows(store_dir: Path, layers: list[int], split: Split) -> RowSelectio
     return RowSelection(rows, rollout_id, heldout, heldout_positions, counts)
 
 
-def plan_split(run_dir: Path, layers: list[int], rules: RowRules) -> Split:
+def plan_split(run: RunDir, layers: list[int], rules: RowRules) -> Split:
     """Split the run's rollouts by question, select the rows, check both sides have rows, and save
     the split (with the selection's counts) where the trainers and the analysis read it."""
-    rollouts = read_rollouts(Path(run_dir) / "rollouts.parquet")
+    rollouts = read_rollouts(run.rollouts)
     split = split_by_question({r.rollout_id: r.question_id for r in rollouts}, rules)
-    selection = select_rows(Path(run_dir) / "activations", layers, split)
+    selection = select_rows(run.store, layers, split)
     counts = selection.counts
     if counts["train"] < 1 or counts["heldout"] < 2:
         raise ValueError(f"the split leaves {counts['train']} training and {counts['heldout']} held-out rows "
                          f"({counts['excluded']} of {counts['stored']} stored rows excluded): capture more questions "
                          "or change train.holdout_fraction")
     split.rows = counts
-    save_split(run_dir, split)
+    atomic_write_json(run.split, split.to_json())
     return split
 
 
-def training_rows(run_dir: Path, layers: list[int]) -> np.ndarray:
+def training_rows(run: RunDir, layers: list[int]) -> np.ndarray:
     """The store rows (sorted) the SAEs train on, from the run's saved split: what the trainers stream."""
-    selection = select_rows(Path(run_dir) / "activations", layers, load_split(run_dir))
+    selection = select_rows(run.store, layers, load_split(run))
     return selection.rows[selection.train_rows]
 
 
-def split_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "saes" / SPLIT_FILE
-
-
-def save_split(run_dir: Path, split: Split) -> None:
-    atomic_write_json(split_path(run_dir), split.to_json())
-
-
-def load_split(run_dir: Path) -> Split:
-    path = split_path(run_dir)
+def load_split(run: RunDir) -> Split:
+    path = run.split
     if not path.exists():
         raise FileNotFoundError(f"no train/held-out split at {path}: run the train stage first")
     try:
@@ -205,6 +203,42 @@ def load_split(run_dir: Path) -> Split:
                      rows=data.get("rows", {}))
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a qsae split file ({err})") from err
+
+
+def trained_selection(run: RunDir, layers: list[int], rules: RowRules, question_of: dict[int, str]) -> RowSelection:
+    """The rows the SAEs were trained and held out on, from the saved split; refuses rules (a config)
+    or a store that would give other rows."""
+    split = load_split(run)
+    check_same_split(split, rules, question_of)
+    selection = select_rows(run.store, layers, split)
+    if split.rows and selection.counts != split.rows:
+        raise SplitMismatchError("the activation store no longer gives the rows the SAEs were trained on "
+                                 f"(split.json: {split.rows}, now: {selection.counts}); train again")
+    return selection
+
+
+def save_selection(path: Path, selection: RowSelection) -> None:
+    """A RowSelection as one safetensors file (its counts in the metadata), read back by load_selection."""
+    held = sorted(selection.heldout_positions)
+    lengths = [len(selection.heldout_positions[r]) for r in held]
+    arrays = {"rows": selection.rows.astype(np.int64), "rollout_id": selection.rollout_id.astype(np.int64),
+              "heldout": selection.heldout.astype(np.uint8), "heldout_rollouts": np.asarray(held, dtype=np.int64),
+              "heldout_lengths": np.asarray(lengths, dtype=np.int64),
+              "heldout_positions": np.concatenate([np.zeros(0, np.int64)] + [
+                  np.asarray(selection.heldout_positions[r], dtype=np.int64) for r in held])}
+    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata={"counts": json.dumps(selection.counts)}))
+
+
+def load_selection(path: Path) -> RowSelection:
+    if not path.exists():
+        raise FileNotFoundError(f"no row selection at {path}: run the analyze stage first")
+    arrays = load_file(str(path))
+    with safe_open(str(path), framework="np") as f:
+        counts = json.loads(f.metadata()["counts"])
+    ends = np.cumsum(arrays["heldout_lengths"])
+    positions = np.split(arrays["heldout_positions"], ends[:-1]) if len(ends) else []
+    return RowSelection(arrays["rows"], arrays["rollout_id"], arrays["heldout"].astype(bool),
+                        {int(r): p for r, p in zip(arrays["heldout_rollouts"].tolist(), positions)}, counts)
 
 
 def check_same_split(saved: Split, rules: RowRules, question_of: dict[int, str]) -> None:

@@ -1,6 +1,6 @@
 """The release's model card (README.md): YAML front matter, then Markdown built only from `info`.
 
-Every number in the card comes from `info` (release.card_info), except the definition constants
+Every number in the card comes from `info` (ReleaseFacts, gathered by qsae.release), except the definition constants
 imported from the analysis modules. Every statistic is printed with what it is and how sure it is:
 an interval, a null beside it, or the reason it could not be computed. The sentences that interpret
 the numbers are computed from them. Formats: fractions to 3 decimals, CE and KL to 4, counts with
@@ -12,14 +12,10 @@ import json
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 
+from qsae.analysis.facts import ReleaseFacts
 from qsae.analysis.features import CHANCE_AUROC, DENSITY_THRESHOLDS, HEALTHY_RANGE
 from qsae.analysis.fidelity import DEFAULT_ALPHA
 
-REQUIRED_KEYS = (
-    "model_id", "model_revision", "layers", "d_model", "n_features", "k", "architecture", "hook", "questions", "outcomes",
-    "tokens", "rows", "split", "recipe", "statistics", "per_layer", "fidelity", "files", "charts", "wall_clock",
-    "engine", "qsae_version",
-)
 LAYER_KEYS = (
     "variance_explained", "ve_ci", "l0", "heldout_questions", "dead", "healthy", "dense", "rare", "revived",
     "share_above_1pct", "share_above_10pct", "dead_over_tokens", "max_decoder_cosine", "token_level",
@@ -42,15 +38,12 @@ NA = "n/a"
 COVERAGE = f"{1 - DEFAULT_ALPHA:.0%}"
 
 
-def _check(info: dict) -> dict[str, dict]:
+def _check(info: ReleaseFacts) -> dict[str, dict]:
     """Validate info; return per_layer keyed by str(layer) (JSON turns int keys into strings)."""
-    missing = [key for key in REQUIRED_KEYS if key not in info]
-    if missing:
-        raise ValueError(f"model card info is missing keys: {missing}")
-    if info["architecture"] not in ARCHITECTURE_NAMES:
-        raise ValueError(f"model card info names an unknown architecture {info['architecture']!r}")
-    per_layer = {str(layer): stats for layer, stats in info["per_layer"].items()}
-    for layer in info["layers"]:
+    if info.architecture not in ARCHITECTURE_NAMES:
+        raise ValueError(f"model card info names an unknown architecture {info.architecture!r}")
+    per_layer = {str(layer): stats for layer, stats in info.per_layer.items()}
+    for layer in info.layers:
         if str(layer) not in per_layer:
             raise ValueError(f"model card info has no per_layer entry for layer {layer}")
         lacking = [key for key in LAYER_KEYS if key not in per_layer[str(layer)]]
@@ -75,62 +68,62 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
     return "\n".join(lines)
 
 
-def _front_matter(info: dict) -> str:
+def _front_matter(info: ReleaseFacts) -> str:
     # JSON strings are valid YAML scalars, so ids with ':' or '/' need no further escaping.
     return "\n".join([
         "---",
         "library_name: qsae",
         "license: apache-2.0",
-        f"base_model: {json.dumps(info['model_id'])}",
-        f"tags: [{', '.join(tag.replace('topk', info['architecture']) for tag in TAGS)}]",
-        f"datasets: [{json.dumps(info['questions']['source'])}]",
+        f"base_model: {json.dumps(info.model_id)}",
+        f"tags: [{', '.join(tag.replace('topk', info.architecture) for tag in TAGS)}]",
+        f"datasets: [{json.dumps(info.questions['source'])}]",
         "---",
     ])
 
 
-def _weights_name(info: dict, layer: int, suffix: str) -> str:
-    return f"sae_L{layer}_n{info['n_features']}_k{info['k']}.{suffix}"
+def _weights_name(info: ReleaseFacts, layer: int, suffix: str) -> str:
+    return f"sae_L{layer}_n{info.n_features}_k{info.k}.{suffix}"
 
 
-def _batchtopk(info: dict) -> bool:
-    return info["architecture"] == "batchtopk"
+def _batchtopk(info: ReleaseFacts) -> bool:
+    return info.architecture == "batchtopk"
 
 
-def _architecture(info: dict, per_layer: dict[str, dict]) -> str:
-    expansion = info["n_features"] / info["d_model"]
-    size = f"{info['n_features']:,} features ({expansion:.2f}× d_model {info['d_model']:,})"
+def _architecture(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
+    expansion = info.n_features / info.d_model
+    size = f"{info.n_features:,} features ({expansion:.2f}× d_model {info.d_model:,})"
     if not _batchtopk(info):
-        return f"TopK SAE, {size}, k = {info['k']} active per token"
-    thresholds = " / ".join(f"L{layer} {_num(per_layer[str(layer)].get('threshold'), '.4f')}" for layer in info["layers"])
-    return (f"BatchTopK SAE, {size}, k = {info['k']} active per token on average in training (the top k × batch "
+        return f"TopK SAE, {size}, k = {info.k} active per token"
+    thresholds = " / ".join(f"L{layer} {_num(per_layer[str(layer)].get('threshold'), '.4f')}" for layer in info.layers)
+    return (f"BatchTopK SAE, {size}, k = {info.k} active per token on average in training (the top k × batch "
             f"of each batch); at inference every feature above the learned threshold θ ({thresholds})")
 
 
-def _fidelity(info: dict, layer) -> dict | None:
-    return None if info["fidelity"] is None else info["fidelity"].get(str(layer))
+def _fidelity(info: ReleaseFacts, layer) -> dict | None:
+    return None if info.fidelity is None else info.fidelity.get(str(layer))
 
 
-def _summary(info: dict, per_layer: dict[str, dict]) -> str:
-    o, tokens = info["outcomes"], info["tokens"]
-    layers = ", ".join(f"L{layer}" for layer in info["layers"])
+def _summary(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
+    o, tokens = info.outcomes, info.tokens
+    layers = ", ".join(f"L{layer}" for layer in info.layers)
     ve = " / ".join(f"L{layer} {per_layer[str(layer)]['variance_explained']:.3f} "
-                    f"{_ci(per_layer[str(layer)]['ve_ci'])}" for layer in info["layers"])
+                    f"{_ci(per_layer[str(layer)]['ve_ci'])}" for layer in info.layers)
     delta = " / ".join(f"L{layer} {_num((_fidelity(info, layer) or {}).get('delta_ce'), '.4f')}"
-                       for layer in info["layers"])
+                       for layer in info.layers)
     return _table(["property", "value"], [
-        ["base model", f"`{info['model_id']}` (revision `{info['model_revision']}`)"],
+        ["base model", f"`{info.model_id}` (revision `{info.model_revision}`)"],
         ["layers", layers],
-        ["hook", info["hook"]],
+        ["hook", info.hook],
         ["architecture", _architecture(info, per_layer)],
         ["training tokens", f"{tokens['per_layer_train']:,} response tokens per layer "
-                            f"({tokens['per_layer_heldout']:,} held out, from {info['split']['heldout_rollouts']:,} "
+                            f"({tokens['per_layer_heldout']:,} held out, from {info.split['heldout_rollouts']:,} "
                             "held-out rollouts)"],
         [f"variance explained (held-out, {COVERAGE} CI)", ve],
         ["ΔCE with the SAE spliced in (nats/token)", delta],
         ["rollouts", f"{o['n']:,}: {o['correct']:,} correct, {o['wrong']:,} wrong, {o['truncated']:,} truncated, "
                      f"{o['no_answer']:,} without an answer"],
-        ["rollout engine", info["engine"]],
-        ["qsae version", info["qsae_version"]],
+        ["rollout engine", info.engine],
+        ["qsae version", info.qsae_version],
     ])
 
 
@@ -140,13 +133,13 @@ def _subfolders(files: list[str], top: str) -> list[str]:
                    and PurePosixPath(f).parts[0] == top})
 
 
-def _usage(info: dict) -> str:
-    layer = info["layers"][0]
+def _usage(info: ReleaseFacts) -> str:
+    layer = info.layers[0]
     parts = [
         "```python",
-        "from qsae.sae import TopKSAE",
+        "from qsae.sae_files import load_sae",
         "",
-        f'sae = TopKSAE.load("{_weights_name(info, layer, "pt")}")  # or the .safetensors file',
+        f'sae = load_sae("{_weights_name(info, layer, "pt")}")  # or the .safetensors file',
         "values, indices = sae.encode_topk(residuals)  # residuals: [tokens, d_model] float32",
         "x_hat = sae.decode_topk(values, indices)",
         "```",
@@ -154,11 +147,11 @@ def _usage(info: dict) -> str:
     if _batchtopk(info):
         parts += ["", "The files hold a fifth tensor, `threshold`, and load as a `BatchTopKSAE`: `sae.encode(residuals)` "
                   "gives the dense codes, every feature whose pre-activation exceeds the threshold; `encode_topk` the "
-                  f"same codes as the top min(n, 4k) = {min(info['n_features'], 4 * info['k'])} (value, index) pairs per "
+                  f"same codes as the top min(n, 4k) = {min(info.n_features, 4 * info.k)} (value, index) pairs per "
                   "token, zero-padded, cut short on a token with more active features than that (dense `encode` "
                   "and `sae(residuals)` never are). SAELens loads it as a JumpReLU SAE with that threshold for "
                   "every feature; EleutherAI sparsify has no thresholded architecture, so there is no sparsify copy."]
-    saelens, sparsify = _subfolders(info["files"], "saelens"), _subfolders(info["files"], "sparsify")
+    saelens, sparsify = _subfolders(info.files, "saelens"), _subfolders(info.files, "sparsify")
     if saelens or sparsify:
         intro = ("The same weights load in " + " and ".join(["SAELens"] * bool(saelens) + ["EleutherAI sparsify"] * bool(sparsify))
                  + ", one folder per layer:")
@@ -171,23 +164,23 @@ def _usage(info: dict) -> str:
     return "\n".join(parts)
 
 
-def _hook(info: dict) -> str:
+def _hook(info: ReleaseFacts) -> str:
     return (
-        f"Hook point: **{info['hook']}**.\n\nActivations were captured with one teacher-forced forward pass "
+        f"Hook point: **{info.hook}**.\n\nActivations were captured with one teacher-forced forward pass "
         "over prompt + response per rollout, and only response-token rows were kept: encode residuals "
         "taken at the same point, from the same model revision, on response text."
     )
 
 
-def _data(info: dict) -> str:
-    q, o, rows, split = info["questions"], info["outcomes"], info["rows"], info["split"]
+def _data(info: ReleaseFacts) -> str:
+    q, o, rows, split = info.questions, info.outcomes, info.rows, info.split
     unscored = o["truncated"] + o["no_answer"]
     use = ("left out of every correctness statistic" if o["unscored_rollouts"] == "exclude"
            else "counted as wrong in every correctness statistic")
     thinking = ("on: only the text after the closing `</think>` is parsed, and a rollout whose thought never "
                 "closed has no answer" if q["thinking"] else "off: the whole response is parsed")
     high = ", ".join(f"L{layer} {rows['high_norm'][str(layer)]:,} above {_num(rows['norm_threshold'][str(layer)], '.1f')} "
-                     f"(median {rows['median_norm'][str(layer)]:.1f})" for layer in info["layers"])
+                     f"(median {rows['median_norm'][str(layer)]:.1f})" for layer in info.layers)
     norm_rule = (f"{rows['high_norm_any_layer']:,} tokens whose residual norm exceeds {rows['max_norm_multiple']:g}× the "
                  f"layer's median at some captured layer ({high}): left out"
                  if rows["max_norm_multiple"] else "no norm limit (max_norm_multiple = 0)")
@@ -196,7 +189,7 @@ def _data(info: dict) -> str:
     cap = (f"a seeded sample of {rows['max_tokens_per_layer']:,}" if rows["max_tokens_per_layer"] else "all")
     return "\n".join([
         f"- Questions: {o['n']:,} from `{q['source']}` (sampling seed {q['seed']}), one greedy rollout each with "
-        f"`{info['engine']}`, at most {q['max_new_tokens']:,} new tokens, thinking {thinking}.",
+        f"`{info.engine}`, at most {q['max_new_tokens']:,} new tokens, thinking {thinking}.",
         f"- Outcomes: {o['correct']:,} correct, {o['wrong']:,} wrong, {o['truncated']:,} truncated (hit the token "
         f"limit), {o['no_answer']:,} without a parsable answer letter. The {unscored:,} truncated or unanswered "
         f"rollouts are neither right nor wrong: they are {use}.",
@@ -211,9 +204,9 @@ def _data(info: dict) -> str:
     ])
 
 
-def _definitions(info: dict) -> str:
+def _definitions(info: ReleaseFacts) -> str:
     low, high = HEALTHY_RANGE
-    stats = info["statistics"]
+    stats = info.statistics
     return "\n".join([
         "- **Variance explained** (held-out tokens, pooled over tokens and dimensions, accumulated in float64): "
         "`1 − Σᵢ ‖xᵢ − x̂ᵢ‖² / Σᵢ ‖xᵢ − x̄‖²`, x̄ the mean held-out row.",
@@ -264,24 +257,24 @@ def _fidelity_cells(f: dict | None) -> list[str]:
             f"{f['ce_mean']:.4f}", f"{f['n_tokens']:,} / {f['n_rollouts']:,}"]
 
 
-def _reconstruction(info: dict, per_layer: dict[str, dict]) -> str:
+def _reconstruction(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
     rows = []
-    for layer in info["layers"]:
+    for layer in info.layers:
         s = per_layer[str(layer)]
         rows.append([f"L{layer}", f"{s['variance_explained']:.3f}", _ci(s["ve_ci"]), f"{s['l0']:.1f}",
                      *_fidelity_cells(_fidelity(info, layer))])
     header = ["layer", "variance explained", f"{COVERAGE} CI", "L0", "CE clean", "CE spliced", f"ΔCE [{COVERAGE} CI]",
               "CE loss recovered", f"KL [{COVERAGE} CI]", "CE zero-ablated", "CE mean-ablated", "tokens / rollouts"]
     parts = [_table(header, rows)]
-    if info["fidelity"] is None:
+    if info.fidelity is None:
         parts.append("The fidelity in the model's loss was not computed for this release.")
     return "\n\n".join(parts)
 
 
-def _health(info: dict, per_layer: dict[str, dict]) -> str:
+def _health(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
     low, high = HEALTHY_RANGE
     rows = []
-    for layer in info["layers"]:
+    for layer in info.layers:
         s = per_layer[str(layer)]
         rows.append([f"L{layer}", f"{s['dead']:,} (over {s['dead_over_tokens']:,} tokens)", f"{s['rare']:,}",
                      f"{s['healthy']:,}", f"{s['dense']:,}", f"{s['share_above_1pct']:.1%}",
@@ -315,10 +308,10 @@ def _rollout_sentence(layer, r: dict) -> str:
             f"{length}.")
 
 
-def _correctness(info: dict, per_layer: dict[str, dict]) -> str:
-    o = info["outcomes"]
+def _correctness(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
+    o = info.outcomes
     rows = []
-    for layer in info["layers"]:
+    for layer in info.layers:
         r = per_layer[str(layer)]["rollout_level"]
         if r.get("reason"):
             rows.append([f"L{layer}", f"{r['n_rollouts_labelled']:,}", f"not computable: {r['reason']}"] + [""] * 6)
@@ -333,7 +326,7 @@ def _correctness(info: dict, per_layer: dict[str, dict]) -> str:
               "Westfall–Young p", "features with q < 0.05", f"length AUROC [{COVERAGE} CI]",
               f"probe AUROC [{COVERAGE} CI]"]
     token_rows = []
-    for layer in info["layers"]:
+    for layer in info.layers:
         t = per_layer[str(layer)]["token_level"]
         token_rows.append([f"L{layer}", _num(t["max_auroc"]), NA if t["feature"] is None else f"f{t['feature']}",
                            NA if t["fire_rate"] is None else f"{t['fire_rate']:.2%}", t["direction"] or NA])
@@ -343,14 +336,14 @@ def _correctness(info: dict, per_layer: dict[str, dict]) -> str:
            else f" ({o['truncated'] + o['no_answer']:,} unscored rollouts left out)") + ".",
         "**Rollout level** (the statistics to cite):",
         _table(header, rows),
-        "\n".join(f"- {_rollout_sentence(layer, per_layer[str(layer)]['rollout_level'])}" for layer in info["layers"]),
+        "\n".join(f"- {_rollout_sentence(layer, per_layer[str(layer)]['rollout_level'])}" for layer in info.layers),
         "**Token level**, as the original release reported it (largest AUROC only, no null: for comparison):",
         _table(["layer", "max token-level AUROC", "feature", "fire rate", "direction"], token_rows),
     ])
 
 
-def _recipe(info: dict) -> str:
-    recipe = info["recipe"]
+def _recipe(info: ReleaseFacts) -> str:
+    recipe = info.recipe
     keys = [key for key in RECIPE_LABELS if key in recipe] + [key for key in recipe if key not in RECIPE_LABELS]
     return "\n\n".join([
         _table(["parameter", "value"], [[RECIPE_LABELS.get(key, key), recipe[key]] for key in keys]),
@@ -368,26 +361,26 @@ def _recipe(info: dict) -> str:
     ] if _batchtopk(info) else []))
 
 
-def _files(info: dict) -> str:
-    lines = [f"- `{name}`" for name in info["files"] if not name.startswith(("browser/", "neuronpedia/"))]
-    if any(name.startswith("browser/") for name in info["files"]):
+def _files(info: ReleaseFacts) -> str:
+    lines = [f"- `{name}`" for name in info.files if not name.startswith(("browser/", "neuronpedia/"))]
+    if any(name.startswith("browser/") for name in info.files):
         lines.append("- `browser/`: the feature browser. Open `browser/index.html` in a web browser: it works from "
                      "the file system, with no server and no network, so the folder can be zipped or uploaded as it "
                      "is. Per layer, a table of the live features (sortable, filterable by a token of their "
                      "contexts); per feature, its top-activating contexts, samples from five quantile bins of its "
                      "activations, an activation histogram, AUROCs, the output tokens its decoder direction "
                      "promotes and suppresses, and its nearest features by decoder cosine.")
-    if any(name.startswith("neuronpedia/") for name in info["files"]):
+    if any(name.startswith("neuronpedia/") for name in info.files):
         lines.append("- `neuronpedia/`: the same feature data in the layout of SAEDashboard's Neuronpedia runner "
                      "(`batch-N.json` per 128 features, per layer), ready for Neuronpedia's importer; `saebench/` "
                      "holds each layer's evaluation numbers in SAEBench's core evaluation layout.")
-    charts = "\n\n".join(f"![{name}]({name})" for name in info["charts"])
-    timing = [[stage, f"{seconds:,.0f}"] for stage, seconds in info["wall_clock"].items()]
+    charts = "\n\n".join(f"![{name}]({name})" for name in info.charts)
+    timing = [[stage, f"{seconds:,.0f}"] for stage, seconds in info.wall_clock.items()]
     return "\n\n".join(["\n".join(lines), "Charts:", charts, "Wall clock:", _table(["stage", "seconds"], timing)])
 
 
-def _causal(info: dict) -> str:
-    check = info.get("causal")
+def _causal(info: ReleaseFacts) -> str:
+    check = info.causal
     if check is None:
         return "No causal check was run for this release (`causal.enabled = false`)."
     if check["skipped"]:
@@ -417,34 +410,34 @@ def _causal(info: dict) -> str:
     return "\n\n".join(parts)
 
 
-def _limitations(info: dict, per_layer: dict[str, dict]) -> str:
-    o, tokens = info["outcomes"], info["tokens"]
+def _limitations(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
+    o, tokens = info.outcomes, info.tokens
     return "\n".join([
         f"- Sample size: {tokens['per_layer_train']:,} training tokens per layer from {o['n']:,} rollouts; "
         "held-out statistics rest on the held-out questions only, and their intervals say how much that is.",
         "- AUROC measures association with correctness, not cause; "
         + ("the causal check (above) intervenes on a few features only, over the held-out questions, whose number "
-           "bounds what it can detect." if info.get("causal") and not info["causal"]["skipped"] else
+           "bounds what it can detect." if info.causal and not info.causal["skipped"] else
            "no ablation or steering of features was run."),
-        f"- One domain: multiple-choice questions from `{info['questions']['source']}`; behaviour on other text "
+        f"- One domain: multiple-choice questions from `{info.questions['source']}`; behaviour on other text "
         "(code, open-ended writing) is untested.",
         "- Only greedy responses were captured; prompt tokens and sampled text are outside the training data.",
     ] + ([
         "- The statistics read each token's codes from a sparse view of at most min(n, 4k) features; tokens that "
         "fill it (" + ", ".join(f"L{layer} {per_layer[str(layer)].get('tokens_at_sparse_width', 0):,}"
-                                for layer in info["layers"])
+                                for layer in info.layers)
         + ") may have had further active features left out of them (never of `encode` or of the fidelity in the "
         "model's loss, which use the dense codes).",
     ] if _batchtopk(info) else []))
 
 
-def render_model_card(info: dict) -> str:
+def render_model_card(info: ReleaseFacts) -> str:
     """Markdown model card of a release, with YAML front matter, from the pipeline's `info` dict."""
     per_layer = _check(info)
-    layers = ", ".join(f"L{layer}" for layer in info["layers"])
+    layers = ", ".join(f"L{layer}" for layer in info.layers)
     sections = [
         _front_matter(info),
-        f"# {ARCHITECTURE_NAMES[info['architecture']]} sparse autoencoders for {info['model_id']} ({layers})",
+        f"# {ARCHITECTURE_NAMES[info.architecture]} sparse autoencoders for {info.model_id} ({layers})",
         _summary(info, per_layer),
         "## How to load\n\n" + _usage(info),
         "## Hook convention\n\n" + _hook(info),

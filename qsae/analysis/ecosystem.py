@@ -20,7 +20,6 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,10 @@ import torch
 
 import qsae
 from qsae.analysis.features import nearest_decoder_directions
-from qsae.config import PipelineConfig
+from qsae.analysis.facts import ReleaseFacts
+from qsae.analysis.results import LayerAnalysis
+from qsae.config import ReleaseConfig
+from qsae.sae_files import hook_name, saelens_cfg
 
 SAEBENCH_UNDEFINED = -1  # SAEBench's value for what was not computed (it writes -1 for NaN)
 NEURONPEDIA_BATCH = 128  # features per batch file (SAEDashboard's runner default)
@@ -131,7 +133,7 @@ def saebench_core(*, layer: int, sae, hook: str, release_id: str, metrics: dict,
         "sae_lens_id": hook,
         "sae_lens_release_id": release_id,
         "sae_lens_version": None,
-        "sae_cfg_dict": {**sae.saelens_cfg(hook), "hook_layer": layer},
+        "sae_cfg_dict": {**saelens_cfg(sae, hook), "hook_layer": layer},
         "eval_result_unstructured": {"written_by": f"qsae {qsae.__version__}", "definitions": RECONSTRUCTION_DEFINITIONS,
                                      **extra},
     }
@@ -193,9 +195,9 @@ def _activation(example: dict, bin_min: float, bin_max: float, bin_contains: flo
             "values": example["acts"], "qualifying_token_index": example["at"]}
 
 
-def sae_set_name(info: dict) -> str:
+def sae_set_name(info: ReleaseFacts) -> str:
     """The release's name as SAEBench and Neuronpedia files give it (their SAELens release / SAE set)."""
-    return f"qsae-{info['architecture']}-{info['n_features']}"
+    return f"qsae-{info.architecture}-{info.n_features}"
 
 
 class NeuronpediaLayer:
@@ -205,15 +207,15 @@ class NeuronpediaLayer:
     features are all dead gets no file; the runner skips it too), the index files at close().
     `info` is the model card's."""
 
-    def __init__(self, root: Path, cfg: PipelineConfig, info: dict, layer: int, hook: str, sae,
-                 logits: dict | None):
-        self.out = root / neuronpedia_folder(info["model_id"], sae_set_name(info), hook, sae.n_features)
+    def __init__(self, root: Path, info: ReleaseFacts, release: ReleaseConfig, *, layer: int, sae, logits: dict | None):
+        hook = hook_name(layer)
+        self.out = root / neuronpedia_folder(info.model_id, sae_set_name(info), hook, sae.n_features)
         self.out.mkdir(parents=True)
-        self.cfg, self.info, self.hook, self.n_features, self.logits = cfg, info, hook, sae.n_features, logits
-        self.context = {"n_prompts_total": info["outcomes"]["n"],
-                        "n_tokens_in_prompt": 2 * cfg.release.context_tokens + 1, "dataset": str(cfg.rollout.questions)}
+        self.release, self.info, self.hook, self.n_features, self.logits = release, info, hook, sae.n_features, logits
+        self.context = {"n_prompts_total": info.outcomes["n"],
+                        "n_tokens_in_prompt": 2 * release.context_tokens + 1, "dataset": str(info.questions["source"])}
         self.W_dec = sae.W_dec.detach().float().cpu().numpy()
-        self.head = {"model_id": info["model_id"], "layer": layer, "sae_set": sae_set_name(info), "sae_id_suffix": None}
+        self.head = {"model_id": info.model_id, "layer": layer, "sae_set": sae_set_name(info), "sae_id_suffix": None}
         self.number: int | None = None
         self.batch: list[dict] = []
         self.live: set[int] = set()
@@ -239,43 +241,44 @@ class NeuronpediaLayer:
 
     def close(self) -> None:
         self._write_batch()
-        cfg, info, live = self.cfg, self.info, self.live
+        release, info, live = self.release, self.info, self.live
         (self.out / "skipped_indexes.json").write_text(json.dumps({
             **self.head, "layer": str(self.head["layer"]), "log_sparsity": None,
             "skipped_indexes": [f for f in range(self.n_features) if f not in live]}, indent=1))
         (self.out / "run_settings.json").write_text(json.dumps({
-            "written_by": f"qsae {qsae.__version__}", "hook_name": self.hook, "model_id": info["model_id"],
-            "model_revision": info["model_revision"], "n_features_at_a_time": NEURONPEDIA_BATCH,
-            "top_contexts": cfg.release.top_contexts, "quantile_bins": "5 quantile bins of the feature's activations",
-            "quantile_examples": cfg.release.quantile_examples,
-            "context_tokens_each_side": cfg.release.context_tokens, **self.context}, indent=1))
+            "written_by": f"qsae {qsae.__version__}", "hook_name": self.hook, "model_id": info.model_id,
+            "model_revision": info.model_revision, "n_features_at_a_time": NEURONPEDIA_BATCH,
+            "top_contexts": release.top_contexts, "quantile_bins": "5 quantile bins of the feature's activations",
+            "quantile_examples": release.quantile_examples,
+            "context_tokens_each_side": release.context_tokens, **self.context}, indent=1))
 
 
-def write_saebench(out: Path, cfg: PipelineConfig, info: dict, results: dict, features: dict, trained: dict,
-                   fidelity: dict | None, hook_of: Callable[[int], str]) -> list[Path]:
+def write_saebench(out: Path, info: ReleaseFacts, analyses: dict[int, LayerAnalysis], saes: dict) -> list[Path]:
     """Each layer's SAEBench core eval output under `out`, from the release's per-layer analysis
-    results, feature data (feature_data.LayerFeatures) and fidelity; returns the files."""
+    (statistics and feature data) and fidelity; returns the files."""
     out.mkdir()
     names = []
-    for layer, r in results.items():
-        sae, hook = trained[layer][0], hook_of(layer)
-        entry = None if fidelity is None else fidelity[layer]
-        config = {"model_name": info["model_id"], "llm_dtype": cfg.model.dtype, "batch_size_prompts": 1,
+    for layer, analysis in analyses.items():
+        sae, hook = saes[layer], hook_name(layer)
+        entry = None if info.fidelity is None else info.fidelity[str(layer)]
+        config = {"model_name": info.model_id, "llm_dtype": info.model_dtype, "batch_size_prompts": 1,
                   "n_eval_reconstruction_batches": 0 if entry is None else entry["n_rollouts"],
-                  "n_eval_sparsity_variance_batches": 1, "dataset": str(cfg.rollout.questions),
-                  "context_size": cfg.rollout.max_new_tokens, "compute_kl": entry is not None,
+                  "n_eval_sparsity_variance_batches": 1, "dataset": str(info.questions["source"]),
+                  "context_size": info.questions["max_new_tokens"], "compute_kl": entry is not None,
                   "compute_ce_loss": entry is not None, "compute_l2_norms": True, "compute_sparsity_metrics": True,
                   "compute_variance_metrics": True, "compute_featurewise_density_statistics": True,
                   "compute_featurewise_weight_based_metrics": True,
-                  "exclude_special_tokens_from_reconstruction": cfg.capture.exclude_special_tokens, "verbose": False}
-        summary = r["summary"]
+                  "exclude_special_tokens_from_reconstruction": info.exclude_special_tokens, "verbose": False}
+        summary = analysis.summary
         extra = {"heldout_tokens": summary["heldout_rows"], "variance_explained_pooled": summary["variance_explained"],
                  "variance_explained_pooled_ci": summary["ve_ci"], "rollout_level": summary["rollout_level"],
                  "token_level": summary["token_level"]}
+        features = analysis.features
         core = saebench_core(
-            layer=layer, sae=sae, hook=hook, release_id=sae_set_name(info), metrics=r["core_metrics"], fidelity=entry,
-            fire_rate=r["rates"], fire_count=features[layer].fire_count, rollouts_fired=r["rollouts_fired"],
-            decoder_similar=features[layer].similar[1][:, 0], config=config, extra=extra)
+            layer=layer, sae=sae, hook=hook, release_id=sae_set_name(info), metrics=analysis.core_metrics,
+            fidelity=entry, fire_rate=analysis.fire_rate, fire_count=features.fire_count,
+            rollouts_fired=analysis.rollouts_fired, decoder_similar=features.similar[1][:, 0], config=config,
+            extra=extra)
         name = saebench_file_name(sae_set_name(info), hook)
         (out / name).write_text(json.dumps(core, indent=1, allow_nan=False))
         names.append(out / name)

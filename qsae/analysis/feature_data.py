@@ -327,17 +327,22 @@ def layer_features(W_dec: torch.Tensor, values: np.ndarray, indices: np.ndarray,
     live = np.flatnonzero(stream.fire_count)
     feature, row, group, bins = choose_examples(stream, live, per_bin)
     examples = build_examples(feature, row, group, sample_rollout, sample_position, values, indices, tokens, width)
-    order = np.argsort(examples.feature, kind="stable")
-    starts = np.searchsorted(examples.feature[order], live)
-    ends = np.searchsorted(examples.feature[order], live, side="right")
     return LayerFeatures(
         n_rows=len(values), live=live, fire_count=stream.fire_count,
         mean_activation=stream.activation_sum / np.maximum(stream.fire_count, 1),
         max_activation=stream.max_activation,
         histograms={int(f): stream.histogram(int(f)) for f in live}, bins=bins, examples=examples,
         similar=nearest_decoder_directions(W_dec, SIMILAR_FEATURES),
-        by_feature={int(f): order[lo:hi] for f, lo, hi in zip(live, starts, ends)},
+        by_feature=examples_by_feature(examples.feature, live),
     )
+
+
+def examples_by_feature(example_feature: np.ndarray, live: np.ndarray) -> dict[int, np.ndarray]:
+    """Each live feature's examples: their positions in the flat example arrays, in order."""
+    order = np.argsort(example_feature, kind="stable")
+    starts = np.searchsorted(example_feature[order], live)
+    ends = np.searchsorted(example_feature[order], live, side="right")
+    return {int(f): order[lo:hi] for f, lo, hi in zip(live, starts, ends)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,10 +389,10 @@ def logit_tables(W_dec: torch.Tensor, gain: torch.Tensor, head: nn.Module, top: 
 @torch.no_grad()
 def decoder_logits(model: nn.Module, W_decs: dict[int, torch.Tensor], top: int = LOGIT_TOKENS) -> dict[int, dict]:
     """logit_tables of each layer's decoder through the model's final norm and output embedding,
-    {layer: {name: list [n][...]}}."""
+    {layer: {name: tensor [n, ...]}}."""
     runner, head = text_model(model), model.get_output_embeddings()
     out = {}
     for layer, W_dec in W_decs.items():
         gain = final_norm_gain(runner.norm, W_dec.shape[1])
-        out[layer] = {name: t.tolist() for name, t in logit_tables(W_dec.detach(), gain, head, top).items()}
+        out[layer] = logit_tables(W_dec.detach(), gain, head, top)
     return out

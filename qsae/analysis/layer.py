@@ -3,8 +3,7 @@ correctness.
 
 The sample (the rows the SAE was trained and held out on, qsae.sample) is streamed from the store
 chunk by chunk and kept only as top-k codes, the held-out rows' residuals, the training rows' sum and
-each rollout's residual sum, so the analysis needs memory for N x k codes, not for N residual rows
-(unless the sample itself is exported).
+each rollout's residual sum, so the analysis needs memory for N x k codes, not for N residual rows.
 
 Labels come from rollouts.parquet through the rollout ids: 1 correct, 0 wrong, -1 neither (truncated
 or no answer; counted as 0 instead when release.unscored_rollouts = "wrong").
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from qsae.analysis import rollout_stats
+from qsae.analysis.results import LayerAnalysis
 from qsae.analysis.ecosystem import reconstruction_metrics
 from qsae.analysis.features import (
     auroc_direction,
@@ -27,11 +27,10 @@ from qsae.analysis.features import (
     max_decoder_cosine,
 )
 from qsae.analysis.fidelity import mean_l0, variance_explained, variance_explained_ci
-from qsae.config import PipelineConfig
 from qsae.rollout import Rollout
 from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.sample import RowSelection
-from qsae.store import CHUNK_ROWS, StoreSource
+from qsae.streaming import CHUNK_ROWS, StoreSource
 
 LABEL_VALUES = {"correct": 1, "wrong": 0}  # any other outcome: UNLABELLED, or 0 when counted as wrong
 UNLABELLED = -1
@@ -74,19 +73,17 @@ class EncodedSample:
     heldout_residuals: np.ndarray  # [held-out rows, d_model]
     train_sum: np.ndarray  # [d_model] float64, sum of the training rows (their mean: mean ablation)
     rollout_sum: np.ndarray  # [rollouts in the sample, d_model] float32, by sorted rollout id (the probe's input)
-    residuals: np.ndarray | None  # [N, d_model], only when the sample is exported
 
 
 @torch.no_grad()
-def encode_sample(sae: TopKSAE, source: StoreSource, selection: RowSelection,
-                  keep_residuals: bool = False) -> EncodedSample:
+def encode_sample(sae: TopKSAE, source: StoreSource, selection: RowSelection) -> EncodedSample:
     """One pass over the sampled rows in `source` (its chunks follow the sample's order), one chunk in
     memory at a time."""
     heldout_rows = selection.heldout_rows
     rollout_ids, rollout_index = np.unique(selection.rollout_id, return_inverse=True)
     train_sum = np.zeros(source.d_in, dtype=np.float64)
     rollout_sum = torch.zeros(len(rollout_ids), source.d_in)  # float32: a probe's input, sums of <= a response
-    values, indices, positions, heldout, kept = [], [], [], [], []
+    values, indices, positions, heldout = [], [], [], []
     offset = 0
     for chunk, size in enumerate(source.chunk_sizes):
         x = source.read_chunk(chunk)
@@ -100,11 +97,9 @@ def encode_sample(sae: TopKSAE, source: StoreSource, selection: RowSelection,
         rollout_sum.index_add_(0, torch.from_numpy(rollout_index[part]), x32)
         lo, hi = np.searchsorted(heldout_rows, [offset, offset + size])
         heldout.append(x[heldout_rows[lo:hi] - offset])
-        kept += [x] if keep_residuals else []
         offset += size
     return EncodedSample(np.concatenate(values), np.concatenate(indices), np.concatenate(positions),
-                         np.concatenate(heldout), train_sum, rollout_sum.numpy(),
-                         np.concatenate(kept) if keep_residuals else None)
+                         np.concatenate(heldout), train_sum, rollout_sum.numpy())
 
 
 @torch.no_grad()
@@ -118,16 +113,35 @@ def reconstruct(sae: TopKSAE, values: np.ndarray, indices: np.ndarray) -> np.nda
     return x_hat
 
 
-def reconstruction_stats(sae: TopKSAE, sample: EncodedSample, rows: SampleRows, cfg: PipelineConfig) -> tuple[dict, dict]:
+@dataclass(frozen=True)
+class StatisticsSettings:
+    """How the statistics resample: bootstrap replicates, label permutations, and their seed."""
+
+    bootstrap: int
+    permutations: int
+    seed: int
+
+
+@dataclass
+class LayerInputs:
+    """What every layer's analysis shares: the sampled rows, the rollouts, the settings."""
+
+    rows: SampleRows
+    rollouts: dict[int, Rollout]
+    settings: StatisticsSettings
+
+
+def reconstruction_stats(sae: TopKSAE, sample: EncodedSample, inputs: LayerInputs) -> tuple[dict, dict]:
     """Variance explained on the held-out rows, its interval from resampling held-out questions, and
     L0; and SAEBench's per-token reconstruction metrics on the same rows (ecosystem)."""
+    rows, settings = inputs.rows, inputs.settings
     held = rows.selection.heldout_rows
     x_hat = reconstruct(sae, sample.values[held], sample.indices[held])
     groups = rows.question[held]
     ve_ci = None
     if len(np.unique(groups)) >= 2:  # one question resampled is no interval
-        ve_ci = list(variance_explained_ci(sample.heldout_residuals, x_hat, n_boot=cfg.release.bootstrap,
-                                           seed=cfg.train.split_seed, groups=groups))
+        ve_ci = list(variance_explained_ci(sample.heldout_residuals, x_hat, n_boot=settings.bootstrap,
+                                           seed=settings.seed, groups=groups))
     return {
         "variance_explained": variance_explained(sample.heldout_residuals, x_hat),
         "ve_ci": ve_ci,
@@ -148,52 +162,78 @@ def token_level_auroc(sample: EncodedSample, rows: SampleRows, n_features: int) 
 
 ROLLOUT_SUMMARY_KEYS = ("max_abs_auroc", "feature", "auroc", "direction", "chance_band_95", "westfall_young_p",
                         "n_q_below_0_05", "length_auroc", "length_auroc_ci", "probe_auroc", "probe_auroc_ci")
+ROLLOUT_LISTS = ("rollout_auroc", "rollout_p", "rollout_q", "rollout_auroc_mean", "rollout_auroc_fire_fraction")
 
 
-def rollout_level(sample: EncodedSample, rows: SampleRows, rollouts: dict[int, Rollout], n_features: int,
-                  cfg: PipelineConfig) -> dict:
+@dataclass
+class RolloutResult:
+    """A layer's rollout-level pooling and its correctness statistics over the labelled rollouts."""
+
+    pooled: rollout_stats.RolloutPool  # every sampled rollout
+    labelled: np.ndarray  # bool [rollouts of pooled]: labelled ones
+    correct: np.ndarray  # bool [labelled rollouts]
+    summary: dict  # JSON; "reason" says why the statistics could not be computed
+    lists: dict  # ROLLOUT_LISTS: per-feature lists, None when not computable
+
+
+def rollout_level(sample: EncodedSample, inputs: LayerInputs, n_features: int) -> RolloutResult:
     """Per-rollout pooled activations and their correctness statistics (rollout_stats), over the
-    labelled rollouts that have rows in the sample; "reason" says why when they cannot be computed."""
+    labelled rollouts that have rows in the sample."""
+    rows, rollouts, settings = inputs.rows, inputs.rollouts, inputs.settings
     pooled = rollout_stats.pool_by_rollout(sample.values, sample.indices, rows.selection.rollout_id, n_features)
     label_of = dict(zip(rows.selection.rollout_id.tolist(), rows.label.tolist()))
     question_of = dict(zip(rows.selection.rollout_id.tolist(), rows.question.tolist()))
     keep = np.array([label_of[r] >= 0 for r in pooled.rollout_ids.tolist()], dtype=bool)
     ids = pooled.rollout_ids[keep]
     correct = np.array([label_of[r] == 1 for r in ids.tolist()], dtype=bool)
-    result = {"pooled": pooled, "keep": keep, "rollout_id": ids, "label": correct.astype(np.uint8)}
     if not 0 < correct.sum() < len(correct):
         reason = ("no labelled rollouts" if len(correct) == 0 else
                   f"all {len(correct)} labelled rollouts are {'correct' if correct.all() else 'wrong'}")
         summary = {**dict.fromkeys(ROLLOUT_SUMMARY_KEYS), "n_rollouts_labelled": len(correct), "reason": reason}
-        return {**result, "reason": reason, "summary": summary}
+        return RolloutResult(pooled, keep, correct, summary, dict.fromkeys(ROLLOUT_LISTS))
     stats = rollout_stats.rollout_statistics(
         pooled.max[keep], correct, np.array([question_of[r] for r in ids.tolist()]),
         lengths=np.array([rollouts[r].n_response_tokens for r in ids.tolist()]),
         mean_residuals=sample.rollout_sum[keep] / pooled.n_tokens[keep][:, None],
-        n_permutations=cfg.release.permutations, n_boot=cfg.release.bootstrap, seed=cfg.train.split_seed)
+        n_permutations=settings.permutations, n_boot=settings.bootstrap, seed=settings.seed)
     summary = {**stats.summary, "length_auroc_ci": None if stats.length_ci is None else list(stats.length_ci),
                "probe_auroc_ci": None if stats.probe_ci is None else list(stats.probe_ci),
                "probe_reason": stats.probe.reason, "reason": None}
-    return {
-        **result,
-        "reason": None,
-        "test": stats.test,
-        "q": stats.q,
-        "auroc_mean": rollout_stats.auroc_dense(pooled.mean[keep], correct),
-        "auroc_fire_fraction": rollout_stats.auroc_dense(pooled.fire_fraction[keep], correct),
-        "summary": summary,
-    }
+    arrays = (stats.test.auroc, stats.test.p, stats.q, rollout_stats.auroc_dense(pooled.mean[keep], correct),
+              rollout_stats.auroc_dense(pooled.fire_fraction[keep], correct))
+    lists = {name: np.asarray(a, dtype=np.float64).tolist() for name, a in zip(ROLLOUT_LISTS, arrays)}
+    return RolloutResult(pooled, keep, correct, summary, lists)
 
 
-def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, rows: SampleRows, history: dict,
-                  rollouts: dict[int, Rollout], cfg: PipelineConfig) -> dict:
-    """Every statistic of one layer's SAE (what each feature looks like: feature_data)."""
+def difference_of_means(mean_residuals: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Mean over correct rollouts minus mean over wrong ones of their mean residuals [R, d]."""
+    return (mean_residuals[correct].astype(np.float64).mean(axis=0)
+            - mean_residuals[~correct].astype(np.float64).mean(axis=0))
+
+
+def training_direction(sample: EncodedSample, by_rollout: RolloutResult, heldout: set[int]) -> np.ndarray | None:
+    """The difference of means between correct and wrong training rollouts' mean residuals (the
+    causal check's control direction); None unless both outcomes are there."""
+    pooled = by_rollout.pooled
+    label_of = dict(zip(pooled.rollout_ids[by_rollout.labelled].tolist(), by_rollout.correct.tolist()))
+    train = np.array([r in label_of and r not in heldout for r in pooled.rollout_ids.tolist()], dtype=bool)
+    correct = np.array([label_of[r] for r in pooled.rollout_ids[train].tolist()], dtype=bool)
+    if not 0 < correct.sum() < len(correct):
+        return None
+    means = sample.rollout_sum[train] / pooled.n_tokens[train][:, None]
+    return difference_of_means(means, correct)
+
+
+def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, inputs: LayerInputs, *,
+                  revived: int = 0) -> LayerAnalysis:
+    """Every statistic of one layer's SAE (what each feature looks like: feature_data, added after)."""
+    rows = inputs.rows
     values, indices = sample.values, sample.indices
     rates = fire_rates(indices, values, sae.n_features)
     token_auroc = token_level_auroc(sample, rows, sae.n_features)
-    by_rollout = rollout_level(sample, rows, rollouts, sae.n_features, cfg)
+    by_rollout = rollout_level(sample, inputs, sae.n_features)
     cosine, pair = max_decoder_cosine(sae.W_dec.detach())
-    reconstruction, core_metrics = reconstruction_stats(sae, sample, rows, cfg)
+    reconstruction, core_metrics = reconstruction_stats(sae, sample, inputs)
     summary = {
         **reconstruction,
         **feature_health(rates),
@@ -201,24 +241,28 @@ def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, rows: SampleR
         "dead_over_tokens": int(len(values)),
         "max_decoder_cosine": cosine,
         "max_decoder_cosine_pair": pair,
-        "revived": int(history["revived"]),
+        "revived": int(revived),
         **architecture_summary(sae, values),
         "train_rows": len(rows.selection.train_rows),
         "heldout_rows": len(rows.selection.heldout_rows),
         "token_level": token_auroc_summary(token_auroc, rates),
-        "rollout_level": by_rollout["summary"],
+        "rollout_level": by_rollout.summary,
     }
-    stats = {
+    feature_stats = {
         "fire_rate": rates.tolist(),
         "token_auroc": None if token_auroc is None else token_auroc.tolist(),
         "token_direction": None if token_auroc is None else auroc_direction(token_auroc),
-        **rollout_feature_lists(by_rollout),
-        "summary": by_rollout["summary"],
+        **by_rollout.lists,
+        "summary": by_rollout.summary,
     }
-    pooled_max = by_rollout["pooled"].max
-    return {"summary": summary, "stats": stats, "rates": rates, "core_metrics": core_metrics,
-            "rollouts_fired": (pooled_max > 0).sum(axis=0), "token_auroc": token_auroc,
-            "rollout": by_rollout, "train_mean": sample.train_sum / max(len(rows.selection.train_rows), 1)}
+    pooled = by_rollout.pooled
+    return LayerAnalysis(
+        layer=layer, summary=summary, feature_stats=feature_stats, core_metrics=core_metrics,
+        rollouts_fired=(pooled.max > 0).sum(axis=0),
+        train_mean=sample.train_sum / max(len(rows.selection.train_rows), 1),
+        rollout_ids=pooled.rollout_ids[by_rollout.labelled], rollout_labels=by_rollout.correct.astype(np.uint8),
+        rollout_max=pooled.max[by_rollout.labelled],
+        dom_direction=training_direction(sample, by_rollout, set(rows.selection.heldout_positions)))
 
 
 def architecture_summary(sae: TopKSAE, values: np.ndarray) -> dict:
@@ -239,12 +283,3 @@ def token_auroc_summary(auroc: np.ndarray | None, rates: np.ndarray) -> dict:
     best = int(np.argmax(auroc))
     return {"max_auroc": float(auroc[best]), "feature": best, "fire_rate": float(rates[best]),
             "direction": auroc_direction(auroc[best:best + 1])[0]}
-
-
-def rollout_feature_lists(by_rollout: dict) -> dict:
-    names = ("rollout_auroc", "rollout_p", "rollout_q", "rollout_auroc_mean", "rollout_auroc_fire_fraction")
-    if by_rollout["reason"] is not None:
-        return dict.fromkeys(names)
-    test = by_rollout["test"]
-    arrays = (test.auroc, test.p, by_rollout["q"], by_rollout["auroc_mean"], by_rollout["auroc_fire_fraction"])
-    return {name: np.asarray(a, dtype=np.float64).tolist() for name, a in zip(names, arrays)}

@@ -6,13 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-FINISH_REASONS = ("stop", "length")  # an end-of-turn token ended it | the max_new_tokens budget did
-
 
 @dataclass(frozen=True)
 class Generation:
     token_ids: list[int]
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop" (an end-of-turn token ended it) or "length" (the max_new_tokens budget did)
 
 
 class Engine(Protocol):

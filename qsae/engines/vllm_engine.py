@@ -71,6 +71,7 @@ class VLLMEngine:
         model_path: str,
         tokenizer,
         max_new_tokens: int,
+        *,
         revision: str | None = None,
         dtype: str = "bfloat16",
         tensor_parallel_size: int = 1,

@@ -1,0 +1,52 @@
+"""The stages that need the model after training, as Ray tasks placed like a capture replica (on a
+cluster the driver's node may have no GPU, or too little memory): the evaluation (qsae.evaluate), one
+task per group of layers, and the causal check's reruns (qsae.causal), the arms spread over tasks.
+Each task loads the model once and calls the stage's plain function."""
+from __future__ import annotations
+
+import ray
+
+from qsae.capture import ReplicaSpec
+from qsae.causal import Arm, generate_arms
+from qsae.distributed import get_or_raise_cause, replica_options, use_threads
+from qsae.engines import Generation
+from qsae.evaluate import Evaluation, EvaluationInputs, evaluate_layers
+from qsae.models import load_model
+from qsae.sae import TopKSAE
+
+
+def layer_groups(layers: list[int], tasks: int) -> list[list[int]]:
+    """Layers dealt round-robin into at most `tasks` groups."""
+    return [layers[i::tasks] for i in range(min(tasks, len(layers)))]
+
+
+def evaluate_task(spec: ReplicaSpec, inputs: EvaluationInputs) -> Evaluation:
+    use_threads(spec.capture.cpus_per_actor)
+    model, _ = load_model(spec.model_path, spec.model.revision, spec.model.dtype, spec.model.device)
+    return evaluate_layers(model, inputs)
+
+
+def evaluate_in_ray(spec: ReplicaSpec, inputs: list[EvaluationInputs]) -> list[Evaluation]:
+    """Each group of layers' evaluation in a task of its own, all at once."""
+    task = ray.remote(evaluate_task).options(**replica_options(spec.capture))
+    return get_or_raise_cause([task.remote(spec, group) for group in inputs])
+
+
+def rerun_task(spec: ReplicaSpec, saes: dict[int, TopKSAE], arms: list[Arm],
+               prompts: list[list[int]]) -> dict[str, list[Generation]]:
+    use_threads(spec.capture.cpus_per_actor)
+    model, tokenizer = load_model(spec.model_path, spec.model.revision, spec.model.dtype, spec.model.device)
+    return generate_arms(model, tokenizer, saes, arms, prompts=prompts, max_new_tokens=spec.rollout.max_new_tokens,
+                         batch_size=spec.rollout.batch_size)
+
+
+def rerun_in_ray(spec: ReplicaSpec, saes: dict[int, TopKSAE], arms: list[Arm],
+                 prompts: list[list[int]]) -> dict[str, list[Generation]]:
+    """The causal check's arms spread over up to capture.num_actors tasks; every arm's generations."""
+    task = ray.remote(rerun_task).options(**replica_options(spec.capture))
+    tasks = spec.capture.num_actors
+    groups = [arms[i::tasks] for i in range(min(tasks, len(arms)))]
+    generations = {}
+    for part in get_or_raise_cause([task.remote(spec, saes, group, prompts) for group in groups]):
+        generations.update(part)
+    return generations
