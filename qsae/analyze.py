@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import shutil
 
-from tqdm.auto import tqdm
-
+from qsae import console
 from qsae.analysis.feature_data import TokenTable, layer_features
 from qsae.analysis.layer import (
     LayerInputs,
@@ -58,7 +57,7 @@ def analyze_run(run: RunDir, layers: list[int], *, train: TrainConfig, rules: Ro
     rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, release.unscored_rollouts))
     inputs = LayerInputs(rows, rollouts, StatisticsSettings(release.bootstrap, release.permutations, rules.seed))
     tokens = TokenTable({r: x.prompt_token_ids + x.response_token_ids for r, x in rollouts.items()})
-    for layer in tqdm(layers, desc="analyze", unit="layer"):
+    for layer in console.progress(iterable=layers, desc="analyze", unit="layer"):
         sae = trained[layer].sae
         sample = encode_sample(sae, StoreSource(run.store, layer, selection.rows), selection)
         result = analyze_layer(layer, sae, sample, inputs, revived=trained[layer].history["revived"])

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from qsae import console
 from qsae.config import TrainConfig
 
 # Errors that mean "the input is wrong": reported in one line, exit status 2, no traceback.
@@ -57,23 +58,23 @@ def cmd_release(args) -> int:
     from qsae.pipeline import run_pipeline
 
     release_dir = run_pipeline(load_pipeline_config(args))
-    print(f"[qsae] release written to {release_dir}")
+    console.say(f"[qsae] release written to {release_dir}")
     return 0
 
 
 def cmd_capture(args) -> int:
     from qsae.distributed.capture_pool import run_capture
-    from qsae.distributed.connect import connect_ray
+    from qsae.distributed.connect import ray_session
     from qsae.pipeline import prepare
     from qsae.rundir import RunDir
 
     cfg = load_pipeline_config(args)
     plan = prepare(cfg)
-    connect_ray(cfg.ray_address)
     run = RunDir(cfg.out)
     run.root.mkdir(parents=True, exist_ok=True)
-    manifest = run_capture(plan.spec, plan.questions, run)
-    print(f"[qsae] {len(manifest['shards'])} shards captured in {run.store}")
+    with console.lines_to_log(run.log), ray_session(cfg.ray_address):
+        manifest = run_capture(plan.spec, plan.questions, run)
+    console.say(f"[qsae] {len(manifest['shards'])} shards captured in {run.store}")
     return 0
 
 
@@ -81,7 +82,7 @@ def cmd_analyze(args) -> int:
     from qsae.pipeline import analyze_from_disk
 
     release_dir = analyze_from_disk(load_pipeline_config(args))
-    print(f"[qsae] release written to {release_dir}")
+    console.say(f"[qsae] release written to {release_dir}")
     return 0
 
 

@@ -11,11 +11,11 @@ directory alone. Stages talk only through the run directory (qsae.rundir) and th
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from qsae import causal
+from qsae import causal, console
 from qsae.analyze import analyze_run
 from qsae.capture import ReplicaSpec, store_to_extend
 from qsae.config import PipelineConfig
@@ -81,28 +81,34 @@ class Stages:
 
     @contextmanager
     def stage(self, name: str):
-        print(f"[qsae] {name} ...", flush=True)
+        console.say(f"[qsae] {name} ...")
         started = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - started, 1)
-        print(f"[qsae] {name} done in {self.timings[name]:.1f} s", flush=True)
+        console.say(f"[qsae] {name} done in {self.timings[name]:.1f} s")
         if self.run is not None:
             atomic_write_json(self.run.timings, self.timings)
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage; returns the release directory."""
-    from qsae.distributed.capture_pool import run_capture
-    from qsae.distributed.connect import connect_ray
-    from qsae.distributed.trainers import train_layers
+    from qsae.distributed.connect import ray_session
 
     stages, run = Stages(), RunDir(cfg.out)
     with stages.stage("prepare (questions, model, layers)"):
         plan = prepare(cfg)
-    with stages.stage("start ray"):
-        connect_ray(cfg.ray_address)
     run.root.mkdir(parents=True, exist_ok=True)
     stages.run = run
+    with console.lines_to_log(run.log), ExitStack() as session:
+        with stages.stage("start ray"):
+            session.enter_context(ray_session(cfg.ray_address))
+        return capture_to_release(cfg, plan, run, stages)
+
+
+def capture_to_release(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages) -> Path:
+    from qsae.distributed.capture_pool import run_capture
+    from qsae.distributed.trainers import train_layers
+
     with stages.stage(f"capture ({len(plan.questions)} questions, layers {plan.layers})"):
         run_capture(plan.spec, plan.questions, run)
     with stages.stage(f"train ({len(plan.layers)} SAEs, n={cfg.train.n_features}, k={cfg.train.k})"):
@@ -112,15 +118,14 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
 def analyze_from_disk(cfg: PipelineConfig) -> Path:
     """`qsae analyze`: the stages after training, from a trained run directory."""
-    from qsae.distributed.connect import connect_ray
+    from qsae.distributed.connect import ray_session
 
     stages, run = Stages(), RunDir(cfg.out)
     stages.run = run if run.root.is_dir() else None
     plan = resolve(cfg)
     analyze(cfg, plan, run, stages)  # no Ray: its refusals come before Ray starts
-    with stages.stage("start ray"):
-        connect_ray(cfg.ray_address)
-    return finish(cfg, plan, run, stages, analyzed=True)
+    with console.lines_to_log(run.log), ray_session(cfg.ray_address):
+        return finish(cfg, plan, run, stages, analyzed=True)
 
 
 def analyze(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages) -> None:

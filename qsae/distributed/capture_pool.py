@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 import ray
-from tqdm.auto import tqdm
 
+from qsae import console
 from qsae.capture import QuestionShard, ReplicaSpec, capture_question_shard, load_replica, store_to_extend
 from qsae.distributed import get_or_raise_cause, replica_options, use_threads
 from qsae.models import check_fits, memory_budget, parameter_count
@@ -49,12 +49,12 @@ def run_capture(spec: ReplicaSpec, questions: list[Question], run: RunDir) -> di
     manifest, shards = store_to_extend(spec, questions, run)
     if manifest["shards"]:
         for shard, reason in damaged_shards(run.store, manifest).items():
-            tqdm.write(f"[qsae] {reason}: {shard} will be captured again")
+            console.say(f"[qsae] {reason}: {shard} will be captured again")
             del manifest["shards"][shard]
         write_manifest(run.store, manifest)
     pending = [s for s in shards if s.name not in manifest["shards"]]
     if not pending:
-        print(f"[qsae] capture: all {len(shards)} shards are in the store already; nothing to capture", flush=True)
+        console.say(f"[qsae] capture: all {len(shards)} shards are in the store already; nothing to capture")
     else:
         check_replica_fits(spec)
         warn_if_disk_may_not_fit(spec, sum(len(s.questions) for s in pending), run)
@@ -80,9 +80,9 @@ def warn_if_disk_may_not_fit(spec: ReplicaSpec, n_questions: int, run: RunDir) -
     per_token = len(spec.layers) * row_bytes(spec.d_model, spec.capture.dtype)
     worst = n_questions * spec.rollout.max_new_tokens * per_token
     free = free_bytes(run.root)
-    print(f"[qsae] store estimate: at most {worst / 1e9:.2f} GB for {n_questions} questions; {free / 1e9:.2f} GB free")
+    console.say(f"[qsae] store estimate: at most {worst / 1e9:.2f} GB for {n_questions} questions; {free / 1e9:.2f} GB free")
     if worst > free:
-        print("[qsae] warning: the worst case does not fit; capture stops cleanly if the measured rate will not fit")
+        console.warn("the worst case does not fit; capture stops cleanly if the measured rate will not fit")
 
 
 def check_disk_projection(done_bytes: int, done_questions: int, remaining_questions: int, run: RunDir) -> None:
@@ -116,7 +116,7 @@ class ShardPool:
         queue, remaining = list(pending), sum(len(shard.questions) for shard in pending)
         started = time.time()
         try:
-            with tqdm(total=len(pending), desc="capture", unit="shard") as bar:
+            with console.progress(total=len(pending), desc="capture", unit="shard") as bar:
                 while queue or self.in_flight:
                     self.submit(queue)
                     [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
@@ -151,7 +151,7 @@ class ShardPool:
                 raise RuntimeError(f"{shard.name} failed {self.attempts[shard.name]} times; last error: {err}") from err
             # A fresh replica in the dead one's place; the shard goes back on the queue, and its
             # half-written files are overwritten by the retry (it was never listed).
-            tqdm.write(f"[qsae] replica died during {shard.name}; retrying it on a new replica")
+            console.say(f"[qsae] replica died during {shard.name}; retrying it on a new replica")
             ray.kill(self.actors[slot])
             self.actors[slot] = self.actor_class.remote(self.spec, self.run)
             queue.append(shard)

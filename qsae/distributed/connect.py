@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 
 import ray
 
@@ -37,12 +38,26 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 LOCAL_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}
 
 
-def connect_ray(address: str | None) -> None:
-    """Join the cluster in `address` or RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+def connect_ray(address: str | None) -> bool:
+    """Join the cluster in `address` or RAY_ADDRESS (as under `ray job submit`), else start a local Ray;
+    False where this process is connected already."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address not in ("auto", "local"):
         check_reachable(address)
     if ray.is_initialized():
-        return
+        return False
     runtime_env = LOCAL_RUNTIME_ENV if address is None else None
     ray.init(address=address, log_to_driver=True, configure_logging=False, runtime_env=runtime_env)
+    return True
+
+
+@contextmanager
+def ray_session(address: str | None):
+    """Connected to Ray within the block; disconnected after it where the block connected, so Ray's
+    last lines arrive while its output still goes where the caller sent it."""
+    connected = connect_ray(address)
+    try:
+        yield
+    finally:
+        if connected:
+            ray.shutdown()

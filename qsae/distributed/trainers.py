@@ -18,8 +18,8 @@ from pathlib import Path
 
 import ray
 import torch
-from tqdm.auto import tqdm
 
+from qsae import console
 from qsae.config import TrainStageConfig
 from qsae.distributed import get_or_raise_cause, use_threads
 from qsae.rundir import RunDir
@@ -146,7 +146,7 @@ def salvage_checkpoint(experiment_dir: Path) -> str | None:
             steps[directory] = load_training_state(directory / CHECKPOINT_FILE)["history"]["steps"]
         except (ValueError, KeyError):
             continue  # a checkpoint the kill left half-written
-    tqdm.write(f"[qsae] {snapshot} was damaged by an interrupted run; removed, resuming from the furthest "
+    console.say(f"[qsae] {snapshot} was damaged by an interrupted run; removed, resuming from the furthest "
                f"checkpoint that loads ({max(steps.values()) if steps else 0} steps)")
     return str(max(steps, key=steps.get)) if steps else None
 
@@ -179,12 +179,10 @@ def final_state(result) -> dict:
 
 
 @ray.remote(num_cpus=0)
-def fit_layer(job: LayerJob, rules: RowRules) -> dict:
+def fit_layer(job: LayerJob, name: str) -> dict:
     """Train one layer (a task, so that every layer's trainer runs at once); its final state."""
     note = job.run.unusable_rows_note(job.layer)
     note.unlink(missing_ok=True)
-    name = train_run_name(job, rules)
-    job = dataclasses.replace(job, salvaged_checkpoint=salvage_checkpoint(job.run.checkpoints / name))
     result = layer_trainer(job, name).fit()
     if note.exists():
         raise ValueError(f"layer {job.layer}: {note.read_text()}")
@@ -210,11 +208,14 @@ def train_layers(train: TrainStageConfig, rules: RowRules, layers: list[int], ru
     plan_split(run, layers, rules)
     waiting, pending, trained = list(layers), {}, {}
     at_once = concurrent_layers(train, ray.cluster_resources())
-    with tqdm(total=len(waiting), desc="train", unit="layer") as bar:
+    with console.progress(total=len(waiting), desc="train", unit="layer") as bar:
         while waiting or pending:
             while waiting and len(pending) < at_once:
                 layer = waiting.pop(0)
-                pending[fit_layer.remote(LayerJob(layer, tuple(layers), train, run), rules)] = layer
+                job = LayerJob(layer, tuple(layers), train, run)
+                name = train_run_name(job, rules)
+                job = dataclasses.replace(job, salvaged_checkpoint=salvage_checkpoint(run.checkpoints / name))
+                pending[fit_layer.remote(job, name)] = layer
             [ref], _ = ray.wait(list(pending), num_returns=1)
             layer = pending.pop(ref)
             state = get_or_raise_cause(ref)
