@@ -19,7 +19,8 @@ import torch
 
 from qsae.capture import capture_residuals
 from qsae.engines.hf_engine import HFEngine
-from qsae.models import chat_prompt, decoder_layers, load_model, resolve_model_path
+from qsae.models import decoder_layers, load_model, resolve_model_path
+from qsae.questions import chat_prompt
 from qsae.questions import BUNDLED_QUESTIONS, format_prompt, load_questions
 
 
@@ -51,7 +52,7 @@ def original_way(model, tokenizer, prompts, layers, max_new_tokens) -> int:
 def qsae_way(model, tokenizer, prompts, layers, max_new_tokens, batch_size) -> int:
     responses = HFEngine(model, tokenizer, max_new_tokens, batch_size).generate(prompts)
     sequences = [p + g.token_ids for p, g in zip(prompts, responses)]
-    captured = capture_residuals(model, sequences, [len(p) for p in prompts], layers, batch_size)
+    captured = capture_residuals(model, sequences, [len(p) for p in prompts], layers, batch_size=batch_size)
     return sum(len(rows) for rows in captured[layers[0]])
 
 
@@ -66,7 +67,7 @@ def vllm_way(engine, prompts, layers) -> int:
 
 def compare_engines(args) -> None:
     from qsae.engines.vllm_engine import VLLMEngine
-    from qsae.models import TINY_DENSE_MODEL
+    from qsae.tiny import TINY_DENSE_MODEL
 
     path = resolve_model_path(TINY_DENSE_MODEL)
     model, tokenizer = load_model(path, dtype="float32", device="auto")

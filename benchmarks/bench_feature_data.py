@@ -18,7 +18,7 @@ import tracemalloc
 import numpy as np
 import torch
 
-from qsae.analysis.feature_data import TokenTable, layer_features
+from qsae.analysis.feature_data import SampleCodes, TokenTable, layer_features
 
 
 def synthetic_codes(rows: int, features: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,13 +55,14 @@ def main() -> None:
     W_dec = torch.nn.functional.normalize(torch.randn(args.features, args.d_model), dim=1)
     tracemalloc.start()
     started = time.perf_counter()
-    data = layer_features(W_dec, values, indices, rollout, position, tokens, top=10, width=12, per_bin=5, seed=0)
+    data = layer_features(W_dec, SampleCodes(values, indices, rollout, position), tokens, top=10, width=12, per_bin=5,
+                          seed=0)
     pass_s = time.perf_counter() - started
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
     started = time.perf_counter()
     stats = {"token_auroc": None, "rollout_auroc": None, "rollout_p": None, "rollout_q": None}
-    pages = sum(len(data.record(int(f), stats, str, lambda r: "correct", None)["top"]) > 0 for f in data.live)
+    pages = sum(len(data.record(int(f), stats, token_text=str, outcome_of=lambda r: "correct", logits=None)["top"]) > 0 for f in data.live)
     render_s = time.perf_counter() - started
     codes_mib = (values.nbytes + indices.nbytes) / 2**20
     print(f"{args.rows:,} rows x k {args.k}, {args.features} features ({len(data.live)} live, {pages} pages): "

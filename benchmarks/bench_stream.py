@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from qsae.store import (free_bytes, new_manifest, read_layer_table, residual_matrix, row_bytes, write_manifest,
-                        write_shard)
+                        ShardRows, write_shard)
 
 LAYER = 0
 DTYPE = "float16"
@@ -60,14 +60,11 @@ MIB = 2**20
 def write_synthetic_store(store_dir: Path, n_rows: int, d_model: int, shard_rows: int, seed: int) -> None:
     """n_rows Gaussian rows in shards of shard_rows, then the manifest listing them."""
     rng = np.random.default_rng(seed)
-    manifest = new_manifest("synthetic/bench", None, [LAYER], d_model, DTYPE)
+    manifest = new_manifest("synthetic/bench", None, [LAYER], d_model, dtype=DTYPE)
     for number, first in enumerate(range(0, n_rows, shard_rows)):
         n = min(shard_rows, n_rows - first)
         shard = f"shard_{number:05d}"
-        written = write_shard(store_dir, LAYER, shard, rollout_id=np.full(n, number, np.int64),
-                              position=np.arange(n, dtype=np.int32), token_id=np.zeros(n, np.int32),
-                              correct=np.zeros(n, bool), residuals=rng.standard_normal((n, d_model), dtype=np.float32),
-                              dtype=DTYPE)
+        written = write_shard(store_dir, LAYER, shard, ShardRows(rollout_id=np.full(n, number, np.int64), position=np.arange(n, dtype=np.int32), token_id=np.zeros(n, np.int32), correct=np.zeros(n, bool), residuals=rng.standard_normal((n, d_model), dtype=np.float32)), dtype=DTYPE)
         manifest["shards"][shard] = {"rollouts": 1, "rows": {str(LAYER): written}}
     write_manifest(store_dir, manifest)
 
@@ -82,8 +79,9 @@ def run_child(args: argparse.Namespace) -> dict:
     """One measured run, inside the child process: prints its result as one JSON line."""
     import torch
 
-    from qsae.store import StoreSource
-    from qsae.train import TrainConfig, train_sae
+    from qsae.streaming import StoreSource
+    from qsae.config import TrainConfig
+    from qsae.training.loop import train_sae
 
     started = time.perf_counter()
     if args.threads:

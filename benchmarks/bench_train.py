@@ -29,7 +29,7 @@ output files included), timed from spawn to exit, one after another (a round), -
 Reported per method (median over the rounds for seconds; the quality of the first round's run,
 which is deterministic for a given seed): whole-process wall seconds; tokens/s = train rows x
 epochs / those seconds; held-out FVU, pooled: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the
-held-out rows, from the SAE file the process wrote (qsae: TopKSAE.load of the .safetensors;
+held-out rows, from the SAE file the process wrote (qsae: load_sae of the .safetensors;
 sparsify: its SparseCoder.load_from_disk, evaluated by --sparsify-python); L0 = mean number of
 positive latents per held-out row; dead % = latents that fire on no held-out row; and wall time
 over the original recipe's; then the CPU seconds the process used (user + system, children
@@ -153,9 +153,9 @@ def held_out_metrics(reconstruct, held_out: np.ndarray, n_features: int, chunk: 
 def evaluate(kind: str, sae_path: str, held_out_path: str) -> dict:
     held_out = np.load(held_out_path)
     if kind == "qsae":
-        from qsae.sae import TopKSAE
+        from qsae.sae_files import load_sae
 
-        sae = TopKSAE.load(sae_path)
+        sae = load_sae(sae_path)
 
         def reconstruct(x):
             values, indices = sae.encode_topk(x)

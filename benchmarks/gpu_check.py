@@ -90,10 +90,14 @@ from torch import Tensor  # noqa: E402
 
 from qsae.capture import capture_residuals  # noqa: E402
 from qsae.files import atomic_write  # noqa: E402
-from qsae.models import chat_prompt, decoder_layers, load_model, practice_response, resolve_model_path  # noqa: E402
+from qsae.models import decoder_layers, load_model, resolve_model_path
+from qsae.questions import chat_prompt
+from qsae.tiny import practice_response  # noqa: E402
 from qsae.questions import BUNDLED_QUESTIONS, format_prompt, load_questions  # noqa: E402
 from qsae.sae import TopKSAE  # noqa: E402
-from qsae.train import Progress, TrainConfig, train_sae  # noqa: E402
+from qsae.config import TrainConfig
+from qsae.training.loop import train_sae
+from qsae.training.state import Progress  # noqa: E402
 
 NO_CUDA = "no CUDA device: run with --smoke for the CPU check"
 ZIPF_EXPONENT, ATOMS_PER_LATENT, NOISE_FRACTION = 1.1, 4, 0.05  # benchmarks/bench_train.py's recipe

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 
 from qsae import console
-from qsae.analysis.feature_data import TokenTable, layer_features
+from qsae.analysis.feature_data import SampleCodes, TokenTable, layer_features
 from qsae.analysis.layer import (
     LayerInputs,
     StatisticsSettings,
@@ -61,8 +61,8 @@ def analyze_run(run: RunDir, layers: list[int], *, train: TrainConfig, rules: Ro
         sae = trained[layer].sae
         sample = encode_sample(sae, StoreSource(run.store, layer, selection.rows), selection)
         result = analyze_layer(layer, sae, sample, inputs, revived=trained[layer].history["revived"])
+        codes = SampleCodes(sample.values, sample.indices, selection.rollout_id, sample.position)
         result.features = layer_features(
-            sae.W_dec.detach(), sample.values, sample.indices, selection.rollout_id, sample.position, tokens,
-            top=release.top_contexts, width=release.context_tokens, per_bin=release.quantile_examples, seed=rules.seed)
+            sae.W_dec.detach(), codes, tokens, top=release.top_contexts, width=release.context_tokens, per_bin=release.quantile_examples, seed=rules.seed)
         result.save(run.layer_analysis(layer))
         del sample  # its codes and held-out residuals: one layer's at a time

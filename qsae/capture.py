@@ -65,7 +65,7 @@ def store_manifest(spec: ReplicaSpec) -> dict:
     revision = model.revision or (Path(spec.model_path).name if model.name in (TINY_MODEL, TINY_DENSE_MODEL) else None)
     generated_with = {"model_dtype": model.dtype, "engine": spec.rollout.engine, "thinking": spec.rollout.thinking,
                       "max_new_tokens": spec.rollout.max_new_tokens}
-    return new_manifest(model.name, revision, list(spec.layers), spec.d_model, spec.capture.dtype,
+    return new_manifest(model.name, revision, list(spec.layers), spec.d_model, dtype=spec.capture.dtype,
                         generated_with=generated_with)
 
 

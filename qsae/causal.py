@@ -283,7 +283,7 @@ def grade(study: CausalStudy, generations: dict[str, list[Generation]], *, quest
     question_of = {q.uuid: q for q in questions}
     answers = {}
     for name, outputs in generations.items():
-        graded = [make_rollout(r.rollout_id, question_of[r.question_id], r.prompt, r.prompt_token_ids, g,
+        graded = [make_rollout(r.rollout_id, question_of[r.question_id], r.prompt, r.prompt_token_ids, generation=g,
                                tokenizer=tokenizer, thinking=thinking, engine="transformers", seed=seed)
                   for r, g in zip(study.heldout, outputs)]
         answers[name] = Answers(np.array([g.correct for g in graded], dtype=bool), [g.predicted_letter for g in graded],

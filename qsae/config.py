@@ -261,6 +261,7 @@ class TrainStageConfig(TrainConfig):
 
     def check_stage(self) -> None:
         """The training settings (TrainConfig.check) and how the stage places and splits them."""
+        check_device(self.device, "train.device")
         try:
             self.check()
         except ValueError as err:

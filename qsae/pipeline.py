@@ -19,6 +19,7 @@ from qsae import causal, console
 from qsae.analyze import analyze_run
 from qsae.capture import ReplicaSpec, store_to_extend
 from qsae.config import PipelineConfig
+from qsae.distributed.connect import check_ray_address
 from qsae.evaluate import evaluation_inputs, save_evaluation
 from qsae.files import atomic_write_json, check_can_create_dir
 from qsae.models import check_weights, context_length, expand_layers, load_tokenizer, model_dims, resolve_model_path
@@ -69,6 +70,7 @@ def prepare(cfg: PipelineConfig) -> RunPlan:
                       max_new_tokens=cfg.rollout.max_new_tokens, context=context, source=str(questions_path(cfg)))
     check_can_create_dir(cfg.out, "run directory (out)")
     store_to_extend(plan.spec, plan.questions, RunDir(cfg.out))  # a rerun's store must be this run's
+    check_ray_address(cfg.ray_address)
     return plan
 
 
@@ -123,6 +125,7 @@ def analyze_from_disk(cfg: PipelineConfig) -> Path:
     stages, run = Stages(), RunDir(cfg.out)
     stages.run = run if run.root.is_dir() else None
     plan = resolve(cfg)
+    check_ray_address(cfg.ray_address)
     analyze(cfg, plan, run, stages)  # no Ray: its refusals come before Ray starts
     with console.lines_to_log(run.log), ray_session(cfg.ray_address):
         return finish(cfg, plan, run, stages, analyzed=True)

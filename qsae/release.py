@@ -200,7 +200,8 @@ def write_feature_pages(staging: Path, facts: ReleaseFacts, record: RunRecord, *
                                                  sae=record.trained[layer].sae, logits=logits)
         tops = top_contexts[str(layer)] = {}
         for feature in data.live:
-            page = data.record(int(feature), analysis.feature_stats, token_text, outcome_of.__getitem__, logits)
+            page = data.record(int(feature), analysis.feature_stats, token_text=token_text,
+                               outcome_of=outcome_of.__getitem__, logits=logits)
             pages.add(page)
             neuronpedia.add(page)
             tops[str(page["feature"])] = page["top"]

@@ -103,12 +103,12 @@ def run_rollouts(engine: Engine, tokenizer, questions: list[Question], first_id:
     prompts = [chat_prompt(tokenizer, format_prompt(q), thinking) for q in questions]
     prompt_ids = tokenize_prompts(tokenizer, prompts)
     generations = engine.generate(prompt_ids)
-    return [make_rollout(first_id + i, q, prompt, p_ids, g, tokenizer=tokenizer, thinking=thinking,
+    return [make_rollout(first_id + i, q, prompt, p_ids, generation=g, tokenizer=tokenizer, thinking=thinking,
                          engine=engine.name, seed=seed)
             for i, (q, prompt, p_ids, g) in enumerate(zip(questions, prompts, prompt_ids, generations))]
 
 
-def make_rollout(rollout_id: int, q: Question, prompt: str, prompt_ids: list[int], generation: Generation, *,
+def make_rollout(rollout_id: int, q: Question, prompt: str, prompt_ids: list[int], *, generation: Generation,
                  tokenizer, thinking: bool, engine: str, seed: int) -> Rollout:
     """One generation, parsed and graded."""
     answer_ids = final_answer_ids(tokenizer, generation.token_ids, thinking)

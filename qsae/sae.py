@@ -245,8 +245,8 @@ class TopKEncoder(torch.autograd.Function):
         grad_values = grad_values.to(W_enc.dtype)
         latents, weights = indices.reshape(-1), grad_values.reshape(-1)
         rows = torch.div(torch.arange(len(latents), device=latents.device), indices.shape[1], rounding_mode="floor")
-        grad_W_enc, grad_b_enc, grad_b_dec = _encoder_grads(ctx.needs_input_grad, x_centered, W_enc, rows,
-                                                            latents, weights)
+        grad_W_enc, grad_b_enc, grad_b_dec = _encoder_grads(ctx.needs_input_grad, x_centered, W_enc, rows=rows,
+                                                            latents=latents, weights=weights)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), mode="sum", per_sample_weights=grad_values)
@@ -295,8 +295,8 @@ class BatchTopKEncoder(torch.autograd.Function):
             aux_rows = torch.arange(len(aux_indices), device=rows.device).repeat_interleave(aux_indices.shape[1])
             all_rows, all_latents = torch.cat([rows, aux_rows]), torch.cat([latents, aux_indices.reshape(-1)])
             all_weights = torch.cat([weights, aux_weights.reshape(-1)])
-        grad_W_enc, grad_b_enc, grad_b_dec = _encoder_grads(ctx.needs_input_grad, x_centered, W_enc, all_rows,
-                                                            all_latents, all_weights)
+        grad_W_enc, grad_b_enc, grad_b_dec = _encoder_grads(ctx.needs_input_grad, x_centered, W_enc, rows=all_rows,
+                                                            latents=all_latents, weights=all_weights)
         grad_x = None
         if ctx.needs_input_grad[0]:
             # The pairs are grouped by row: bag b holds row b's latents.
@@ -344,7 +344,7 @@ def batch_topk(pre: Tensor, count: int, width: int) -> tuple[Tensor, Tensor]:
     return values[order], positions[order]
 
 
-def _encoder_grads(needs_input_grad, x_centered: Tensor, W_enc: Tensor, rows: Tensor, latents: Tensor,
+def _encoder_grads(needs_input_grad, x_centered: Tensor, W_enc: Tensor, *, rows: Tensor, latents: Tensor,
                    weights: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """grad_W_enc, grad_b_enc, grad_b_dec of an encoder whose selected entries pre[rows, latents]
     have gradients `weights` (flat pairs), as TopKEncoder's docstring gives them; None where not needed."""

@@ -182,8 +182,12 @@ def plan_split(run: RunDir, layers: list[int], rules: RowRules) -> Split:
                          f"({counts['excluded']} of {counts['stored']} stored rows excluded): capture more questions "
                          "or change train.holdout_fraction")
     split.rows = counts
-    atomic_write_json(run.split, split.to_json())
+    save_split(run, split)
     return split
+
+
+def save_split(run: RunDir, split: Split) -> None:
+    atomic_write_json(run.split, split.to_json())
 
 
 def training_rows(run: RunDir, layers: list[int]) -> np.ndarray:

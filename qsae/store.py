@@ -127,7 +127,7 @@ def write_shard(store_dir: Path, layer: int, shard: str, rows: ShardRows, *, dty
     return n_rows
 
 
-def new_manifest(model_id: str, model_revision: str | None, layers: list[int], d_model: int, dtype: str, *,
+def new_manifest(model_id: str, model_revision: str | None, layers: list[int], d_model: int, *, dtype: str,
                  generated_with: dict | None = None) -> dict:
     """An empty store's manifest. `generated_with` holds the rollout settings that shape its rows
     (model dtype, engine, prompt settings), so that a rerun under others is refused."""

@@ -25,7 +25,7 @@ def local_ray():
     """A real local Ray cluster; logical CPUs above the core count so actors and trainers fit at once."""
     import ray  # imported here: the interop environment (SAELens, sparsify) has no Ray
 
-    from qsae.pipeline import LOCAL_RUNTIME_ENV
+    from qsae.distributed.connect import LOCAL_RUNTIME_ENV
 
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
              runtime_env=LOCAL_RUNTIME_ENV)

@@ -16,7 +16,8 @@ from planted import planted_rows
 
 from qsae.analysis import charts
 from qsae.analysis.card import render_model_card
-from qsae.analysis.feature_data import FeatureStream, TokenTable, keep_best, layer_features, logit_tables, final_norm_gain
+from qsae.analysis.feature_data import (FeatureStream, SampleCodes, TokenTable, final_norm_gain, keep_best, layer_features,
+                                        logit_tables)
 from qsae.analysis.features import (
     HEALTHY_RANGE,
     UndefinedAUROCError,
@@ -29,13 +30,15 @@ from qsae.analysis.features import (
     max_decoder_cosine,
 )
 from qsae.analysis.fidelity import bootstrap_ci, mean_l0, variance_explained, variance_explained_ci
-from qsae.config import PipelineConfig
-from qsae.analysis.layer import analyze_layer, encode_sample, rollout_labels, sample_rows_of
+from qsae.analysis.facts import ReleaseFacts
+from qsae.analysis.layer import (LayerInputs, StatisticsSettings, analyze_layer, encode_sample, rollout_labels,
+                                 sample_rows_of)
+from qsae.config import PipelineConfig, load_config
 from qsae.rollout import Rollout
 from qsae.sae import TopKSAE
 from qsae.sample import RowRules, select_rows, split_by_question
-from qsae.store import (CHUNK_ROWS, StoreSource, new_manifest, read_layer_table, residual_matrix, write_manifest,
-                        write_shard)
+from qsae.store import ShardRows, new_manifest, read_layer_table, residual_matrix, write_manifest, write_shard
+from qsae.streaming import CHUNK_ROWS, StoreSource
 
 
 def random_codes(seed: int, n_rows: int, n_features: int, k: int, n_silent: int = 0):
@@ -282,12 +285,13 @@ def test_feature_data_matches_brute_force():
     position = np.tile(np.arange(100), 30) * 2 + 9  # every other token of each rollout is sampled
     tokens = TokenTable({r: list(range(1000 * r, 1000 * r + 220)) for r in range(30)})
     W_dec = torch.randn(n_features, 8)
-    data = layer_features(W_dec, values, indices, rollout, position, tokens, top=6, width=width, per_bin=3, seed=2)
+    data = layer_features(W_dec, SampleCodes(values, indices, rollout, position), tokens, top=6, width=width, per_bin=3,
+                          seed=2)
     dense = dense_codes(indices, values, n_features)
     np.testing.assert_array_equal(data.live, np.flatnonzero((dense > 0).any(axis=0)))
     stats = {"token_auroc": [0.25] * n_features}
     for f in data.live[:: 5].tolist():
-        record = data.record(f, stats, lambda t: f"<{t}>", lambda r: f"outcome {r}", None)
+        record = data.record(f, stats, token_text=lambda t: f"<{t}>", outcome_of=lambda r: f"outcome {r}", logits=None)
         firing = np.flatnonzero(dense[:, f] > 0)
         assert record["fire_count"] == len(firing) == sum(record["histogram"]["counts"])
         assert record["max_activation"] == pytest.approx(dense[firing, f].max())
@@ -317,8 +321,8 @@ def test_a_layer_without_live_features_gets_empty_feature_data(tmp_path):
 
     indices, values = random_codes(0, n_rows=50, n_features=16, k=2)
     tokens = TokenTable({0: list(range(60))})
-    data = layer_features(torch.randn(16, 4), np.zeros_like(values), indices, np.zeros(50, np.int64), np.arange(50),
-                          tokens, top=3, width=2, per_bin=2, seed=0)
+    codes = SampleCodes(np.zeros_like(values), indices, np.zeros(50, np.int64), np.arange(50))
+    data = layer_features(torch.randn(16, 4), codes, tokens, top=3, width=2, per_bin=2, seed=0)
     assert len(data.live) == 0 and data.fire_count.sum() == 0
     assert LayerPages(tmp_path, 5, 16).close() == 0
     assert '"rows":[]' in (tmp_path / "data" / "layer_5.js").read_text()
@@ -449,7 +453,7 @@ def table_cells(card: str, first_cell: str, after: str) -> list[str]:
 
 def test_card_reports_every_number_with_its_interval_or_null():
     info = card_info()
-    card = render_model_card(info)
+    card = render_model_card(ReleaseFacts.from_dict(info))
     f = info["fidelity"]["4"]
     assert table_cells(card, "L4", "## Reconstruction") == [
         "L4", "0.914", "[0.907, 0.919]", "15.8", "1.2345", "1.3456", "0.1111 [0.0987, 0.1234]", "0.967",
@@ -476,7 +480,7 @@ def test_card_reports_every_number_with_its_interval_or_null():
 
 
 def test_card_sentences_follow_the_numbers():
-    card = render_model_card(card_info())
+    card = render_model_card(ReleaseFacts.from_dict(card_info()))
     # L4: 0.210 beyond its band of 0.150; the probe (0.661: 0.161 from chance) is no further than 0.210
     assert "L4: the largest |AUROC − 0.5| is 0.210 (f1777, AUROC 0.710, correct↑), beyond its chance band (0.150)" in card
     assert "3 features pass FDR 5% (q < 0.05)" in card
@@ -488,18 +492,18 @@ def test_card_sentences_follow_the_numbers():
     assert "0 features pass FDR 5%" in card and "the probe on mean residuals was not computable" in card
     info = card_info()
     info["per_layer"]["4"]["rollout_level"]["probe_auroc"] = 0.2
-    assert "reaches AUROC 0.200 out of fold, further from chance than the best" in render_model_card(info)
+    assert "reaches AUROC 0.200 out of fold, further from chance than the best" in render_model_card(ReleaseFacts.from_dict(info))
 
 
 def test_card_says_correctness_statistics_are_not_computable():
-    card = render_model_card(card_info(correctness=False))
+    card = render_model_card(ReleaseFacts.from_dict(card_info(correctness=False)))
     assert "L4: not computable (all 37 labelled rollouts are wrong)." in card
     assert "0 correct and 31 wrong rollouts (10 unscored rollouts left out)" in card
     assert table_cells(card, "L4", "**Token level**") == ["L4", "n/a", "n/a", "n/a", "n/a"]
 
 
 def test_card_front_matter():
-    card = render_model_card(card_info())
+    card = render_model_card(ReleaseFacts.from_dict(card_info()))
     lines = card.splitlines()
     assert lines[0] == "---"
     end = lines.index("---", 1)
@@ -515,14 +519,14 @@ def test_card_front_matter():
 def test_card_accepts_int_layer_keys_and_names_missing_keys():
     info = card_info()
     info["per_layer"] = {int(layer): stats for layer, stats in info["per_layer"].items()}
-    assert "0.914" in render_model_card(info)
+    assert "0.914" in render_model_card(ReleaseFacts.from_dict(info))
     del info["recipe"]
     with pytest.raises(ValueError, match="recipe"):
-        render_model_card(info)
+        render_model_card(ReleaseFacts.from_dict(info))
     info = card_info()
     del info["per_layer"]["6"]["l0"]
     with pytest.raises(ValueError, match="l0"):
-        render_model_card(info)
+        render_model_card(ReleaseFacts.from_dict(info))
 
 
 # the analysis of a store, streamed
@@ -546,26 +550,30 @@ def store_rollouts() -> dict[int, Rollout]:
 
 def write_rollout_store(store_dir, dtype: str) -> None:
     """One layer of planted rows, TOKENS_PER_ROLLOUT tokens per rollout."""
-    manifest = new_manifest("test/model", None, [LAYER], D_MODEL, dtype)
+    manifest = new_manifest("test/model", None, [LAYER], D_MODEL, dtype=dtype)
     first = 0
     for shard, n_rows in SHARD_ROWS.items():
         row = np.arange(first, first + n_rows)
         rollout_id = row // TOKENS_PER_ROLLOUT
-        written = write_shard(store_dir, LAYER, shard, rollout_id=rollout_id, position=row % TOKENS_PER_ROLLOUT + 7,
-                              token_id=np.zeros(n_rows, np.int32), correct=rollout_id % 3 == 0,
-                              residuals=planted_rows(n_rows, D_MODEL, 48, 3, seed=first, atom_seed=0) * 5, dtype=dtype)
+        rows = ShardRows(rollout_id=rollout_id, position=row % TOKENS_PER_ROLLOUT + 7, token_id=np.zeros(n_rows, np.int32),
+                         correct=rollout_id % 3 == 0,
+                         residuals=planted_rows(n_rows, D_MODEL, 48, 3, seed=first, atom_seed=0) * 5)
+        written = write_shard(store_dir, LAYER, shard, rows, dtype=dtype)
         manifest["shards"][shard] = {"rollouts": n_rows // TOKENS_PER_ROLLOUT, "rows": {str(LAYER): written}}
         first += n_rows
     write_manifest(store_dir, manifest)
 
 
-def analysis_config(export: bool = False) -> PipelineConfig:
-    cfg = PipelineConfig()
-    cfg.capture.max_tokens_per_layer, cfg.capture.max_norm_multiple = CAP, 0.0
-    cfg.train.split_seed, cfg.train.holdout_fraction = 3, 0.2
-    cfg.release.bootstrap, cfg.release.top_contexts, cfg.release.export_activations = 40, 3, export
-    cfg.release.permutations = 200
-    return cfg
+def analysis_config() -> PipelineConfig:
+    return load_config(None, [f"capture.max_tokens_per_layer={CAP}", "capture.max_norm_multiple=0",
+                              "train.split_seed=3", "train.holdout_fraction=0.2", "release.bootstrap=40",
+                              "release.top_contexts=3", "release.permutations=200"])
+
+
+def layer_inputs(cfg: PipelineConfig, selection, rollouts, unscored: str = "exclude") -> LayerInputs:
+    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, unscored))
+    return LayerInputs(rows, rollouts, StatisticsSettings(cfg.release.bootstrap, cfg.release.permutations,
+                                                          cfg.train.split_seed))
 
 
 def store_split(cfg):
@@ -610,8 +618,7 @@ def streamed_analysis_matches_in_memory(rollout_store):
     cfg, sae, rollouts = analysis_config(), store_sae(), store_rollouts()
     selection = store_selection(rollout_store, cfg)
     sample = encode_sample(sae, StoreSource(rollout_store, LAYER, selection.rows), selection)
-    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "exclude"))
-    got = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg)
+    got = analyze_layer(LAYER, sae, sample, layer_inputs(cfg, selection, rollouts))
 
     # as before: the whole sample in memory as float32, encoded at once
     ref = sample_in_memory(rollout_store, selection)
@@ -621,31 +628,33 @@ def streamed_analysis_matches_in_memory(rollout_store):
         x_hat = sae.decode_topk(torch.from_numpy(values[held]), torch.from_numpy(indices[held])).numpy()
     ve = variance_explained(ref.residuals[held], x_hat)
     questions = np.array([rollouts[r].question_id for r in ref.rollout_id[held]])
-    summary = got["summary"]
+    summary = got.summary
     assert summary["variance_explained"] == pytest.approx(ve, rel=1e-6)
     assert summary["ve_ci"] == pytest.approx(
-        variance_explained_ci(ref.residuals[held], x_hat, 40, 3, groups=questions), rel=1e-6)
+        variance_explained_ci(ref.residuals[held], x_hat, n_boot=40, seed=3, groups=questions), rel=1e-6)
     assert summary["l0"] == pytest.approx(mean_l0(values[held]))
     assert (summary["train_rows"], summary["heldout_rows"]) == (CAP - len(held), len(held))
-    np.testing.assert_array_equal(got["rates"], fire_rates(indices, values, 64))
+    np.testing.assert_array_equal(got.fire_rate, fire_rates(indices, values, 64))
     # token level over the labelled tokens: truncated rollouts (every seventh) are left out
     outcome = np.array([rollouts[r].outcome for r in ref.rollout_id])
     labelled = outcome != "truncated"
     assert (~labelled).any()
-    np.testing.assert_allclose(got["token_auroc"], auroc_per_feature(
+    np.testing.assert_allclose(got.feature_stats["token_auroc"], auroc_per_feature(
         indices[labelled], values[labelled], outcome[labelled] == "correct", 64), atol=1e-12)
     # rollout level: max over each rollout's sampled tokens, AUROC against sklearn
-    stats = got["stats"]
+    stats = got.feature_stats
     dense = dense_codes(indices, values, 64)
     ids = np.unique(ref.rollout_id[labelled])
     pooled = np.stack([dense[ref.rollout_id == r].max(axis=0) for r in ids])
     label = np.array([rollouts[r].outcome == "correct" for r in ids])
     for f in np.flatnonzero(pooled.any(axis=0))[:8]:
         assert stats["rollout_auroc"][f] == pytest.approx(roc_auc_score(label, pooled[:, f]), abs=1e-12)
-    assert got["summary"]["rollout_level"]["n_rollouts_labelled"] == len(ids)
+    assert got.summary["rollout_level"]["n_rollouts_labelled"] == len(ids)
+    np.testing.assert_array_equal(got.rollout_ids, ids)
+    np.testing.assert_array_equal(got.rollout_max, pooled)
     # the training rows' mean, for the mean ablation
     train = np.setdiff1d(np.arange(CAP), held)
-    np.testing.assert_allclose(got["train_mean"], ref.residuals[train].astype(np.float64).mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(got.train_mean, ref.residuals[train].astype(np.float64).mean(axis=0), rtol=1e-6)
 
 
 class CountingSource(StoreSource):
@@ -661,21 +670,16 @@ class CountingSource(StoreSource):
         return rows
 
 
-@pytest.mark.parametrize("export", [False, True])
-def test_streamed_analysis_reads_chunks_and_keeps_only_the_heldout_residuals(rollout_store, export):
-    cfg, sae = analysis_config(export), store_sae()
+def test_streamed_analysis_reads_chunks_and_keeps_only_the_heldout_residuals(rollout_store):
+    cfg, sae = analysis_config(), store_sae()
     selection = store_selection(rollout_store, cfg)
     source = CountingSource(rollout_store, LAYER, selection.rows)
-    sample = encode_sample(sae, source, selection, keep_residuals=export)
+    sample = encode_sample(sae, source, selection)
     # every sampled row read once, never more than a chunk at a time
     assert sum(source.reads) == CAP and max(source.reads) <= CHUNK_ROWS and len(source.reads) > 1
     ref = sample_in_memory(rollout_store, selection)
     assert sample.heldout_residuals.dtype == source.dtype  # kept in the store dtype
     np.testing.assert_array_equal(sample.heldout_residuals.astype(np.float32), ref.residuals[selection.heldout])
-    if export:
-        np.testing.assert_array_equal(sample.residuals.astype(np.float32), ref.residuals)
-    else:
-        assert sample.residuals is None
     assert sample.values.shape == sample.indices.shape == (CAP, 4)
     np.testing.assert_array_equal(sample.position, ref.position)
     ids = np.unique(ref.rollout_id)
@@ -689,18 +693,16 @@ def test_correctness_statistics_are_not_computable_without_both_labels(rollout_s
     rollouts = {rid: dataclasses.replace(r, outcome=outcome, correct=False) for rid, r in store_rollouts().items()}
     selection = store_selection(rollout_store, cfg)
     sample = encode_sample(sae, StoreSource(rollout_store, LAYER, selection.rows), selection)
-    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "exclude"))
-    got = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg)
-    level = got["summary"]["rollout_level"]
+    got = analyze_layer(LAYER, sae, sample, layer_inputs(cfg, selection, rollouts))
+    level = got.summary["rollout_level"]
     assert reason in level["reason"] and level["max_abs_auroc"] is None
-    assert got["stats"]["rollout_auroc"] is None and got["token_auroc"] is None
-    text = json.dumps({"summary": got["summary"], "stats": got["stats"]}, allow_nan=False)  # never a NaN
+    assert got.feature_stats["rollout_auroc"] is None and got.feature_stats["token_auroc"] is None
+    text = json.dumps({"summary": got.summary, "stats": got.feature_stats}, allow_nan=False)  # never a NaN
     assert "NaN" not in text
     # counted as wrong, truncated rollouts become labels: still one class, still said so
     if outcome == "truncated":
-        rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, "wrong"))
-        again = analyze_layer(LAYER, sae, sample, rows, {"revived": 0}, rollouts, cfg)
-        assert "are wrong" in again["summary"]["rollout_level"]["reason"]
+        again = analyze_layer(LAYER, sae, sample, layer_inputs(cfg, selection, rollouts, "wrong"))
+        assert "are wrong" in again.summary["rollout_level"]["reason"]
 
 
 @pytest.mark.parametrize("settings, expected", [
@@ -710,10 +712,9 @@ def test_correctness_statistics_are_not_computable_without_both_labels(rollout_s
     ({"recipe": "modern"}, "bf16 where the training device has native bf16, else fp32"),
 ])
 def test_the_card_states_the_encoder_precision_the_config_sets(settings, expected):
-    from qsae.release import encoder_precision
-    from qsae.train import TrainConfig
+    from qsae.config import TrainConfig
 
-    assert encoder_precision(TrainConfig(**settings)) == expected
+    assert TrainConfig(**settings).encoder_precision() == expected
 
 
 def test_feature_pages_stream_out_a_block_at_a_time(tmp_path):
@@ -727,19 +728,19 @@ def test_feature_pages_stream_out_a_block_at_a_time(tmp_path):
     rollout, position = np.repeat(np.arange(40), 100), np.tile(np.arange(100), 40)
     tokens = TokenTable({r: list(range(100)) for r in range(40)})
     sae = TopKSAE(8, n_features, 4)
-    data = layer_features(sae.W_dec.detach(), values, indices, rollout, position, tokens, top=3, width=2,
+    data = layer_features(sae.W_dec.detach(), SampleCodes(values, indices, rollout, position), tokens, top=3, width=2,
                           per_bin=1, seed=0)
     live = data.live.tolist()
-    info = {"model_id": "tiny", "model_revision": None, "architecture": "topk", "n_features": n_features,
-            "outcomes": {"n": 40}}
+    info = ReleaseFacts.from_dict({**card_info(), "model_id": "tiny", "model_revision": None, "architecture": "topk",
+                                   "n_features": n_features, "outcomes": {"n": 40}})
     pages = LayerPages(tmp_path / "browser", 3, n_features)
-    neuronpedia = NeuronpediaLayer(tmp_path / "neuronpedia", PipelineConfig(), info, 3, "blocks.3.hook_resid_post",
-                                   sae, None)
+    neuronpedia = NeuronpediaLayer(tmp_path / "neuronpedia", info, PipelineConfig().release, layer=3, sae=sae,
+                                   logits=None)
     block_file = lambda b: tmp_path / "browser" / "data" / f"layer_3_block_{b}.js"
     (folder,) = (tmp_path / "neuronpedia").iterdir()
     for feature in live:
         block, batch = feature // BLOCK_SIZE, feature // NEURONPEDIA_BATCH
-        record = data.record(feature, {}, str, str, None)
+        record = data.record(feature, {}, token_text=str, outcome_of=str, logits=None)
         pages.add(record)
         neuronpedia.add(record)
         assert not block_file(block).exists() and not (folder / f"batch-{batch}.json").exists()

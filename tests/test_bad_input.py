@@ -1,7 +1,7 @@
 """Bad input, as a user would give it: every case ends with exit status 2, one `qsae: error:` line
 naming the problem (and the file), no traceback, and nothing written. The commands run in this
 process (the same entry points as the scripts, minus interpreter start-up); two cases run as real
-processes at the end. README's bad-input table lists the same cases (checked below)."""
+processes at the end. The bad-input table of docs/faults.md lists the same cases (checked below)."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +23,7 @@ import torch
 from qsae.cli import main, release_main
 from qsae.config import PipelineConfig
 from qsae.questions import BUNDLED_QUESTIONS
-from qsae.store import new_manifest, write_manifest, write_shard
+from qsae.store import new_manifest, write_manifest, ShardRows, write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 D = 8
@@ -141,7 +141,7 @@ def test_a_config_value_that_cannot_work_is_refused_before_anything_runs(capsys,
 
 # ---------------------------------------------------------------------------------------------
 # The driver's files: questions, config, model, run directory, store, Ray address. Each case is
-# (README's name for it, arguments, what the error line says); `root` holds the files it needs.
+# (the table's name for it, arguments, what the error line says); `root` holds the files it needs.
 
 def bundled_rows() -> list[dict]:
     return [json.loads(line) for line in BUNDLED_QUESTIONS.read_text().splitlines() if line.strip()]
@@ -255,7 +255,7 @@ DRIVER_CASES = {
     "run directory under a file": (lambda root, run: ["--out", str(root / "afile" / "run")],
                                    "afile is a file, not a directory"),
     "store captured differently": (
-        lambda root, run: store_of_another_run(run, new_manifest("tiny", "other", [3, 7, 11], 64, "float32")),
+        lambda root, run: store_of_another_run(run, new_manifest("tiny", "other", [3, 7, 11], 64, dtype="float32")),
         "the activation store was captured differently (model_revision: store has 'other'"),
     "store manifest truncated": (lambda root, run: store_of_another_run(run, '{"format": 3, "layers": [3'),
                                  "manifest.json is damaged"),
@@ -310,11 +310,10 @@ def planted(n: int, seed: int) -> np.ndarray:
 
 
 def write_store(store_dir: Path, rows: np.ndarray | None) -> None:
-    manifest = new_manifest("test/model", None, [0], D, "float32")
+    manifest = new_manifest("test/model", None, [0], D, dtype="float32")
     if rows is not None:
         n = len(rows)
-        written = write_shard(store_dir, 0, "shard-00000", np.zeros(n, np.int64), np.arange(n), np.zeros(n, np.int32),
-                              np.ones(n, bool), rows, dtype="float32")
+        written = write_shard(store_dir, 0, "shard-00000", ShardRows(np.zeros(n, np.int64), np.arange(n), np.zeros(n, np.int32), np.ones(n, bool), rows), dtype="float32")
         manifest["shards"]["shard-00000"] = {"rollouts": 1, "rows": {"0": written}}
     write_manifest(store_dir, manifest)
 
@@ -445,10 +444,10 @@ def test_an_output_directory_that_cannot_be_made_is_refused_before_work(capsys, 
 
 
 # ---------------------------------------------------------------------------------------------
-# README's table lists these cases, and only these.
+# docs/faults.md's table lists these cases, and only these.
 
 def readme_cases() -> set[str]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "faults.md").read_text()
     table = text.split("<!-- bad-input table -->", 2)[1]
     return {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line
             and not line.startswith("| Input ")}

@@ -11,7 +11,8 @@ import torch
 
 from qsae.capture import capture_residuals, capture_shard, special_token_ids
 from qsae.engines.hf_engine import HFEngine
-from qsae.models import chat_prompt, decoder_layers
+from qsae.models import decoder_layers
+from qsae.questions import chat_prompt
 from qsae.questions import BUNDLED_QUESTIONS, format_prompt, load_questions
 from qsae.rollout import run_rollouts
 from qsae.store import read_layer_table, residual_matrix, shard_path, write_manifest, new_manifest
@@ -74,11 +75,11 @@ def test_capture_shard_writes_the_store_schema(tiny, rollouts, tmp_path):
     marked = tokenizer("<think>\nhm\n</think>\n\nAnswer: A", add_special_tokens=False).input_ids
     rollouts = rollouts + [dataclasses.replace(rollouts[0], rollout_id=99, response_token_ids=marked,
                                                n_response_tokens=len(marked))]
-    counts = capture_shard(residuals_of, rollouts, LAYERS, tmp_path, "shard-00000", "float32",
+    counts = capture_shard(residuals_of, rollouts, LAYERS, tmp_path, shard="shard-00000", dtype="float32",
                            special_ids=special_token_ids(tokenizer))
     n_rows = sum(r.n_response_tokens for r in rollouts)
     assert counts == {str(layer): n_rows for layer in LAYERS}
-    manifest = new_manifest("tiny", None, LAYERS, 64, "float32")
+    manifest = new_manifest("tiny", None, LAYERS, 64, dtype="float32")
     manifest["shards"]["shard-00000"] = {"rollouts": len(rollouts), "rows": counts}
     write_manifest(tmp_path, manifest)
     table = read_layer_table(tmp_path, 7)
@@ -89,7 +90,8 @@ def test_capture_shard_writes_the_store_schema(tiny, rollouts, tmp_path):
     assert table.column("position").to_pylist()[:n] == list(range(first.n_prompt_tokens, first.n_prompt_tokens + n))
     assert table.column("token_id").to_pylist()[:n] == first.response_token_ids
     assert set(table.column("rollout_id").to_pylist()) == {r.rollout_id for r in rollouts}
-    expected = capture_residuals(model, [first.prompt_token_ids + first.response_token_ids], [first.n_prompt_tokens], [7], 1)
+    expected = capture_residuals(model, [first.prompt_token_ids + first.response_token_ids], [first.n_prompt_tokens], [7],
+                                 batch_size=1)
     np.testing.assert_allclose(residual_matrix(table)[:n], expected[7][0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(table.column("norm").to_numpy()[:n], np.linalg.norm(expected[7][0], axis=1), rtol=1e-5)
     # special: exactly the tokens the tokenizer adds to its vocabulary (<|im_end|>, </think>, ...)

@@ -8,7 +8,8 @@ import torch
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
-from qsae.causal import Answers, Arm, arm_statistics, intervened, intervention, mcnemar_p, plan_layer, run_causal
+from qsae.causal import (Answers, Arm, CausalStudy, arm_statistics, assess, intervened, intervention, mcnemar_p,
+                         plan_layer)
 from qsae.models import decoder_layers
 from qsae.sae import TopKSAE
 
@@ -149,8 +150,5 @@ def test_arm_statistics_are_paired_over_questions():
 
 
 def test_a_run_without_heldout_rollouts_skips_the_check_and_says_why():
-    def never(arms, heldout):
-        raise AssertionError("nothing to rerun")
-
-    got = run_causal({}, [], never, n_boot=10, seed=0)
+    got = assess(CausalStudy({}, []), {}, n_boot=10, seed=0)
     assert got["skipped"] == "there are no held-out rollouts to rerun" and got["layers"] == {}

@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 from planted import (GATE_ACTIVE, GATE_ATOMS, GATE_BATCH, best_cosine, learnable, planted_rows, power_law_rows,
                      variance_explained)
 from qsae.sae import BatchTopKSAE, TopKSAE
-from qsae.store import new_manifest, write_manifest, write_shard
-from qsae.train import TrainConfig
+from qsae.store import new_manifest, write_manifest, ShardRows, write_shard
+from qsae.config import TrainConfig
+from qsae.sae_files import load_sae
+from qsae.training.recipes import native_bf16
 
 REPO = Path(__file__).resolve().parent.parent
 D, N_ATOMS, ACTIVE = 32, 64, 3
@@ -82,7 +84,7 @@ def test_train_metrics_record_the_run(trained):
     defaults = TrainConfig()  # flags left out mean the trainer's defaults
     assert metrics["config"]["shuffle_buffer_rows"] == defaults.shuffle_buffer_rows
     assert metrics["config"]["dead_after_steps"] == defaults.dead_after_steps
-    assert metrics["config"]["autocast_bf16"] is TrainConfig(device="cpu").uses_autocast()  # resolved
+    assert metrics["config"]["autocast_bf16"] is native_bf16("cpu")  # resolved: the modern recipe's default
     assert metrics["config"]["lr_decay_fraction"] == 0.2
     assert len(metrics["fvu"]) == 8
     torch.manual_seed(0)
@@ -94,7 +96,7 @@ def test_train_metrics_record_the_run(trained):
 def test_trained_sae_reconstructs_held_out_rows(trained):
     proc, _, out = trained
     assert proc.returncode == 0, proc.stderr
-    sae = TopKSAE.load(out / f"{STEM}.pt")
+    sae = load_sae(out / f"{STEM}.pt")
     assert (sae.d_in, sae.n_features, sae.k) == (D, N_FEATURES, K)
     # Measured 0.82-0.86 over data and init seeds; 0.7 leaves a wide margin.
     assert variance_explained(sae, planted(2000, seed=2)) > 0.7
@@ -130,7 +132,7 @@ def test_train_and_export_a_batchtopk_sae(trained, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["config"]["architecture"] == "batchtopk"
     for rel in RELEASE_FILES:  # every format but sparsify's, which has no thresholded architecture
         assert (out / rel).is_file() == (not rel.startswith("sparsify/")), rel
-    sae = TopKSAE.load(out / f"{STEM}.pt")
+    sae = load_sae(out / f"{STEM}.pt")
     assert type(sae) is BatchTopKSAE and sae.threshold > 0
     assert variance_explained(sae, planted(2000, seed=2)) > 0.7
     # Exported again from the SAELens folder (k from its metadata): the same tensors.
@@ -157,11 +159,10 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, problem: str) -> No
 def write_store(store_dir: Path, shards: dict[str, np.ndarray]) -> int:
     """An Arrow activation store of layer 0 holding the given rows per shard, as capture writes it;
     returns its row count."""
-    manifest = new_manifest("test/model", None, [0], D, "float32")
+    manifest = new_manifest("test/model", None, [0], D, dtype="float32")
     for shard, rows in shards.items():
         n = len(rows)
-        written = write_shard(store_dir, 0, shard, np.zeros(n, np.int64), np.arange(n), np.zeros(n, np.int32),
-                              np.ones(n, bool), rows, dtype="float32")
+        written = write_shard(store_dir, 0, shard, ShardRows(np.zeros(n, np.int64), np.arange(n), np.zeros(n, np.int32), np.ones(n, bool), rows), dtype="float32")
         manifest["shards"][shard] = {"rollouts": 1, "rows": {"0": written}}
     write_manifest(store_dir, manifest)
     return sum(entry["rows"]["0"] for entry in manifest["shards"].values())
@@ -179,7 +180,7 @@ def test_train_command_passes_the_quality_gate(tmp_path):
                 "--n-features", 2 * GATE_ATOMS, "--k", GATE_ACTIVE, "--epochs", 40, "--batch-size", GATE_BATCH,
                 "--dead-after-steps", 100, "--out", out)
     assert proc.returncode == 0, proc.stderr
-    sae = TopKSAE.load(out / f"sae_L0_n{2 * GATE_ATOMS}_k{GATE_ACTIVE}.pt")
+    sae = load_sae(out / f"sae_L0_n{2 * GATE_ATOMS}_k{GATE_ACTIVE}.pt")
     cosine = best_cosine(atoms, sae)[learnable(occurrences)].mean()
     assert cosine >= 0.9, f"mean best cosine {cosine:.3f}"
 
@@ -304,17 +305,18 @@ def test_train_streams_from_an_arrow_store(tmp_path):
     assert metrics["tokens_seen"] == 8 * 3000
     assert metrics["fvu"][-1] < 0.5 * metrics["fvu"][0]
     # Trained on the store's rows: it reconstructs held-out rows of the same dictionary.
-    assert variance_explained(TopKSAE.load(out / f"{STEM}.pt"), planted(2000, seed=2)) > 0.7  # measured 0.80
+    assert variance_explained(load_sae(out / f"{STEM}.pt"), planted(2000, seed=2)) > 0.7  # measured 0.80
 
 
 def test_analyze_refuses_a_trained_sae_other_than_the_config_asks_for(tmp_path, capsys, tiny_path):
     """Before Ray starts: the layer's recorded SAE against train.architecture, n_features and k."""
     from qsae.cli import main
-    from qsae.train import save_trained
+    from qsae.rundir import RunDir
+    from qsae.training.trained import TrainedSAE, save_trained
 
     for layer in (3, 7, 11):
-        save_trained(tmp_path, layer, TopKSAE(64, 32, 4), {"revived": 0})
-    write_manifest(tmp_path / "activations", new_manifest("tiny", None, [3, 7, 11], 64, "float32"))
+        save_trained(RunDir(tmp_path), layer, TrainedSAE(TopKSAE(64, 32, 4), {"revived": 0}, {}))
+    write_manifest(tmp_path / "activations", new_manifest("tiny", None, [3, 7, 11], 64, dtype="float32"))
     assert main(["analyze", "--out", str(tmp_path), "train.n_features=64", "train.k=4"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "qsae: error: layer 3: the trained SAE is topk with n_features=32, k=4, but the config asks for topk with "

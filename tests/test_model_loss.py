@@ -20,7 +20,9 @@ from qsae.analysis.model_loss import (
     sae_replacement,
     zero_replacement,
 )
-from qsae.models import chat_prompt, decoder_layers, load_model, practice_response, resolve_model_path
+from qsae.models import decoder_layers, load_model, resolve_model_path
+from qsae.questions import chat_prompt
+from qsae.tiny import practice_response
 from qsae.questions import BUNDLED_QUESTIONS, load_questions
 from qsae.sae import TopKSAE
 

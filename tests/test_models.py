@@ -6,22 +6,9 @@ import importlib.util
 import pytest
 import torch
 
-from qsae.models import (
-    ModelLoadError,
-    TinyRecipe,
-    attention_layer_indices,
-    build_tiny_model,
-    chat_prompt,
-    check_fits,
-    check_layers,
-    decoder_layers,
-    load_model,
-    memory_budget,
-    missing_fast_kernels,
-    model_dims,
-    parameter_count,
-    resolve_model_path,
-)
+from qsae.models import ModelLoadError, attention_layer_indices, check_fits, check_layers, decoder_layers, load_model, memory_budget, missing_fast_kernels, model_dims, parameter_count, resolve_model_path
+from qsae.questions import chat_prompt
+from qsae.tiny import TinyRecipe, build_tiny_model
 
 
 def test_tiny_model_is_a_qwen3_5_hybrid(tiny):
@@ -57,7 +44,7 @@ def test_tiny_model_writes_answers_of_both_classes(tiny):
     from qsae.rollout import run_rollouts
 
     model, tokenizer = tiny
-    rollouts = run_rollouts(HFEngine(model, tokenizer, 256, 16), tokenizer, load_questions(BUNDLED_QUESTIONS), 0, False, 0)
+    rollouts = run_rollouts(HFEngine(model, tokenizer, 256, 16), tokenizer, load_questions(BUNDLED_QUESTIONS), 0, thinking=False, seed=0)
     parsed = [r for r in rollouts if r.predicted_letter is not None]
     assert len(parsed) >= len(rollouts) // 2
     assert 0 < sum(r.correct for r in rollouts) < len(rollouts)

@@ -21,7 +21,8 @@ from qsae.cli import main
 from qsae.models import model_dims, resolve_model_path
 from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.store import read_layer_table, read_manifest, residual_matrix, write_manifest
-from qsae.train import load_trained, save_trained
+from qsae.training.trained import load_trained, save_trained
+from qsae.sae_files import load_sae
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["rollout.num_questions=24", "train.epochs=6", "train.n_features=128", "train.k=8", "release.bootstrap=50",
@@ -129,7 +130,7 @@ def test_statistics_are_those_of_the_released_rows(release):
     for layer in ("3", "7", "11"):
         x = acts[f"L{layer}"].astype(np.float32)
         assert x.shape == (len(labels), 64)
-        sae = TopKSAE.load(release / f"sae_L{layer}_n128_k8.pt")
+        sae = load_sae(release / f"sae_L{layer}_n128_k8.pt")
         with torch.no_grad():
             values, indices = sae.encode_topk(torch.from_numpy(x))
             x_hat = sae.decode_topk(values, indices).numpy()
@@ -229,7 +230,7 @@ def test_feature_browser_works_offline_and_shows_every_live_feature(release, tin
     # the logit table against the model: the final norm of the decoder direction (the norm's gain times
     # the direction, up to a positive scale) through the output embedding, ranked
     model, tokenizer = tiny
-    sae = TopKSAE.load(release / f"sae_L{layer}_n128_k8.safetensors")
+    sae = load_sae(release / f"sae_L{layer}_n128_k8.safetensors")
     with torch.no_grad():
         final_norm = model.model.language_model.norm  # Qwen3.5: the text model inside the multimodal one
         logits = model.get_output_embeddings()(final_norm(sae.W_dec[busiest][None]))[0]
@@ -284,7 +285,7 @@ def test_saebench_and_neuronpedia_files_hold_the_releases_numbers(release):
             "ce_loss_with_sae": f["ce_spliced"], "ce_loss_without_sae": f["ce_clean"]}
         assert metrics["model_behavior_preservation"]["kl_div_with_sae"] == f["kl"]
         assert metrics["model_behavior_preservation"]["kl_div_with_ablation"] == f["kl_zero"] > f["kl"]
-        sae = TopKSAE.load(release / f"sae_L{layer}_n128_k8.safetensors")
+        sae = load_sae(release / f"sae_L{layer}_n128_k8.safetensors")
         x = acts[f"L{layer}"][acts["heldout"] == 1].astype(np.float64)
         with torch.no_grad():
             x_hat = sae(torch.from_numpy(x).float()).double().numpy()
@@ -336,7 +337,7 @@ def test_causal_check_reruns_the_heldout_questions_with_the_chosen_features_inte
 
     layer = "7"  # configs/tiny.toml's causal.layers
     acts, _ = released_rows(release)
-    sae = TopKSAE.load(release / f"sae_L{layer}_n128_k8.safetensors")
+    sae = load_sae(release / f"sae_L{layer}_n128_k8.safetensors")
     with torch.no_grad():
         codes = sae.encode(torch.from_numpy(acts[f"L{layer}"]).float()).numpy()
     train = [r for r in np.unique(acts["rollout_id"]).tolist()
@@ -519,9 +520,9 @@ def test_batchtopk_runs_end_to_end(batchtopk_release, release):
     for layer in ("3", "7", "11"):
         assert {f"sae_L{layer}_n128_k8.pt", f"saelens/blocks.{layer}.hook_resid_post/cfg.json"} <= names
         assert not any(name.startswith("sparsify/") for name in names)
-        sae = TopKSAE.load(batchtopk_release / f"sae_L{layer}_n128_k8.safetensors")
+        sae = load_sae(batchtopk_release / f"sae_L{layer}_n128_k8.safetensors")
         assert type(sae) is BatchTopKSAE
-        assert type(TopKSAE.load(release / f"sae_L{layer}_n128_k8.safetensors")) is TopKSAE  # the default run's
+        assert type(load_sae(release / f"sae_L{layer}_n128_k8.safetensors")) is TopKSAE  # the default run's
         row = summary[layer]
         assert row["architecture"] == "batchtopk" and row["threshold"] == pytest.approx(sae.threshold.item())
         assert row["threshold"] > 0
@@ -560,7 +561,7 @@ def test_every_decoder_layer_in_one_pass_trained_over_the_resources_given(tmp_pa
     summary = json.loads((tmp_path / "release" / "final_summary.json").read_text())
     assert sorted(summary["layers"], key=int) == [str(layer) for layer in range(n_layers)]
     for layer in range(n_layers):
-        sae = TopKSAE.load(tmp_path / "release" / f"sae_L{layer}_n32_k4.safetensors")
+        sae = load_sae(tmp_path / "release" / f"sae_L{layer}_n32_k4.safetensors")
         assert sae.d_in == manifest["d_model"]
 
 

@@ -10,7 +10,8 @@ import torch
 
 from planted import GATE_ACTIVE, GATE_ATOMS, GATE_BATCH, GATE_D, best_cosine, learnable, power_law_rows
 from qsae.sae import TopKSAE
-from qsae.train import TrainConfig, train_sae
+from qsae.config import TrainConfig
+from qsae.training.loop import train_sae
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,8 +10,8 @@ from qsae.rollout import make_rollout, read_rollouts, run_rollouts, write_rollou
 def test_batched_left_padded_generation_matches_single_prompts(tiny):
     model, tokenizer = tiny
     questions = load_questions(BUNDLED_QUESTIONS)[:6]  # prompts of different lengths
-    batched = run_rollouts(HFEngine(model, tokenizer, 48, batch_size=6), tokenizer, questions, 0, False, 0)
-    single = run_rollouts(HFEngine(model, tokenizer, 48, batch_size=1), tokenizer, questions, 0, False, 0)
+    batched = run_rollouts(HFEngine(model, tokenizer, 48, batch_size=6), tokenizer, questions, 0, thinking=False, seed=0)
+    single = run_rollouts(HFEngine(model, tokenizer, 48, batch_size=1), tokenizer, questions, 0, thinking=False, seed=0)
     assert len({r.n_prompt_tokens for r in batched}) > 1
     for b, s in zip(batched, single):
         assert b.response_token_ids == s.response_token_ids
@@ -20,7 +20,7 @@ def test_batched_left_padded_generation_matches_single_prompts(tiny):
 def test_generation_respects_budget_and_stops_at_end_of_turn(tiny):
     model, tokenizer = tiny
     questions = load_questions(BUNDLED_QUESTIONS)[:8]
-    rollouts = run_rollouts(HFEngine(model, tokenizer, 400, batch_size=8), tokenizer, questions, 10, False, 3)
+    rollouts = run_rollouts(HFEngine(model, tokenizer, 400, batch_size=8), tokenizer, questions, 10, thinking=False, seed=3)
     assert [r.rollout_id for r in rollouts] == list(range(10, 18))
     stopped = [r for r in rollouts if r.n_response_tokens < 400]
     assert stopped, "the tiny model should finish some answers before the budget"
@@ -28,14 +28,14 @@ def test_generation_respects_budget_and_stops_at_end_of_turn(tiny):
         assert tokenizer.eos_token_id not in r.response_token_ids and tokenizer.pad_token_id not in r.response_token_ids
         assert r.predicted_letter == parse_answer(r.response, len(questions[r.rollout_id - 10].options))
         assert r.correct == (r.predicted_letter == r.answer_letter and r.finish_reason == "stop")
-    short = run_rollouts(HFEngine(model, tokenizer, 5, batch_size=8), tokenizer, questions, 0, False, 3)
+    short = run_rollouts(HFEngine(model, tokenizer, 5, batch_size=8), tokenizer, questions, 0, thinking=False, seed=3)
     assert all(r.n_response_tokens == 5 for r in short)
 
 
 def test_rollouts_parquet_round_trip(tiny, tmp_path):
     model, tokenizer = tiny
     questions = load_questions(BUNDLED_QUESTIONS)[:3]
-    rollouts = run_rollouts(HFEngine(model, tokenizer, 20, batch_size=3), tokenizer, questions, 0, True, 7)
+    rollouts = run_rollouts(HFEngine(model, tokenizer, 20, batch_size=3), tokenizer, questions, 0, thinking=True, seed=7)
     write_rollouts(rollouts, tmp_path / "rollouts.parquet")
     assert read_rollouts(tmp_path / "rollouts.parquet") == rollouts
 
@@ -45,7 +45,7 @@ def test_rollouts_parquet_round_trip(tiny, tmp_path):
 def graded(tokenizer, question, response_text: str, finish_reason: str, thinking: bool):
     """A rollout made from a response written here, tokenized as the model would have produced it."""
     ids = tokenizer(response_text, add_special_tokens=False).input_ids
-    return make_rollout(0, question, "prompt", [1, 2], Generation(ids, finish_reason), tokenizer=tokenizer,
+    return make_rollout(0, question, "prompt", [1, 2], generation=Generation(ids, finish_reason), tokenizer=tokenizer,
                         thinking=thinking, engine="test", seed=0)
 
 
@@ -75,9 +75,9 @@ def test_label_rules(tiny):
 def test_finish_reason_of_the_transformers_engine(tiny):
     model, tokenizer = tiny
     questions = load_questions(BUNDLED_QUESTIONS)[:8]
-    rollouts = run_rollouts(HFEngine(model, tokenizer, 400, batch_size=8), tokenizer, questions, 0, False, 3)
+    rollouts = run_rollouts(HFEngine(model, tokenizer, 400, batch_size=8), tokenizer, questions, 0, thinking=False, seed=3)
     assert {r.finish_reason for r in rollouts if r.n_response_tokens < 400} == {"stop"}
-    short = run_rollouts(HFEngine(model, tokenizer, 5, batch_size=8), tokenizer, questions, 0, False, 3)
+    short = run_rollouts(HFEngine(model, tokenizer, 5, batch_size=8), tokenizer, questions, 0, thinking=False, seed=3)
     assert {(r.finish_reason, r.outcome) for r in short} == {("length", "truncated")}
 
 

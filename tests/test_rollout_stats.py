@@ -123,7 +123,7 @@ def test_one_class_or_no_labels_raise_clear_errors():
         with pytest.raises(UndefinedAUROCError):
             permutation_test(scores, labels, np.arange(5), 10)
         with pytest.raises(UndefinedAUROCError):
-            bootstrap_auroc_ci(scores[:, 0], labels, np.arange(5), 10)
+            bootstrap_auroc_ci(scores[:, 0], labels, np.arange(5), n_boot=10)
     with pytest.raises(UndefinedAUROCError, match="no labelled rollouts"):
         auroc_dense(np.ones((0, 3)), np.zeros(0, bool))
     with pytest.raises(ValueError, match="labels must have shape"):
@@ -284,7 +284,7 @@ def test_bootstrap_auroc_ci_matches_resampling_questions():
     labels = np.isin(groups, [0, 3])  # correct rollouts in two questions only: some replicates miss both
     labels[np.flatnonzero(groups == 3)[0]] = False
     n_boot, seed = 300, 13
-    ci = bootstrap_auroc_ci(lengths, labels, groups, n_boot, seed)
+    ci = bootstrap_auroc_ci(lengths, labels, groups, n_boot=n_boot, seed=seed)
 
     draws = np.random.default_rng(seed).integers(0, 7, (n_boot, 7))
     replicates = []
@@ -302,7 +302,7 @@ def test_bootstrap_auroc_ci_is_none_when_most_replicates_are_one_class():
     groups, labels = np.repeat([0, 1], 3), np.repeat([True, False], 3)
     usable = [(len(set(d)) == 2) for d in np.random.default_rng(0).integers(0, 2, (9, 2))]
     assert 2 * sum(usable) < 9
-    assert bootstrap_auroc_ci(np.arange(6.0), labels, groups, 9, seed=0) is None
+    assert bootstrap_auroc_ci(np.arange(6.0), labels, groups, n_boot=9, seed=0) is None
 
 
 # probe

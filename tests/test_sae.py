@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qsae.sae import BatchTopKSAE, TopKSAE
+from qsae.sae_files import save_sae, load_sae, release_tensors, threshold_per_latent
 
 D_IN, N_FEATURES, K = 24, 80, 6
 
@@ -91,12 +92,12 @@ def _release_paths(paths: dict[str, Path]) -> dict[str, Path]:
 
 
 def test_save_release_round_trips_every_format(sae, x, tmp_path):
-    paths = sae.save_release(tmp_path, layer=7, hook_name="model.layers.7")
+    paths = save_sae(sae, tmp_path, layer=7, hook="model.layers.7")
     assert paths["pt"].name == f"sae_L7_n{N_FEATURES}_k{K}.pt"
     assert paths["safetensors"].name == f"sae_L7_n{N_FEATURES}_k{K}.safetensors"
     expected = sae.encode(x)
     for fmt, path in _release_paths(paths).items():
-        loaded = TopKSAE.load(path)
+        loaded = load_sae(path)
         assert loaded.k == K, fmt
         assert torch.equal(loaded.encode(x), expected), fmt
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
@@ -104,7 +105,7 @@ def test_save_release_round_trips_every_format(sae, x, tmp_path):
 
 
 def test_release_files_follow_the_contract(sae, tmp_path):
-    paths = sae.save_release(tmp_path, layer=7, hook_name="blocks.7.hook_resid_post")
+    paths = save_sae(sae, tmp_path, layer=7, hook="blocks.7.hook_resid_post")
     state = torch.load(paths["pt"], weights_only=True)
     fresh = TopKSAE(D_IN, N_FEATURES, K)
     fresh.load_state_dict(state)
@@ -130,46 +131,46 @@ def test_release_files_follow_the_contract(sae, tmp_path):
 
 
 def test_save_release_replaces_existing_files(sae, x, tmp_path):
-    sae.save_release(tmp_path, layer=1, hook_name="h")
+    save_sae(sae, tmp_path, layer=1, hook="h")
     with torch.no_grad():
         sae.b_enc.add_(1.0)
-    paths = sae.save_release(tmp_path, layer=1, hook_name="h")
-    assert torch.equal(TopKSAE.load(paths["pt"]).encode(x), sae.encode(x))
+    paths = save_sae(sae, tmp_path, layer=1, hook="h")
+    assert torch.equal(load_sae(paths["pt"]).encode(x), sae.encode(x))
 
 
 def test_load_k_override_and_missing_k(sae, x, tmp_path):
-    paths = sae.save_release(tmp_path, layer=2, hook_name="h")
-    assert TopKSAE.load(paths["pt"], k=2).encode(x).count_nonzero(dim=-1).max() <= 2
+    paths = save_sae(sae, tmp_path, layer=2, hook="h")
+    assert load_sae(paths["pt"], k=2).encode(x).count_nonzero(dim=-1).max() <= 2
     renamed = tmp_path / "weights.pt"
     paths["pt"].rename(renamed)
     with pytest.raises(ValueError, match="k"):
-        TopKSAE.load(renamed)
-    assert TopKSAE.load(renamed, k=K).k == K
+        load_sae(renamed)
+    assert load_sae(renamed, k=K).k == K
 
 
 def test_load_bad_paths(tmp_path):
     with pytest.raises(FileNotFoundError):
-        TopKSAE.load(tmp_path / "missing.pt")
+        load_sae(tmp_path / "missing.pt")
     other = tmp_path / "weights.npy"
     other.write_bytes(b"\x00")
     with pytest.raises(ValueError, match="unrecognised"):
-        TopKSAE.load(other)
+        load_sae(other)
     with pytest.raises(ValueError, match="cfg.json"):
-        TopKSAE.load(tmp_path)
+        load_sae(tmp_path)
     torch.save({"W_enc": torch.zeros(3, 4)}, tmp_path / "partial_k2.pt")
     with pytest.raises(ValueError, match="expected tensors"):
-        TopKSAE.load(tmp_path / "partial_k2.pt")
+        load_sae(tmp_path / "partial_k2.pt")
 
 
 def test_bad_hook_name(sae, tmp_path):
     for hook_name in ("", "..", "a/b"):
         with pytest.raises(ValueError, match="hook_name"):
-            sae.save_release(tmp_path, layer=0, hook_name=hook_name)
+            save_sae(sae, tmp_path, layer=0, hook=hook_name)
 
 
 def test_saelens_loads_release(sae, x, tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
-    paths = sae.save_release(tmp_path, layer=3, hook_name="blocks.3.hook_resid_post")
+    paths = save_sae(sae, tmp_path, layer=3, hook="blocks.3.hook_resid_post")
     theirs = sae_lens.SAE.load_from_disk(str(paths["saelens"]))
     assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
     with torch.no_grad():
@@ -180,7 +181,7 @@ def test_saelens_loads_release(sae, x, tmp_path):
 
 def test_sparsify_loads_release(sae, x, tmp_path):
     sparsify = pytest.importorskip("sparsify")
-    paths = sae.save_release(tmp_path, layer=3, hook_name="blocks.3.hook_resid_post")
+    paths = save_sae(sae, tmp_path, layer=3, hook="blocks.3.hook_resid_post")
     theirs = sparsify.Sae.load_from_disk(paths["sparsify"])
     with torch.no_grad():
         out = theirs.encode(x)
@@ -377,14 +378,14 @@ def test_batchtopk_encoder_gradients_match_autograd(with_dead):
 
 
 def test_batchtopk_release_round_trips_every_format(batchtopk, x, tmp_path):
-    paths = batchtopk.save_release(tmp_path, layer=7, hook_name="blocks.7.hook_resid_post")
+    paths = save_sae(batchtopk, tmp_path, layer=7, hook="blocks.7.hook_resid_post")
     assert set(paths) == {"pt", "safetensors", "saelens"}  # sparsify has no thresholded architecture
     assert not (tmp_path / "sparsify").exists()
     expected = batchtopk.encode(x)
     for fmt, path in {"pt": paths["pt"], "safetensors": paths["safetensors"], "saelens": paths["saelens"],
                       "saelens cfg.json": paths["saelens"] / "cfg.json"}.items():
         for cls in (TopKSAE, BatchTopKSAE):  # the stored architecture decides, whichever class loads it
-            loaded = cls.load(path)
+            loaded = load_sae(path, expected=cls)
             assert type(loaded) is BatchTopKSAE and loaded.k == K, fmt
             assert loaded.threshold.item() == pytest.approx(THRESHOLD), fmt
             assert torch.equal(loaded.encode(x), expected), fmt
@@ -396,7 +397,7 @@ def test_batchtopk_release_round_trips_every_format(batchtopk, x, tmp_path):
 
 
 def test_batchtopk_release_files_follow_the_contract(batchtopk, tmp_path):
-    paths = batchtopk.save_release(tmp_path, layer=7, hook_name="blocks.7.hook_resid_post")
+    paths = save_sae(batchtopk, tmp_path, layer=7, hook="blocks.7.hook_resid_post")
     state = torch.load(paths["pt"], weights_only=True)
     assert set(state) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
     assert state["threshold"].shape == () and state["threshold"].item() == pytest.approx(THRESHOLD)
@@ -414,28 +415,28 @@ def test_batchtopk_release_files_follow_the_contract(batchtopk, tmp_path):
 
 
 def test_load_refuses_mismatched_architectures(sae, batchtopk, tmp_path):
-    topk_paths = sae.save_release(tmp_path / "topk", layer=1, hook_name="h")
+    topk_paths = save_sae(sae, tmp_path / "topk", layer=1, hook="h")
     with pytest.raises(ValueError, match="topk SAE, not a batchtopk one"):
-        BatchTopKSAE.load(topk_paths["pt"])
-    paths = batchtopk.save_release(tmp_path / "batchtopk", layer=1, hook_name="h")
-    tensors = batchtopk.release_tensors()
+        load_sae(topk_paths["pt"], expected=BatchTopKSAE)
+    paths = save_sae(batchtopk, tmp_path / "batchtopk", layer=1, hook="h")
+    tensors = release_tensors(batchtopk)
     save_file(tensors, tmp_path / "mislabelled_k6.safetensors", metadata={"k": str(K), "architecture": "topk"})
     with pytest.raises(ValueError, match="recorded as 'topk'"):
-        TopKSAE.load(tmp_path / "mislabelled_k6.safetensors")
+        load_sae(tmp_path / "mislabelled_k6.safetensors")
     save_file(tensors, tmp_path / "unknown_k6.safetensors", metadata={"k": str(K), "architecture": "gated"})
     with pytest.raises(ValueError, match="unknown SAE architecture 'gated'; expected one of topk, batchtopk"):
-        TopKSAE.load(tmp_path / "unknown_k6.safetensors")
+        load_sae(tmp_path / "unknown_k6.safetensors")
     # A JumpReLU SAE with per-latent thresholds is not a BatchTopK one.
     weights = paths["saelens"] / "sae_weights.safetensors"
-    save_file({**batchtopk.saelens_tensors(tensors), "threshold": torch.rand(N_FEATURES)}, weights)
+    save_file({**threshold_per_latent(tensors), "threshold": torch.rand(N_FEATURES)}, weights)
     with pytest.raises(ValueError, match="thresholds differ between latents"):
-        TopKSAE.load(paths["saelens"])
+        load_sae(paths["saelens"])
 
 
 def test_saelens_loads_batchtopk_release(batchtopk, tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
     x = torch.randn(200, D_IN, generator=torch.Generator().manual_seed(2))
-    paths = batchtopk.save_release(tmp_path, layer=3, hook_name="blocks.3.hook_resid_post")
+    paths = save_sae(batchtopk, tmp_path, layer=3, hook="blocks.3.hook_resid_post")
     theirs = sae_lens.SAE.load_from_disk(str(paths["saelens"]))
     assert theirs.cfg.architecture() == "jumprelu"
     assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"

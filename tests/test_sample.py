@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from qsae.rundir import RunDir
 from qsae.sample import (
     RowRules,
     SplitMismatchError,
@@ -16,7 +17,8 @@ from qsae.sample import (
     split_by_question,
     training_rows,
 )
-from qsae.store import StoreSource, new_manifest, shuffled_batches, write_manifest, write_shard
+from qsae.store import new_manifest, write_manifest, ShardRows, write_shard
+from qsae.streaming import StoreSource, shuffled_batches
 
 LAYERS = [2, 5]
 D = 6
@@ -71,13 +73,11 @@ def write_marked_store(store_dir, tokens_per_rollout: int = 30, n_rollouts: int 
     for layer in LAYERS:
         residuals[layer][sink & (sink_layer == layer)] *= 50
         residuals[layer][special | sink, 0] = SENTINEL
-    manifest = new_manifest("test/model", None, LAYERS, D, "float32")
+    manifest = new_manifest("test/model", None, LAYERS, D, dtype="float32")
     halves = np.array_split(np.arange(n), [n // 2 + 7])  # a shard boundary inside a rollout
     for i, rows in enumerate(halves):
         shard = f"shard-{i:05d}"
-        written = {str(layer): write_shard(store_dir, layer, shard, rollout_id[rows], position[rows],
-                                           np.zeros(len(rows), np.int32), np.zeros(len(rows), bool),
-                                           residuals[layer][rows], "float32", special=special[rows])
+        written = {str(layer): write_shard(store_dir, layer, shard, ShardRows(rollout_id[rows], position[rows], np.zeros(len(rows), np.int32), np.zeros(len(rows), bool), residuals[layer][rows], special=special[rows]), dtype="float32")
                    for layer in LAYERS}
         manifest["shards"][shard] = {"questions": [], "rollouts": 0, "rows": written}
     write_manifest(store_dir, manifest)
@@ -126,8 +126,8 @@ def test_masked_and_heldout_tokens_never_reach_training(tmp_path):
     truth = write_marked_store(tmp_path / "activations")
     question_of = {r: f"q{r // 3}" for r in range(12)}
     split = split_by_question(question_of, RowRules(holdout_fraction=0.25, seed=2))
-    save_split(tmp_path, split)
-    rows = training_rows(tmp_path, LAYERS)
+    save_split(RunDir(tmp_path), split)
+    rows = training_rows(RunDir(tmp_path), LAYERS)
     held = np.isin(truth["rollout_id"], split.heldout_rollout_ids)
     expected = np.flatnonzero(~truth["special"] & ~truth["sink"] & ~held)
     for layer in LAYERS:
@@ -142,22 +142,22 @@ def test_split_file_round_trip_and_refusals(tmp_path):
     question_of = {r: f"q{r}" for r in range(10)}
     rules = RowRules(holdout_fraction=0.3, seed=4)
     split = split_by_question(question_of, rules)
-    save_split(tmp_path, split)
+    save_split(RunDir(tmp_path), split)
     saved = json.loads((tmp_path / "saes" / "split.json").read_text())
     assert saved["unit"] == "question" and saved["heldout_rollout_ids"] == split.heldout_rollout_ids
-    assert load_split(tmp_path) == split
-    check_same_split(load_split(tmp_path), rules, question_of)
+    assert load_split(RunDir(tmp_path)) == split
+    check_same_split(load_split(RunDir(tmp_path)), rules, question_of)
     with pytest.raises(SplitMismatchError, match="train.split_seed: saved 4, config 5"):
-        check_same_split(load_split(tmp_path), RowRules(holdout_fraction=0.3, seed=5), question_of)
+        check_same_split(load_split(RunDir(tmp_path)), RowRules(holdout_fraction=0.3, seed=5), question_of)
     with pytest.raises(SplitMismatchError, match="capture.max_norm_multiple: saved 10.0, config 20"):
-        check_same_split(load_split(tmp_path), RowRules(holdout_fraction=0.3, seed=4, max_norm_multiple=20),
+        check_same_split(load_split(RunDir(tmp_path)), RowRules(holdout_fraction=0.3, seed=4, max_norm_multiple=20),
                          question_of)
     with pytest.raises(SplitMismatchError, match="train.holdout_fraction: saved 0.3, config 0.5"):
-        check_same_split(load_split(tmp_path), RowRules(holdout_fraction=0.5, seed=4), question_of)
+        check_same_split(load_split(RunDir(tmp_path)), RowRules(holdout_fraction=0.5, seed=4), question_of)
     with pytest.raises(SplitMismatchError, match="capture.max_tokens_per_layer: saved None, config 100"):
-        check_same_split(load_split(tmp_path), RowRules(holdout_fraction=0.3, seed=4, max_rows=100), question_of)
+        check_same_split(load_split(RunDir(tmp_path)), RowRules(holdout_fraction=0.3, seed=4, max_rows=100), question_of)
     with pytest.raises(SplitMismatchError, match="rollouts"):
-        check_same_split(load_split(tmp_path), rules, {**question_of, 99: "q99"})
+        check_same_split(load_split(RunDir(tmp_path)), rules, {**question_of, 99: "q99"})
     (tmp_path / "saes" / "split.json").write_text("{}")
     with pytest.raises(ValueError, match="split.json is not a qsae split file"):
-        load_split(tmp_path)
+        load_split(RunDir(tmp_path))

@@ -7,24 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qsae.store import (
-    MANIFEST,
-    ArraySource,
-    STORE_FORMAT,
-    StoreError,
-    StoreSource,
-    check_compatible,
-    new_manifest,
-    open_rows,
-    read_layer_table,
-    read_manifest,
-    residual_matrix,
-    sample_rows,
-    shard_path,
-    to_store_dtype,
-    write_manifest,
-    write_shard,
-)
+from qsae.store import MANIFEST, STORE_FORMAT, StoreError, check_compatible, new_manifest, read_layer_table, read_manifest, residual_matrix, sample_rows, shard_path, to_store_dtype, write_manifest, ShardRows, write_shard
+from qsae.streaming import ArraySource, StoreSource, open_rows
 
 D_MODEL = 8
 LAYERS = [3, 7]
@@ -46,13 +30,13 @@ def build_store(store_dir: Path, dtype: str = "float32", shards: dict[str, int] 
     """Write shards for every layer (as capture does), then the manifest listing them.
     Returns {layer: {field: concatenated array in shard order}} for comparison."""
     shards = shards or {"shard_00000": 5, "shard_00001": 7}
-    manifest = new_manifest("test/model", None, LAYERS, D_MODEL, dtype)
+    manifest = new_manifest("test/model", None, LAYERS, D_MODEL, dtype=dtype)
     expected: dict[int, dict[str, list]] = {layer: {} for layer in LAYERS}
     for i, (shard, n_rows) in enumerate(sorted(shards.items())):
         rows = {}
         for layer in LAYERS:
             data = shard_rows(n_rows, first_rollout=2 * i, seed=100 * i + layer)
-            rows[str(layer)] = write_shard(store_dir, layer, shard, **data, dtype=dtype)
+            rows[str(layer)] = write_shard(store_dir, layer, shard, ShardRows(**data), dtype=dtype)
             for key, value in data.items():
                 expected[layer].setdefault(key, []).append(value)
         manifest["shards"][shard] = {"rollouts": 2, "rows": rows}
@@ -137,7 +121,7 @@ def test_open_rows_missing_directory(tmp_path):
 
 
 def test_open_rows_store_without_rows(tmp_path):
-    write_manifest(tmp_path, new_manifest("test/model", None, LAYERS, D_MODEL, "float32"))
+    write_manifest(tmp_path, new_manifest("test/model", None, LAYERS, D_MODEL, dtype="float32"))
     with pytest.raises(StoreError, match="no rows for layer 3"):
         open_rows(tmp_path, 3)
 
@@ -193,7 +177,7 @@ def test_float16_overflow_writes_no_shard(tmp_path):
     data = shard_rows(4, 0, seed=0)
     data["residuals"][2, 1] = 1e5
     with pytest.raises(OverflowError, match="float16"):
-        write_shard(tmp_path, 3, "shard_00000", **data, dtype="float16")
+        write_shard(tmp_path, 3, "shard_00000", ShardRows(**data), dtype="float16")
     assert not shard_path(tmp_path, 3, "shard_00000").exists()
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -263,7 +247,7 @@ def test_layer_not_in_store(tmp_path):
 
 
 def test_store_listing_no_shards(tmp_path):
-    write_manifest(tmp_path, new_manifest("test/model", None, LAYERS, D_MODEL, "float32"))
+    write_manifest(tmp_path, new_manifest("test/model", None, LAYERS, D_MODEL, dtype="float32"))
     with pytest.raises(StoreError, match="no shards"):
         read_layer_table(tmp_path, 3)
 
@@ -272,7 +256,7 @@ def test_unlisted_shard_is_not_read(tmp_path):
     """A shard file that the manifest does not list (a worker died before it was recorded) is ignored."""
     store = tmp_path / "activations"
     build_store(store, shards={"shard_00000": 5})
-    write_shard(store, 3, "shard_00001", **shard_rows(9, 2, seed=1), dtype="float32")
+    write_shard(store, 3, "shard_00001", ShardRows(**shard_rows(9, 2, seed=1)), dtype="float32")
     assert read_layer_table(store, 3).num_rows == 5
 
 
@@ -282,7 +266,7 @@ def test_unlisted_shard_is_not_read(tmp_path):
 
 def test_check_compatible_passes_on_the_same_run(tmp_path):
     build_store(tmp_path)
-    check_compatible(read_manifest(tmp_path), new_manifest("test/model", None, list(LAYERS), D_MODEL, "float32"))
+    check_compatible(read_manifest(tmp_path), new_manifest("test/model", None, list(LAYERS), D_MODEL, dtype="float32"))
 
 
 GENERATED = {"model_dtype": "float32", "engine": "transformers", "thinking": False, "max_new_tokens": 64}

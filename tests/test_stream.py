@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from qsae.store import (CHUNK_ROWS, ArraySource, StoreError, StoreSource, epoch_windows, new_manifest, prefetched,
-                        read_layer_table, residual_matrix, shuffled_batches, write_manifest, write_shard)
-from qsae.train import TrainConfig, train_sae
+from qsae.store import StoreError, new_manifest, read_layer_table, residual_matrix, write_manifest, ShardRows, write_shard
+from qsae.streaming import ArraySource, CHUNK_ROWS, StoreSource, epoch_windows, prefetched, shuffled_batches
+from qsae.config import TrainConfig
+from qsae.training.loop import train_sae
 from test_store import build_store
 
 LAYER = 2
@@ -31,13 +32,10 @@ def tagged_rows(first_row: int, n_rows: int, shard_number: int) -> np.ndarray:
 
 def write_tagged_store(store_dir, shard_sizes: dict[str, int] = SHARD_SIZES) -> None:
     """One layer of tagged rows, shard by shard, then the manifest listing the shards (as capture does)."""
-    manifest = new_manifest("test/model", None, [LAYER], 2, "float32")
+    manifest = new_manifest("test/model", None, [LAYER], 2, dtype="float32")
     first_row = 0
     for number, (shard, n_rows) in enumerate(sorted(shard_sizes.items())):
-        written = write_shard(store_dir, LAYER, shard, rollout_id=np.zeros(n_rows, np.int64),
-                              position=np.arange(n_rows), token_id=np.zeros(n_rows, np.int32),
-                              correct=np.zeros(n_rows, bool), residuals=tagged_rows(first_row, n_rows, number),
-                              dtype="float32")
+        written = write_shard(store_dir, LAYER, shard, ShardRows(rollout_id=np.zeros(n_rows, np.int64), position=np.arange(n_rows), token_id=np.zeros(n_rows, np.int32), correct=np.zeros(n_rows, bool), residuals=tagged_rows(first_row, n_rows, number)), dtype="float32")
         manifest["shards"][shard] = {"rollouts": 1, "rows": {str(LAYER): written}}
         first_row += n_rows
     write_manifest(store_dir, manifest)
@@ -60,7 +58,7 @@ def make_source(request, store):
 
 def epoch_ids(source, buffer_rows: int, seed: int = 0, epoch: int = 1, **kwargs) -> list[np.ndarray]:
     """The row ids of each batch of one epoch (batches of BATCH rows)."""
-    batches = shuffled_batches(source, BATCH, buffer_rows, seed, epoch, **kwargs)
+    batches = shuffled_batches(source, BATCH, buffer_rows, seed, epoch=epoch, **kwargs)
     return [batch[:, 0].astype(np.int64) for batch in batches]
 
 
@@ -179,7 +177,7 @@ def test_rank_shares_are_disjoint_and_interleave_back_into_each_batch(make_sourc
 def test_a_batch_smaller_than_the_world_leaves_empty_shares_that_are_still_yielded():
     rows = tagged_rows(0, 9, 0)  # batches of 4, 4 and 1 rows
     world = 3
-    shares = [list(shuffled_batches(ArraySource(rows), 4, 100, 0, 1, rank=rank, world=world)) for rank in range(world)]
+    shares = [list(shuffled_batches(ArraySource(rows), 4, 100, 0, epoch=1, rank=rank, world=world)) for rank in range(world)]
     assert [[len(part) for part in share] for share in shares] == [[2, 2, 1], [1, 1, 0], [1, 1, 0]]
     assert shares[2][-1].shape == (0, 2)
     ids = np.concatenate([part[:, 0] for share in shares for part in share])
@@ -224,7 +222,7 @@ def test_store_source_errors(tmp_path):
         StoreSource(empty_shard, LAYER)
 
     no_shards = tmp_path / "no_shards"
-    write_manifest(no_shards, new_manifest("test/model", None, [LAYER], 2, "float32"))
+    write_manifest(no_shards, new_manifest("test/model", None, [LAYER], 2, dtype="float32"))
     with pytest.raises(StoreError, match="holds no rows for layer 2 .*lists no shards"):
         StoreSource(no_shards, LAYER)
 
@@ -239,8 +237,8 @@ def prefetch_threads() -> list[threading.Thread]:
 
 def test_prefetched_yields_the_same_items(store):
     source = StoreSource(store, LAYER)
-    plain = list(shuffled_batches(source, BATCH, 12_000, 0, 1))
-    ahead = list(prefetched(shuffled_batches(source, BATCH, 12_000, 0, 1), depth=3))
+    plain = list(shuffled_batches(source, BATCH, 12_000, 0, epoch=1))
+    ahead = list(prefetched(shuffled_batches(source, BATCH, 12_000, 0, epoch=1), depth=3))
     assert len(ahead) == len(plain)
     for a, b in zip(ahead, plain):
         np.testing.assert_array_equal(a, b)
@@ -292,8 +290,9 @@ def test_training_on_a_store_equals_training_on_its_rows_in_memory(tmp_path, dty
 
 STREAM_CHILD = """
 import json, resource, sys
-from qsae.store import StoreSource
-from qsae.train import TrainConfig, train_sae
+from qsae.config import TrainConfig
+from qsae.streaming import StoreSource
+from qsae.training.loop import train_sae
 
 source = StoreSource(sys.argv[1], 0)
 train_sae(source, TrainConfig(n_features=64, k=4, epochs=1, batch_size=4096, shuffle_buffer_rows=int(sys.argv[2])))
@@ -316,12 +315,10 @@ def peak_rss_of_one_epoch(store_dir, buffer_rows: int) -> dict:
 
 
 def synthetic_store(store_dir, n_shards: int, shard_rows: int, d_model: int):
-    manifest = new_manifest("synthetic", None, [0], d_model, "float32")
+    manifest = new_manifest("synthetic", None, [0], d_model, dtype="float32")
     rng = np.random.default_rng(0)
     for shard in range(n_shards):
-        written = write_shard(store_dir, 0, f"shard-{shard:05d}", np.full(shard_rows, shard), np.arange(shard_rows),
-                              np.zeros(shard_rows), np.zeros(shard_rows, bool),
-                              rng.standard_normal((shard_rows, d_model), dtype=np.float32), "float32")
+        written = write_shard(store_dir, 0, f"shard-{shard:05d}", ShardRows(np.full(shard_rows, shard), np.arange(shard_rows), np.zeros(shard_rows), np.zeros(shard_rows, bool), rng.standard_normal((shard_rows, d_model), dtype=np.float32)), dtype="float32")
         manifest["shards"][f"shard-{shard:05d}"] = {"questions": [], "rollouts": 1, "rows": {"0": written}}
     write_manifest(store_dir, manifest)
     return store_dir

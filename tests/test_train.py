@@ -1,3 +1,4 @@
+import json
 import math
 from pathlib import Path
 
@@ -7,11 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from planted import planted_rows, variance_explained
+
+from qsae.cli import resolved_config
+from qsae.config import TrainConfig
 from qsae.sae import BatchTopKSAE, TopKSAE
-from qsae.store import ArraySource, shuffled_batches
-from qsae.train import (THRESHOLD_RATE, DeadLatentBound, TrainConfig, TrainingLoss, auxk_size,
-                        geometric_median, reconstruction_losses, remove_parallel_grad_, revive_dead_,
-                        train_sae, train_step)
+from qsae.streaming import ArraySource, shuffled_batches
+from qsae.training.loop import train_sae
+from qsae.training.recipes import (RECIPES, THRESHOLD_RATE, DeadLatentBound, StepInputs, TrainingLoss, auxk_size,
+                                   geometric_median, reconstruction_losses, remove_parallel_grad_, revive_dead_,
+                                   train_step)
+from qsae.training.trained import recipe_settings
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -198,7 +204,7 @@ def test_non_finite_rows_raise(small_rows, value):
 ])
 def test_bad_config_raises(overrides, problem):
     with pytest.raises(ValueError, match=problem):
-        small_cfg(**overrides).validate(d_in=16)
+        small_cfg(**overrides).check()
 
 
 def original_recipe_reference(rows: np.ndarray, cfg: TrainConfig) -> tuple[TopKSAE, list[float], int]:
@@ -214,7 +220,7 @@ def original_recipe_reference(rows: np.ndarray, cfg: TrainConfig) -> tuple[TopKS
     losses, revived = [], 0
     for epoch in range(1, cfg.epochs + 1):
         sq_error = torch.zeros(())
-        for batch in shuffled_batches(ArraySource(rows), cfg.batch_size, cfg.shuffle_buffer_rows, cfg.seed, epoch):
+        for batch in shuffled_batches(ArraySource(rows), cfg.batch_size, cfg.shuffle_buffer_rows, cfg.seed, epoch=epoch):
             x = torch.from_numpy(batch)
             values, indices = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).topk(cfg.k, dim=-1)
             values = F.relu(values)
@@ -267,19 +273,19 @@ def test_recipe_defaults():
     assert (original.revival_period(), modern.revival_period()) == (5, 0)
     assert TrainConfig(recipe="modern", revive_every_epochs=2).revival_period() == 2
     assert (original.decay_fraction(), modern.decay_fraction()) == (0.0, 0.2)
-    assert original.uses_autocast() is False
-    assert TrainConfig(recipe="modern", autocast_bf16=False).uses_autocast() is False
-    resolved = modern.resolved()
-    assert (resolved.lr, resolved.revive_every_epochs, resolved.lr_decay_fraction) == (modern.learning_rate(), 0, 0.2)
-    assert modern.lr is None and modern.autocast_bf16 is None  # resolved() leaves the config alone
+    assert RECIPES["original"].uses_autocast(original, "cpu") is False
+    assert RECIPES["modern"].uses_autocast(TrainConfig(recipe="modern", autocast_bf16=False), "cpu") is False
+    resolved = recipe_settings(modern)
+    assert (resolved["lr"], resolved["revive_every_epochs"], resolved["lr_decay_fraction"]) == (modern.learning_rate(), 0, 0.2)
+    assert modern.lr is None and modern.autocast_bf16 is None  # resolving leaves the config alone
 
 
 def test_bf16_autocast_by_default_where_the_cpu_multiplies_bf16():
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
     native = bool(flags & {"avx512_bf16", "amx_tile"})
-    assert TrainConfig(recipe="modern", device="cpu").uses_autocast() is native
-    assert TrainConfig(recipe="modern", device="cpu").resolved().autocast_bf16 is native
-    assert TrainConfig(recipe="original", device="cpu").uses_autocast() is False
+    assert RECIPES["modern"].uses_autocast(TrainConfig(recipe="modern", device="cpu"), "cpu") is native
+    assert resolved_config(TrainConfig(recipe="modern", device="cpu"))["autocast_bf16"] is native
+    assert RECIPES["original"].uses_autocast(TrainConfig(recipe="original", device="cpu"), "cpu") is False
 
 
 @pytest.mark.parametrize("recipe", ["original", "modern"])
@@ -315,7 +321,7 @@ def test_parallel_gradient_removal_leaves_gradients_orthogonal_to_decoder_rows(s
 
     # train_step applies it: with lr 0 the decoder stays put, so its gradient must be orthogonal.
     optimizer = torch.optim.Adam(sae.parameters(), lr=0.0)
-    train_step(TrainingLoss(sae, "modern"), sae, optimizer, x)
+    train_step(TrainingLoss(sae, RECIPES["modern"]), sae, optimizer, x, step=StepInputs())
     assert (sae.W_dec.grad * sae.W_dec).sum(dim=1).abs().max() < 1e-6 * sae.W_dec.grad.norm(dim=1).max()
 
 
@@ -448,14 +454,14 @@ def test_batchtopk_step_selects_k_times_batch_and_moves_the_threshold(small_rows
     torch.manual_seed(0)
     sae = BatchTopKSAE(12, 48, 3)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    model = TrainingLoss(sae, "modern")
+    model = TrainingLoss(sae, RECIPES["modern"])
     expected, rows_per_batch = 0.0, 100
     for step in range(5):
         x = small_rows[step * rows_per_batch:(step + 1) * rows_per_batch]
         fires, smallest = batchtopk_step_reference(sae, x, 3)
         rate = 1.0 if step == 0 else THRESHOLD_RATE  # as train_sae passes it: the first step sets it
         expected += rate * (smallest - expected)
-        _, got = train_step(model, sae, optimizer, torch.from_numpy(x), threshold_rate=rate)
+        _, got = train_step(model, sae, optimizer, torch.from_numpy(x), step=StepInputs(), threshold_rate=rate)
         np.testing.assert_array_equal(got.numpy(), fires)  # k x B latents of the batch, any number per row
         assert sae.threshold.item() == pytest.approx(expected, rel=1e-5)
     assert expected > 0
@@ -470,7 +476,7 @@ def test_batchtopk_threshold_starts_at_the_first_batch_then_averages(small_rows)
     cfg = small_cfg(architecture="batchtopk", epochs=1, lr=1e-30, revive_every_epochs=None)
     seen = []
     sae, _ = train_sae(small_rows, cfg, on_step=lambda progress: seen.append(progress.sae.threshold.item()))
-    batches = shuffled_batches(ArraySource(small_rows), cfg.batch_size, cfg.shuffle_buffer_rows, cfg.seed, 1)
+    batches = shuffled_batches(ArraySource(small_rows), cfg.batch_size, cfg.shuffle_buffer_rows, cfg.seed, epoch=1)
     expected = []
     for batch in batches:
         _, smallest = batchtopk_step_reference(sae, batch, cfg.k)
@@ -513,7 +519,7 @@ class Payload:
 def test_a_planted_checkpoint_is_refused_and_never_run(tmp_path):
     """Checkpoints (Ray Train's and `qsae train`'s) are read by load_training_state: a pickle that runs
     code when loaded is refused with the file's name, and the code does not run; a real one loads."""
-    from qsae.train import checkpoint_state, load_training_state, new_run
+    from qsae.training.state import checkpoint_state, load_training_state, new_run
 
     marker = tmp_path / "ran"
     planted = tmp_path / "train_state.pt"
@@ -527,7 +533,7 @@ def test_a_planted_checkpoint_is_refused_and_never_run(tmp_path):
 
     cfg = TrainConfig(n_features=16, k=2, epochs=1, batch_size=32)
     source = ArraySource(planted_rows(64, 8, 16, 2, seed=0))
-    run = new_run(source, cfg, torch.device("cpu"), init_bias=True)
+    run = new_run(source, cfg, torch.device("cpu"), fresh=True)
     real = tmp_path / "real.pt"
     state = checkpoint_state(run, cfg, source, world=1)
     torch.save(state, real)
@@ -548,20 +554,28 @@ def test_no_module_loads_a_pickle_unrestricted():
 def test_a_layer_keeps_only_the_sae_its_last_training_wrote(tmp_path):
     """Trained again at another width and architecture into the same run: the record names the new
     SAE, no file of the old one is left (its sparsify folder included), and load_trained gives it."""
-    from qsae.train import load_trained, save_trained
+    from qsae.rundir import RunDir
+    from qsae.training.trained import TrainedSAE, load_trained, save_trained
 
-    save_trained(tmp_path, 7, TopKSAE(8, 32, 4), {"revived": 0})
+    run = RunDir(tmp_path)
+    save_trained(run, 7, TrainedSAE(TopKSAE(8, 32, 4), {"revived": 0}, recipe_settings(TrainConfig())))
     newer = BatchTopKSAE(8, 16, 2)
-    save_trained(tmp_path, 7, newer, {"revived": 1})
+    settings = recipe_settings(TrainConfig(architecture="batchtopk", n_features=16, k=2))
+    save_trained(run, 7, TrainedSAE(newer, {"revived": 1}, settings))
     out = tmp_path / "saes" / "layer=7"
     assert not list(out.glob("sae_L7_n32_*")) and not (out / "sparsify").exists()
-    sae, history = load_trained(tmp_path, 7)
+    trained = load_trained(run, 7)
+    sae, history = trained.sae, trained.history
     assert isinstance(sae, BatchTopKSAE) and (sae.n_features, sae.k) == (16, 2) and history == {"revived": 1}
+    assert trained.settings == settings
     torch.testing.assert_close(sae.W_dec, newer.W_dec)
     assert [p.name for p in (tmp_path / "saes").iterdir()] == ["layer=7"]  # no staging left
-    # a layer saved before the record existed: its one SAE file loads; with two, which is unknown
+    # a record without its weights key, or none at all: said, not a traceback
+    record = json.loads((out / "trained.json").read_text())
+    del record["weights"]
+    (out / "trained.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="not a trained layer qsae wrote"):
+        load_trained(run, 7)
     (out / "trained.json").unlink()
-    assert load_trained(tmp_path, 7)[0].n_features == 16
-    TopKSAE(8, 32, 4).save_release(out, 7, "blocks.7.hook_resid_post")
-    with pytest.raises(FileNotFoundError, match="and 2 SAE files .*train the layer again"):
-        load_trained(tmp_path, 7)
+    with pytest.raises(FileNotFoundError, match="no trained SAE for layer 7"):
+        load_trained(run, 7)

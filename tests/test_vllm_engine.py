@@ -21,7 +21,9 @@ from qsae.engines.vllm_engine import (
     sequence_rows,
     take_rows,
 )
-from qsae.models import TINY_DENSE_MODEL, chat_prompt, decoder_layers, load_model, resolve_model_path
+from qsae.models import decoder_layers, load_model, resolve_model_path
+from qsae.questions import chat_prompt
+from qsae.tiny import TINY_DENSE_MODEL
 from qsae.questions import BUNDLED_QUESTIONS, format_prompt, load_questions
 from qsae.rollout import run_rollouts
 
@@ -120,7 +122,7 @@ def test_stop_token_is_stripped_and_budget_respected(dense, engine, prompt_ids):
 def test_rollouts_of_both_classes(dense, engine, questions):
     """Greedy answers to every bundled question: both correct and wrong ones, so statistics are defined."""
     _, tokenizer, _ = dense
-    rollouts = run_rollouts(engine, tokenizer, questions, 0, False, 0)
+    rollouts = run_rollouts(engine, tokenizer, questions, 0, thinking=False, seed=0)
     assert {r.engine for r in rollouts} == {"vllm"}
     assert sum(r.predicted_letter is not None for r in rollouts) >= len(rollouts) // 2
     assert 0 < sum(r.correct for r in rollouts) < len(rollouts)

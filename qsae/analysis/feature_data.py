@@ -158,7 +158,7 @@ class FeatureStream:
         return bins
 
 
-def stream_codes(values: np.ndarray, indices: np.ndarray, n_features: int, top: int, seed: int,
+def stream_codes(values: np.ndarray, indices: np.ndarray, n_features: int, *, top: int, seed: int,
                  chunk_rows: int = 65536) -> FeatureStream:
     """A FeatureStream over codes already in memory, a chunk of rows at a time (each chunk's merge
     sorts the kept entries again, so larger chunks sort less in all)."""
@@ -224,14 +224,24 @@ class Examples:
     acts: np.ndarray  # [E, 2 width + 1] the feature's activation at each window token (float32)
 
 
-def build_examples(feature: np.ndarray, row: np.ndarray, group: np.ndarray, sample_rollout: np.ndarray,
-                   sample_position: np.ndarray, values: np.ndarray, indices: np.ndarray, tokens: TokenTable,
-                   width: int, block: int = 4096) -> Examples:
+@dataclass
+class SampleCodes:
+    """A layer's sample as the SAE encodes it, and where each sample row sits."""
+
+    values: np.ndarray  # [N, k] top-k activations
+    indices: np.ndarray  # [N, k] their feature ids
+    rollout_id: np.ndarray  # [N]
+    position: np.ndarray  # [N] token position in prompt + response
+
+
+def build_examples(feature: np.ndarray, row: np.ndarray, group: np.ndarray, *, codes: SampleCodes,
+                   tokens: TokenTable, width: int, block: int = 4096) -> Examples:
     """The windows of examples (feature, row, group): token ids from the rollout's text, and the
     feature's activation at each window token that is a sample row (0 elsewhere)."""
-    rollout_id, position = sample_rollout[row].astype(np.int64), sample_position[row].astype(np.int64)
+    values, indices = codes.values, codes.indices
+    rollout_id, position = codes.rollout_id[row].astype(np.int64), codes.position[row].astype(np.int64)
     positions, token_ids = tokens.window(rollout_id, position, width)
-    lookup = RowLookup(sample_rollout, sample_position)
+    lookup = RowLookup(codes.rollout_id, codes.position)
     acts = np.zeros(token_ids.shape, dtype=np.float32)
     for first in range(0, len(row), block):  # [block, window, k] temporaries
         part = slice(first, first + block)
@@ -272,8 +282,8 @@ class LayerFeatures:
     similar: tuple[np.ndarray, np.ndarray]  # nearest_decoder_directions
     by_feature: dict[int, np.ndarray]  # live feature -> its examples' positions in `examples`
 
-    def record(self, feature: int, stats: dict, token_text: Callable[[int], str], outcome_of: Callable[[int], str],
-               logits: dict | None) -> dict:
+    def record(self, feature: int, stats: dict, *, token_text: Callable[[int], str],
+               outcome_of: Callable[[int], str], logits: dict | None) -> dict:
         """The feature's page as JSON-ready data (qsae/browser's contract): statistics, histogram,
         top and quantile examples, logit table, similar features. `stats` holds the layer's
         per-feature lists (feature_stats.json), `logits` the layer's logit_tables as lists or None."""
@@ -316,19 +326,17 @@ class LayerFeatures:
         }
 
 
-def layer_features(W_dec: torch.Tensor, values: np.ndarray, indices: np.ndarray, sample_rollout: np.ndarray,
-                   sample_position: np.ndarray, tokens: TokenTable, *, top: int, width: int, per_bin: int,
-                   seed: int) -> LayerFeatures:
-    """A layer's LayerFeatures from its sample's top-k codes (values, indices [N, k]) and where each
-    sample row sits (rollout id, token position): one FeatureStream pass over the codes, then the
+def layer_features(W_dec: torch.Tensor, codes: SampleCodes, tokens: TokenTable, *, top: int, width: int,
+                   per_bin: int, seed: int) -> LayerFeatures:
+    """A layer's LayerFeatures from its sample's codes: one FeatureStream pass over them, then the
     windows of the chosen examples."""
     n_features = len(W_dec)
-    stream = stream_codes(values, indices, n_features, top, seed)
+    stream = stream_codes(codes.values, codes.indices, n_features, top=top, seed=seed)
     live = np.flatnonzero(stream.fire_count)
     feature, row, group, bins = choose_examples(stream, live, per_bin)
-    examples = build_examples(feature, row, group, sample_rollout, sample_position, values, indices, tokens, width)
+    examples = build_examples(feature, row, group, codes=codes, tokens=tokens, width=width)
     return LayerFeatures(
-        n_rows=len(values), live=live, fire_count=stream.fire_count,
+        n_rows=len(codes.values), live=live, fire_count=stream.fire_count,
         mean_activation=stream.activation_sum / np.maximum(stream.fire_count, 1),
         max_activation=stream.max_activation,
         histograms={int(f): stream.histogram(int(f)) for f in live}, bins=bins, examples=examples,
@@ -361,7 +369,7 @@ def final_norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logit_tables(W_dec: torch.Tensor, gain: torch.Tensor, head: nn.Module, top: int = LOGIT_TOKENS,
+def logit_tables(W_dec: torch.Tensor, gain: torch.Tensor, head: nn.Module, *, top: int = LOGIT_TOKENS,
                  block: int = 256, bins: int = LOGIT_HISTOGRAM_BINS) -> dict[str, torch.Tensor]:
     """Per feature, the `top` output tokens its decoder direction raises most and lowers most, and a
     histogram of its logits over the whole vocabulary: logits = head(gain * W_dec[f]) (the
@@ -394,5 +402,5 @@ def decoder_logits(model: nn.Module, W_decs: dict[int, torch.Tensor], top: int =
     out = {}
     for layer, W_dec in W_decs.items():
         gain = final_norm_gain(runner.norm, W_dec.shape[1])
-        out[layer] = logit_tables(W_dec.detach(), gain, head, top)
+        out[layer] = logit_tables(W_dec.detach(), gain, head, top=top)
     return out

@@ -89,7 +89,7 @@ def _as_labels(labels: np.ndarray, n_rows: int) -> np.ndarray:
 
 
 def _auroc_from_entries(
-    features: np.ndarray, activations: np.ndarray, positive: np.ndarray, n_pos: int, n_neg: int, n_features: int
+    features: np.ndarray, activations: np.ndarray, positive: np.ndarray, *, n_pos: int, n_neg: int, n_features: int
 ) -> np.ndarray:
     """Mann-Whitney AUROC per feature from its firing entries; every other row scores 0.
 
@@ -125,7 +125,8 @@ def auroc_per_feature(indices: np.ndarray, values: np.ndarray, labels: np.ndarra
     rows, features, activations = firing_entries(indices, values, n_features)
     labels = _as_labels(labels, len(np.asarray(indices)))
     n_pos = int(labels.sum())
-    return _auroc_from_entries(features, activations, labels[rows], n_pos, len(labels) - n_pos, n_features)
+    return _auroc_from_entries(features, activations, labels[rows], n_pos=n_pos, n_neg=len(labels) - n_pos,
+                               n_features=n_features)
 
 
 def auroc_direction(auroc: np.ndarray) -> list[str]:

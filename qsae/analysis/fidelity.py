@@ -121,6 +121,7 @@ def cluster_resample_counts(groups: np.ndarray, rng: np.random.Generator) -> np.
 def variance_explained_ci(
     x: np.ndarray,
     x_hat: np.ndarray,
+    *,
     n_boot: int = 200,
     seed: int = 0,
     alpha: float = DEFAULT_ALPHA,

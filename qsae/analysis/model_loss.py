@@ -143,7 +143,7 @@ def rollout_losses(
         table.n_tokens[i] = max(len(rollout.token_ids) - 1 - rollout.n_prompt, 0)
         if table.n_tokens[i] == 0:
             continue
-        clean, spliced, targets = _scored_hidden(runner, layers, rollout, variants, device)
+        clean, spliced, targets = _scored_hidden(runner, layers, rollout, variants, device=device)
         for rows in _chunks(len(targets), chunk_tokens):
             clean_logp = _log_probs(head, clean[rows])
             table.ce_clean[i] += _ce_sum(clean_logp, targets[rows])
@@ -155,7 +155,7 @@ def rollout_losses(
 
 
 def _scored_hidden(
-    runner: nn.Module, layers: nn.ModuleList, rollout: RolloutTokens, variants: dict[VariantKey, Replacement],
+    runner: nn.Module, layers: nn.ModuleList, rollout: RolloutTokens, variants: dict[VariantKey, Replacement], *,
     device: torch.device,
 ) -> tuple[Tensor, dict[VariantKey, Tensor], Tensor]:
     """Final hidden rows [N, d_model] at the scored positions of the clean pass and of each variant's

@@ -344,6 +344,7 @@ def bootstrap_auroc_ci(
     scores: np.ndarray,
     labels: np.ndarray,
     groups: np.ndarray,
+    *,
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = DEFAULT_ALPHA,
@@ -391,7 +392,7 @@ def bootstrap_auroc_ci(
 
 
 def probe_auroc(
-    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_splits: int = PROBE_SPLITS, seed: int = 0
+    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, n_splits: int = PROBE_SPLITS, seed: int = 0
 ) -> ProbeResult:
     """Cross-validated AUROC of a logistic-regression probe on features [R, d] (e.g. mean residuals).
 
@@ -487,11 +488,11 @@ def rollout_statistics(
     if lengths is not None:
         lengths = np.asarray(lengths, dtype=np.float64)
         length_auroc = float(auroc_dense(lengths[:, None], labels)[0])
-        length_ci = bootstrap_auroc_ci(lengths, labels, groups, n_boot, seed)
+        length_ci = bootstrap_auroc_ci(lengths, labels, groups, n_boot=n_boot, seed=seed)
     if mean_residuals is not None:
         probe = probe_auroc(mean_residuals, labels, groups, seed=seed)
         if probe.predicted is not None:  # the folds stay fixed: this interval is over the rollouts scored
-            probe_ci = bootstrap_auroc_ci(probe.predicted, labels, groups, n_boot, seed)
+            probe_ci = bootstrap_auroc_ci(probe.predicted, labels, groups, n_boot=n_boot, seed=seed)
     summary = rollout_summary(test, q, length_auroc=length_auroc, probe_auroc=None if probe is None else probe.auroc,
                               n_labelled=len(labels))
     return RolloutStatistics(test, q, length_auroc, length_ci, probe, probe_ci, summary)

@@ -38,12 +38,22 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 LOCAL_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}
 
 
-def connect_ray(address: str | None) -> bool:
-    """Join the cluster in `address` or RAY_ADDRESS (as under `ray job submit`), else start a local Ray;
-    False where this process is connected already."""
-    address = address or os.environ.get("RAY_ADDRESS")
+def ray_address(address: str | None) -> str | None:
+    """The cluster to join: `address`, else RAY_ADDRESS (as under `ray job submit`); None starts a local Ray."""
+    return address or os.environ.get("RAY_ADDRESS")
+
+
+def check_ray_address(address: str | None) -> None:
+    """Before anything is written: a cluster address answers as Ray (check_reachable)."""
+    address = ray_address(address)
     if address and address not in ("auto", "local"):
         check_reachable(address)
+
+
+def connect_ray(address: str | None) -> bool:
+    """Join the cluster in `address` or RAY_ADDRESS, else start a local Ray; False where this process
+    is connected already."""
+    address = ray_address(address)
     if ray.is_initialized():
         return False
     runtime_env = LOCAL_RUNTIME_ENV if address is None else None

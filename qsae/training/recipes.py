@@ -150,7 +150,8 @@ class ModernRecipe(Recipe):
 
     def loss(self, sae: TopKSAE, x: Tensor, step: StepInputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(reconstruction + AUXK_ALPHA * AuxK) / (rows * row_variance), times step.scale."""
-        sq_error, auxk, values, indices = reconstruction_losses(sae, x, step.dead, step.aux_width, step.autocast)
+        sq_error, auxk, values, indices = reconstruction_losses(sae, x, step.dead, aux_width=step.aux_width,
+                                                           autocast=step.autocast)
         loss = (sq_error + AUXK_ALPHA * auxk) / (max(len(x), 1) * step.row_variance) * step.scale
         return loss, sq_error.detach(), values, indices
 
@@ -189,7 +190,7 @@ def auxk_size(sae: TopKSAE) -> int:
     return min(sae.d_in // 2, sae.n_features)
 
 
-def reconstruction_losses(sae: TopKSAE, x: Tensor, dead: Tensor | None = None, aux_width: int | None = None,
+def reconstruction_losses(sae: TopKSAE, x: Tensor, dead: Tensor | None = None, *, aux_width: int | None = None,
                           autocast: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The modern recipe's two loss terms on a batch x [B, d_in], both sums over the batch:
     sum ||x - x_hat||^2, and the AuxK term min(n_dead / k_aux, 1) * sum ||e - e_hat||^2 with
