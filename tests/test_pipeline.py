@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,8 @@ from qsae.cli import main
 from qsae.models import model_dims, resolve_model_path
 from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.store import read_layer_table, read_manifest, residual_matrix, write_manifest
-from qsae.training.trained import load_trained, save_trained
+from qsae.rundir import RunDir
+from qsae.training.trained import TrainedSAE, load_trained, save_trained
 from qsae.sae_files import load_sae
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +39,33 @@ def run_driver(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def release(tiny_path, tmp_path_factory):
+def release_run(tiny_path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("run")
     done = run_driver("--out", str(out), *SMALL)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"release written to {out / 'release'}" in done.stdout
-    return out / "release"
+    return out / "release", done
+
+
+@pytest.fixture(scope="module")
+def release(release_run) -> Path:
+    return release_run[0]
+
+
+QSAE_BAR = re.compile(r"(capture|train|analyze): +\d+%\|")  # qsae's own progress bars (tqdm)
+
+
+def test_the_console_shows_qsae_lines_and_the_log_the_rest(release_run):
+    """Every line of the run's console is qsae's own (a stage line, a warning, a progress bar); Ray's
+    and transformers' lines, the workers' included, are in <run>/run.log, whose path the console names."""
+    release, done = release_run
+    lines = [part for line in (done.stdout + done.stderr).splitlines() for part in line.split("\r") if part.strip()]
+    foreign = [line for line in lines if not (line.startswith("[qsae] ") or QSAE_BAR.match(line))]
+    assert not foreign, foreign[:5]
+    log = release.parent / "run.log"
+    assert f"[qsae] other libraries' output goes to {log}" in done.stdout
+    logged = log.read_text()
+    assert "pid=" in logged and "TrainController" in logged  # Ray's copies of its workers' output
 
 
 def test_release_directory_holds_every_artifact(release):
@@ -102,7 +125,7 @@ def test_no_heldout_question_leaks_into_training(release):
     for layer in ("3", "7", "11"):
         row = summary["layers"][layer]
         assert (row["train_rows"], row["heldout_rows"]) == (n_train, n_held)
-        _, history = load_trained(release.parent, int(layer))
+        history = load_trained(RunDir(release.parent), int(layer)).history
         assert history["tokens_seen"] == 6 * n_train  # train.epochs=6 passes over exactly the training rows
 
 
@@ -568,8 +591,10 @@ def test_every_decoder_layer_in_one_pass_trained_over_the_resources_given(tmp_pa
 def test_analyze_refuses_an_sae_of_another_width_than_the_store(release, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(release.parent, run, ignore=shutil.ignore_patterns("checkpoints"))
-    sae, history = load_trained(run, 7)
-    save_trained(run, 7, TopKSAE(sae.d_in + 1, sae.n_features, sae.k), history)
+    trained = load_trained(RunDir(run), 7)
+    sae = trained.sae
+    save_trained(RunDir(run), 7, TrainedSAE(TopKSAE(sae.d_in + 1, sae.n_features, sae.k), trained.history,
+                                            trained.settings))
     kept = {p.name: p.read_bytes() for p in (run / "release").iterdir() if p.is_file()}
     assert main(["analyze", "--out", str(run), *SMALL]) == 2  # in this process: it fails before Ray starts
     assert capsys.readouterr().err.strip().splitlines() == [
