@@ -20,8 +20,7 @@ import torch
 from qsae.capture import capture_residuals
 from qsae.engines.hf_engine import HFEngine
 from qsae.models import decoder_layers, load_model, resolve_model_path
-from qsae.questions import chat_prompt
-from qsae.questions import BUNDLED_QUESTIONS, format_prompt, load_questions
+from qsae.questions import BUNDLED_QUESTIONS, chat_prompt, format_prompt, load_questions
 
 
 def prompt_ids(tokenizer, questions) -> list[list[int]]:

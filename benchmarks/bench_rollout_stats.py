@@ -35,7 +35,12 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from qsae.analysis.rollout_stats import bh_qvalues, permutation_test, pool_by_rollout, rollout_summary
+from qsae.analysis.rollout_stats import (
+    bh_qvalues,
+    permutation_test,
+    pool_by_rollout,
+    rollout_summary,
+)
 
 RATE_RANGE = (1e-5, 5e-2)  # per-token fire rate of a feature, log-uniform
 TOKENS_RANGE = (100, 2000)  # response tokens of a rollout, log-uniform

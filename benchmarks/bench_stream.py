@@ -45,8 +45,16 @@ from pathlib import Path
 
 import numpy as np
 
-from qsae.store import (free_bytes, new_manifest, read_layer_table, residual_matrix, row_bytes, write_manifest,
-                        ShardRows, write_shard)
+from qsae.store import (
+    ShardRows,
+    free_bytes,
+    new_manifest,
+    read_layer_table,
+    residual_matrix,
+    row_bytes,
+    write_manifest,
+    write_shard,
+)
 
 LAYER = 0
 DTYPE = "float16"
@@ -79,8 +87,8 @@ def run_child(args: argparse.Namespace) -> dict:
     """One measured run, inside the child process: prints its result as one JSON line."""
     import torch
 
-    from qsae.streaming import StoreSource
     from qsae.config import TrainConfig
+    from qsae.streaming import StoreSource
     from qsae.training.loop import train_sae
 
     started = time.perf_counter()

@@ -180,7 +180,7 @@ def evaluate(kind: str, sae_path: str, held_out_path: str) -> dict:
 def sparsify_train(train_path: str, out: str, n_features: int, k: int, epochs: int, batch_size: int,
                    seed: int) -> None:
     import torch
-    from sparsify import SaeConfig, Trainer, TrainConfig
+    from sparsify import SaeConfig, TrainConfig, Trainer
     from torch import nn
     from transformers import PretrainedConfig, PreTrainedModel
 

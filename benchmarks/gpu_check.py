@@ -15,7 +15,7 @@ without --smoke and without CUDA it exits with status 2 and writes nothing.
 What it measures, one table row each. Training rows come from a planted dictionary (the recipe of
 benchmarks/bench_train.py, drawn on the GPU): 4 x n atoms (n = 4096) of unit norm in d_in = 5120
 dimensions, 32 per row with power-law frequencies, exponential coefficients, 5% Gaussian noise.
-  (a) "train n=4096": qsae.train.train_sae at the original release's shape (d_in 5120, n 4096, k 32,
+  (a) "train n=4096": qsae.training.loop.train_sae at the original release's shape (d_in 5120, n 4096, k 32,
       batch 4096, 200,000 rows, 20 epochs, the whole sample shuffled each epoch) with recipe
       "original", recipe "modern", and "modern" with bf16 autocast.
   (b) "train n=65536": the same trainer, modern and modern bf16, at 65,536 latents for a token budget
@@ -89,15 +89,15 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from qsae.capture import capture_residuals  # noqa: E402
+from qsae.config import TrainConfig  # noqa: E402
 from qsae.files import atomic_write  # noqa: E402
-from qsae.models import decoder_layers, load_model, resolve_model_path
-from qsae.questions import chat_prompt
-from qsae.tiny import practice_response  # noqa: E402
-from qsae.questions import BUNDLED_QUESTIONS, format_prompt, load_questions  # noqa: E402
+from qsae.models import decoder_layers, load_model, resolve_model_path  # noqa: E402
+from qsae.questions import BUNDLED_QUESTIONS, chat_prompt, format_prompt, load_questions  # noqa: E402
 from qsae.sae import TopKSAE  # noqa: E402
-from qsae.config import TrainConfig
-from qsae.training.loop import train_sae
+from qsae.tiny import practice_response  # noqa: E402
+from qsae.training.loop import train_sae  # noqa: E402
 from qsae.training.state import Progress  # noqa: E402
+from qsae.training.trained import recipe_settings  # noqa: E402
 
 NO_CUDA = "no CUDA device: run with --smoke for the CPU check"
 ZIPF_EXPONENT, ATOMS_PER_LATENT, NOISE_FRACTION = 1.1, 4, 0.05  # benchmarks/bench_train.py's recipe
@@ -249,7 +249,7 @@ def train_release_shape(rows: np.ndarray, held_out: Tensor, sizes: Sizes, device
                ok=math.isfinite(fvu) and math.isfinite(held_out),
                raw={"tokens": tokens, "train_seconds": history["seconds"], "steps": history["steps"],
                     "revived": history["revived"], "fvu_per_epoch": history["fvu"],
-                    "config": dataclasses.asdict(cfg.resolved())})
+                    "config": recipe_settings(cfg)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def train_wide(rows: np.ndarray, held_out: Tensor, sizes: Sizes, device: torch.d
                raw={"steps": last, "max_steps": max_steps, "tokens": last * batch, "cut_by_time": bool(cut),
                     "rate_steps": [first + 1, last], "rate_seconds": t1 - t0, "dead_fraction": dead,
                     "extrapolated_hours": hours, "extrapolated_tokens": EXTRAPOLATE_TOKENS,
-                    "published_hours": PUBLISHED_HOURS, "config": dataclasses.asdict(cfg.resolved())})
+                    "published_hours": PUBLISHED_HOURS, "config": recipe_settings(cfg)})
 
 
 # ------------------------------------------------------------------------------------------------

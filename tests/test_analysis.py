@@ -10,14 +10,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
-
 from planted import planted_rows
+from sklearn.metrics import roc_auc_score
 
 from qsae.analysis import charts
 from qsae.analysis.card import render_model_card
-from qsae.analysis.feature_data import (FeatureStream, SampleCodes, TokenTable, final_norm_gain, keep_best, layer_features,
-                                        logit_tables)
+from qsae.analysis.facts import ReleaseFacts
+from qsae.analysis.feature_data import (
+    FeatureStream,
+    SampleCodes,
+    TokenTable,
+    final_norm_gain,
+    keep_best,
+    layer_features,
+    logit_tables,
+)
 from qsae.analysis.features import (
     HEALTHY_RANGE,
     UndefinedAUROCError,
@@ -29,15 +36,32 @@ from qsae.analysis.features import (
     fire_rates,
     max_decoder_cosine,
 )
-from qsae.analysis.fidelity import bootstrap_ci, mean_l0, variance_explained, variance_explained_ci
-from qsae.analysis.facts import ReleaseFacts
-from qsae.analysis.layer import (LayerInputs, StatisticsSettings, analyze_layer, encode_sample, rollout_labels,
-                                 sample_rows_of)
+from qsae.analysis.fidelity import (
+    bootstrap_ci,
+    mean_l0,
+    variance_explained,
+    variance_explained_ci,
+)
+from qsae.analysis.layer import (
+    LayerInputs,
+    StatisticsSettings,
+    analyze_layer,
+    encode_sample,
+    rollout_labels,
+    sample_rows_of,
+)
 from qsae.config import PipelineConfig, load_config
 from qsae.rollout import Rollout
 from qsae.sae import TopKSAE
 from qsae.sample import RowRules, select_rows, split_by_question
-from qsae.store import ShardRows, new_manifest, read_layer_table, residual_matrix, write_manifest, write_shard
+from qsae.store import (
+    ShardRows,
+    new_manifest,
+    read_layer_table,
+    residual_matrix,
+    write_manifest,
+    write_shard,
+)
 from qsae.streaming import CHUNK_ROWS, StoreSource
 
 

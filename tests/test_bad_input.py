@@ -23,7 +23,7 @@ import torch
 from qsae.cli import main, release_main
 from qsae.config import PipelineConfig
 from qsae.questions import BUNDLED_QUESTIONS
-from qsae.store import new_manifest, write_manifest, ShardRows, write_shard
+from qsae.store import ShardRows, new_manifest, write_manifest, write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 D = 8

@@ -12,10 +12,15 @@ import torch
 from qsae.capture import capture_residuals, capture_shard, special_token_ids
 from qsae.engines.hf_engine import HFEngine
 from qsae.models import decoder_layers
-from qsae.questions import chat_prompt
-from qsae.questions import BUNDLED_QUESTIONS, format_prompt, load_questions
+from qsae.questions import BUNDLED_QUESTIONS, chat_prompt, format_prompt, load_questions
 from qsae.rollout import run_rollouts
-from qsae.store import read_layer_table, residual_matrix, shard_path, write_manifest, new_manifest
+from qsae.store import (
+    new_manifest,
+    read_layer_table,
+    residual_matrix,
+    shard_path,
+    write_manifest,
+)
 
 LAYERS = [3, 7, 11]
 

@@ -8,8 +8,17 @@ import torch
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
-from qsae.causal import (Answers, Arm, CausalStudy, arm_statistics, assess, intervened, intervention, mcnemar_p,
-                         plan_layer)
+from qsae.causal import (
+    Answers,
+    Arm,
+    CausalStudy,
+    arm_statistics,
+    assess,
+    intervened,
+    intervention,
+    mcnemar_p,
+    plan_layer,
+)
 from qsae.models import decoder_layers
 from qsae.sae import TopKSAE
 

@@ -15,14 +15,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from planted import (
+    GATE_ACTIVE,
+    GATE_ATOMS,
+    GATE_BATCH,
+    best_cosine,
+    learnable,
+    planted_rows,
+    power_law_rows,
+    variance_explained,
+)
 from safetensors.torch import load_file
 
-from planted import (GATE_ACTIVE, GATE_ATOMS, GATE_BATCH, best_cosine, learnable, planted_rows, power_law_rows,
-                     variance_explained)
-from qsae.sae import BatchTopKSAE, TopKSAE
-from qsae.store import new_manifest, write_manifest, ShardRows, write_shard
 from qsae.config import TrainConfig
+from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.sae_files import load_sae
+from qsae.store import ShardRows, new_manifest, write_manifest, write_shard
 from qsae.training.recipes import native_bf16
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,14 @@ import dataclasses
 
 import pytest
 
-from qsae.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config, parse_override
+from qsae.config import (
+    CONFIG_DIR,
+    DEFAULT_CONFIG,
+    ConfigError,
+    PipelineConfig,
+    load_config,
+    parse_override,
+)
 
 
 def test_default_is_the_tiny_config():

@@ -14,20 +14,35 @@ import numpy as np
 import pytest
 import ray
 import torch
-
 from planted import planted_rows
-from qsae.config import load_config
+
 from qsae.capture import plan_shards
+from qsae.config import load_config
 from qsae.distributed.capture_pool import run_capture
-from qsae.distributed.trainers import (CHECKPOINT_FILE, LayerJob, final_state, layer_trainer, train_layers,
-                                      train_run_name)
+from qsae.distributed.trainers import (
+    CHECKPOINT_FILE,
+    LayerJob,
+    final_state,
+    layer_trainer,
+    train_layers,
+    train_run_name,
+)
 from qsae.pipeline import prepare, resolve
+from qsae.rollout import Rollout, read_rollouts, write_rollouts
 from qsae.rundir import RunDir
-from qsae.rollout import read_rollouts
-from qsae.store import DiskSpaceError, new_manifest, read_layer_table, read_manifest, residual_matrix, shard_path, write_manifest, ShardRows, write_shard
-from qsae.streaming import StoreSource
-from qsae.rollout import Rollout, write_rollouts
 from qsae.sample import RowRules, plan_split, training_rows
+from qsae.store import (
+    DiskSpaceError,
+    ShardRows,
+    new_manifest,
+    read_layer_table,
+    read_manifest,
+    residual_matrix,
+    shard_path,
+    write_manifest,
+    write_shard,
+)
+from qsae.streaming import StoreSource
 from qsae.training.loop import train_sae
 
 SMALL = [

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from qsae.files import atomic_write, atomic_write_json, current_umask, new_staging_dir, replace_directory
+from qsae.files import (
+    atomic_write,
+    atomic_write_json,
+    current_umask,
+    new_staging_dir,
+    replace_directory,
+)
 
 
 def test_failing_write_leaves_nothing_under_the_final_name(tmp_path):

@@ -12,8 +12,8 @@ from torch import nn
 
 from qsae.analysis.model_loss import (
     LossTable,
-    _splice,
     RolloutTokens,
+    _splice,
     fidelity_variants,
     layer_fidelity,
     rollout_losses,
@@ -21,10 +21,9 @@ from qsae.analysis.model_loss import (
     zero_replacement,
 )
 from qsae.models import decoder_layers, load_model, resolve_model_path
-from qsae.questions import chat_prompt
-from qsae.tiny import practice_response
-from qsae.questions import BUNDLED_QUESTIONS, load_questions
+from qsae.questions import BUNDLED_QUESTIONS, chat_prompt, load_questions
 from qsae.sae import TopKSAE
+from qsae.tiny import practice_response
 
 LAYER = 3  # exists in both tiny models (12 and 6 decoder layers)
 RESPONSE_TOKENS = 24

@@ -6,7 +6,19 @@ import importlib.util
 import pytest
 import torch
 
-from qsae.models import ModelLoadError, attention_layer_indices, check_fits, check_layers, decoder_layers, load_model, memory_budget, missing_fast_kernels, model_dims, parameter_count, resolve_model_path
+from qsae.models import (
+    ModelLoadError,
+    attention_layer_indices,
+    check_fits,
+    check_layers,
+    decoder_layers,
+    load_model,
+    memory_budget,
+    missing_fast_kernels,
+    model_dims,
+    parameter_count,
+    resolve_model_path,
+)
 from qsae.questions import chat_prompt
 from qsae.tiny import TinyRecipe, build_tiny_model
 

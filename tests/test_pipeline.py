@@ -20,11 +20,11 @@ from sklearn.metrics import roc_auc_score
 from qsae.analysis.fidelity import variance_explained
 from qsae.cli import main
 from qsae.models import model_dims, resolve_model_path
-from qsae.sae import BatchTopKSAE, TopKSAE
-from qsae.store import read_layer_table, read_manifest, residual_matrix, write_manifest
 from qsae.rundir import RunDir
-from qsae.training.trained import TrainedSAE, load_trained, save_trained
+from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.sae_files import load_sae
+from qsae.store import read_layer_table, read_manifest, residual_matrix, write_manifest
+from qsae.training.trained import TrainedSAE, load_trained, save_trained
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["rollout.num_questions=24", "train.epochs=6", "train.n_features=128", "train.k=8", "release.bootstrap=50",

@@ -7,10 +7,18 @@ decoder row pointing the same way.
 """
 import pytest
 import torch
+from planted import (
+    GATE_ACTIVE,
+    GATE_ATOMS,
+    GATE_BATCH,
+    GATE_D,
+    best_cosine,
+    learnable,
+    power_law_rows,
+)
 
-from planted import GATE_ACTIVE, GATE_ATOMS, GATE_BATCH, GATE_D, best_cosine, learnable, power_law_rows
-from qsae.sae import TopKSAE
 from qsae.config import TrainConfig
+from qsae.sae import TopKSAE
 from qsae.training.loop import train_sae
 
 

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qsae.sae import BatchTopKSAE, TopKSAE
-from qsae.sae_files import save_sae, load_sae, release_tensors, threshold_per_latent
+from qsae.sae_files import load_sae, release_tensors, save_sae, threshold_per_latent
 
 D_IN, N_FEATURES, K = 24, 80, 6
 

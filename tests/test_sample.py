@@ -17,7 +17,7 @@ from qsae.sample import (
     split_by_question,
     training_rows,
 )
-from qsae.store import new_manifest, write_manifest, ShardRows, write_shard
+from qsae.store import ShardRows, new_manifest, write_manifest, write_shard
 from qsae.streaming import StoreSource, shuffled_batches
 
 LAYERS = [2, 5]

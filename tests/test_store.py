@@ -7,7 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qsae.store import MANIFEST, STORE_FORMAT, StoreError, check_compatible, new_manifest, read_layer_table, read_manifest, residual_matrix, sample_rows, shard_path, to_store_dtype, write_manifest, ShardRows, write_shard
+from qsae.store import (
+    MANIFEST,
+    STORE_FORMAT,
+    ShardRows,
+    StoreError,
+    check_compatible,
+    new_manifest,
+    read_layer_table,
+    read_manifest,
+    residual_matrix,
+    sample_rows,
+    shard_path,
+    to_store_dtype,
+    write_manifest,
+    write_shard,
+)
 from qsae.streaming import ArraySource, StoreSource, open_rows
 
 D_MODEL = 8

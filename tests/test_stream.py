@@ -9,12 +9,27 @@ import threading
 import numpy as np
 import pytest
 import torch
-
-from qsae.store import StoreError, new_manifest, read_layer_table, residual_matrix, write_manifest, ShardRows, write_shard
-from qsae.streaming import ArraySource, CHUNK_ROWS, StoreSource, epoch_windows, prefetched, shuffled_batches
-from qsae.config import TrainConfig
-from qsae.training.loop import train_sae
 from test_store import build_store
+
+from qsae.config import TrainConfig
+from qsae.store import (
+    ShardRows,
+    StoreError,
+    new_manifest,
+    read_layer_table,
+    residual_matrix,
+    write_manifest,
+    write_shard,
+)
+from qsae.streaming import (
+    CHUNK_ROWS,
+    ArraySource,
+    StoreSource,
+    epoch_windows,
+    prefetched,
+    shuffled_batches,
+)
+from qsae.training.loop import train_sae
 
 LAYER = 2
 # Shards that split into chunks of unequal sizes: 8192 + 1808, 5000, 8192 + 808, 4000 rows.

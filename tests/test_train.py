@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from planted import planted_rows, variance_explained
 
 from qsae.cli import resolved_config
@@ -14,9 +13,19 @@ from qsae.config import TrainConfig
 from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.streaming import ArraySource, shuffled_batches
 from qsae.training.loop import train_sae
-from qsae.training.recipes import (RECIPES, THRESHOLD_RATE, DeadLatentBound, StepInputs, TrainingLoss, auxk_size,
-                                   geometric_median, reconstruction_losses, remove_parallel_grad_, revive_dead_,
-                                   train_step)
+from qsae.training.recipes import (
+    RECIPES,
+    THRESHOLD_RATE,
+    DeadLatentBound,
+    StepInputs,
+    TrainingLoss,
+    auxk_size,
+    geometric_median,
+    reconstruction_losses,
+    remove_parallel_grad_,
+    revive_dead_,
+    train_step,
+)
 from qsae.training.trained import recipe_settings
 
 

@@ -22,10 +22,9 @@ from qsae.engines.vllm_engine import (
     take_rows,
 )
 from qsae.models import decoder_layers, load_model, resolve_model_path
-from qsae.questions import chat_prompt
-from qsae.tiny import TINY_DENSE_MODEL
-from qsae.questions import BUNDLED_QUESTIONS, format_prompt, load_questions
+from qsae.questions import BUNDLED_QUESTIONS, chat_prompt, format_prompt, load_questions
 from qsae.rollout import run_rollouts
+from qsae.tiny import TINY_DENSE_MODEL
 
 BUDGET = 256
 CHUNK = 64  # vLLM's token budget per step, below every prompt's length: prefills run in chunks
