@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # cpu: vLLM's CPU build (pins torch 2.13.0+cpu, so pip keeps the torch above); gpu: vLLM for CUDA.
 EXTRAS ?= test,cpu
 
-.PHONY: install release test test-interop browser clean
+.PHONY: install release test test-fast test-interop browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ release: install
 
 test: install browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: unit and in-process tests (no Ray cluster, no whole runs in subprocesses).
+test-fast: install browser
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Headless Chromium (Debian's package) for the feature browser's tests; they skip without it outside CI.
 browser:

@@ -83,6 +83,11 @@ def store_to_extend(spec: ReplicaSpec, questions: list[Question], run: RunDir) -
     return manifest, shards
 
 
+def list_shard(manifest: dict, captured: dict) -> None:
+    """Enter a captured shard (capture_question_shard's result) in the manifest; the caller writes it."""
+    manifest["shards"][captured["shard"]] = {key: captured[key] for key in ("questions", "rollouts", "rows")}
+
+
 def check_same_questions(manifest: dict, shards: list[QuestionShard]) -> None:
     """A listed shard is skipped on rerun, so it must hold the very questions this run would give it."""
     planned = {shard.name: [q.uuid for q in shard.questions] for shard in shards}
@@ -219,6 +224,7 @@ def capture_question_shard(replica: Replica, shard: QuestionShard, spec: Replica
     written = [rollout_part] + [shard_path(run.store, layer, shard.name) for layer in spec.layers]
     return {
         "shard": shard.name,
+        "questions": [q.uuid for q in shard.questions],
         "rollouts": len(rollouts),
         "rows": rows,
         "response_tokens": sum(r.n_response_tokens for r in rollouts),

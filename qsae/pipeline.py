@@ -14,13 +14,15 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from qsae import causal, console
 from qsae.analyze import analyze_run
 from qsae.capture import ReplicaSpec, store_to_extend
 from qsae.config import PipelineConfig
 from qsae.distributed.connect import check_ray_address
-from qsae.evaluate import evaluation_inputs, save_evaluation
+from qsae.engines import Generation
+from qsae.evaluate import Evaluation, EvaluationInputs, evaluation_inputs, save_evaluation
 from qsae.files import atomic_write_json, check_can_create_dir
 from qsae.models import check_weights, context_length, expand_layers, load_tokenizer, model_dims, resolve_model_path
 from qsae.questions import BUNDLED_QUESTIONS, Question, load_questions, sample_questions
@@ -115,7 +117,8 @@ def capture_to_release(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: 
         run_capture(plan.spec, plan.questions, run)
     with stages.stage(f"train ({len(plan.layers)} SAEs, n={cfg.train.n_features}, k={cfg.train.k})"):
         train_layers(cfg.train, RowRules.from_config(cfg), plan.layers, run)
-    return finish(cfg, plan, run, stages)
+    analyze(cfg, plan, run, stages)
+    return after_analysis(cfg, plan, run, stages)
 
 
 def analyze_from_disk(cfg: PipelineConfig) -> Path:
@@ -128,7 +131,7 @@ def analyze_from_disk(cfg: PipelineConfig) -> Path:
     check_ray_address(cfg.ray_address)
     analyze(cfg, plan, run, stages)  # no Ray: its refusals come before Ray starts
     with console.lines_to_log(run.log), ray_session(cfg.ray_address):
-        return finish(cfg, plan, run, stages, analyzed=True)
+        return after_analysis(cfg, plan, run, stages)
 
 
 def analyze(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages) -> None:
@@ -136,43 +139,50 @@ def analyze(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages) -> 
         analyze_run(run, plan.layers, train=cfg.train, rules=RowRules.from_config(cfg), release=cfg.release)
 
 
-def finish(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages, *, analyzed: bool = False) -> Path:
-    """analyze (unless done) -> evaluate -> causal -> release."""
-    if not analyzed:
-        analyze(cfg, plan, run, stages)
+class ModelTasks(Protocol):
+    """Where the stages that need the model run: Ray tasks placed like capture replicas
+    (qsae.distributed.model_tasks), or one process with the model loaded."""
+
+    def evaluate(self, groups: list[EvaluationInputs]) -> list[Evaluation]: ...
+
+    def rerun(self, saes: dict, arms: list[causal.Arm], prompts: list[list[int]]) -> dict[str, list[Generation]]: ...
+
+
+def after_analysis(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages,
+                   tasks: ModelTasks | None = None) -> Path:
+    """evaluate -> causal -> release, the model's work done by `tasks` (default: Ray tasks)."""
+    if tasks is None:
+        from qsae.distributed.model_tasks import RayModelTasks
+
+        tasks = RayModelTasks(plan.spec)
+    tokenizer = load_tokenizer(plan.spec.model_path, cfg.model.revision)
     with stages.stage("evaluate (fidelity in the model's loss, logit tables)"):
-        evaluate(cfg, plan, run)
+        evaluate(cfg, plan, run, tasks)
     if cfg.causal.enabled:
         with stages.stage("causal check"):
-            causal_check(cfg, plan, run)
+            causal_check(cfg, plan, run, tasks=tasks, tokenizer=tokenizer)
     with stages.stage("release"):
-        tokenizer = load_tokenizer(plan.spec.model_path, cfg.model.revision)
         settings = ReleaseSettings(cfg.release, cfg.rollout.questions, cfg.rollout.seed)
         return build_release(run, settings, token_texts(tokenizer))
 
 
-def evaluate(cfg: PipelineConfig, plan: RunPlan, run: RunDir) -> None:
-    """Each group of layers evaluated in a task of its own (one per capture replica at most)."""
-    from qsae.distributed.model_tasks import evaluate_in_ray, layer_groups
-
-    groups = layer_groups(plan.layers, cfg.capture.num_actors)
+def evaluate(cfg: PipelineConfig, plan: RunPlan, run: RunDir, tasks: ModelTasks) -> None:
+    """Each group of layers (one per capture replica at most) evaluated by a task of its own."""
+    groups = [plan.layers[i::cfg.capture.num_actors] for i in range(min(cfg.capture.num_actors, len(plan.layers)))]
     inputs = [evaluation_inputs(run, group, limit=cfg.release.fidelity_rollouts, n_boot=cfg.release.bootstrap,
                                 seed=cfg.train.split_seed) for group in groups]
-    save_evaluation(run, evaluate_in_ray(plan.spec, inputs))
+    save_evaluation(run, tasks.evaluate(inputs))
 
 
-def causal_check(cfg: PipelineConfig, plan: RunPlan, run: RunDir) -> None:
+def causal_check(cfg: PipelineConfig, plan: RunPlan, run: RunDir, *, tasks: ModelTasks, tokenizer) -> None:
     """The causal check's plans, the held-out prompts rerun under every arm, graded and compared."""
-    from qsae.distributed.model_tasks import rerun_in_ray
-
     seed = cfg.train.split_seed
     study = causal.plan_study(run, cfg.causal, plan.layers, seed=seed)
     answers = {}
     if not study.skipped:
         layers = sorted({arm.layer for arm in study.arms if arm.layer is not None})
         saes = {layer: load_trained(run, layer).sae for layer in layers}
-        generations = rerun_in_ray(plan.spec, saes, study.arms, [r.prompt_token_ids for r in study.heldout])
-        answers = causal.grade(study, generations, questions=plan.questions,
-                               tokenizer=load_tokenizer(plan.spec.model_path, cfg.model.revision),
+        generations = tasks.rerun(saes, study.arms, [r.prompt_token_ids for r in study.heldout])
+        answers = causal.grade(study, generations, questions=plan.questions, tokenizer=tokenizer,
                                thinking=cfg.rollout.thinking, seed=cfg.rollout.seed)
     atomic_write_json(run.causal, causal.assess(study, answers, n_boot=cfg.release.bootstrap, seed=seed))

@@ -33,6 +33,8 @@ from qsae.sae_files import load_sae
 from qsae.store import ShardRows, new_manifest, write_manifest, write_shard
 from qsae.training.recipes import native_bf16
 
+pytestmark = pytest.mark.slow  # Ray, subprocesses or whole runs: `make test` runs it, `make test-fast` not
+
 REPO = Path(__file__).resolve().parent.parent
 D, N_ATOMS, ACTIVE = 32, 64, 3
 N_FEATURES, K = 64, 4

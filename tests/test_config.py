@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +11,7 @@ from qsae.config import (
     CONFIG_DIR,
     DEFAULT_CONFIG,
     ConfigError,
+    SECTIONS,
     PipelineConfig,
     load_config,
     parse_override,
@@ -170,3 +173,14 @@ def test_data_parallel_gpu_workers_need_a_whole_gpu_each():
     with pytest.raises(ConfigError, match="one whole GPU per worker"):
         load_config(None, ["train.workers_per_layer=2", "train.gpus_per_layer=1"])
     assert load_config(None, ["train.workers_per_layer=2", "train.gpus_per_layer=2"]).train.gpus_per_layer == 2
+
+
+def test_readme_config_table_names_every_field():
+    """README's configuration table has a row naming each config field as `section.field` (top-level
+    ones as `field`), so no setting goes undocumented there."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text[text.index("## Configuration"):text.index("\n## ", text.index("## Configuration") + 1)]
+    named = set(re.findall(r"`([a-z_]+(?:\.[a-z_0-9]+)?)`", table))
+    fields = {f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    fields |= {"out", "ray_address"}
+    assert fields - named == set()

@@ -45,6 +45,8 @@ from qsae.store import (
 from qsae.streaming import StoreSource
 from qsae.training.loop import train_sae
 
+pytestmark = pytest.mark.slow  # Ray, subprocesses or whole runs: `make test` runs it, `make test-fast` not
+
 SMALL = [
     "rollout.num_questions=12",
     "rollout.max_new_tokens=48",

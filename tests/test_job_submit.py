@@ -27,6 +27,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.slow  # Ray, subprocesses or whole runs: `make test` runs it, `make test-fast` not
+
 ROOT = Path(__file__).resolve().parent.parent
 # This interpreter's bin/: its `ray`, and the `python` that the job's entrypoint names. The head runs
 # the entrypoint with its own PATH, so it gets this environment's Python and packages.

@@ -26,6 +26,8 @@ from qsae.questions import BUNDLED_QUESTIONS, chat_prompt, format_prompt, load_q
 from qsae.rollout import run_rollouts
 from qsae.tiny import TINY_DENSE_MODEL
 
+pytestmark = pytest.mark.slow  # Ray, subprocesses or whole runs: `make test` runs it, `make test-fast` not
+
 BUDGET = 256
 CHUNK = 64  # vLLM's token budget per step, below every prompt's length: prefills run in chunks
 LAYERS = [1, 3, 5]  # 5 is the last decoder layer

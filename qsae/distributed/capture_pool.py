@@ -11,7 +11,8 @@ import time
 import ray
 
 from qsae import console
-from qsae.capture import QuestionShard, ReplicaSpec, capture_question_shard, load_replica, store_to_extend
+from qsae.capture import (QuestionShard, ReplicaSpec, capture_question_shard, list_shard, load_replica,
+                          store_to_extend)
 from qsae.distributed import get_or_raise_cause, replica_options, use_threads
 from qsae.models import check_fits, memory_budget, parameter_count
 from qsae.questions import Question
@@ -156,8 +157,7 @@ class ShardPool:
             self.actors[slot] = self.actor_class.remote(self.spec, self.run)
             queue.append(shard)
             return None
-        self.manifest["shards"][shard.name] = {"questions": [q.uuid for q in shard.questions],
-                                               "rollouts": result["rollouts"], "rows": result["rows"]}
+        list_shard(self.manifest, result)
         write_manifest(self.run.store, self.manifest)
         self.tokens += result["response_tokens"]
         self.done_bytes += result["bytes"]

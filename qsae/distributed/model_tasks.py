@@ -1,7 +1,8 @@
 """The stages that need the model after training, as Ray tasks placed like a capture replica (on a
 cluster the driver's node may have no GPU, or too little memory): the evaluation (qsae.evaluate), one
 task per group of layers, and the causal check's reruns (qsae.causal), the arms spread over tasks.
-Each task loads the model once and calls the stage's plain function."""
+Each task loads the model once and calls the stage's plain function; RayModelTasks is what the
+pipeline hands those stages."""
 from __future__ import annotations
 
 import ray
@@ -13,11 +14,6 @@ from qsae.engines import Generation
 from qsae.evaluate import Evaluation, EvaluationInputs, evaluate_layers
 from qsae.models import load_model
 from qsae.sae import TopKSAE
-
-
-def layer_groups(layers: list[int], tasks: int) -> list[list[int]]:
-    """Layers dealt round-robin into at most `tasks` groups."""
-    return [layers[i::tasks] for i in range(min(tasks, len(layers)))]
 
 
 def evaluate_task(spec: ReplicaSpec, inputs: EvaluationInputs) -> Evaluation:
@@ -50,3 +46,16 @@ def rerun_in_ray(spec: ReplicaSpec, saes: dict[int, TopKSAE], arms: list[Arm],
     for part in get_or_raise_cause([task.remote(spec, saes, group, prompts) for group in groups]):
         generations.update(part)
     return generations
+
+
+class RayModelTasks:
+    """The pipeline's ModelTasks on Ray: each group and each share of the arms in a task of its own."""
+
+    def __init__(self, spec: ReplicaSpec):
+        self.spec = spec
+
+    def evaluate(self, groups: list[EvaluationInputs]) -> list[Evaluation]:
+        return evaluate_in_ray(self.spec, groups)
+
+    def rerun(self, saes: dict[int, TopKSAE], arms: list[Arm], prompts: list[list[int]]) -> dict[str, list[Generation]]:
+        return rerun_in_ray(self.spec, saes, arms, prompts)
