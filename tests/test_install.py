@@ -3,6 +3,7 @@ directory (its config, the bundled questions and the browser's files ship in the
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,13 @@ SHORT = ["rollout.num_questions=12", "rollout.max_new_tokens=64", "capture.quest
 
 
 def test_a_plain_install_runs_the_embedded_default_from_any_directory(tiny_path, tmp_path):
-    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    source, wheels, target = tmp_path / "source", tmp_path / "wheels", tmp_path / "site"
+    elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    # A copy without build outputs: setuptools would reuse a checkout's build/ and hide a missing file.
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "runs", "*.egg-info", "__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)], check=True,
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)], check=True,
                    capture_output=True)
     [wheel] = wheels.glob("qsae-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, capture_output=True)
