@@ -59,10 +59,7 @@ class TinyRecipe:
     version: int = 2  # bump when the build changes in a way the fields above do not show
 
     def digest(self) -> str:
-        fields = asdict(self)
-        if fields["architecture"] == "qwen3_5":
-            del fields["architecture"]  # the hybrid's digest predates the field: keep its cached builds valid
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 # Dense Qwen3 for the CPU build of vLLM, which rejects head_dim 16 and cannot load the Qwen3.5 classes.
