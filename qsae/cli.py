@@ -34,8 +34,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, required: tuple[str, 
     for f in dataclasses.fields(cls):
         base = str(f.type).replace(" | None", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = "the recipe's" if default is None else default
-        options = {"dest": f.name, "help": f"{f.metadata.get('doc', '')} (default: {shown})", "default": None}
+        shown = "" if default is None or f.name in required else f" (default: {default})"  # None: the doc says
+        options = {"dest": f.name, "help": f.metadata.get("doc", "") + shown, "default": None}
         if base == "bool":
             options["action"] = argparse.BooleanOptionalAction
         else:
