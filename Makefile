@@ -41,16 +41,22 @@ browser:
 
 # SAELens and sparsify pin newer transformers than qsae allows, so they get a venv of their own;
 # the tests there load the release formats with each library and compare its codes with qsae's.
+# sae-bench and sae-dashboard are there only for their own output classes (SAEBench's CoreEvalOutput,
+# SAEDashboard's NeuronpediaDashboardBatch), which import nothing beyond pydantic, beartype and numpy:
+# they go in without their dependencies (which pin numpy<2, transformers<4.57, the whole eval stack).
+# The venv is rebuilt when this Makefile changes, so a venv from before a new pin cannot skip its tests.
 INTEROP_VENV ?= .venv-interop
-$(INTEROP_VENV)/.installed:
+$(INTEROP_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(INTEROP_VENV)
 	$(INTEROP_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(INTEROP_VENV)/bin/python -m pip install --quiet "$(TORCH)"
-	$(INTEROP_VENV)/bin/python -m pip install --quiet sae-lens==6.54.12 eai-sparsify==1.3.3 pytest
+	$(INTEROP_VENV)/bin/python -m pip install --quiet sae-lens==6.54.12 eai-sparsify==1.3.3 pytest "pydantic>=2.9.2" beartype
+	$(INTEROP_VENV)/bin/python -m pip install --quiet --no-deps sae-bench==0.6.0 sae-dashboard==0.8.0
 	touch $@
 
 test-interop: $(INTEROP_VENV)/.installed
 	PYTHONPATH=. $(INTEROP_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sae.py -k "saelens or sparsify"
+	PYTHONPATH=. $(INTEROP_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_interop_viewers.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -231,7 +231,7 @@ def test_feature_browser_works_offline_and_shows_every_live_feature(release, tin
 SAEBENCH_GROUPS = {
     "model_behavior_preservation": {"kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"},
     "model_performance_preservation": {"ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae", "ce_loss_without_sae"},
-    "reconstruction_quality": {"explained_variance", "mse", "cossim"},
+    "reconstruction_quality": {"explained_variance", "explained_variance_legacy", "mse", "cossim"},
     "shrinkage": {"l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"},
     "sparsity": {"l0", "l1"},
     "token_stats": {"total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"},

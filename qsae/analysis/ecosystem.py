@@ -47,8 +47,10 @@ def reconstruction_metrics(x: np.ndarray, x_hat: np.ndarray, values: np.ndarray)
     with np.errstate(invalid="ignore", divide="ignore"):
         explained = np.where(spread > 0, 1 - error / spread, np.nan)
         cosine = (x * x_hat).sum(axis=1) / (norm_in * norm_out)
+    per_token = _finite_mean(explained)
     return {
-        "reconstruction_quality": {"explained_variance": _finite_mean(explained),
+        "reconstruction_quality": {"explained_variance": per_token,
+                                   "explained_variance_legacy": per_token,  # the same formula in SAEBench 0.6
                                    "mse": float(error.mean() / x.shape[1]), "cossim": _finite_mean(cosine)},
         "shrinkage": {"l2_norm_in": float(norm_in.mean()), "l2_norm_out": float(norm_out.mean()),
                       "l2_ratio": float((norm_out / np.where(norm_in < 1e-4, 1.0, norm_in)).mean()),
@@ -66,6 +68,9 @@ RECONSTRUCTION_DEFINITIONS = {
     "tokens": "the held-out tokens (all rows of the held-out questions' rollouts that pass the row masks)",
     "explained_variance": "mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean(x)||^2, mean over the held-out tokens "
                           "(SAEBench's per-token form; the card's variance explained is pooled instead)",
+    "explained_variance_legacy": "the same value as explained_variance: SAEBench's (0.6) explained_variance_legacy is "
+                                 "this per-token mean of 1 - ||x - x_hat||^2 / ||x - mean(x)||^2 (its mean(x) over "
+                                 "each evaluation batch, here over the held-out tokens)",
     "mse": "mean over tokens of ||x - x_hat||^2 / d_model",
     "cossim": "mean over tokens of cos(x, x_hat)",
     "l2_ratio": "mean over tokens of ||x_hat|| / ||x||",
