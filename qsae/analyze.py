@@ -24,7 +24,7 @@ from qsae.config import ReleaseConfig, TrainConfig
 from qsae.rollout import read_rollouts
 from qsae.rundir import RunDir
 from qsae.sample import RowRules, save_selection, trained_selection
-from qsae.store import read_manifest
+from qsae.store import read_manifest, verify_store
 from qsae.streaming import StoreSource
 from qsae.training.trained import TrainedSAE, load_trained
 
@@ -50,6 +50,7 @@ def analyze_run(run: RunDir, layers: list[int], *, train: TrainConfig, rules: Ro
     config) that would give other rows than the SAEs were trained on, before writing anything."""
     trained = {layer: load_trained(run, layer) for layer in layers}
     check_trained_matches(train, trained, read_manifest(run.store)["d_model"])
+    verify_store(run.store, layers)  # every byte of the layers' shards, once, before any row is read
     rollouts = {r.rollout_id: r for r in read_rollouts(run.rollouts)}
     selection = trained_selection(run, layers, rules, {r: x.question_id for r, x in rollouts.items()})
     shutil.rmtree(run.analysis, ignore_errors=True)  # everything after analysis is made afresh

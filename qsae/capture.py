@@ -25,6 +25,7 @@ from qsae.questions import Question
 from qsae.rollout import Rollout, run_rollouts, write_rollouts
 from qsae.rundir import RunDir
 from qsae.store import MANIFEST, StoreError, check_compatible, new_manifest, read_manifest, ShardRows, shard_path, write_shard
+from qsae.store import shard_checksums
 from qsae.tiny import TINY_DENSE_MODEL, TINY_MODEL
 
 # (sequences, starts, layer_ids) -> {layer: [rows of sequence i from position starts[i]]}
@@ -84,8 +85,9 @@ def store_to_extend(spec: ReplicaSpec, questions: list[Question], run: RunDir) -
 
 
 def list_shard(manifest: dict, captured: dict) -> None:
-    """Enter a captured shard (capture_question_shard's result) in the manifest; the caller writes it."""
-    manifest["shards"][captured["shard"]] = {key: captured[key] for key in ("questions", "rollouts", "rows")}
+    """Enter a captured shard (capture_question_shard's result) in the manifest, with the checksums of
+    its files; the caller writes it."""
+    manifest["shards"][captured["shard"]] = {key: captured[key] for key in ("questions", "rollouts", "rows", "checksums")}
 
 
 def check_same_questions(manifest: dict, shards: list[QuestionShard]) -> None:
@@ -214,7 +216,8 @@ def load_replica(spec: ReplicaSpec) -> Replica:
 
 def capture_question_shard(replica: Replica, shard: QuestionShard, spec: ReplicaSpec, run: RunDir) -> dict:
     """Roll out one shard of questions, then capture it. Every file is written atomically; the caller
-    lists the shard in the manifest only after this returns."""
+    lists the shard in the manifest only after this returns, with the checksums of its files (read back
+    from disk once written)."""
     rollouts = run_rollouts(replica.engine, replica.tokenizer, shard.questions, shard.first_id,
                             thinking=spec.rollout.thinking, seed=spec.rollout.seed)
     rollout_part = run.rollout_part(shard.name)
@@ -230,4 +233,5 @@ def capture_question_shard(replica: Replica, shard: QuestionShard, spec: Replica
         "response_tokens": sum(r.n_response_tokens for r in rollouts),
         "correct": sum(r.correct for r in rollouts),
         "bytes": sum(path.stat().st_size for path in written),
+        "checksums": shard_checksums(run.store, shard.name, spec.layers, rollout_part),
     }

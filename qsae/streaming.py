@@ -77,7 +77,9 @@ class StoreSource:
     """Selected rows of one layer of the Arrow store in chunks of CHUNK_ROWS rows, cut from the rows
     in store order regardless of shard boundaries (a chunk may span shards), so the stream depends
     on the rows alone, not on how capture split them, and equals an ArraySource over the same rows.
-    A shard is memory-mapped only while a chunk of it is read."""
+    A shard is memory-mapped only while a chunk of it is read. Reads check row counts, not checksums:
+    `qsae train` and the analysis call store.verify_store once before reading (a check at every chunk
+    read would read every byte again for every epoch), and a capture rerun checks every file."""
 
     def __init__(self, store_dir: str | Path, layer: int, rows: np.ndarray | None = None):
         self.store_dir = Path(store_dir)

@@ -34,6 +34,7 @@ from qsae.sample import RowRules, plan_split, training_rows
 from qsae.store import (
     DiskSpaceError,
     ShardRows,
+    damaged_shards,
     new_manifest,
     read_layer_table,
     read_manifest,
@@ -102,6 +103,11 @@ def test_every_rollout_is_captured_exactly_once(captured):
         assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys)
         assert sum(s["rows"][str(layer)] for s in manifest["shards"].values()) == len(expected)
     assert not list(run_dir.rglob("*.tmp"))
+    # Every file a shard owns is listed with its checksum, and matches it.
+    for entry in manifest["shards"].values():
+        assert sorted(entry["checksums"]["layers"]) == sorted(map(str, cfg.capture.layers))
+        assert len(entry["checksums"]["rollouts"]) == 64  # sha256, hex
+    assert damaged_shards(run_dir / "activations", manifest, RunDir(run_dir).rollout_part) == {}
 
 
 def test_rerun_captures_only_shards_missing_from_the_manifest(captured):
@@ -120,7 +126,12 @@ def test_rerun_captures_only_shards_missing_from_the_manifest(captured):
     assert kept.stat().st_mtime_ns == kept_mtime, "a listed shard was captured again"
     for layer in cfg.capture.layers:
         assert store_keys(run_dir, layer) == before[layer]
-    assert read_manifest(run_dir / "activations")["shards"] == manifest["shards"]
+    again = read_manifest(run_dir / "activations")["shards"]
+    assert sorted(again) == sorted(manifest["shards"])
+    for shard, entry in manifest["shards"].items():  # the checksums are the new files'
+        assert {k: v for k, v in again[shard].items() if k != "checksums"} == \
+            {k: v for k, v in entry.items() if k != "checksums"}
+    assert damaged_shards(run_dir / "activations", read_manifest(run_dir / "activations"), RunDir(run_dir).rollout_part) == {}
 
 
 @pytest.mark.parametrize("change, field", [("capture.layers=[3, 7]", "layers"),
@@ -251,16 +262,52 @@ def test_a_model_that_will_not_load_fails_capture_once_with_its_reason(local_ray
     assert "replica died" not in capsys.readouterr().out  # failed once: no replica was replaced
 
 
-def test_a_damaged_shard_is_captured_again(captured, capsys):
+def zero_fill(path: Path, size: int = 8192) -> None:
+    """`size` bytes of zeros written into the middle of a file, its length unchanged."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2 - size // 2
+    data[start:start + size] = bytes(size)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["shard truncated", "shard zeroed", "rollout part truncated", "rollout part deleted"])
+def test_a_damaged_shard_is_captured_again(captured, capsys, damage):
+    """A shard whose Arrow file or rollout part is truncated (a full disk, a bad copy), deleted, or
+    has a region zeroed with its length unchanged (which the Arrow reader and the row count pass) is
+    captured again whole on a rerun, with a line saying so; the other shards are kept."""
     cfg, run_dir, questions, _ = captured
-    before = store_keys(run_dir, 7)
-    damaged = shard_path(run_dir / "activations", 7, "shard-00002")
-    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated, as by a full disk or a bad copy
-    with pytest.raises(ValueError, match="shard-00002"):
-        read_layer_table(run_dir / "activations", 7)
+    run = RunDir(run_dir)
+    before = {layer: store_keys(run_dir, layer) for layer in cfg.capture.layers}
+    rollouts = read_rollouts(run.rollouts)
+    kept = shard_path(run.store, 7, "shard-00000")
+    kept_mtime = kept.stat().st_mtime_ns
+    if damage.startswith("shard"):
+        damaged = shard_path(run.store, 7, "shard-00002")
+        size = damaged.stat().st_size
+        if damage == "shard truncated":
+            damaged.write_bytes(damaged.read_bytes()[:100])
+            with pytest.raises(ValueError, match="shard-00002"):
+                read_layer_table(run.store, 7)
+        else:
+            assert size > 3 * 8192
+            zero_fill(damaged)
+            table = read_layer_table(run.store, 7)  # the reader and the row count pass: only the checksum tells
+            assert (np.abs(residual_matrix(table)).sum(axis=1) == 0).any()
+    else:
+        damaged = run.rollout_part("shard-00002")
+        if damage == "rollout part truncated":
+            damaged.write_bytes(damaged.read_bytes()[:100])
+        else:
+            damaged.unlink()
     capture(cfg, questions, run_dir)
-    assert "shard-00002 will be captured again" in capsys.readouterr().out
-    assert store_keys(run_dir, 7) == before
+    out = capsys.readouterr().out
+    assert f"{damaged}" in out and "shard-00002 will be captured again" in out
+    assert "will be captured again" not in out.replace("shard-00002 will be captured again", "")
+    assert kept.stat().st_mtime_ns == kept_mtime, "an intact shard was captured again"
+    for layer in cfg.capture.layers:
+        assert store_keys(run_dir, layer) == before[layer]
+    assert [r.rollout_id for r in read_rollouts(run.rollouts)] == [r.rollout_id for r in rollouts]
+    assert damaged_shards(run.store, read_manifest(run.store), run.rollout_part) == {}
 
 
 @pytest.fixture
@@ -333,23 +380,34 @@ def linked_run(run_dir: Path, cfg, tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("damage", ["emptied", "names_a_deleted_checkpoint"])
-def test_a_run_snapshot_damaged_by_a_kill_is_salvaged_and_training_resumes(local_ray, planted_run, tmp_path, damage):
+@pytest.mark.parametrize("damage", ["emptied", "names_a_deleted_checkpoint", "train_state_truncated"])
+def test_a_run_snapshot_damaged_by_a_kill_is_salvaged_and_training_resumes(local_ray, planted_run, tmp_path, capsys,
+                                                                           damage):
     """Ray Train rewrites checkpoint_manager_snapshot.json in place: a driver killed mid-write left it
-    empty in a real run, and the rerun's controller could not start. The rerun now resumes from the
-    furthest checkpoint that loads, to the same final state."""
+    empty in a real run, and the rerun's controller could not start. A checkpoint whose train_state.pt
+    was truncated (a full disk, a bad copy) was handed to every restarted worker: four failures, then a
+    traceback. The rerun now resumes from the furthest checkpoint that loads, to the same final state."""
     run_dir, overrides = planted_run
     cfg = load_config(None, overrides + [f"out={json.dumps(str(tmp_path))}", "train.epochs=2"])
     linked_run(run_dir, cfg, tmp_path)
     first = train(cfg, tmp_path)[0][1]
     [snapshot] = (tmp_path / "checkpoints").glob("layer=0-*/checkpoint_manager_snapshot.json")
     checkpoints = sorted(p for p in snapshot.parent.glob("checkpoint_*") if p.is_dir())
-    shutil.rmtree(checkpoints[-1])  # the snapshot names a checkpoint the kill deleted; an earlier one stays
+    if damage == "train_state_truncated":  # the snapshot is sound; the checkpoint it resumes from is not
+        state = checkpoints[-1] / CHECKPOINT_FILE
+        state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])
+    else:
+        shutil.rmtree(checkpoints[-1])  # the snapshot names a checkpoint the kill deleted; an earlier one stays
     if damage == "emptied":
         snapshot.write_text("")
+    capsys.readouterr()
     again = train(cfg, tmp_path)[0][1]
     assert again["resumed_at_steps"] and again["steps"] == first["steps"]
     assert again["fvu"][-1] == pytest.approx(first["fvu"][-1], abs=1e-3)
+    said = capsys.readouterr().out
+    assert "resuming from the furthest checkpoint that loads" in said
+    if damage == "train_state_truncated":
+        assert f"{checkpoints[-1] / CHECKPOINT_FILE} is unreadable" in said and not checkpoints[-1].exists()
 
 
 def test_rows_no_retry_can_fix_end_training_at_once_with_one_line(local_ray, tmp_path):

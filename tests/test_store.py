@@ -1,25 +1,33 @@
 """The Arrow activation store: shards, manifest, readers, and open_rows over a store or a .npy."""
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+import qsae.store
 from qsae.store import (
     MANIFEST,
     STORE_FORMAT,
     ShardRows,
     StoreError,
     check_compatible,
+    damaged_shards,
     new_manifest,
     read_layer_table,
     read_manifest,
     residual_matrix,
     sample_rows,
+    shard_checksums,
     shard_path,
     to_store_dtype,
+    verify_store,
     write_manifest,
     write_shard,
 )
@@ -273,6 +281,134 @@ def test_unlisted_shard_is_not_read(tmp_path):
     build_store(store, shards={"shard_00000": 5})
     write_shard(store, 3, "shard_00001", ShardRows(**shard_rows(9, 2, seed=1)), dtype="float32")
     assert read_layer_table(store, 3).num_rows == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums: every stored byte is checked
+
+
+def checksummed_store(store_dir: Path, shards: dict[str, int] | None = None, parts: Path | None = None) -> dict:
+    """build_store, with the checksums capture records in the manifest (list_shard), and a rollout
+    part per shard under `parts` where given; returns the manifest."""
+    build_store(store_dir, shards=shards)
+    manifest = read_manifest(store_dir)
+    for shard, entry in manifest["shards"].items():
+        part = None
+        if parts is not None:
+            part = parts / f"{shard}.parquet"
+            part.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({"rollout_id": [0, 1], "response": ["A", "B"]}), part)
+        entry["checksums"] = shard_checksums(store_dir, shard, LAYERS, part)
+    write_manifest(store_dir, manifest)
+    return manifest
+
+
+def zero_fill(path: Path, size: int = 8192) -> None:
+    """`size` bytes of zeros written into the middle of a file, its length unchanged."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2 - size // 2
+    data[start:start + size] = bytes(size)
+    path.write_bytes(bytes(data))
+
+
+def test_the_manifest_records_a_checksum_of_every_file(tmp_path):
+    manifest = checksummed_store(tmp_path / "activations", parts=tmp_path / "rollouts")
+    assert manifest["checksum"] == "sha256" and manifest["format"] == STORE_FORMAT
+    for shard, entry in manifest["shards"].items():
+        for layer in LAYERS:
+            data = shard_path(tmp_path / "activations", layer, shard).read_bytes()
+            assert entry["checksums"]["layers"][str(layer)] == hashlib.sha256(data).hexdigest()
+        part = (tmp_path / "rollouts" / f"{shard}.parquet").read_bytes()
+        assert entry["checksums"]["rollouts"] == hashlib.sha256(part).hexdigest()
+    assert damaged_shards(tmp_path / "activations", manifest, lambda s: tmp_path / "rollouts" / f"{s}.parquet") == {}
+    verify_store(tmp_path / "activations")
+
+
+def test_a_zeroed_region_of_the_same_length_is_found_by_its_checksum(tmp_path):
+    """8 KB of zeros in a shard: its Arrow file still reads, with the manifest's row count, and
+    all-zero rows in it; only the checksum tells. A rerun captures it again; readers refuse it."""
+    store = tmp_path / "activations"
+    manifest = checksummed_store(store, shards={"shard_00000": 5, "shard_00001": 600})
+    path = shard_path(store, 7, "shard_00001")
+    size = path.stat().st_size
+    zero_fill(path)
+    assert path.stat().st_size == size
+    table = read_layer_table(store, 7)  # the reader and the row count pass
+    assert table.num_rows == 605 and (np.abs(residual_matrix(table)).sum(axis=1) == 0).sum() > 0
+    [(shard, reason)] = damaged_shards(store, manifest).items()
+    assert shard == "shard_00001" and reason.startswith(f"shard {path} does not match the sha256 checksum")
+    with pytest.raises(StoreError, match=f"shard {path} does not match the sha256 checksum .* rerun capture"):
+        verify_store(store)
+    verify_store(store, [3])  # the other layer's shards are intact
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "zeroed"])
+def test_a_damaged_rollout_part_damages_its_shard(tmp_path, damage):
+    store = tmp_path / "activations"
+    manifest = checksummed_store(store, parts=tmp_path / "rollouts")
+    part = tmp_path / "rollouts" / "shard_00000.parquet"
+    if damage == "truncated":
+        part.write_bytes(part.read_bytes()[:100])
+    elif damage == "deleted":
+        part.unlink()
+    else:
+        zero_fill(part, 64)
+    damaged = damaged_shards(store, manifest, lambda shard: tmp_path / "rollouts" / f"{shard}.parquet")
+    problem = "is missing" if damage == "deleted" else "does not match the sha256 checksum"
+    assert list(damaged) == ["shard_00000"] and damaged["shard_00000"].startswith(f"rollout part {part} {problem}")
+
+
+def test_a_missing_shard_file_is_refused_by_verify_store(tmp_path):
+    store = tmp_path / "activations"
+    checksummed_store(store)
+    shard_path(store, 3, "shard_00001").unlink()
+    with pytest.raises(StoreError, match="shard .*layer=3/shard_00001.arrow is missing"):
+        verify_store(store)
+
+
+def test_a_process_reads_a_file_for_its_checksum_once(tmp_path, monkeypatch):
+    """verify_store twice reads each file once; a file written since (same length) is read again."""
+    monkeypatch.setattr(qsae.store, "SETTLED_NS", 200_000_000)
+    store = tmp_path / "activations"
+    checksummed_store(store)
+    time.sleep(0.3)  # the files settle: a write from now on changes their times
+    reads = []
+    new_hash = hashlib.new
+    monkeypatch.setattr(qsae.store.hashlib, "new", lambda name: reads.append(name) or new_hash(name))
+    verify_store(store)
+    assert len(reads) == 4  # two shards of two layers
+    verify_store(store)
+    verify_store(store, [3])
+    assert len(reads) == 4
+    zero_fill(shard_path(store, 3, "shard_00000"), 16)
+    with pytest.raises(StoreError, match="shard_00000.arrow does not match"):
+        verify_store(store)
+    assert len(reads) == 5
+
+
+def test_a_store_of_an_older_format_is_refused_by_readers_and_reruns(tmp_path):
+    """A store written before the manifest recorded checksums (format 3): verify_store refuses it, and a
+    rerun may not extend it (no checksum to check its shards against)."""
+    store = tmp_path / "activations"
+    build_store(store)
+    old = read_manifest(store)
+    old["format"] = 3
+    del old["checksum"]
+    write_manifest(store, old)
+    with pytest.raises(StoreError, match="is of format 3, this qsae reads format 4"):
+        verify_store(store)
+    with pytest.raises(StoreError, match="captured differently \\(format: store has 3, run wants 4, checksum: store "
+                                         "has None, run wants 'sha256'\\)"):
+        check_compatible(read_manifest(store), new_manifest("test/model", None, LAYERS, D_MODEL, dtype="float32"))
+
+
+def test_a_manifest_with_a_checksum_of_the_wrong_shape_is_refused(tmp_path):
+    store = tmp_path / "activations"
+    manifest = checksummed_store(store)
+    manifest["shards"]["shard_00000"]["checksums"]["layers"]["7"] = 12
+    write_manifest(store, manifest)
+    with pytest.raises(StoreError, match="shard 'shard_00000' does not list a checksum per layer"):
+        read_manifest(store)
 
 
 # ---------------------------------------------------------------------------------------------

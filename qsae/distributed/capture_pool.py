@@ -45,11 +45,12 @@ class CaptureWorker:
 
 def run_capture(spec: ReplicaSpec, questions: list[Question], run: RunDir) -> dict:
     """Capture every shard not yet listed in the manifest, then gather the rollouts; returns the
-    final manifest."""
+    final manifest. A listed shard one of whose files (an Arrow file or its rollout part) is missing,
+    unreadable or does not match its checksum is dropped from the manifest and captured again whole."""
     remove_stale_temporaries(run.root)
     manifest, shards = store_to_extend(spec, questions, run)
     if manifest["shards"]:
-        for shard, reason in damaged_shards(run.store, manifest).items():
+        for shard, reason in damaged_shards(run.store, manifest, run.rollout_part).items():
             console.say(f"[qsae] {reason}: {shard} will be captured again")
             del manifest["shards"][shard]
         write_manifest(run.store, manifest)

@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -125,20 +127,45 @@ def train_run_name(job: LayerJob, rules: RowRules) -> str:
     return f"layer={job.layer}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
+def checkpoint_damage(directory: Path) -> str | None:
+    """Why a checkpoint's train_state.pt would not load (missing, truncated, bytes changed), or None.
+    Checked as the zip archive torch.save writes, its directory and every record's CRC-32, read in
+    blocks: nothing is loaded, so checking a run's checkpoints on every rerun costs one read of them."""
+    path = directory / CHECKPOINT_FILE
+    try:
+        with zipfile.ZipFile(path) as archive:
+            failed = archive.testzip()
+    except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile) as err:
+        return f"{path} is unreadable ({err})"
+    return None if failed is None else f"{path} is damaged (its record {failed} fails its CRC)"
+
+
 def salvage_checkpoint(experiment_dir: Path) -> str | None:
     """Ray Train rewrites its run snapshot in place, so a run killed while writing it can leave it
     empty, or naming a checkpoint it had just deleted, and the next run's controller then fails to
-    start. Such a snapshot is removed, and the path of the furthest checkpoint that loads returned,
-    for the workers to resume from; None where the snapshot is sound (or absent)."""
+    start. A checkpoint the snapshot names may not load either (a train_state.pt truncated by a full
+    disk or a bad copy), and Ray Train would hand it to the restarted workers on every try. Such a
+    snapshot is removed, with the checkpoints that do not load, and the path of the furthest
+    checkpoint that loads returned, for the workers to resume from; None where the snapshot and the
+    checkpoints it names are sound (or there is no snapshot)."""
     snapshot = experiment_dir / "checkpoint_manager_snapshot.json"
     if not snapshot.exists():
         return None
     try:
         named = [entry["checkpoint_dir_name"] for entry in json.loads(snapshot.read_text())["checkpoint_results"]]
-        if all((experiment_dir / name).is_dir() for name in named):
-            return None
+        sound = all((experiment_dir / name).is_dir() for name in named)
     except (ValueError, KeyError, TypeError):
-        pass
+        sound = False
+    if sound:
+        damaged = {name: reason for name in named if (reason := checkpoint_damage(experiment_dir / name))}
+        if not damaged:
+            return None
+        for name in damaged:
+            shutil.rmtree(experiment_dir / name)
+        what = (f"{'; '.join(damaged.values())}: removed {'that checkpoint' if len(damaged) == 1 else 'those checkpoints'} "
+                f"and {snapshot.name}")
+    else:
+        what = f"{snapshot} was damaged by an interrupted run; removed"
     snapshot.unlink()
     steps = {}
     for directory in experiment_dir.glob("checkpoint_*"):
@@ -146,8 +173,8 @@ def salvage_checkpoint(experiment_dir: Path) -> str | None:
             steps[directory] = load_training_state(directory / CHECKPOINT_FILE)["history"]["steps"]
         except (ValueError, KeyError):
             continue  # a checkpoint the kill left half-written
-    console.say(f"[qsae] {snapshot} was damaged by an interrupted run; removed, resuming from the furthest "
-               f"checkpoint that loads ({max(steps.values()) if steps else 0} steps)")
+    console.say(f"[qsae] {what}, resuming from the furthest checkpoint that loads "
+                f"({max(steps.values()) if steps else 0} steps)")
     return str(max(steps, key=steps.get)) if steps else None
 
 
