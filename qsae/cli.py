@@ -20,8 +20,15 @@ CHECKPOINT = "checkpoint.pt"
 REQUIRED_TRAIN_FLAGS = ("n_features", "k")  # no default fits every activation width
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in qsae's one line: `qsae: error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"qsae: error: {message} (see {self.prog} --help)\n")
+
+
 def pipeline_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = Parser(prog=prog, description=description)
     parser.add_argument("--config", help="TOML config (default: the embedded tiny.toml)")
     parser.add_argument("--out", help="run directory (overrides the config's `out`)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=5")
@@ -65,7 +72,8 @@ def cmd_release(args) -> int:
 def cmd_capture(args) -> int:
     from qsae.distributed.capture_pool import run_capture
     from qsae.distributed.connect import ray_session
-    from qsae.pipeline import prepare
+    from qsae.distributed.resources import check_schedulable, replica_request
+    from qsae.pipeline import joins_cluster, prepare
     from qsae.rundir import RunDir
 
     cfg = load_pipeline_config(args)
@@ -73,6 +81,7 @@ def cmd_capture(args) -> int:
     run = RunDir(cfg.out)
     run.root.mkdir(parents=True, exist_ok=True)
     with console.lines_to_log(run.log), ray_session(cfg.ray_address):
+        check_schedulable([replica_request(cfg.capture)], can_grow=joins_cluster(cfg))
         manifest = run_capture(plan.spec, plan.questions, run)
     console.say(f"[qsae] {len(manifest['shards'])} shards captured in {run.store}")
     return 0
@@ -122,15 +131,22 @@ def checkpoint_writer(checkpoint: Path, every: int):
 def cmd_train(args) -> int:
     from qsae.files import atomic_write_json, check_can_create_dir
     from qsae.sae_files import hook_name, save_sae
-    from qsae.streaming import open_rows
+    from qsae.store import verify_store
+    from qsae.streaming import StoreSource, open_rows
+    from qsae.models import memory_budget
     from qsae.training.loop import train_sae
+    from qsae.training.state import check_training_memory
 
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0 = never), got {args.checkpoint_every}")
     check_can_create_dir(args.out, "--out")  # before training, not after it
     cfg = config_from_flags(TrainConfig, args)
     cfg.check()
+    cfg = dataclasses.replace(cfg, device=usable_device(cfg.device))
     source = open_rows(args.activations, args.layer)
+    check_training_memory(cfg, source.d_in, memory_budget(cfg.device))
+    if isinstance(source, StoreSource):  # once, before training: every byte of the layer's shards checked
+        verify_store(source.store_dir, [args.layer])
     out = Path(args.out)
     checkpoint = out / CHECKPOINT
     for unfinished in out.glob(f".{CHECKPOINT}.*.tmp"):  # a killed run's half-written checkpoint
@@ -147,6 +163,20 @@ def cmd_train(args) -> int:
     checkpoint.unlink(missing_ok=True)
     print(f"[qsae] trained SAE (final train FVU {history['fvu'][-1]:.4f}); wrote {len(files)} files to {out}")
     return 0
+
+
+def usable_device(device: str) -> str:
+    """--device as a torch device of this machine: auto resolved, CUDA refused where there is none."""
+    import torch
+
+    from qsae.models import resolve_device
+
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def resolved_config(cfg: TrainConfig) -> dict:
@@ -171,7 +201,7 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qsae", description="Sparse autoencoders for a model's residual stream")
+    parser = Parser(prog="qsae", description="Sparse autoencoders for a model's residual stream")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
         ("release", cmd_release, "whole pipeline: capture, train, analyze, evaluate, causal check, release"),
@@ -201,14 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(func, args) -> int:
+    console.handle_sigterm()
     try:
         return func(args)
     except USER_ERRORS as err:
         print(f"qsae: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's status for SIGINT
-        print("qsae: interrupted; what is finished is kept, and the same command resumes", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, and the shell's status for the signal
+        what, status = ("terminated", 143) if console.terminated() else ("interrupted", 130)
+        print(f"qsae: {what}; what is finished is kept, and the same command resumes", file=sys.stderr)
+        return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,7 +104,9 @@ class RolloutConfig:
         require(self.engine != "vllm" or self.enforce_eager,
                 "rollout.enforce_eager must be true with vllm: capture hooks do not run in compiled graphs")
         require(bool(self.questions.strip()), 'rollout.questions is empty; "bundled" or a question file')
-        at_least(self, "rollout", 1, "num_questions", "max_model_len", optional=True)
+        # The split holds out whole questions: at least one on each side.
+        at_least(self, "rollout", 2, "num_questions", optional=True)
+        at_least(self, "rollout", 1, "max_model_len", optional=True)
         at_least(self, "rollout", 1, "max_new_tokens", "batch_size", "tensor_parallel_size")
         at_least(self, "rollout", 0, "seed")
         require(0 < self.gpu_memory_utilization <= 1,
@@ -137,7 +139,8 @@ class CaptureConfig:
             require(len(set(self.layers)) == len(self.layers), f"capture.layers repeats a layer: {self.layers}")
         require(self.dtype in ("float16", "float32"), f"capture.dtype must be float16 or float32, got {self.dtype!r}")
         at_least(self, "capture", 1, "num_actors", "questions_per_shard", "batch_size")
-        at_least(self, "capture", 1, "max_tokens_per_layer", optional=True)
+        # One training row and two held-out ones (an interval needs two) at the least.
+        at_least(self, "capture", 3, "max_tokens_per_layer", optional=True)
         at_least(self, "capture", 0, "cpus_per_actor", "gpus_per_actor")
         require(self.max_norm_multiple == 0 or self.max_norm_multiple > 1,
                 f"capture.max_norm_multiple must be 0 (off) or above 1, got {self.max_norm_multiple:g}")
@@ -340,6 +343,13 @@ class PipelineConfig:
             section.check()
         self.train.check_stage()
         require(bool(self.out and self.out.strip()), "out is empty; give a run directory")
+        # Ray shows a task or actor only the GPUs it asks for: a CUDA device needs a GPU in its request.
+        require(not (self.model.device.startswith("cuda") and self.capture.gpus_per_actor == 0),
+                f"model.device = {self.model.device} needs capture.gpus_per_actor > 0: Ray shows a replica "
+                "only the GPUs it reserves (use model.device = auto to run where the replica is)")
+        require(not (self.train.device.startswith("cuda") and self.train.gpus_per_layer == 0),
+                f"train.device = {self.train.device} needs train.gpus_per_layer > 0: Ray shows a trainer only "
+                "the GPUs it reserves (use train.device = auto to run where the trainer is)")
         if self.ray_address not in (None, "auto", "local"):
             ray_host_port(self.ray_address)
 

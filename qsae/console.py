@@ -6,10 +6,15 @@ raylet and core-worker lines, Ray's copies of its workers' output, transformers'
 The redirection is at the file-descriptor level: fds 1 and 2 point at the log, so output written by
 C++ code and by any library's stream lands there too, while qsae writes to duplicates of the
 original descriptors. Outside `lines_to_log` qsae's lines go to sys.stdout / sys.stderr as usual.
+
+SIGTERM ends a run as Ctrl-C does (Terminated, a KeyboardInterrupt): finished work kept, one line;
+Ray installs a handler of its own in the driver that aborts the process, so it is put back after Ray
+starts (handle_sigterm).
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +26,28 @@ from qsae.files import current_umask
 
 _streams: dict[str, TextIO] = {}
 _warned: set[str] = set()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: the run stops as for Ctrl-C."""
+
+
+_signals: set[int] = set()
+
+
+def _terminate(signum, frame) -> None:
+    _signals.add(signum)  # remembered: a library may turn the exception into a plain KeyboardInterrupt
+    raise Terminated
+
+
+def terminated() -> bool:
+    """Whether SIGTERM arrived."""
+    return signal.SIGTERM in _signals
+
+
+def handle_sigterm() -> None:
+    """SIGTERM raises Terminated in the main thread (from here on, until replaced)."""
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 def out() -> TextIO:

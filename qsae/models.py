@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -46,7 +48,28 @@ def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
     looks_like_path = expanded.startswith((os.sep, ".")) or os.path.exists(expanded) or name.count("/") != 1
     if looks_like_path and not os.path.isdir(expanded):
         raise ModelLoadError(f"model path does not exist or is not a directory: {name}")
+    if not looks_like_path:
+        check_hub_reachable(name)
     return expanded if looks_like_path else name
+
+
+def check_hub_reachable(repo_id: str, timeout_s: float = 5.0) -> None:
+    """A hub id the local cache does not hold needs the hub: say so in seconds when it cannot be
+    reached, rather than after the hub client's retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"model {repo_id!r} is not in the local hub cache and HF_HUB_OFFLINE is set; "
+                             "download it first, or give a local directory")
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise ModelLoadError(f"model {repo_id!r} is not in the local hub cache and the hub at {endpoint.geturl()} "
+                             f"cannot be reached ({err}); download it first, or give a local directory") from None
 
 
 def check_weights(model_path: str) -> None:
@@ -101,11 +124,15 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
 FAST_LINEAR_ATTENTION_KERNELS = {"fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
 
 
+def has_linear_attention(config) -> bool:
+    """Whether the model has linear-attention (Gated DeltaNet) layers, as Qwen3.5 hybrids do."""
+    return "linear_attention" in (getattr(config.get_text_config(), "layer_types", None) or [])
+
+
 def missing_fast_kernels(config, device: str) -> list[str]:
     """PyPI names of the fast linear-attention kernels a hybrid model would run without on `device`:
     none on CPU (the kernels are CUDA/Triton) or for a model without linear-attention layers."""
-    layer_types = getattr(config.get_text_config(), "layer_types", None) or []
-    if not resolve_device(device).startswith("cuda") or "linear_attention" not in layer_types:
+    if not resolve_device(device).startswith("cuda") or not has_linear_attention(config):
         return []
     return [name for module, name in FAST_LINEAR_ATTENTION_KERNELS.items() if importlib.util.find_spec(module) is None]
 
@@ -121,12 +148,27 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
         warnings.warn(f"{name_or_path}: linear-attention layers will use transformers' slow reference kernels; "
                       f"install {' and '.join(missing)} (pip install -e '.[gpu]') for the fast ones", stacklevel=2)
     try:
-        model = model_class_for(config).from_pretrained(path, revision=revision, dtype=dtype_from_name(dtype),
-                                                        device_map=device)
+        model, loading = model_class_for(config).from_pretrained(
+            path, revision=revision, dtype=dtype_from_name(dtype), device_map=device, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: shapes that do not fit, or out of memory
         reason = first_line(err)
         raise ModelLoadError(f"could not load the weights of model {name_or_path!r}: {reason}") from None
+    check_weights_cover(loading, name_or_path)
     return model.eval(), tokenizer
+
+
+def check_weights_cover(loading: dict, model: str) -> None:
+    """transformers leaves a parameter its checkpoint lacks at random init and skips a weight its model
+    lacks, with a report only: a config of one model over the weights of another would run, on
+    garbage. Refused instead, naming what does not match."""
+    missing, unexpected = sorted(loading.get("missing_keys") or []), sorted(loading.get("unexpected_keys") or [])
+    mismatched = sorted(str(key[0] if isinstance(key, tuple) else key) for key in loading.get("mismatched_keys") or [])
+    if missing or unexpected or mismatched:
+        parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in
+                 (("missing from the weights", missing), ("in the weights but not the model", unexpected),
+                  ("of another shape", mismatched)) if keys]
+        raise ModelLoadError(f"the weights of model {model!r} do not fit the model its config.json describes: "
+                             f"parameters {'; '.join(parts)}")
 
 
 def parameter_count(model_path: str) -> int | None:

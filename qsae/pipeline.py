@@ -24,10 +24,11 @@ from qsae.distributed.connect import check_ray_address
 from qsae.engines import Generation
 from qsae.evaluate import Evaluation, EvaluationInputs, evaluation_inputs, save_evaluation
 from qsae.files import atomic_write_json, check_can_create_dir
-from qsae.models import check_weights, context_length, expand_layers, load_tokenizer, model_dims, resolve_model_path
+from qsae.models import (check_weights, context_length, expand_layers, has_linear_attention, load_config,
+                         load_tokenizer, model_dims, resolve_model_path)
 from qsae.questions import BUNDLED_QUESTIONS, Question, load_questions, sample_questions
 from qsae.release import ReleaseSettings, build_release, token_texts
-from qsae.rollout import check_prompts_fit
+from qsae.rollout import check_prompts_fit, check_tokenizer
 from qsae.rundir import RunDir
 from qsae.sample import RowRules
 from qsae.training.trained import load_trained
@@ -67,13 +68,33 @@ def prepare(cfg: PipelineConfig) -> RunPlan:
     plan = resolve(cfg)
     model_path, revision = plan.spec.model_path, cfg.model.revision
     check_weights(model_path)
+    check_engine(cfg, model_path)
+    tokenizer = load_tokenizer(model_path, revision)
+    check_tokenizer(tokenizer, plan.questions, thinking=cfg.rollout.thinking, model=model_path)
     context = cfg.rollout.max_model_len or context_length(model_path, revision)
-    check_prompts_fit(plan.questions, load_tokenizer(model_path, revision), thinking=cfg.rollout.thinking,
+    check_prompts_fit(plan.questions, tokenizer, thinking=cfg.rollout.thinking,
                       max_new_tokens=cfg.rollout.max_new_tokens, context=context, source=str(questions_path(cfg)))
     check_can_create_dir(cfg.out, "run directory (out)")
     store_to_extend(plan.spec, plan.questions, RunDir(cfg.out))  # a rerun's store must be this run's
     check_ray_address(cfg.ray_address)
     return plan
+
+
+def check_engine(cfg: PipelineConfig, model_path: str) -> None:
+    """vLLM on replicas without a GPU is vLLM's CPU build, which has no kernels for linear-attention
+    (Gated DeltaNet) layers: such a model would fail in every replica."""
+    if cfg.rollout.engine == "vllm" and cfg.capture.gpus_per_actor == 0 and \
+            has_linear_attention(load_config(model_path, cfg.model.revision)):
+        raise ValueError(f"rollout.engine = vllm on replicas without a GPU (capture.gpus_per_actor = 0) is vLLM's CPU "
+                         f"build, which cannot run the linear-attention layers of {cfg.model.name}; use "
+                         "rollout.engine = transformers, or a model without them (e.g. model.name = tiny-dense)")
+
+
+def joins_cluster(cfg: PipelineConfig) -> bool:
+    """Whether the run joins a running Ray cluster (which may grow) rather than starting its own."""
+    from qsae.distributed.connect import ray_address
+
+    return ray_address(cfg.ray_address) not in (None, "local")
 
 
 class Stages:
@@ -97,6 +118,7 @@ class Stages:
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage; returns the release directory."""
     from qsae.distributed.connect import ray_session
+    from qsae.distributed.resources import check_schedulable, replica_request, trainer_request
 
     stages, run = Stages(), RunDir(cfg.out)
     with stages.stage("prepare (questions, model, layers)"):
@@ -106,6 +128,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     with console.lines_to_log(run.log), ExitStack() as session:
         with stages.stage("start ray"):
             session.enter_context(ray_session(cfg.ray_address))
+            check_schedulable([replica_request(cfg.capture), trainer_request(cfg.train)], can_grow=joins_cluster(cfg))
         return capture_to_release(cfg, plan, run, stages)
 
 
@@ -124,6 +147,7 @@ def capture_to_release(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: 
 def analyze_from_disk(cfg: PipelineConfig) -> Path:
     """`qsae analyze`: the stages after training, from a trained run directory."""
     from qsae.distributed.connect import ray_session
+    from qsae.distributed.resources import check_schedulable, replica_request
 
     stages, run = Stages(), RunDir(cfg.out)
     stages.run = run if run.root.is_dir() else None
@@ -131,6 +155,7 @@ def analyze_from_disk(cfg: PipelineConfig) -> Path:
     check_ray_address(cfg.ray_address)
     analyze(cfg, plan, run, stages)  # no Ray: its refusals come before Ray starts
     with console.lines_to_log(run.log), ray_session(cfg.ray_address):
+        check_schedulable([replica_request(cfg.capture)], can_grow=joins_cluster(cfg))
         return after_analysis(cfg, plan, run, stages)
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from qsae.engines import Engine, Generation
 from qsae.questions import Question, chat_prompt, format_prompt, grade, parse_answer_detail
-from qsae.files import atomic_write
+from qsae.files import atomic_write, first_line
 
 
 @dataclass
@@ -79,6 +79,25 @@ def final_answer_ids(tokenizer, response_ids: list[int], thinking: bool) -> list
 def tokenize_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """The token ids the engines are given: the chat prompt as it is, no special tokens added."""
     return tokenizer(prompts, add_special_tokens=False).input_ids if prompts else []
+
+
+def check_tokenizer(tokenizer, questions: list[Question], *, thinking: bool, model: str) -> None:
+    """The tokenizer a run would use renders the chat template and gives back a prompt's text from its
+    token ids: a model directory without its tokenizer files loads a stand-in that cannot (every
+    prompt one token, every response empty)."""
+    if not questions:
+        return
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer of model {model} has no chat template (chat_template.jinja or "
+                         "tokenizer_config.json's chat_template)")
+    try:
+        prompt = chat_prompt(tokenizer, format_prompt(questions[0]), thinking)
+    except Exception as err:  # jinja2 raises its own TemplateError kinds
+        raise ValueError(f"the chat template of model {model} does not render: {first_line(err)}") from None
+    ids = tokenize_prompts(tokenizer, [prompt])[0]
+    if " ".join(tokenizer.decode(ids).split()) != " ".join(prompt.split()):
+        raise ValueError(f"the tokenizer of model {model} does not give back a prompt's text from its {len(ids)} "
+                         f"token ids ({len(tokenizer)} tokens in its vocabulary): are its tokenizer files missing?")
 
 
 def check_prompts_fit(questions: list[Question], tokenizer, *, thinking: bool, max_new_tokens: int,

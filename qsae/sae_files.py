@@ -109,6 +109,9 @@ def save_sae(sae: TopKSAE, out_dir: str | Path, layer: int, hook: str) -> dict[s
     out_dir, layout = Path(out_dir), LAYOUTS[sae.architecture]
     stem = weights_stem(layer, sae.n_features, sae.k)
     tensors = release_tensors(sae)
+    broken = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+    if broken:
+        raise ValueError(f"the SAE's {', '.join(broken)} hold NaN or inf: no file of it is written")
     metadata = {"d_in": str(sae.d_in), "n_features": str(sae.n_features), "k": str(sae.k),
                 "layer": str(layer), "hook_name": hook, "architecture": sae.architecture}
     paths = {"pt": out_dir / f"{stem}.pt", "safetensors": out_dir / f"{stem}.safetensors",
@@ -135,16 +138,19 @@ def load_sae(path: str | Path, k: int | None = None, device: str | torch.device 
     if path.is_file() and path.name == SAELENS_CFG:
         path = path.parent
     try:
-        tensors, stored_k, architecture = _read_any(path)
+        tensors, k_stored, architecture = _read_any(path)
     except ValueError:
         raise
     except Exception as err:  # torch's unpickler and safetensors raise their own kinds
         raise ValueError(f"{path} is not a readable SAE file ({first_line(err)})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
         raise ValueError(f"{path} holds a {type(tensors).__name__}, not an SAE's dict of tensors")
-    k = k if k is not None else stored_k
+    k = k if k is not None else k_stored
     if k is None:
         raise ValueError(f"k is not stored with {path}; pass k explicitly")
+    broken = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise ValueError(f"{path}: {', '.join(sorted(broken))} hold NaN or inf")
     try:
         return expected.from_tensors(tensors, k, architecture).to(device)
     except ValueError as err:
@@ -160,7 +166,7 @@ def _read_any(path: Path) -> tuple[dict, int | None, str | None]:
         return load_weights_only(path), int(match.group(1)) if match else None, None
     if path.suffix == ".safetensors":
         tensors, meta = _read_safetensors(path)
-        return tensors, int(meta["k"]) if "k" in meta else None, meta.get("architecture")
+        return tensors, stored_k(meta.get("k"), path, text=True), meta.get("architecture")
     raise ValueError(f"unrecognised SAE format: {path} (expected .pt, .safetensors, "
                      "a SAELens hook directory or a sparsify layer directory)")
 
@@ -200,11 +206,16 @@ def _read_dir(path: Path) -> tuple[dict[str, Tensor], int | None, str]:
     cfg_path = path / SAELENS_CFG
     if not cfg_path.is_file():
         raise ValueError(f"{path} has no {SAELENS_CFG}; not a SAELens or sparsify SAE directory")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{cfg_path} is not a readable cfg.json ({err})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} holds a {type(cfg).__name__}, not an SAE config object")
     if (path / SAELENS_WEIGHTS).is_file():
         tensors, _ = _read_safetensors(path / SAELENS_WEIGHTS)
         if cfg.get("architecture") == "topk":
-            return tensors, cfg.get("k"), "topk"
+            return tensors, stored_k(cfg.get("k"), cfg_path), "topk"
         if cfg.get("architecture") == "jumprelu" and THRESHOLD in tensors:
             return _saelens_batchtopk(cfg_path, cfg, tensors)
         raise ValueError(f"{cfg_path}: architecture {cfg.get('architecture')!r} is neither 'topk' nor "
@@ -218,7 +229,7 @@ def _read_dir(path: Path) -> tuple[dict[str, Tensor], int | None, str]:
             raise ValueError(f"{path / SPARSIFY_WEIGHTS} lacks tensors {sorted(missing)}")
         tensors = {"W_enc": raw["encoder.weight"].T, "b_enc": raw["encoder.bias"],
                    "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
-        return tensors, cfg.get("k"), "topk"
+        return tensors, stored_k(cfg.get("k"), cfg_path), "topk"
     raise ValueError(f"{path} has neither {SAELENS_WEIGHTS} (SAELens) nor {SPARSIFY_WEIGHTS} (sparsify)")
 
 
@@ -230,6 +241,20 @@ def _saelens_batchtopk(cfg_path: Path, cfg: dict, tensors: dict[str, Tensor]) ->
         raise ValueError(f"{cfg_path}: the JumpReLU thresholds differ between latents; only a BatchTopK SAE, "
                          "with one threshold for all latents, loads as BatchTopKSAE")
     k = ((cfg.get("metadata") or {}).get("training_architecture_details") or {}).get("k")
-    if k is not None and k != int(k):
-        raise ValueError(f"{cfg_path}: k = {k} is not a whole number of latents")
-    return {**tensors, THRESHOLD: threshold[0].clone()}, None if k is None else int(k), "batchtopk"
+    return {**tensors, THRESHOLD: threshold[0].clone()}, stored_k(k, cfg_path), "batchtopk"
+
+
+def stored_k(value, where: Path, *, text: bool = False) -> int | None:
+    """k as a file records it: a whole positive number (its text, where `text`: safetensors metadata
+    holds strings only), or None where the file does not say."""
+    if value is None:
+        return None
+    number = int(value) if isinstance(value, float) and value.is_integer() else value
+    if text and isinstance(value, str):
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError(f"{where}: k = {value!r} is not a whole positive number of latents")
+    return number

@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from qsae.cli import main, release_main
 from qsae.config import PipelineConfig
 from qsae.questions import BUNDLED_QUESTIONS
+from qsae.sae import TopKSAE
+from qsae.sae_files import release_tensors, save_sae
 from qsae.store import ShardRows, new_manifest, write_manifest, write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +43,17 @@ def assert_fails_cleanly(capsys, rc: int, problem: str) -> str:
     return out
 
 
+@pytest.mark.parametrize("entry, argv, problem", [
+    (release_main, ["--bogus"], "unrecognized arguments: --bogus (see jobs/release.py --help)"),
+    (main, ["train", "--layer", "0"], "the following arguments are required: --activations, --out"),
+    (main, ["export", "--sae", "x.pt", "--layer", "three", "--out", "y"], "argument --layer: invalid int value"),
+])
+def test_a_command_line_argparse_refuses_says_so_in_qsaes_line(capsys, entry, argv, problem):
+    with pytest.raises(SystemExit) as exit_:
+        entry(argv)
+    assert_fails_cleanly(capsys, exit_.value.code, problem)
+
+
 # ---------------------------------------------------------------------------------------------
 # Every config field: a value it cannot take, refused by the config check before anything runs.
 
@@ -49,7 +63,7 @@ CONFIG_CASES = [
     ("model.device=gpu", "model.device must be auto, cpu, cuda or cuda:N"),
     ("rollout.engine=sglang", "unknown rollout.engine 'sglang'"),
     ('rollout.questions=" "', "rollout.questions is empty"),
-    ("rollout.num_questions=0", "rollout.num_questions must be >= 1"),
+    ("rollout.num_questions=1", "rollout.num_questions must be >= 2"),
     ("rollout.seed=-1", "rollout.seed must be >= 0"),
     ("rollout.max_new_tokens=0", "rollout.max_new_tokens must be >= 1"),
     ("rollout.batch_size=0", "rollout.batch_size must be >= 1"),
@@ -70,7 +84,7 @@ CONFIG_CASES = [
     ("capture.gpus_per_actor=-0.5", "capture.gpus_per_actor must be >= 0"),
     ("capture.questions_per_shard=0", "capture.questions_per_shard must be >= 1"),
     ("capture.batch_size=0", "capture.batch_size must be >= 1"),
-    ("capture.max_tokens_per_layer=0", "capture.max_tokens_per_layer must be >= 1"),
+    ("capture.max_tokens_per_layer=2", "capture.max_tokens_per_layer must be >= 3"),
     ("capture.max_norm_multiple=0.5", "capture.max_norm_multiple must be 0 (off) or above 1"),
     ("train.recipe=fast", "unknown recipe 'fast'"),
     ("train.architecture=gated", "unknown architecture 'gated'; expected one of topk, batchtopk"),
@@ -88,6 +102,8 @@ CONFIG_CASES = [
     ("train.seed=-1", "seed must be >= 0"),
     ("train.shuffle_buffer_rows=0", "must be positive: shuffle_buffer_rows=0"),
     ("train.device=gpu", "train.device must be auto, cpu, cuda or cuda:N"),
+    ("train.device=cuda", "train.device = cuda needs train.gpus_per_layer > 0"),
+    ("model.device=cuda", "model.device = cuda needs capture.gpus_per_actor > 0"),
     ("train.holdout_fraction=1.0", "train.holdout_fraction must be in (0, 1)"),
     ("train.split_seed=-1", "train.split_seed must be >= 0"),
     ("train.cpus_per_layer=0", "train.cpus_per_layer must be > 0"),
@@ -182,6 +198,15 @@ def weightless_model(root: Path, tiny_path: str) -> str:
     return f"model.name={json.dumps(str(model))}"
 
 
+def model_with(root: Path, tiny_path: str, *, without: str = "", template: str | None = None) -> str:
+    """The tiny model's directory without the file `without`, or with its chat template `template`."""
+    model = root / "model"
+    shutil.copytree(tiny_path, model, ignore=shutil.ignore_patterns(without) if without else None)
+    if template is not None:
+        (model / "chat_template.jinja").write_text(template)
+    return f"model.name={json.dumps(str(model))}"
+
+
 def damaged_model(root: Path, tiny_path: str) -> str:
     model = root / "model"
     shutil.copytree(tiny_path, model)
@@ -239,10 +264,23 @@ DRIVER_CASES = {
                              "broken.toml is not valid TOML"),
     "model path missing": (lambda root, run: ["model.name=/no/such/model"],
                            "model path does not exist or is not a directory: /no/such/model"),
+    "hub id without network": (lambda root, run: ["model.name=nobody/no-such-model"],
+                               "model 'nobody/no-such-model' is not in the local hub cache and the hub at"),
     "model directory without weights": (lambda root, run: [weightless_model(root, resolve_tiny())],
                                         "holds no weights (no *.safetensors or *.bin file)"),
     "model weights truncated": (lambda root, run: [damaged_model(root, resolve_tiny())],
                                 "model weights {model}/model.safetensors are unreadable"),
+    "model directory without its tokenizer": (
+        lambda root, run: [model_with(root, resolve_tiny(), without="tokenizer.json")],
+        "the tokenizer of model {model} does not give back a prompt's text"),
+    "model directory without a chat template": (
+        lambda root, run: [model_with(root, resolve_tiny(), without="chat_template.jinja")],
+        "the tokenizer of model {model} has no chat template"),
+    "chat template that does not render": (
+        lambda root, run: [model_with(root, resolve_tiny(), template="{% for message in messages %}{{ oops(")],
+        "the chat template of model {model} does not render"),
+    "vLLM on CPU replicas for a hybrid model": (lambda root, run: ["rollout.engine=vllm"],
+                                                "rollout.engine = vllm on replicas without a GPU"),
     "layer beyond the model": (lambda root, run: ["capture.layers=[3, 12]"],
                                "layer(s) [12] out of range: the model has 12 decoder layers"),
     "prompt longer than the context": (
@@ -290,7 +328,8 @@ def bad_files(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("name", list(DRIVER_CASES))
-def test_a_bad_driver_input_is_refused_before_ray_starts(capsys, tiny_path, tmp_path, bad_files, name):
+def test_a_bad_driver_input_is_refused_before_ray_starts(capsys, tiny_path, tmp_path, bad_files, monkeypatch, name):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://{closed_port().split('=')[1]}")  # a hub that cannot be reached
     make, problem = DRIVER_CASES[name]
     run = tmp_path / "run"
     extra = make(bad_files, run) or []
@@ -383,6 +422,9 @@ TRAIN_CASES = {
                                  "manifest.json is damaged"),
     "store manifest of the wrong shape": (lambda r: train_args(store(r, planted(64, 0), b'{"layers": 0}')),
                                           "manifest.json is not an activation store manifest"),
+    "store shard damaged (checksum fails)": (
+        lambda r: train_args(zeroed_store(r)),
+        "store/layer=0/shard-00000.arrow does not match the sha256 checksum the manifest records for it"),
     "train k above n": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--k", 9), "k=9 exceeds n_features=8"),
     "train k = 0": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--k", 0), "must be positive: k=0"),
     "train epochs negative": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--epochs", -2),
@@ -394,6 +436,11 @@ TRAIN_CASES = {
     "train BatchTopK with the original recipe": (
         lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--recipe", "original", "--architecture", "batchtopk"),
         "needs the modern recipe"),
+    "train on CUDA without a GPU": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--device", "cuda:999"),
+                                    "--device cuda:999: this machine has"),
+    "train an SAE larger than memory": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--n-features",
+                                                             10_000_000_000),
+                                        "needs about"),
     "train --checkpoint-every negative": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)),
                                                                "--checkpoint-every", -1),
                                           "--checkpoint-every must be >= 0"),
@@ -415,7 +462,34 @@ TRAIN_CASES = {
         "cut.safetensors is not a readable SAE file"),
     "export of another format": (lambda r: ["export", "--sae", str(raw(r, "sae.bin", b"x")), "--layer", "0"],
                                  "unrecognised SAE format"),
+    "export SAELens k not a whole number": (lambda r: ["export", "--sae", saelens_with(r, k=2.5), "--layer", "0"],
+                                            "cfg.json: k = 2.5 is not a whole positive number"),
+    "export SAELens k as text": (lambda r: ["export", "--sae", saelens_with(r, k="4"), "--layer", "0"],
+                                 "cfg.json: k = '4' is not a whole positive number"),
+    "export SAELens cfg.json not JSON": (lambda r: ["export", "--sae", saelens_with(r, text="{\"k\": 2,"), "--layer", "0"],
+                                         "cfg.json is not a readable cfg.json"),
+    "export safetensors k not a number": (lambda r: ["export", "--sae", safetensors_with(r, k="four"), "--layer", "0"],
+                                          "k = 'four' is not a whole positive number"),
+    "export SAE with NaN weights": (lambda r: ["export", "--sae", safetensors_with(r, nan=True), "--layer", "0"],
+                                    "W_dec hold NaN or inf"),
 }
+
+
+def saelens_with(root: Path, *, k=None, text: str | None = None) -> str:
+    """A SAELens folder of a small TopK SAE whose cfg.json says k = `k`, or is `text`."""
+    folder = save_sae(TopKSAE(D, 8, 2), root / "sae", 0, "h")["saelens"]
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(text if text is not None else json.dumps({**cfg, "k": k}))
+    return str(folder)
+
+
+def safetensors_with(root: Path, *, k: str = "2", nan: bool = False) -> str:
+    """A small TopK SAE's .safetensors file with metadata k = `k`, its decoder NaN where `nan`."""
+    tensors = release_tensors(TopKSAE(D, 8, 2))
+    if nan:
+        tensors["W_dec"][3, 1] = float("nan")
+    save_file(tensors, str(root / "odd.safetensors"), metadata={"k": k})
+    return str(root / "odd.safetensors")
 
 
 @pytest.mark.parametrize("name", list(TRAIN_CASES))
@@ -444,6 +518,61 @@ def test_an_output_directory_that_cannot_be_made_is_refused_before_work(capsys, 
 
 
 # ---------------------------------------------------------------------------------------------
+# A store whose bytes changed since capture: 8 KB of a shard zeroed, its length unchanged, so the Arrow
+# reader and the row count pass; only the checksum the manifest records tells (qsae.store.verify_store).
+
+def zero_fill(path: Path, size: int = 8192) -> None:
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2 - size // 2
+    data[start:start + size] = bytes(size)
+    path.write_bytes(bytes(data))
+
+
+def zeroed_store(root: Path) -> Path:
+    """`qsae train`'s case: one layer's store, its shard's checksum recorded as capture records it."""
+    from qsae.store import read_manifest, shard_checksums, shard_path
+
+    store_dir = root / "store"
+    write_store(store_dir, planted(1000, 0))
+    manifest = read_manifest(store_dir)
+    manifest["shards"]["shard-00000"]["checksums"] = shard_checksums(store_dir, "shard-00000", [0])
+    write_manifest(store_dir, manifest)
+    zero_fill(shard_path(store_dir, 0, "shard-00000"))
+    return store_dir
+
+
+def test_analyze_refuses_a_store_whose_checksum_fails(capsys, tiny_path, tmp_path):
+    """`qsae analyze`'s side of "store shard damaged (checksum fails)": a trained run (the embedded
+    default's layers, SAEs of the config's shape) whose store has a shard zeroed; refused before the
+    analysis reads a row or removes anything."""
+    from qsae.rundir import RunDir
+    from qsae.store import shard_checksums, shard_path
+    from qsae.training.trained import TrainedSAE, save_trained
+
+    layers, d_model = [3, 7, 11], 64
+    for layer in layers:
+        save_trained(RunDir(tmp_path), layer, TrainedSAE(TopKSAE(d_model, 32, 4), {"revived": 0}, {}))
+    store_dir = tmp_path / "activations"
+    manifest = new_manifest("tiny", None, layers, d_model, dtype="float32")
+    for i in range(2):
+        shard, n = f"shard-{i:05d}", 300
+        rows = {str(layer): write_shard(store_dir, layer, shard, ShardRows(
+            np.full(n, i), np.arange(n), np.zeros(n, np.int32), np.ones(n, bool),
+            np.random.default_rng([i, layer]).normal(size=(n, d_model)).astype(np.float32)), dtype="float32")
+            for layer in layers}
+        manifest["shards"][shard] = {"questions": [], "rollouts": 1, "rows": rows,
+                                     "checksums": shard_checksums(store_dir, shard, layers)}
+    write_manifest(store_dir, manifest)
+    damaged = shard_path(store_dir, 7, "shard-00001")
+    zero_fill(damaged)
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "kept.json").write_text("{}")
+    rc = main(["analyze", "--out", str(tmp_path), "train.n_features=32", "train.k=4"])
+    assert_fails_cleanly(capsys, rc, f"shard {damaged} does not match the sha256 checksum the manifest records")
+    assert (tmp_path / "analysis" / "kept.json").exists()  # refused before the analysis removed anything
+
+
+# ---------------------------------------------------------------------------------------------
 # docs/faults.md's table lists these cases, and only these.
 
 def readme_cases() -> set[str]:
@@ -454,7 +583,9 @@ def readme_cases() -> set[str]:
 
 
 def test_readme_lists_every_bad_input_case():
-    cases = set(DRIVER_CASES) | set(TRAIN_CASES) | {"any config value it cannot take", "output directory unusable"}
+    # The last ones are tested where they happen: argparse above, Ray's resources in test_pipeline.py.
+    cases = set(DRIVER_CASES) | set(TRAIN_CASES) | {"any config value it cannot take", "output directory unusable",
+                                                    "command-line arguments wrong", "a Ray request no node can hold"}
     assert readme_cases() == cases
 
 

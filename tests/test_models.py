@@ -111,3 +111,31 @@ def test_the_missing_fast_linear_attention_kernels_are_named_for_a_hybrid_model_
     assert missing_fast_kernels(dense.config, "cuda") == []  # no linear-attention layers
     loaded, _ = load_model(tiny_path, device="cpu")
     assert {p.device.type for p in loaded.parameters()} == {"cpu"} and not loaded.training
+
+
+def test_weights_of_another_model_than_the_config_describes_are_refused(tmp_path):
+    """transformers would leave unmatched parameters at random init (or skip unused weights) with only a
+    report: the tiny dense model's weights under a Llama config (no q/k norms), and with one of its
+    weights gone, are refused, naming what does not fit."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qsae.tiny import TINY_DENSE_MODEL
+
+    source = resolve_model_path(TINY_DENSE_MODEL)
+    llama = tmp_path / "llama"
+    shutil.copytree(source, llama)
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ModelLoadError, match=r"12 in the weights but not the model \(e.g. model.layers.0.self_attn.k_norm"):
+        load_model(str(llama))
+    short = tmp_path / "short"
+    shutil.copytree(source, short)
+    tensors = load_file(short / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, short / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"1 missing from the weights \(e.g. model.norm.weight\)"):
+        load_model(str(short))
+    assert load_model(source)[0] is not None  # the real one loads

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import ray
 
+from qsae import console
 from qsae.config import ray_host_port
 
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS
@@ -66,6 +67,7 @@ def ray_session(address: str | None):
     """Connected to Ray within the block; disconnected after it where the block connected, so Ray's
     last lines arrive while its output still goes where the caller sent it."""
     connected = connect_ray(address)
+    console.handle_sigterm()  # Ray's own handler would abort the driver with a stack dump
     try:
         yield
     finally:

@@ -61,6 +61,25 @@ def new_run(source: RowSource, cfg: TrainConfig, device: torch.device, *, fresh:
     return run
 
 
+def training_memory(cfg: TrainConfig, d_in: int) -> int:
+    """Bytes one trainer holds, about: the fp32 weights, their gradients and two Adam moments (four
+    copies of 2 n d + n + d numbers), a batch's pre-activations (two [batch, n] fp32 tensors) and
+    three shuffle buffers of rows."""
+    parameters = 2 * cfg.n_features * d_in + cfg.n_features + d_in
+    return 4 * (4 * parameters + 2 * cfg.batch_size * cfg.n_features + 3 * cfg.shuffle_buffer_rows * d_in)
+
+
+def check_training_memory(cfg: TrainConfig, d_in: int, budget: tuple[int, str]) -> None:
+    """Refuse, before allocating, an SAE whose training would not fit the trainer's memory `budget`
+    (bytes, and what they are)."""
+    needed, (capacity, described) = training_memory(cfg, d_in), budget
+    if needed > capacity:
+        raise ValueError(f"training an SAE of n_features = {cfg.n_features:,} on rows of d_in = {d_in:,} (batch "
+                         f"{cfg.batch_size:,}, shuffle buffer {cfg.shuffle_buffer_rows:,} rows) needs about "
+                         f"{needed / 2**30:,.1f} GiB, but a trainer has {described}; lower n_features, batch_size "
+                         "or shuffle_buffer_rows")
+
+
 def run_key(cfg: TrainConfig) -> dict:
     """Every setting that shapes a training run (all but the device), as a checkpoint records it."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "device"}

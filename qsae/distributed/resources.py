@@ -1,0 +1,98 @@
+"""What the run asks Ray for, against what the cluster has: a request no node can hold would wait
+forever (Ray only logs the autoscaler's lines), so it is refused with the setting that asks for it,
+unless the cluster was joined rather than started here (an autoscaler may still add a node that
+holds it: then the run says what it waits for). A request that waits says so, every so often."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import ray
+
+from qsae import console
+from qsae.config import CaptureConfig, TrainStageConfig
+
+WAIT_NOTE_S = 60.0  # seconds between two "still waiting" lines
+
+
+@dataclass(frozen=True)
+class Request:
+    """`count` bundles of resources Ray must place at once, and the settings that ask for them."""
+
+    what: str  # e.g. "a capture replica"
+    settings: str  # e.g. "capture.cpus_per_actor = 4, capture.gpus_per_actor = 0"
+    bundle: dict[str, float]
+    count: int = 1
+
+
+def replica_request(capture: CaptureConfig) -> Request:
+    """A model replica: a capture actor, or an evaluation or causal task placed like one."""
+    return Request("a model replica", f"capture.cpus_per_actor = {capture.cpus_per_actor:g}, capture.gpus_per_actor = "
+                   f"{capture.gpus_per_actor:g}", {"CPU": capture.cpus_per_actor, "GPU": capture.gpus_per_actor})
+
+
+def trainer_request(train: TrainStageConfig) -> Request:
+    """One layer's trainer: its data-parallel workers, placed together."""
+    return Request(f"one layer's {train.workers_per_layer} trainer worker(s)",
+                   f"train.cpus_per_layer = {train.cpus_per_layer:g}, train.gpus_per_layer = {train.gpus_per_layer:g}, "
+                   f"train.workers_per_layer = {train.workers_per_layer}", train.resources_per_worker(),
+                   train.workers_per_layer)
+
+
+def bundles_that_fit(bundle: dict[str, float], node: dict[str, float]) -> int:
+    """How many copies of `bundle` one node's resources hold."""
+    needed = {name: amount for name, amount in bundle.items() if amount > 0}
+    if not needed:
+        return 1 << 30
+    return min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in needed.items())
+
+
+def describe(resources: dict[str, float]) -> str:
+    shown = {name: amount for name, amount in resources.items() if name in ("CPU", "GPU") and amount > 0}
+    return ", ".join(f"{amount:g} {name}" for name, amount in sorted(shown.items())) or "nothing"
+
+
+def infeasible(request: Request, nodes: list[dict[str, float]]) -> str | None:
+    """Why no placement of the request exists on these nodes' total resources; None where one does."""
+    fits = sum(bundles_that_fit(request.bundle, node) for node in nodes)
+    if fits >= request.count:
+        return None
+    largest = "; ".join(describe(node) for node in nodes) or "no node"
+    each = f"{request.count} x " if request.count > 1 else ""
+    return (f"{request.settings} asks for {each}{describe(request.bundle)} for {request.what}, which the Ray cluster "
+            f"cannot hold (its nodes: {largest})")
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def check_schedulable(requests: list[Request], *, can_grow: bool) -> None:
+    """Refuse a request the cluster cannot hold (ValueError); on a cluster that may grow (one joined,
+    not started here: it may have an autoscaler) say instead that the run waits for a node that can."""
+    nodes = alive_nodes()
+    for request in requests:
+        reason = infeasible(request, nodes)
+        if reason is None:
+            continue
+        if not can_grow:
+            raise ValueError(f"{reason}; lower the setting or give the cluster the resources")
+        console.warn(f"{reason} now; the run waits until a node that can joins the cluster")
+
+
+class WaitNotes:
+    """A line every WAIT_NOTE_S seconds while nothing comes back: what waits, and what Ray has free."""
+
+    def __init__(self, what: str, request: Request):
+        self.what, self.request, self.since = what, request, time.time()
+
+    def progress(self) -> None:
+        self.since = time.time()
+
+    def idle(self) -> None:
+        if time.time() - self.since >= WAIT_NOTE_S:
+            console.say(f"[qsae] {self.what}: nothing finished for {time.time() - self.since:.0f} s; each of "
+                        f"{self.request.what} needs {describe(self.request.bundle)}, the cluster has "
+                        f"{describe(ray.available_resources())} free of {describe(ray.cluster_resources())}")
+            self.since = time.time()
