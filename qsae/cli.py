@@ -80,7 +80,7 @@ def cmd_capture(args) -> int:
     plan = prepare(cfg)
     run = RunDir(cfg.out)
     run.root.mkdir(parents=True, exist_ok=True)
-    with console.lines_to_log(run.log), ray_session(cfg.ray_address):
+    with run.driver_lock(), console.lines_to_log(run.log), ray_session(cfg.ray_address):
         check_schedulable([replica_request(cfg.capture)], can_grow=joins_cluster(cfg))
         manifest = run_capture(plan.spec, plan.questions, run)
     console.say(f"[qsae] {len(manifest['shards'])} shards captured in {run.store}")

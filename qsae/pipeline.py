@@ -125,7 +125,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         plan = prepare(cfg)
     run.root.mkdir(parents=True, exist_ok=True)
     stages.run = run
-    with console.lines_to_log(run.log), ExitStack() as session:
+    with run.driver_lock(), console.lines_to_log(run.log), ExitStack() as session:
         with stages.stage("start ray"):
             session.enter_context(ray_session(cfg.ray_address))
             check_schedulable([replica_request(cfg.capture), trainer_request(cfg.train)], can_grow=joins_cluster(cfg))
@@ -153,8 +153,12 @@ def analyze_from_disk(cfg: PipelineConfig) -> Path:
     stages.run = run if run.root.is_dir() else None
     plan = resolve(cfg)
     check_ray_address(cfg.ray_address)
-    analyze(cfg, plan, run, stages)  # no Ray: its refusals come before Ray starts
-    with console.lines_to_log(run.log), ray_session(cfg.ray_address):
+    with ExitStack() as session:
+        if run.root.is_dir():
+            session.enter_context(run.driver_lock())
+        analyze(cfg, plan, run, stages)  # no Ray: its refusals come before Ray starts
+        session.enter_context(console.lines_to_log(run.log))
+        session.enter_context(ray_session(cfg.ray_address))
         check_schedulable([replica_request(cfg.capture)], can_grow=joins_cluster(cfg))
         return after_analysis(cfg, plan, run, stages)
 

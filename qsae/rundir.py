@@ -2,6 +2,7 @@
 here and writes what the next reads; this is the one place that knows where.
 
     <run>/
+      .qsae.lock                     the driver working on the run (pid, host): one at a time
       run.log                        other libraries' log lines (the console shows qsae's own)
       timings.json                   wall-clock seconds of each stage
       rollouts.parquet               every rollout (qsae.rollout); rollouts/<shard>.parquet its parts
@@ -19,7 +20,10 @@ here and writes what the next reads; this is the one place that knows where.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,8 +114,65 @@ class RunDir:
         self.saes.mkdir(parents=True, exist_ok=True)
         return new_staging_dir(self.saes, f".layer={layer}-")
 
+    @property
+    def lock(self) -> Path:
+        return self.root / ".qsae.lock"
+
+    @contextmanager
+    def driver_lock(self):
+        """Within the block this process is the run's one driver: a second is refused (ValueError
+        naming the holder); a lock whose process is gone (a killed driver's) is taken over."""
+        me = driver_identity(os.getpid())
+        while True:
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self.clear_stale_lock()
+                continue
+            with os.fdopen(fd, "w") as lock:
+                json.dump(me, lock)
+            break
+        try:
+            yield
+        finally:
+            if read_lock(self.lock) == me:
+                self.lock.unlink(missing_ok=True)
+
+    def clear_stale_lock(self) -> None:
+        holder = read_lock(self.lock)
+        if holder is not None and holder.get("host") != socket.gethostname():
+            raise ValueError(f"run directory {self.root} is in use by a qsae driver on host {holder.get('host')} "
+                             f"(pid {holder.get('pid')}); wait for it to end, or remove {self.lock} if it is gone")
+        if holder is not None and driver_identity(holder.get("pid", -1)) == holder:
+            raise ValueError(f"run directory {self.root} is in use by another qsae driver (pid {holder['pid']} on "
+                             f"this host); wait for it to end, or stop it (the same command resumes)")
+        self.lock.unlink(missing_ok=True)  # its process is gone (or the file is not a lock)
+
     def read_timings(self) -> dict[str, float]:
         return json.loads(self.timings.read_text()) if self.timings.exists() else {}
 
     def record_timing(self, stage: str, seconds: float) -> None:
         atomic_write_json(self.timings, {**self.read_timings(), stage: seconds})
+
+
+def driver_identity(pid: int) -> dict | None:
+    """A process as a lock records it: pid, host and start time (a reused pid has another)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):  # no /proc: alive or not is all there is to know
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return None
+        started = None
+    return {"pid": pid, "host": socket.gethostname(), "started": started}
+
+
+def read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None

@@ -585,7 +585,8 @@ def readme_cases() -> set[str]:
 def test_readme_lists_every_bad_input_case():
     # The last ones are tested where they happen: argparse above, Ray's resources in test_pipeline.py.
     cases = set(DRIVER_CASES) | set(TRAIN_CASES) | {"any config value it cannot take", "output directory unusable",
-                                                    "command-line arguments wrong", "a Ray request no node can hold"}
+                                                    "command-line arguments wrong", "a Ray request no node can hold",
+                                                    "run directory in use by another driver"}
     assert readme_cases() == cases
 
 
@@ -603,3 +604,46 @@ def test_a_process_exits_2_with_one_line(tmp_path, argv, problem):
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and problem in done.stderr
     assert done.stderr.startswith("qsae: error: ") and not (ROOT / "never").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# One driver per run directory.
+
+def test_a_second_driver_on_a_run_directory_is_refused_naming_the_first(capsys, tmp_path):
+    """A live driver's lock (a real process of this host) refuses the next driver before Ray starts,
+    naming the holder; the lock and the run directory are left as they were."""
+    from qsae.rundir import RunDir, driver_identity
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = RunDir(tmp_path / "run")
+        run.root.mkdir()
+        run.lock.write_text(json.dumps(driver_identity(holder.pid)))
+        before = run.lock.read_text()
+        assert_fails_cleanly(capsys, release_main(["--out", str(run.root)]),
+                             f"is in use by another qsae driver (pid {holder.pid} on this host)")
+        assert run.lock.read_text() == before and sorted(p.name for p in run.root.iterdir()) == [".qsae.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_drivers_lock_is_taken_over_and_every_exit_releases_it(tmp_path):
+    from qsae.rundir import RunDir, read_lock
+
+    run = RunDir(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run.lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "1"}))
+    with run.driver_lock():  # the dead process's lock is taken over
+        assert read_lock(run.lock)["pid"] == os.getpid()
+        with pytest.raises(ValueError, match="in use by another qsae driver"):
+            with run.driver_lock():  # this very process, as a second driver, is refused
+                pass
+    assert not run.lock.exists()
+    with pytest.raises(RuntimeError), run.driver_lock():
+        raise RuntimeError("a stage failed")
+    assert not run.lock.exists()  # released on an error too
+    run.lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "1"}))
+    with pytest.raises(ValueError, match="in use by a qsae driver on host elsewhere"), run.driver_lock():
+        pass

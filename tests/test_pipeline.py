@@ -21,7 +21,7 @@ from qsae.models import model_dims, resolve_model_path
 from qsae.rundir import RunDir
 from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.sae_files import load_sae
-from qsae.store import read_layer_table, read_manifest, residual_matrix, write_manifest
+from qsae.store import read_layer_table, read_manifest, residual_matrix, verify_store, write_manifest
 from qsae.training.trained import TrainedSAE, load_trained, save_trained
 
 pytestmark = pytest.mark.slow  # Ray, subprocesses or whole runs: `make test` runs it, `make test-fast` not
@@ -306,3 +306,19 @@ def test_a_request_no_node_can_hold_is_refused_instead_of_waiting(tmp_path, ask,
     assert lines[-1].startswith("qsae: error: ") and setting in lines[-1] and "cannot hold" in lines[-1]
     assert "Traceback" not in done.stderr and [line for line in lines if line.startswith("qsae: error")] == lines[-1:]
     assert not (tmp_path / "run" / "activations").exists() and time.time() - started < 120
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    """SIGTERM while Ray runs (Ray's own handler would abort the driver with a stack dump, exit 134):
+    exit 143, one qsae line last, every listed shard whole, the run directory unlocked."""
+    run = tmp_path / "run"
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen([sys.executable, "jobs/release.py", "--out", str(run), *SMALL], cwd=ROOT,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT)
+    stop_when(driver, lambda: (run / "rollouts").is_dir(), signal.SIGTERM, "terminated in capture")
+    text = log.read_text()
+    assert driver.returncode == 143, text[-2000:]
+    assert text.strip().splitlines()[-1] == "qsae: terminated; what is finished is kept, and the same command resumes"
+    assert "Traceback" not in text and not (run / ".qsae.lock").exists()
+    if read_manifest(run / "activations")["shards"] if (run / "activations" / "manifest.json").exists() else None:
+        verify_store(run / "activations", [3, 7, 11])  # every listed shard whole, its checksums as recorded
