@@ -20,8 +20,8 @@ from torch import nn
 from qsae.config import CaptureConfig, ModelConfig, RolloutConfig
 from qsae.engines import Engine
 from qsae.engines.hf_engine import HFEngine
-from qsae.models import decoder_layers, load_model, load_tokenizer
-from qsae.questions import Question
+from qsae.models import decoder_layers, load_model, load_tokenizer, weights_identity
+from qsae.questions import Question, question_digest
 from qsae.rollout import Rollout, run_rollouts, write_rollouts
 from qsae.rundir import RunDir
 from qsae.store import MANIFEST, StoreError, check_compatible, new_manifest, read_manifest, ShardRows, shard_path, write_shard
@@ -67,7 +67,7 @@ def store_manifest(spec: ReplicaSpec) -> dict:
     generated_with = {"model_dtype": model.dtype, "engine": spec.rollout.engine, "thinking": spec.rollout.thinking,
                       "max_new_tokens": spec.rollout.max_new_tokens}
     return new_manifest(model.name, revision, list(spec.layers), spec.d_model, dtype=spec.capture.dtype,
-                        generated_with=generated_with)
+                        generated_with=generated_with, weights=weights_identity(spec.model_path))
 
 
 def store_to_extend(spec: ReplicaSpec, questions: list[Question], run: RunDir) -> tuple[dict, list[QuestionShard]]:
@@ -87,18 +87,28 @@ def store_to_extend(spec: ReplicaSpec, questions: list[Question], run: RunDir) -
 def list_shard(manifest: dict, captured: dict) -> None:
     """Enter a captured shard (capture_question_shard's result) in the manifest, with the checksums of
     its files; the caller writes it."""
-    manifest["shards"][captured["shard"]] = {key: captured[key] for key in ("questions", "rollouts", "rows", "checksums")}
+    keys = ("questions", "question_digests", "rollouts", "rows", "checksums")
+    manifest["shards"][captured["shard"]] = {key: captured[key] for key in keys}
 
 
 def check_same_questions(manifest: dict, shards: list[QuestionShard]) -> None:
-    """A listed shard is skipped on rerun, so it must hold the very questions this run would give it."""
-    planned = {shard.name: [q.uuid for q in shard.questions] for shard in shards}
+    """A listed shard is skipped on rerun, so it must hold the very questions this run would give it:
+    the same uuids, and each with the same text, options and answer (its labels come from them)."""
+    planned = {shard.name: shard.questions for shard in shards}
     for name, entry in manifest["shards"].items():
-        if planned.get(name) != entry["questions"]:
+        questions = planned.get(name, [])
+        if [q.uuid for q in questions] != entry["questions"]:
             raise StoreError(
                 f"the activation store's {name} holds other questions than this run's sample "
                 "(changed questions, num_questions, seed or questions_per_shard?); use a new --out"
             )
+        recorded = entry.get("question_digests") or [None] * len(questions)
+        changed = [q.uuid for q, digest in zip(questions, recorded) if question_digest(q) != digest]
+        if changed:
+            raise StoreError(
+                f"the question file gives question {changed[0]!r} ({len(changed)} of {name}'s) other text, options or "
+                f"answer than when {name} was captured, so its rollouts' labels would be stale; use a new --out, "
+                "or the question file it was captured with")
 
 
 class _StopForward(Exception):
@@ -228,6 +238,7 @@ def capture_question_shard(replica: Replica, shard: QuestionShard, spec: Replica
     return {
         "shard": shard.name,
         "questions": [q.uuid for q in shard.questions],
+        "question_digests": [question_digest(q) for q in shard.questions],
         "rollouts": len(rollouts),
         "rows": rows,
         "response_tokens": sum(r.n_response_tokens for r in rollouts),

@@ -81,6 +81,16 @@ def check_weights(model_path: str) -> None:
     parameter_count(model_path)
 
 
+def weights_identity(model_path: str) -> dict:
+    """A local checkpoint's weight files as the store records them ({name: [bytes, modification time
+    in ns]}), so that weights replaced in place are noticed on rerun; {} for a hub id (its revision
+    names it)."""
+    if not os.path.isdir(model_path):
+        return {}
+    files = [p for pattern in ("*.safetensors", "*.bin") for p in Path(model_path).glob(pattern)]
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(files)}
+
+
 def context_length(name_or_path: str, revision: str | None = None) -> int | None:
     """The longest sequence the model's config admits (max_position_embeddings), if it says."""
     return getattr(load_config(name_or_path, revision).get_text_config(), "max_position_embeddings", None)

@@ -119,6 +119,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage; returns the release directory."""
     from qsae.distributed.connect import ray_session
     from qsae.distributed.resources import check_schedulable, replica_request, trainer_request
+    from qsae.distributed.trainers import check_trainer_memory
 
     stages, run = Stages(), RunDir(cfg.out)
     with stages.stage("prepare (questions, model, layers)"):
@@ -129,6 +130,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         with stages.stage("start ray"):
             session.enter_context(ray_session(cfg.ray_address))
             check_schedulable([replica_request(cfg.capture), trainer_request(cfg.train)], can_grow=joins_cluster(cfg))
+            check_trainer_memory(cfg.train, plan.spec.d_model)  # before capture: a run that cannot train stops
         return capture_to_release(cfg, plan, run, stages)
 
 

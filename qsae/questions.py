@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -229,6 +230,12 @@ def grade(letter: str | None, answer_letter: str, finish_reason: str) -> str:
     if letter is None:
         return "no_answer"
     return "correct" if letter == answer_letter else "wrong"
+
+
+def question_digest(q: Question) -> str:
+    """What decides a question's label, as a short hash: its text, options and answer."""
+    text = json.dumps([q.question, list(q.options), q.answer_letter], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def chat_prompt(tokenizer, user_text: str, thinking: bool) -> str:

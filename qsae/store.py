@@ -207,13 +207,15 @@ def write_shard(store_dir: Path, layer: int, shard: str, rows: ShardRows, *, dty
 
 
 def new_manifest(model_id: str, model_revision: str | None, layers: list[int], d_model: int, *, dtype: str,
-                 generated_with: dict | None = None) -> dict:
+                 generated_with: dict | None = None, weights: dict | None = None) -> dict:
     """An empty store's manifest. `generated_with` holds the rollout settings that shape its rows
-    (model dtype, engine, prompt settings), so that a rerun under others is refused."""
+    (model dtype, engine, prompt settings) and `weights` the model's weight files (models.weights_identity),
+    so that a rerun under others, or with weights changed in place, is refused."""
     return {
         "format": STORE_FORMAT,
         "model_id": model_id,
         "model_revision": model_revision,
+        "weights": weights or {},
         "generated_with": generated_with or {},
         "layers": list(layers),
         "d_model": d_model,
@@ -221,7 +223,7 @@ def new_manifest(model_id: str, model_revision: str | None, layers: list[int], d
         "hook": HOOK_CONVENTION,
         "token_selection": TOKEN_SELECTION,
         "checksum": CHECKSUM,  # the algorithm of every shard's "checksums"
-        # shard name -> {"questions": [uuid, ...], "rollouts": n, "rows": {layer: n},
+        # shard name -> {"questions": [uuid, ...], "question_digests": [...], "rollouts": n, "rows": {layer: n},
         #                "checksums": {"rollouts": hex digest, "layers": {layer: hex digest}}}
         "shards": {},
     }
@@ -261,16 +263,25 @@ def check_manifest_shape(manifest, path: Path) -> None:
 
 
 # What makes two runs' rows comparable; a store holds rows of one such run only.
-IDENTITY = ("format", "checksum", "model_id", "model_revision", "generated_with", "layers", "d_model", "dtype")
+IDENTITY = ("format", "checksum", "model_id", "model_revision", "weights", "generated_with", "layers", "d_model",
+            "dtype")
 
 
 def check_compatible(manifest: dict, this_run: dict) -> None:
     """A rerun may extend a store only with rows made the same way (this_run: its new_manifest)."""
     clashes = [key for key in IDENTITY if manifest.get(key) != this_run[key]]
     if clashes:
-        details = ", ".join(f"{key}: store has {manifest.get(key)!r}, run wants {this_run[key]!r}" for key in clashes)
+        details = ", ".join(weights_change(manifest.get(key), this_run[key]) if key == "weights" else
+                            f"{key}: store has {manifest.get(key)!r}, run wants {this_run[key]!r}" for key in clashes)
         raise StoreError(f"the activation store was captured differently ({details}); extending it would mix rows "
                          "of two runs: use a new --out, or the settings it was captured with")
+
+
+def weights_change(stored, now: dict) -> str:
+    """Which weight files differ between the store's record and the model's now (size, time or name)."""
+    stored = stored if isinstance(stored, dict) else {}
+    changed = sorted(name for name in set(stored) | set(now) if stored.get(name) != now.get(name))
+    return f"weights: {', '.join(changed)} changed since the store was captured (size or modification time)"
 
 
 def open_shard(path: Path, expected_rows: int) -> pa.Table:

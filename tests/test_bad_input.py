@@ -220,6 +220,44 @@ def store_of_another_run(run: Path, manifest) -> None:
     (run / "activations" / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
 
 
+def captured_store(run: Path, questions: str = "bundled", model: str = "tiny") -> None:
+    """A store as capture leaves it after its first shard, made from the model and questions given."""
+    from qsae.capture import plan_shards, store_manifest
+    from qsae.config import load_config
+    from qsae.pipeline import resolve
+    from qsae.questions import question_digest
+
+    plan = resolve(load_config(None, [f"rollout.questions={json.dumps(questions)}", f"model.name={json.dumps(model)}"]))
+    manifest = store_manifest(plan.spec)
+    first = plan_shards(plan.questions, 8)[0]
+    manifest["shards"][first.name] = {"questions": [q.uuid for q in first.questions], "rollouts": 8,
+                                      "question_digests": [question_digest(q) for q in first.questions],
+                                      "rows": {"3": 1, "7": 1, "11": 1}}
+    store_of_another_run(run, manifest)
+
+
+def corrected_answer_key(root: Path, run: Path) -> list[str]:
+    """The bundled questions captured, then the second question's answer key corrected in the file."""
+    rows = bundled_rows()
+    path = write_jsonl(root / "questions.jsonl", rows)
+    captured_store(run, str(path))
+    q = rows[1]
+    other = next(letter for letter in "ABCD" if letter != q["answer_letter"])
+    q.update(answer_letter=other, answer=q["options"]["ABCD".index(other)])
+    write_jsonl(path, rows)
+    return [f"rollout.questions={json.dumps(str(path))}"]
+
+
+def weights_replaced_in_place(root: Path, run: Path) -> list[str]:
+    """A store captured from a copy of the tiny model, whose weights file was then written again."""
+    model = root / "model"
+    shutil.copytree(resolve_tiny(), model)
+    captured_store(run, model=str(model))
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    return [f"model.name={json.dumps(str(model))}"]
+
+
 def set_questions(q: dict, **values) -> None:
     q.update(values)
 
@@ -295,6 +333,10 @@ DRIVER_CASES = {
     "store captured differently": (
         lambda root, run: store_of_another_run(run, new_manifest("tiny", "other", [3, 7, 11], 64, dtype="float32")),
         "the activation store was captured differently (model_revision: store has 'other'"),
+    "question file corrected since the store was captured": (
+        corrected_answer_key, "the question file gives question"),
+    "model weights replaced since the store was captured": (
+        weights_replaced_in_place, "weights: model.safetensors changed since the store was captured"),
     "store manifest truncated": (lambda root, run: store_of_another_run(run, '{"format": 3, "layers": [3'),
                                  "manifest.json is damaged"),
     "store manifest of the wrong shape": (lambda root, run: store_of_another_run(run, "[1, 2, 3]"),

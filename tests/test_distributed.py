@@ -540,3 +540,28 @@ def test_as_many_layers_train_at_once_as_the_cluster_holds():
     assert concurrent_layers(TrainStageConfig(cpus_per_layer=2, gpus_per_layer=1), {"CPU": 64.0, "GPU": 16.0}) == 16
     assert concurrent_layers(TrainStageConfig(cpus_per_layer=8, gpus_per_layer=1), {"CPU": 64.0, "GPU": 16.0}) == 8
     assert concurrent_layers(TrainStageConfig(cpus_per_layer=1, gpus_per_layer=1), {"CPU": 4.0}) == 1  # Ray says why
+
+
+def test_work_that_waits_for_resources_says_what_it_waits_for(local_ray, monkeypatch, capsys):
+    """Every CPU held by another actor: a task placed like a replica waits, and the wait says what it
+    needs and what the cluster has free, until the CPUs come back and the task finishes."""
+    from qsae.config import CaptureConfig
+    from qsae.distributed import resources
+
+    monkeypatch.setattr(resources, "WAIT_NOTE_S", 0.5)
+    monkeypatch.setattr(resources, "WAIT_POLL_S", 0.2)
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.options(num_cpus=ray.cluster_resources()["CPU"]).remote()
+    ray.get(holder.ready.remote())
+    request = resources.replica_request(CaptureConfig(cpus_per_actor=1))
+    task = ray.remote(lambda: "done").options(num_cpus=1).remote()
+    threading.Timer(3.0, lambda: ray.kill(holder)).start()
+    ref = resources.next_ready([task], resources.WaitNotes("capture", request))
+    assert ray.get(ref) == "done"
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[qsae] capture: nothing finished")]
+    assert notes and "a model replica needs 1 CPU each, the cluster has nothing free of 4 CPU" in notes[0]

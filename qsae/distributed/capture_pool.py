@@ -14,6 +14,7 @@ from qsae import console
 from qsae.capture import (QuestionShard, ReplicaSpec, capture_question_shard, list_shard, load_replica,
                           store_to_extend)
 from qsae.distributed import get_or_raise_cause, replica_options, use_threads
+from qsae.distributed.resources import WaitNotes, next_ready, replica_request
 from qsae.models import check_fits, memory_budget, parameter_count
 from qsae.questions import Question
 from qsae.rollout import read_rollouts, write_rollouts
@@ -116,12 +117,12 @@ class ShardPool:
         self.actors = [self.actor_class.remote(self.spec, self.run)
                        for _ in range(min(self.spec.capture.num_actors, len(pending)))]
         queue, remaining = list(pending), sum(len(shard.questions) for shard in pending)
-        started = time.time()
+        started, notes = time.time(), WaitNotes("capture", replica_request(self.spec.capture))
         try:
             with console.progress(total=len(pending), desc="capture", unit="shard") as bar:
                 while queue or self.in_flight:
                     self.submit(queue)
-                    [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
+                    ref = next_ready(list(self.in_flight), notes)
                     rollouts = self.finish(ref, queue)
                     if rollouts is None:
                         continue

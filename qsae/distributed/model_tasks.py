@@ -10,6 +10,7 @@ import ray
 from qsae.capture import ReplicaSpec
 from qsae.causal import Arm, generate_arms
 from qsae.distributed import get_or_raise_cause, replica_options, use_threads
+from qsae.distributed.resources import WaitNotes, all_ready, replica_request
 from qsae.engines import Generation
 from qsae.evaluate import Evaluation, EvaluationInputs, evaluate_layers
 from qsae.models import load_model
@@ -25,7 +26,9 @@ def evaluate_task(spec: ReplicaSpec, inputs: EvaluationInputs) -> Evaluation:
 def evaluate_in_ray(spec: ReplicaSpec, inputs: list[EvaluationInputs]) -> list[Evaluation]:
     """Each group of layers' evaluation in a task of its own, all at once."""
     task = ray.remote(evaluate_task).options(**replica_options(spec.capture))
-    return get_or_raise_cause([task.remote(spec, group) for group in inputs])
+    refs = [task.remote(spec, group) for group in inputs]
+    all_ready(refs, WaitNotes("evaluate", replica_request(spec.capture)))
+    return get_or_raise_cause(refs)
 
 
 def rerun_task(spec: ReplicaSpec, saes: dict[int, TopKSAE], arms: list[Arm],
@@ -43,7 +46,9 @@ def rerun_in_ray(spec: ReplicaSpec, saes: dict[int, TopKSAE], arms: list[Arm],
     tasks = spec.capture.num_actors
     groups = [arms[i::tasks] for i in range(min(tasks, len(arms)))]
     generations = {}
-    for part in get_or_raise_cause([task.remote(spec, saes, group, prompts) for group in groups]):
+    refs = [task.remote(spec, saes, group, prompts) for group in groups]
+    all_ready(refs, WaitNotes("causal check", replica_request(spec.capture)))
+    for part in get_or_raise_cause(refs):
         generations.update(part)
     return generations
 

@@ -13,7 +13,8 @@ import ray
 from qsae import console
 from qsae.config import CaptureConfig, TrainStageConfig
 
-WAIT_NOTE_S = 60.0  # seconds between two "still waiting" lines
+WAIT_NOTE_S = 120.0  # seconds without a result before a "still waiting" line
+WAIT_POLL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def check_schedulable(requests: list[Request], *, can_grow: bool) -> None:
 
 
 class WaitNotes:
-    """A line every WAIT_NOTE_S seconds while nothing comes back: what waits, and what Ray has free."""
+    """A line every WAIT_NOTE_S seconds while nothing comes back: what waits, what it needs, and what
+    Ray has free (all of it busy: the work waits for resources; some free: it is only slow)."""
 
     def __init__(self, what: str, request: Request):
         self.what, self.request, self.since = what, request, time.time()
@@ -91,8 +93,27 @@ class WaitNotes:
         self.since = time.time()
 
     def idle(self) -> None:
-        if time.time() - self.since >= WAIT_NOTE_S:
-            console.say(f"[qsae] {self.what}: nothing finished for {time.time() - self.since:.0f} s; each of "
-                        f"{self.request.what} needs {describe(self.request.bundle)}, the cluster has "
-                        f"{describe(ray.available_resources())} free of {describe(ray.cluster_resources())}")
+        waited = time.time() - self.since
+        if waited >= WAIT_NOTE_S:
+            console.say(f"[qsae] {self.what}: nothing finished in {waited:.0f} s; {self.request.what} needs "
+                        f"{describe(self.request.bundle)} each, the cluster has {describe(ray.available_resources())} "
+                        f"free of {describe(ray.cluster_resources())}")
             self.since = time.time()
+
+
+def next_ready(refs: list, notes: WaitNotes):
+    """The first of `refs` to finish, with a note every WAIT_NOTE_S seconds while none does."""
+    while True:
+        ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_POLL_S)
+        if ready:
+            notes.progress()
+            return ready[0]
+        notes.idle()
+
+
+def all_ready(refs: list, notes: WaitNotes) -> None:
+    """Until every one of `refs` has finished, with notes as next_ready's."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_POLL_S)
+        notes.progress() if ready else notes.idle()

@@ -24,11 +24,12 @@ import torch
 from qsae import console
 from qsae.config import TrainStageConfig
 from qsae.distributed import get_or_raise_cause, use_threads
+from qsae.distributed.resources import WaitNotes, next_ready, trainer_request
 from qsae.rundir import RunDir
 from qsae.sae import TopKSAE
 from qsae.sample import RowRules, plan_split
 from qsae.store import read_manifest
-from qsae.training.state import load_training_state, run_key
+from qsae.training.state import check_training_memory, load_training_state, run_key
 from qsae.training.trained import TrainedSAE, recipe_settings, save_trained
 
 CHECKPOINT_FILE = "train_state.pt"
@@ -228,6 +229,24 @@ def concurrent_layers(train: TrainStageConfig, cluster: dict[str, float]) -> int
     return max(1, math.floor(min(fits) + 1e-9))
 
 
+def check_trainer_memory(train: TrainStageConfig, d_in: int) -> None:
+    """Before any trainer allocates: an SAE of this size trains within the memory a worker is given,
+    checked in a task placed like one (it sees that worker's GPUs, or its node's host memory)."""
+    trainer, share = train.trainer(), train.gpus_per_layer / train.workers_per_layer
+
+    def probe() -> None:
+        from qsae.models import memory_budget
+
+        device = trainer.device if trainer.device != "auto" else ("cuda" if share else "cpu")
+        capacity, described = memory_budget(device)
+        if device.startswith("cuda") and share < 1:  # a fraction of one GPU
+            capacity, described = int(capacity * share), f"{share:g} of {described}"
+        check_training_memory(trainer, d_in, (capacity, described))
+
+    resources = train.resources_per_worker()
+    get_or_raise_cause(ray.remote(probe).options(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0)).remote())
+
+
 def train_layers(train: TrainStageConfig, rules: RowRules, layers: list[int], run: RunDir) -> dict[int, TrainedSAE]:
     """Split the rollouts by question (saes/split.json), then train every layer's SAE on its training
     rows, as many layers at once as the cluster holds (concurrent_layers), the next starting when one
@@ -235,6 +254,7 @@ def train_layers(train: TrainStageConfig, rules: RowRules, layers: list[int], ru
     plan_split(run, layers, rules)
     waiting, pending, trained = list(layers), {}, {}
     at_once = concurrent_layers(train, ray.cluster_resources())
+    notes = WaitNotes("train", trainer_request(train))
     with console.progress(total=len(waiting), desc="train", unit="layer") as bar:
         while waiting or pending:
             while waiting and len(pending) < at_once:
@@ -243,7 +263,7 @@ def train_layers(train: TrainStageConfig, rules: RowRules, layers: list[int], ru
                 name = train_run_name(job, rules)
                 job = dataclasses.replace(job, salvaged_checkpoint=salvage_checkpoint(run.checkpoints / name))
                 pending[fit_layer.remote(job, name)] = layer
-            [ref], _ = ray.wait(list(pending), num_returns=1)
+            ref = next_ready(list(pending), notes)
             layer = pending.pop(ref)
             state = get_or_raise_cause(ref)
             sae = TopKSAE.from_tensors(state["sae_state"], train.k, train.architecture)
