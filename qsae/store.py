@@ -146,13 +146,15 @@ def _checksums(paths: Iterable[Path], algorithm: str) -> dict[Path, str]:
 
 
 def _check_file(path: Path, expected: str | None, digests: dict[Path, str], algorithm: str, what: str) -> None:
-    """Raise a StoreError naming the file if it is missing, or does not match the checksum the
-    manifest records for it (`expected`, None where it records none; `digests`: _checksums)."""
+    """Raise a StoreError naming the file if it is missing, has no checksum in the manifest
+    (`expected` None), or does not match it (`digests`: _checksums)."""
     if not path.is_file():
         raise StoreError(f"{what} {path} is missing")
-    if expected is not None and path not in digests:
+    if expected is None:
+        raise StoreError(f"the manifest records no {algorithm} checksum of {what} {path}")
+    if path not in digests:
         raise StoreError(f"{what} {path} is unreadable")
-    if expected is not None and digests[path] != expected:
+    if digests[path] != expected:
         raise StoreError(f"{what} {path} does not match the {algorithm} checksum the manifest records for it "
                          "(damaged since capture)")
 

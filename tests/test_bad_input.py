@@ -26,7 +26,7 @@ from qsae.config import PipelineConfig
 from qsae.questions import BUNDLED_QUESTIONS
 from qsae.sae import TopKSAE
 from qsae.sae_files import release_tensors, save_sae
-from qsae.store import ShardRows, new_manifest, write_manifest, write_shard
+from qsae.store import ShardRows, new_manifest, shard_checksums, write_manifest, write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 D = 8
@@ -395,7 +395,8 @@ def write_store(store_dir: Path, rows: np.ndarray | None) -> None:
     if rows is not None:
         n = len(rows)
         written = write_shard(store_dir, 0, "shard-00000", ShardRows(np.zeros(n, np.int64), np.arange(n), np.zeros(n, np.int32), np.ones(n, bool), rows), dtype="float32")
-        manifest["shards"]["shard-00000"] = {"rollouts": 1, "rows": {"0": written}}
+        manifest["shards"]["shard-00000"] = {"rollouts": 1, "rows": {"0": written},
+                                             "checksums": shard_checksums(store_dir, "shard-00000", [0])}
     write_manifest(store_dir, manifest)
 
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from qsae.config import TrainConfig
 from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.sae_files import load_sae
-from qsae.store import ShardRows, new_manifest, write_manifest, write_shard
+from qsae.store import ShardRows, new_manifest, shard_checksums, write_manifest, write_shard
 from qsae.training.recipes import native_bf16
 
 pytestmark = pytest.mark.slow  # Ray, subprocesses or whole runs: `make test` runs it, `make test-fast` not
@@ -173,7 +173,8 @@ def write_store(store_dir: Path, shards: dict[str, np.ndarray]) -> int:
     for shard, rows in shards.items():
         n = len(rows)
         written = write_shard(store_dir, 0, shard, ShardRows(np.zeros(n, np.int64), np.arange(n), np.zeros(n, np.int32), np.ones(n, bool), rows), dtype="float32")
-        manifest["shards"][shard] = {"rollouts": 1, "rows": {"0": written}}
+        manifest["shards"][shard] = {"rollouts": 1, "rows": {"0": written},
+                                     "checksums": shard_checksums(store_dir, shard, [0])}
     write_manifest(store_dir, manifest)
     return sum(entry["rows"]["0"] for entry in manifest["shards"].values())
 

@@ -411,6 +411,16 @@ def test_a_manifest_with_a_checksum_of_the_wrong_shape_is_refused(tmp_path):
         read_manifest(store)
 
 
+def test_a_shard_listed_without_its_checksums_is_damaged_and_refused(tmp_path):
+    store = tmp_path / "activations"
+    manifest = checksummed_store(store)
+    del manifest["shards"]["shard_00001"]["checksums"]
+    write_manifest(store, manifest)
+    assert "records no sha256 checksum" in damaged_shards(store, manifest)["shard_00001"]
+    with pytest.raises(StoreError, match="records no sha256 checksum of shard .*shard_00001"):
+        verify_store(store)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reruns
 
