@@ -178,9 +178,12 @@ def plan_split(run: RunDir, layers: list[int], rules: RowRules) -> Split:
     selection = select_rows(run.store, layers, split)
     counts = selection.counts
     if counts["train"] < 1 or counts["heldout"] < 2:
+        cap = (f"capture.max_tokens_per_layer = {rules.max_rows:,} keeps {counts['sampled']:,} of them"
+               if rules.max_rows is not None and rules.max_rows < counts["stored"] - counts["excluded"] else None)
+        remedy = f"raise capture.max_tokens_per_layer ({cap})" if cap else "capture more questions"
         raise ValueError(f"the split leaves {counts['train']} training and {counts['heldout']} held-out rows "
-                         f"({counts['excluded']} of {counts['stored']} stored rows excluded): capture more questions "
-                         "or change train.holdout_fraction")
+                         f"({counts['excluded']} of {counts['stored']} stored rows excluded): {remedy}, or change "
+                         "train.holdout_fraction")
     split.rows = counts
     save_split(run, split)
     return split

@@ -12,6 +12,7 @@ from qsae.sample import (
     SplitMismatchError,
     check_same_split,
     load_split,
+    plan_split,
     save_split,
     select_rows,
     split_by_question,
@@ -161,3 +162,19 @@ def test_split_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "saes" / "split.json").write_text("{}")
     with pytest.raises(ValueError, match="split.json is not a qsae split file"):
         load_split(RunDir(tmp_path))
+
+
+def test_a_cap_that_leaves_too_few_rows_is_named_as_the_reason(tmp_path):
+    from qsae.rollout import Rollout, write_rollouts
+
+    write_marked_store(tmp_path / "activations")
+    write_rollouts([Rollout(rollout_id=r, question_id=f"q{r // 2}", prompt="", response="", predicted_letter=None,
+                            letter_from_final_line=False, answer_letter="A", finish_reason="stop", outcome="no_answer",
+                            correct=False, n_prompt_tokens=0, n_response_tokens=0, engine="test", seed=0,
+                            prompt_token_ids=[], response_token_ids=[]) for r in range(12)],
+                   tmp_path / "rollouts.parquet")
+    rules = RowRules(max_norm_multiple=0, max_rows=3, holdout_fraction=0.2, seed=0)
+    with pytest.raises(ValueError, match=r"raise capture.max_tokens_per_layer \(capture.max_tokens_per_layer = 3 "
+                                         r"keeps 3 of them\)"):
+        plan_split(RunDir(tmp_path), LAYERS, rules)
+    assert plan_split(RunDir(tmp_path), LAYERS, RowRules(max_norm_multiple=0, holdout_fraction=0.2)).rows["heldout"] >= 2
