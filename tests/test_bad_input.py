@@ -54,6 +54,12 @@ def test_a_command_line_argparse_refuses_says_so_in_qsaes_line(capsys, entry, ar
     assert_fails_cleanly(capsys, exit_.value.code, problem)
 
 
+def test_an_empty_out_flag_is_refused_not_ignored(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the config's own out would be made
+    assert_fails_cleanly(capsys, release_main(["--out", ""]), "out is empty")
+    assert not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------
 # Every config field: a value it cannot take, refused by the config check before anything runs.
 
@@ -629,7 +635,8 @@ def test_readme_lists_every_bad_input_case():
     # The last ones are tested where they happen: argparse above, Ray's resources in test_pipeline.py.
     cases = set(DRIVER_CASES) | set(TRAIN_CASES) | {"any config value it cannot take", "output directory unusable",
                                                     "command-line arguments wrong", "a Ray request no node can hold",
-                                                    "run directory in use by another driver"}
+                                                    "run directory in use by another driver",
+                                                    "model weights of another model than its config"}  # test_models.py
     assert readme_cases() == cases
 
 
