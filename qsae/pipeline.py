@@ -179,7 +179,7 @@ class ModelTasks(Protocol):
     def rerun(self, saes: dict, arms: list[causal.Arm], prompts: list[list[int]]) -> dict[str, list[Generation]]: ...
 
 
-def after_analysis(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages,
+def after_analysis(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages, *,
                    tasks: ModelTasks | None = None) -> Path:
     """evaluate -> causal -> release, the model's work done by `tasks` (default: Ray tasks)."""
     if tasks is None:

@@ -145,7 +145,7 @@ def _checksums(paths: Iterable[Path], algorithm: str) -> dict[Path, str]:
         return {path: digest for path, digest in pool.map(one, paths) if digest is not None}
 
 
-def _check_file(path: Path, expected: str | None, digests: dict[Path, str], algorithm: str, what: str) -> None:
+def _check_file(path: Path, expected: str | None, digests: dict[Path, str], *, algorithm: str, what: str) -> None:
     """Raise a StoreError naming the file if it is missing, has no checksum in the manifest
     (`expected` None), or does not match it (`digests`: _checksums)."""
     if not path.is_file():
@@ -339,7 +339,7 @@ def damaged_shards(store_dir: str | Path, manifest: dict,
     for shard in sorted(files):
         try:
             for path, what, n_rows, expected in files[shard]:
-                _check_file(path, expected, digests, algorithm, what)
+                _check_file(path, expected, digests, algorithm=algorithm, what=what)
                 if n_rows is not None:
                     open_shard(path, n_rows)
         except StoreError as err:
@@ -365,7 +365,7 @@ def verify_store(store_dir: str | Path, layers: Iterable[int] | None = None) -> 
     digests = _checksums([path for path, expected in files if expected], algorithm)
     for path, expected in files:
         try:
-            _check_file(path, expected, digests, algorithm, "shard")
+            _check_file(path, expected, digests, algorithm=algorithm, what="shard")
         except StoreError as err:
             raise StoreError(f"{err}; rerun capture with the same --out to capture it again") from None
     return manifest

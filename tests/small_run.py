@@ -43,7 +43,7 @@ def build_run(root: Path, overrides: list[str]) -> RunDir:
     capture(plan, run, replica)
     train(cfg, plan, run)
     analyze(cfg, plan, run, stages)
-    after_analysis(cfg, plan, run, stages, LocalModelTasks(replica, cfg))
+    after_analysis(cfg, plan, run, stages, tasks=LocalModelTasks(replica, cfg))
     return run
 
 
