@@ -81,7 +81,7 @@ def cmd_capture(args) -> int:
     run = RunDir(cfg.out)
     run.root.mkdir(parents=True, exist_ok=True)
     with run.driver_lock(), console.lines_to_log(run.log), ray_session(cfg.ray_address):
-        check_schedulable([replica_request(cfg.capture)], can_grow=joins_cluster(cfg))
+        check_schedulable([replica_request(cfg.capture)], joined=joins_cluster(cfg))
         manifest = run_capture(plan.spec, plan.questions, run)
     console.say(f"[qsae] {len(manifest['shards'])} shards captured in {run.store}")
     return 0

@@ -129,7 +129,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     with run.driver_lock(), console.lines_to_log(run.log), ExitStack() as session:
         with stages.stage("start ray"):
             session.enter_context(ray_session(cfg.ray_address))
-            check_schedulable([replica_request(cfg.capture), trainer_request(cfg.train)], can_grow=joins_cluster(cfg))
+            check_schedulable([replica_request(cfg.capture), trainer_request(cfg.train)], joined=joins_cluster(cfg))
             check_trainer_memory(cfg.train, plan.spec.d_model)  # before capture: a run that cannot train stops
         return capture_to_release(cfg, plan, run, stages)
 
@@ -161,7 +161,7 @@ def analyze_from_disk(cfg: PipelineConfig) -> Path:
         analyze(cfg, plan, run, stages)  # no Ray: its refusals come before Ray starts
         session.enter_context(console.lines_to_log(run.log))
         session.enter_context(ray_session(cfg.ray_address))
-        check_schedulable([replica_request(cfg.capture)], can_grow=joins_cluster(cfg))
+        check_schedulable([replica_request(cfg.capture)], joined=joins_cluster(cfg))
         return after_analysis(cfg, plan, run, stages)
 
 

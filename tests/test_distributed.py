@@ -565,3 +565,9 @@ def test_work_that_waits_for_resources_says_what_it_waits_for(local_ray, monkeyp
     assert ray.get(ref) == "done"
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[qsae] capture: nothing finished")]
     assert notes and "a model replica needs 1 CPU each, the cluster has nothing free of 4 CPU" in notes[0]
+
+
+def test_a_local_ray_is_not_taken_for_a_cluster_that_may_grow(local_ray):
+    from qsae.distributed.resources import may_grow
+
+    assert may_grow() is False  # its one node has no node type of an autoscaling config

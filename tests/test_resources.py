@@ -1,6 +1,6 @@
 """What the run asks Ray for, against the cluster's nodes (no cluster needed: the nodes are given)."""
 from qsae.config import CaptureConfig, TrainStageConfig
-from qsae.distributed.resources import infeasible, replica_request, trainer_request
+from qsae.distributed.resources import configured_node_types, infeasible, replica_request, trainer_request
 
 TWO_GPU_NODES = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 2.0}]
 HEAD = {"CPU": 4.0}
@@ -24,3 +24,9 @@ def test_what_no_node_holds_is_said_with_its_setting_and_the_nodes():
     assert "asks for 6 x 1 CPU, 1 GPU" in infeasible(many, [HEAD, *TWO_GPU_NODES])
     # more CPUs in the cluster than a bundle needs, but on no one node
     assert infeasible(replica_request(CaptureConfig(cpus_per_actor=12)), TWO_GPU_NODES) is not None
+
+
+def test_an_autoscaling_cluster_is_told_by_its_configured_node_types():
+    assert configured_node_types(["ray.head.default", "gpu-workers"], ["aa", "bb"])  # launcher / KubeRay groups
+    assert not configured_node_types(["node_aa", "node_bb"], ["aa", "bb"])  # `ray start` nodes, or a local Ray
+    assert not configured_node_types([], [])

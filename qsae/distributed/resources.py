@@ -1,7 +1,7 @@
 """What the run asks Ray for, against what the cluster has: a request no node can hold would wait
 forever (Ray only logs the autoscaler's lines), so it is refused with the setting that asks for it,
-unless the cluster was joined rather than started here (an autoscaler may still add a node that
-holds it: then the run says what it waits for). A request that waits says so, every so often."""
+unless an autoscaler may still add a node that holds it (a cluster joined rather than started here,
+whose nodes have the node types of an autoscaling config): then the run says what it waits for. A request that waits says so, every so often."""
 from __future__ import annotations
 
 import math
@@ -69,10 +69,29 @@ def alive_nodes() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
-def check_schedulable(requests: list[Request], *, can_grow: bool) -> None:
-    """Refuse a request the cluster cannot hold (ValueError); on a cluster that may grow (one joined,
-    not started here: it may have an autoscaler) say instead that the run waits for a node that can."""
+def configured_node_types(type_names: list[str], node_ids: list[str]) -> bool:
+    """Whether nodes carry node type names of an autoscaling config (the cluster launcher's and
+    KubeRay's groups), rather than the name Ray gives a node nobody configured: node_<its id>."""
+    return any(name and name != f"node_{node_id}" for name, node_id in zip(type_names, node_ids))
+
+
+def may_grow() -> bool:
+    """Whether an autoscaler may add nodes to this cluster; where Ray cannot say, assume it may."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    try:
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    except Exception:  # a semi-public API: an answer it cannot give is no reason to refuse
+        return True
+    nodes = status.active_nodes + status.idle_nodes + status.pending_nodes
+    return configured_node_types([n.ray_node_type_name for n in nodes], [n.node_id for n in nodes])
+
+
+def check_schedulable(requests: list[Request], *, joined: bool) -> None:
+    """Refuse a request the cluster cannot hold (ValueError); on a joined cluster an autoscaler may
+    grow, say instead that the run waits for a node that can."""
     nodes = alive_nodes()
+    can_grow = joined and may_grow()
     for request in requests:
         reason = infeasible(request, nodes)
         if reason is None:
