@@ -5,6 +5,7 @@
 - trainers: one Ray Train TorchTrainer per layer (qsae.training);
 - model_tasks: the evaluation (qsae.evaluate) and the causal check's reruns (qsae.causal), as tasks
   placed like a capture replica;
+- resources: what the run asks Ray for against what the cluster has, and what pending work waits for;
 - connect: joining or starting Ray.
 """
 from __future__ import annotations
