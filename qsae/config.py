@@ -48,10 +48,6 @@ def setting(default, doc: str):
     return field(default=default, metadata={"doc": doc})
 
 
-def doc_of(section, name: str) -> str:
-    return next(f.metadata.get("doc", "") for f in dataclasses.fields(section) if f.name == name)
-
-
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

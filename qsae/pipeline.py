@@ -20,6 +20,7 @@ from qsae import causal, console
 from qsae.analyze import analyze_run
 from qsae.capture import ReplicaSpec, store_to_extend
 from qsae.config import PipelineConfig
+from qsae.distributed import deal
 from qsae.distributed.connect import check_ray_address
 from qsae.engines import Generation
 from qsae.evaluate import Evaluation, EvaluationInputs, evaluation_inputs, save_evaluation
@@ -199,9 +200,8 @@ def after_analysis(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stag
 
 def evaluate(cfg: PipelineConfig, plan: RunPlan, run: RunDir, tasks: ModelTasks) -> None:
     """Each group of layers (one per capture replica at most) evaluated by a task of its own."""
-    groups = [plan.layers[i::cfg.capture.num_actors] for i in range(min(cfg.capture.num_actors, len(plan.layers)))]
     inputs = [evaluation_inputs(run, group, limit=cfg.release.fidelity_rollouts, n_boot=cfg.release.bootstrap,
-                                seed=cfg.train.split_seed) for group in groups]
+                                seed=cfg.train.split_seed) for group in deal(plan.layers, cfg.capture.num_actors)]
     save_evaluation(run, tasks.evaluate(inputs))
 
 

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from qsae.files import atomic_write_json, new_staging_dir
+from qsae.files import new_staging_dir
 
 RELEASE_STAGING = ".release-"  # the release is assembled in <run>/.release-XXXX, then swapped in
 
@@ -150,9 +150,6 @@ class RunDir:
 
     def read_timings(self) -> dict[str, float]:
         return json.loads(self.timings.read_text()) if self.timings.exists() else {}
-
-    def record_timing(self, stage: str, seconds: float) -> None:
-        atomic_write_json(self.timings, {**self.read_timings(), stage: seconds})
 
 
 def driver_identity(pid: int) -> dict | None:

@@ -33,6 +33,11 @@ def replica_options(capture: CaptureConfig) -> dict:
     return {"num_cpus": capture.cpus_per_actor, "num_gpus": capture.gpus_per_actor}
 
 
+def deal(items: list, hands: int) -> list[list]:
+    """Items dealt round-robin into at most `hands` non-empty groups (one per task)."""
+    return [items[i::hands] for i in range(min(hands, len(items)))]
+
+
 def use_threads(cpus: float) -> None:
     """As many torch threads as the Ray CPUs this process was given (at least one)."""
     torch.set_num_threads(max(1, int(cpus)))

@@ -9,7 +9,7 @@ import ray
 
 from qsae.capture import ReplicaSpec
 from qsae.causal import Arm, generate_arms
-from qsae.distributed import get_or_raise_cause, replica_options, use_threads
+from qsae.distributed import deal, get_or_raise_cause, replica_options, use_threads
 from qsae.distributed.resources import WaitNotes, all_ready, replica_request
 from qsae.engines import Generation
 from qsae.evaluate import Evaluation, EvaluationInputs, evaluate_layers
@@ -43,11 +43,9 @@ def rerun_in_ray(spec: ReplicaSpec, saes: dict[int, TopKSAE], arms: list[Arm],
                  prompts: list[list[int]]) -> dict[str, list[Generation]]:
     """The causal check's arms spread over up to capture.num_actors tasks; every arm's generations."""
     task = ray.remote(rerun_task).options(**replica_options(spec.capture))
-    tasks = spec.capture.num_actors
-    groups = [arms[i::tasks] for i in range(min(tasks, len(arms)))]
-    generations = {}
-    refs = [task.remote(spec, saes, group, prompts) for group in groups]
+    refs = [task.remote(spec, saes, group, prompts) for group in deal(arms, spec.capture.num_actors)]
     all_ready(refs, WaitNotes("causal check", replica_request(spec.capture)))
+    generations = {}
     for part in get_or_raise_cause(refs):
         generations.update(part)
     return generations
