@@ -3,7 +3,8 @@ prompt+response with hooks on chosen layers, written to the activation store.
 
 "Residual at layer L" is the output of decoder layer L (a Qwen3.5 decoder layer returns the residual
 stream tensor itself); for every layer but the last that is transformers' hidden_states[L + 1] (the
-last one transformers returns after the final norm). Only response-token rows are kept.
+last one transformers returns after the final norm). Only response-token rows are kept: every one, or a
+seeded sample of each rollout's (capture.keep_per_rollout or keep_fraction; the manifest records the rule).
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from qsae.models import decoder_layers, load_model, load_tokenizer, weights_iden
 from qsae.questions import Question, question_digest
 from qsae.rollout import Rollout, run_rollouts, write_rollouts
 from qsae.rundir import RunDir
-from qsae.store import MANIFEST, StoreError, check_compatible, new_manifest, read_manifest, ShardRows, shard_path, write_shard
-from qsae.store import shard_checksums
+from qsae.store import (MANIFEST, KeptPositions, ShardRows, StoreError, check_compatible, new_manifest, read_manifest,
+                        shard_checksums, shard_path, write_shard)
 from qsae.tiny import TINY_DENSE_MODEL, TINY_MODEL
 
 # (sequences, starts, layer_ids) -> {layer: [rows of sequence i from position starts[i]]}
@@ -59,6 +60,11 @@ class ReplicaSpec:
     capture: CaptureConfig
 
 
+def kept_positions(capture: CaptureConfig) -> KeptPositions:
+    """The bounded store's rule (capture.keep_*): every response position when neither is set."""
+    return KeptPositions(capture.keep_per_rollout, capture.keep_fraction, capture.keep_seed)
+
+
 def store_manifest(spec: ReplicaSpec) -> dict:
     """The empty manifest of this run's store: the model, how its rollouts were made, what is kept."""
     model = spec.model
@@ -67,7 +73,8 @@ def store_manifest(spec: ReplicaSpec) -> dict:
     generated_with = {"model_dtype": model.dtype, "engine": spec.rollout.engine, "thinking": spec.rollout.thinking,
                       "max_new_tokens": spec.rollout.max_new_tokens}
     return new_manifest(model.name, revision, list(spec.layers), spec.d_model, dtype=spec.capture.dtype,
-                        generated_with=generated_with, weights=weights_identity(spec.model_path))
+                        generated_with=generated_with, weights=weights_identity(spec.model_path),
+                        kept=kept_positions(spec.capture))
 
 
 def store_to_extend(spec: ReplicaSpec, questions: list[Question], run: RunDir) -> tuple[dict, list[QuestionShard]]:
@@ -178,21 +185,23 @@ def special_token_ids(tokenizer) -> set[int]:
 
 
 def capture_shard(residuals_of: ResidualFn, rollouts: list[Rollout], layer_ids: list[int], store_dir: Path, *,
-                  shard: str, dtype: str, special_ids: set[int] = frozenset()) -> dict[str, int]:
-    """Capture the response-token residuals of `rollouts` (at least one) and write a shard per layer;
-    rows whose token is in `special_ids` are marked special."""
+                  shard: str, dtype: str, special_ids: set[int] = frozenset(),
+                  kept: KeptPositions = KeptPositions()) -> dict[str, int]:
+    """Capture the response-token residuals of `rollouts` (at least one) and write a shard per layer,
+    keeping the positions `kept` chooses; rows whose token is in `special_ids` are marked special."""
     sequences = [r.prompt_token_ids + r.response_token_ids for r in rollouts]
     starts = [r.n_prompt_tokens for r in rollouts]
     residuals = residuals_of(sequences, starts, layer_ids)
-    lengths = [r.n_response_tokens for r in rollouts]
-    rollout_id = np.repeat([r.rollout_id for r in rollouts], lengths)
-    position = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
-    token_id = np.concatenate([np.asarray(r.response_token_ids, dtype=np.int64) for r in rollouts])
-    correct = np.repeat([r.correct for r in rollouts], lengths)
+    offsets = [kept.choose(r.rollout_id, r.n_response_tokens) for r in rollouts]  # into each response
+    rollout_id = np.repeat([r.rollout_id for r in rollouts], [len(o) for o in offsets])
+    position = np.concatenate([start + o for start, o in zip(starts, offsets)])
+    token_id = np.concatenate([np.asarray(r.response_token_ids, dtype=np.int64)[o] for r, o in zip(rollouts, offsets)])
+    correct = np.repeat([r.correct for r in rollouts], [len(o) for o in offsets])
     special = np.isin(token_id, sorted(special_ids))
     return {
-        str(layer): write_shard(store_dir, layer, shard, ShardRows(rollout_id, position, token_id, correct,
-                                                                   np.concatenate(residuals[layer]), special), dtype=dtype)
+        str(layer): write_shard(store_dir, layer, shard, ShardRows(
+            rollout_id, position, token_id, correct,
+            np.concatenate([rows[o] for rows, o in zip(residuals[layer], offsets)]), special), dtype=dtype)
         for layer in layer_ids
     }
 
@@ -233,7 +242,8 @@ def capture_question_shard(replica: Replica, shard: QuestionShard, spec: Replica
     rollout_part = run.rollout_part(shard.name)
     write_rollouts(rollouts, rollout_part)
     rows = capture_shard(replica.residuals_of, rollouts, list(spec.layers), run.store, shard=shard.name,
-                         dtype=spec.capture.dtype, special_ids=special_token_ids(replica.tokenizer))
+                         dtype=spec.capture.dtype, special_ids=special_token_ids(replica.tokenizer),
+                         kept=kept_positions(spec.capture))
     written = [rollout_part] + [shard_path(run.store, layer, shard.name) for layer in spec.layers]
     return {
         "shard": shard.name,

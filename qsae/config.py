@@ -122,6 +122,9 @@ class CaptureConfig:
     gpus_per_actor: float = setting(0.0, "Ray GPUs per replica (1 for the 27B model in bf16 on a 96 GB GPU)")
     questions_per_shard: int = setting(8, "unit of work and of exactly-once bookkeeping")
     batch_size: int = setting(8, "sequences per teacher-forced forward pass")
+    keep_per_rollout: int | None = setting(None, "bounded store: keep a seeded sample of this many response positions of each rollout (unset = all)")
+    keep_fraction: float | None = setting(None, "bounded store: keep this share of each rollout's response positions, rounded up (unset = all)")
+    keep_seed: int = setting(0, "seeds the bounded store's choice of positions (per rollout id: retries and reruns keep the same)")
     max_tokens_per_layer: int | None = setting(None, "seeded random cap on rows per layer (the original: 200,000)")
     exclude_special_tokens: bool = setting(True, "leave special/chat-template tokens out of training and statistics")
     max_norm_multiple: float = setting(10.0, "leave out tokens whose residual norm exceeds this x the layer median (0 = keep)")
@@ -137,7 +140,14 @@ class CaptureConfig:
         at_least(self, "capture", 1, "num_actors", "questions_per_shard", "batch_size")
         # One training row and two held-out ones (an interval needs two) at the least.
         at_least(self, "capture", 3, "max_tokens_per_layer", optional=True)
-        at_least(self, "capture", 0, "cpus_per_actor", "gpus_per_actor")
+        at_least(self, "capture", 0, "cpus_per_actor", "gpus_per_actor", "keep_seed")
+        require(self.keep_per_rollout is None or self.keep_fraction is None,
+                "capture.keep_per_rollout and capture.keep_fraction both set: keep a count or a share of each "
+                "rollout's positions, not both")
+        require(self.keep_per_rollout is None or self.keep_per_rollout >= 1,
+                f"capture.keep_per_rollout = {self.keep_per_rollout} keeps no position of any rollout; >= 1, or unset to keep all")
+        require(self.keep_fraction is None or 0 < self.keep_fraction <= 1,
+                f"capture.keep_fraction = {self.keep_fraction} must be in (0, 1] (0 keeps nothing); unset keeps all")
         require(self.max_norm_multiple == 0 or self.max_norm_multiple > 1,
                 f"capture.max_norm_multiple must be 0 (off) or above 1, got {self.max_norm_multiple:g}")
 

@@ -34,7 +34,7 @@ from qsae.rollout import Rollout, read_rollouts
 from qsae.rundir import RunDir
 from qsae.sae_files import hook_name, save_sae
 from qsae.sample import RowSelection, load_selection, load_split
-from qsae.store import read_manifest
+from qsae.store import KeptPositions, read_manifest
 from qsae.streaming import StoreSource
 from qsae.training.trained import TrainedSAE, load_trained
 
@@ -290,7 +290,8 @@ def release_facts(record: RunRecord, settings: ReleaseSettings, files: list[str]
         tokens={"total_response_tokens": int(sum(r.n_response_tokens for r in record.rollouts.values())),
                 "per_layer_train": selection.counts["train"], "per_layer_heldout": selection.counts["heldout"]},
         rows={**selection.counts, "max_norm_multiple": rules["max_norm_multiple"],
-              "max_tokens_per_layer": rules["max_rows"]},
+              "max_tokens_per_layer": rules["max_rows"],
+              "stored_positions": KeptPositions.from_json(manifest.get("kept_positions")).describe()},
         split={"holdout_fraction": rules["holdout_fraction"], "seed": rules["seed"],
                "heldout_rollouts": len(selection.heldout_positions)},
         recipe={"recipe": train_settings["recipe"], "optimizer": "Adam", "lr": train_settings["lr"],

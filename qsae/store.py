@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -30,12 +31,64 @@ import pyarrow as pa
 from qsae.files import atomic_write, atomic_write_json
 
 MANIFEST = "manifest.json"
-STORE_FORMAT = 4  # 2: rows carry `special` and `norm`; 3: the manifest records the rollout settings;
-# 4: the manifest records every file's checksum
+STORE_FORMAT = 5  # 2: rows carry `special` and `norm`; 3: the manifest records the rollout settings;
+# 4: the manifest records every file's checksum; 5: and which response positions it keeps (KeptPositions)
 CHECKSUM = "sha256"  # hashlib's name for it; sha256 (SHA-NI) outran blake2b here, 1.4 against 0.9 GB/s
 CHECK_THREADS = min(8, os.cpu_count() or 1)  # files checksummed at once (hashlib lets go of the GIL)
 HOOK_CONVENTION = "output of decoder layer L (= hidden_states[L + 1]): the residual stream after block L"
 TOKEN_SELECTION = "response tokens: positions n_prompt .. n_prompt + n_response - 1 of prompt+response"
+
+
+@dataclass(frozen=True)
+class KeptPositions:
+    """Which response positions of a rollout the store keeps: all of them, or a seeded sample of
+    `per_rollout` of them or of a `fraction` of them (rounded up, so a non-empty response keeps one).
+    The sample depends only on (seed, rollout id, response length), so a retried shard keeps the same
+    positions and a rerun reproduces the store."""
+
+    per_rollout: int | None = None
+    fraction: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.per_rollout is not None and self.fraction is not None:
+            raise ValueError("keep either a count or a fraction of each rollout's positions, not both")
+        if (self.per_rollout is not None and self.per_rollout < 1) or (
+                self.fraction is not None and not 0 < self.fraction <= 1):
+            raise ValueError(f"a position rule must keep something: per_rollout >= 1 or 0 < fraction <= 1, got {self}")
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.per_rollout is None and self.fraction is None
+
+    def count(self, n_response: int) -> int:
+        """How many of n_response positions are kept."""
+        if self.per_rollout is not None:
+            return min(self.per_rollout, n_response)
+        if self.fraction is not None:
+            return min(math.ceil(round(self.fraction * n_response, 9)), n_response)  # round: 0.1 x 30 is 3.0000000000000004
+        return n_response
+
+    def choose(self, rollout_id: int, n_response: int) -> np.ndarray:
+        """The kept response offsets (0 = the first response token), sorted."""
+        if self.keeps_all:
+            return np.arange(n_response)
+        rng = np.random.default_rng([self.seed, rollout_id])
+        return np.sort(rng.choice(n_response, size=self.count(n_response), replace=False))
+
+    def to_json(self) -> dict:
+        return {"per_rollout": self.per_rollout, "fraction": self.fraction, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> KeptPositions:
+        return cls(**(data or {}))
+
+    def describe(self) -> str:
+        if self.per_rollout is not None:
+            return f"a seeded sample of {self.per_rollout} response positions per rollout (seed {self.seed})"
+        if self.fraction is not None:
+            return f"a seeded sample of {self.fraction:g} of each rollout's response positions, rounded up (seed {self.seed})"
+        return "every response position"
 
 
 class StoreError(ValueError):
@@ -209,7 +262,8 @@ def write_shard(store_dir: Path, layer: int, shard: str, rows: ShardRows, *, dty
 
 
 def new_manifest(model_id: str, model_revision: str | None, layers: list[int], d_model: int, *, dtype: str,
-                 generated_with: dict | None = None, weights: dict | None = None) -> dict:
+                 generated_with: dict | None = None, weights: dict | None = None,
+                 kept: KeptPositions = KeptPositions()) -> dict:
     """An empty store's manifest. `generated_with` holds the rollout settings that shape its rows
     (model dtype, engine, prompt settings) and `weights` the model's weight files (models.weights_identity),
     so that a rerun under others, or with weights changed in place, is refused."""
@@ -224,6 +278,7 @@ def new_manifest(model_id: str, model_revision: str | None, layers: list[int], d
         "dtype": dtype,
         "hook": HOOK_CONVENTION,
         "token_selection": TOKEN_SELECTION,
+        "kept_positions": kept.to_json(),  # KeptPositions: of those, every one or a seeded sample per rollout
         "checksum": CHECKSUM,  # the algorithm of every shard's "checksums"
         # shard name -> {"questions": [uuid, ...], "question_digests": [...], "rollouts": n, "rows": {layer: n},
         #                "checksums": {"rollouts": hex digest, "layers": {layer: hex digest}}}
@@ -266,7 +321,7 @@ def check_manifest_shape(manifest, path: Path) -> None:
 
 # What makes two runs' rows comparable; a store holds rows of one such run only.
 IDENTITY = ("format", "checksum", "model_id", "model_revision", "weights", "generated_with", "layers", "d_model",
-            "dtype")
+            "dtype", "kept_positions")
 
 
 def check_compatible(manifest: dict, this_run: dict) -> None:

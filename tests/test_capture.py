@@ -15,6 +15,7 @@ from qsae.models import decoder_layers
 from qsae.questions import BUNDLED_QUESTIONS, chat_prompt, format_prompt, load_questions
 from qsae.rollout import run_rollouts
 from qsae.store import (
+    KeptPositions,
     new_manifest,
     read_layer_table,
     residual_matrix,
@@ -107,3 +108,30 @@ def test_capture_shard_writes_the_store_schema(tiny, rollouts, tmp_path):
     assert special.sum() == 2  # <think> and </think> of the marked rollout
     assert not list(tmp_path.rglob("*.tmp")), "temporary files left behind"
     assert shard_path(tmp_path, 11, "shard-00000").exists()
+
+
+@pytest.mark.parametrize("kept", [KeptPositions(per_rollout=7, seed=3), KeptPositions(fraction=0.3, seed=3)])
+def test_a_bounded_store_keeps_the_rows_its_rule_gives_and_the_same_on_rerun(tiny, rollouts, tmp_path, kept):
+    """The kept rows are the full capture's rows at the chosen positions, as many per rollout as the rule
+    says (counted here from the rule's definition), chosen alike on a rerun and differently per rollout."""
+    model, _ = tiny
+    residuals_of = partial(capture_residuals, model, batch_size=4)
+    full_dir, bounded, again = tmp_path / "full", tmp_path / "bounded", tmp_path / "again"
+    capture_shard(residuals_of, rollouts, LAYERS, full_dir, shard="s", dtype="float32")
+    for store in (bounded, again):
+        capture_shard(residuals_of, rollouts, LAYERS, store, shard="s", dtype="float32", kept=kept)
+    expected_count = {r.rollout_id: min(r.n_response_tokens, kept.per_rollout) if kept.per_rollout else
+                      min(r.n_response_tokens, -(-r.n_response_tokens * 3 // 10)) for r in rollouts}
+    read = lambda store: pa.ipc.open_file(str(shard_path(store, 7, "s"))).read_all()  # noqa: E731
+    full, table = read(full_dir), read(bounded)
+    ids = table.column("rollout_id").to_numpy()
+    assert {r: int((ids == r).sum()) for r in expected_count} == expected_count
+    assert any(0 < expected_count[r.rollout_id] < r.n_response_tokens for r in rollouts)  # a real sample
+    full_rows = {(r, p): i for i, (r, p) in enumerate(zip(full.column("rollout_id").to_pylist(),
+                                                          full.column("position").to_pylist()))}
+    at = [full_rows[key] for key in zip(ids.tolist(), table.column("position").to_pylist())]
+    np.testing.assert_array_equal(residual_matrix(table), residual_matrix(full)[at])
+    assert table.column("token_id").to_pylist() == [full.column("token_id")[i].as_py() for i in at]
+    assert read(again).equals(table)
+    offsets = [table.column("position").to_numpy()[ids == r.rollout_id] - r.n_prompt_tokens for r in rollouts]
+    assert len({tuple(o[:3]) for o in offsets if len(o) >= 3}) > 1  # each rollout draws its own positions

@@ -136,7 +136,8 @@ def test_rerun_captures_only_shards_missing_from_the_manifest(captured):
 
 @pytest.mark.parametrize("change, field", [("capture.layers=[3, 7]", "layers"),
                                            ("rollout.max_new_tokens=25", "generated_with"),
-                                           ("model.dtype=bfloat16", "generated_with")])
+                                           ("model.dtype=bfloat16", "generated_with"),
+                                           ("capture.keep_per_rollout=5", "kept_positions")])
 def test_a_store_captured_differently_is_not_extended(captured, change, field):
     cfg, run_dir, questions, _ = captured
     before = (run_dir / "activations" / "manifest.json").read_text()

@@ -193,13 +193,13 @@ def _data(info: ReleaseFacts) -> str:
         f"- Outcomes: {o['correct']:,} correct, {o['wrong']:,} wrong, {o['truncated']:,} truncated (hit the token "
         f"limit), {o['no_answer']:,} without a parsable answer letter. The {unscored:,} truncated or unanswered "
         f"rollouts are neither right nor wrong: they are {use}.",
-        f"- Rows: {rows['stored']:,} response tokens stored per layer.",
+        f"- Rows: {rows['stored']:,} response tokens stored per layer ({rows['stored_positions']}).",
         f"  - {special}.",
         f"  - {norm_rule}.",
         f"  - {rows['excluded']:,} tokens left out in all, the same at every layer; of the rest, {cap} were used: "
         f"{rows['train']:,} for training, {rows['heldout']:,} held out.",
         f"- Split: by question, seeded ({split['seed']}): {split['holdout_fraction']:.0%} of the questions, "
-        f"{split['heldout_rollouts']:,} rollouts, are held out with all their tokens (`split.json` lists them). "
+        f"{split['heldout_rollouts']:,} rollouts, are held out with all their stored tokens (`split.json` lists them). "
         "No held-out token has a neighbour from its own rollout in training.",
     ])
 

@@ -11,8 +11,8 @@ import time
 import ray
 
 from qsae import console
-from qsae.capture import (QuestionShard, ReplicaSpec, capture_question_shard, list_shard, load_replica,
-                          store_to_extend)
+from qsae.capture import (QuestionShard, ReplicaSpec, capture_question_shard, kept_positions, list_shard,
+                          load_replica, store_to_extend)
 from qsae.distributed import get_or_raise_cause, replica_options, use_threads
 from qsae.distributed.resources import WaitNotes, next_ready, replica_request
 from qsae.models import check_fits, memory_budget, parameter_count
@@ -81,7 +81,7 @@ def warn_if_disk_may_not_fit(spec: ReplicaSpec, n_questions: int, run: RunDir) -
     """Before the run: the worst case (every response at max_new_tokens) against free space. Only a
     warning, since responses are usually shorter; the measured rate is checked after every shard."""
     per_token = len(spec.layers) * row_bytes(spec.d_model, spec.capture.dtype)
-    worst = n_questions * spec.rollout.max_new_tokens * per_token
+    worst = n_questions * kept_positions(spec.capture).count(spec.rollout.max_new_tokens) * per_token
     free = free_bytes(run.root)
     console.say(f"[qsae] store estimate: at most {worst / 1e9:.2f} GB for {n_questions} questions; {free / 1e9:.2f} GB free")
     if worst > free:
