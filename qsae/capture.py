@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from qsae.config import CaptureConfig, ModelConfig, RolloutConfig
-from qsae.engines import Engine
+from qsae.engines import Engine, Sampling
 from qsae.engines.hf_engine import HFEngine
 from qsae.models import decoder_layers, load_model, load_tokenizer, weights_identity
 from qsae.questions import Question, question_digest
-from qsae.rollout import Rollout, run_rollouts, write_rollouts
+from qsae.rollout import Draws, Rollout, run_rollouts, write_rollouts
 from qsae.rundir import RunDir
 from qsae.store import (MANIFEST, KeptPositions, ShardRows, StoreError, check_compatible, new_manifest, read_manifest,
                         shard_checksums, shard_path, write_shard)
@@ -36,7 +36,7 @@ ResidualFn = Callable[[list[list[int]], list[int], list[int]], dict[int, list[np
 @dataclass
 class QuestionShard:
     name: str
-    first_id: int  # rollout id of its first question: ids are positions in the sampled question list
+    first_id: int  # its first question's position in the sampled question list (qsae.rollout: rollout ids)
     questions: list[Question]
 
 
@@ -70,8 +70,11 @@ def store_manifest(spec: ReplicaSpec) -> dict:
     model = spec.model
     # The tiny models have no hub revision; their cache directory name carries the build recipe's hash.
     revision = model.revision or (Path(spec.model_path).name if model.name in (TINY_MODEL, TINY_DENSE_MODEL) else None)
-    generated_with = {"model_dtype": model.dtype, "engine": spec.rollout.engine, "thinking": spec.rollout.thinking,
-                      "max_new_tokens": spec.rollout.max_new_tokens}
+    rollout = spec.rollout
+    generated_with = {"model_dtype": model.dtype, "engine": rollout.engine, "thinking": rollout.thinking,
+                      "max_new_tokens": rollout.max_new_tokens, "samples_per_question": rollout.samples_per_question,
+                      "temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k,
+                      "sampling_seed": rollout.sampling_seed}
     return new_manifest(model.name, revision, list(spec.layers), spec.d_model, dtype=spec.capture.dtype,
                         generated_with=generated_with, weights=weights_identity(spec.model_path),
                         kept=kept_positions(spec.capture))
@@ -216,6 +219,10 @@ class Replica:
     residuals_of: ResidualFn
 
 
+def sampling_of(rollout: RolloutConfig) -> Sampling:
+    return Sampling(rollout.temperature, rollout.top_p, rollout.top_k)
+
+
 def load_replica(spec: ReplicaSpec) -> Replica:
     """Load the model once, for the configured engine."""
     model, rollout = spec.model, spec.rollout
@@ -226,19 +233,21 @@ def load_replica(spec: ReplicaSpec) -> Replica:
         engine = VLLMEngine(spec.model_path, tokenizer, rollout.max_new_tokens, revision=model.revision, dtype=model.dtype,
                             tensor_parallel_size=rollout.tensor_parallel_size,
                             gpu_memory_utilization=rollout.gpu_memory_utilization,
-                            enforce_eager=rollout.enforce_eager, seed=rollout.seed, max_model_len=rollout.max_model_len)
+                            enforce_eager=rollout.enforce_eager, seed=rollout.seed, max_model_len=rollout.max_model_len,
+                            sampling=sampling_of(rollout))
         return Replica(tokenizer, engine, partial(capture_residuals_vllm, engine))
     hf_model, tokenizer = load_model(spec.model_path, model.revision, model.dtype, model.device)
-    engine = HFEngine(hf_model, tokenizer, rollout.max_new_tokens, rollout.batch_size)
+    engine = HFEngine(hf_model, tokenizer, rollout.max_new_tokens, rollout.batch_size, sampling_of(rollout))
     return Replica(tokenizer, engine, partial(capture_residuals, hf_model, batch_size=spec.capture.batch_size))
 
 
 def capture_question_shard(replica: Replica, shard: QuestionShard, spec: ReplicaSpec, run: RunDir) -> dict:
-    """Roll out one shard of questions, then capture it. Every file is written atomically; the caller
-    lists the shard in the manifest only after this returns, with the checksums of its files (read back
-    from disk once written)."""
+    """Roll out one shard of questions (rollout.samples_per_question rollouts each), then capture it.
+    Every file is written atomically; the caller lists the shard in the manifest only after this
+    returns, with the checksums of its files (read back from disk once written)."""
     rollouts = run_rollouts(replica.engine, replica.tokenizer, shard.questions, shard.first_id,
-                            thinking=spec.rollout.thinking, seed=spec.rollout.seed)
+                            thinking=spec.rollout.thinking, seed=spec.rollout.seed,
+                            draws=Draws(spec.rollout.samples_per_question, spec.rollout.sampling_seed))
     rollout_part = run.rollout_part(shard.name)
     write_rollouts(rollouts, rollout_part)
     rows = capture_shard(replica.residuals_of, rollouts, list(spec.layers), run.store, shard=shard.name,

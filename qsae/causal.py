@@ -242,7 +242,7 @@ class CausalStudy:
 def plan_study(run: RunDir, cfg: CausalConfig, layers: list[int], *, seed: int) -> CausalStudy:
     """The layers' plans from their analysis (the training rollouts' pooled max activations, labels and
     difference-of-means direction; fire rates and typical activations over the sample), and a seeded
-    sample of cfg.questions held-out rollouts."""
+    sample of cfg.questions held-out questions (one rollout each)."""
     selection = load_selection(run.selection)
     heldout_ids = sorted(selection.heldout_positions)
     plans = {}
@@ -256,10 +256,14 @@ def plan_study(run: RunDir, cfg: CausalConfig, layers: list[int], *, seed: int) 
                                   fire_rate=analysis.fire_rate, typical=analysis.features.mean_activation,
                                   pooled_max=analysis.rollout_max[train], labels=analysis.rollout_labels[train] == 1,
                                   direction=analysis.dom_direction, seed=seed)
-    ids = heldout_ids
+    rollouts = {r.rollout_id: r for r in read_rollouts(run.rollouts)}
+    # One rollout per held-out question: the arms rerun its prompt greedily, the same for each of its samples.
+    first_of = {}
+    for r in heldout_ids:
+        first_of.setdefault(rollouts[r].question_id, r)
+    ids = sorted(first_of.values())
     if cfg.questions is not None and cfg.questions < len(ids):
         ids = sorted(np.random.default_rng(seed).choice(ids, cfg.questions, replace=False).tolist())
-    rollouts = {r.rollout_id: r for r in read_rollouts(run.rollouts)}
     return CausalStudy(plans, [rollouts[r] for r in ids])
 
 

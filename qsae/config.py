@@ -87,7 +87,12 @@ class RolloutConfig:
     num_questions: int | None = setting(None, "sample this many questions (unset = all)")
     seed: int = setting(100, "question sampling seed (the original release used 100)")
     thinking: bool = setting(False, "chat template with reasoning on")
-    max_new_tokens: int = setting(256, "generation budget per question")
+    max_new_tokens: int = setting(256, "generation budget per rollout")
+    samples_per_question: int = setting(1, "rollouts per question (more than 1 needs temperature > 0)")
+    temperature: float = setting(0.0, "0 = greedy; above 0, tokens are sampled (seeded per rollout)")
+    top_p: float = setting(1.0, "sampling: nucleus cut (1 = none)")
+    top_k: int = setting(0, "sampling: keep the k likeliest tokens (0 = no cut)")
+    sampling_seed: int = setting(0, "sampling: each rollout's seed derives from it and the rollout id")
     batch_size: int = setting(16, "prompts generated together (transformers engine; vLLM schedules its own batches)")
     tensor_parallel_size: int = setting(1, "vLLM: GPUs one replica spans (set capture.gpus_per_actor to match)")
     gpu_memory_utilization: float = setting(0.9, "vLLM: share of GPU memory it may take (of host RAM on CPU: use ~0.1)")
@@ -104,7 +109,18 @@ class RolloutConfig:
         at_least(self, "rollout", 2, "num_questions", optional=True)
         at_least(self, "rollout", 1, "max_model_len", optional=True)
         at_least(self, "rollout", 1, "max_new_tokens", "batch_size", "tensor_parallel_size")
-        at_least(self, "rollout", 0, "seed")
+        at_least(self, "rollout", 0, "seed", "sampling_seed", "top_k")
+        at_least(self, "rollout", 1, "samples_per_question")
+        require(math.isfinite(self.temperature) and self.temperature >= 0,
+                f"rollout.temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature == 0:
+            require(self.samples_per_question == 1,
+                    f"rollout.samples_per_question = {self.samples_per_question} with rollout.temperature = 0 (greedy) "
+                    "would give identical rollouts of each question; set a temperature > 0 (e.g. 0.6)")
+            require(self.top_p == 1 and self.top_k == 0,
+                    "rollout.top_p / rollout.top_k shape sampling, but rollout.temperature = 0 is greedy; set a "
+                    "temperature > 0 or leave them at 1 / 0")
         require(0 < self.gpu_memory_utilization <= 1,
                 f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization:g}")
         if self.max_model_len is not None:

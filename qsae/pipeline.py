@@ -83,7 +83,12 @@ def prepare(cfg: PipelineConfig) -> RunPlan:
 
 def check_engine(cfg: PipelineConfig, model_path: str) -> None:
     """vLLM on replicas without a GPU is vLLM's CPU build, which has no kernels for linear-attention
-    (Gated DeltaNet) layers: such a model would fail in every replica."""
+    (Gated DeltaNet) layers: such a model would fail in every replica. Nor can it sample with a seed
+    per request once a prompt's prefill is split over steps (its CPU generators cannot rewind)."""
+    if cfg.rollout.engine == "vllm" and cfg.capture.gpus_per_actor == 0 and cfg.rollout.temperature > 0:
+        raise ValueError("rollout.temperature > 0 with rollout.engine = vllm on replicas without a GPU: vLLM's CPU "
+                         "build cannot reproduce seeded sampling of long prompts; use rollout.engine = transformers "
+                         "on CPU (vLLM samples with seeds on GPUs)")
     if cfg.rollout.engine == "vllm" and cfg.capture.gpus_per_actor == 0 and \
             has_linear_attention(load_config(model_path, cfg.model.revision)):
         raise ValueError(f"rollout.engine = vllm on replicas without a GPU (capture.gpus_per_actor = 0) is vLLM's CPU "

@@ -274,6 +274,10 @@ def write_charts(staging: Path, record: RunRecord) -> list[str]:
     return [p.name for p in paths]
 
 
+# How rollouts were drawn, as a store's manifest records it; a store from before sampling was greedy.
+SAMPLING_DEFAULTS = {"samples_per_question": 1, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "sampling_seed": 0}
+
+
 def release_facts(record: RunRecord, settings: ReleaseSettings, files: list[str], chart_files: list[str]) -> ReleaseFacts:
     """What the card and the other writers say about the run, from its record."""
     manifest, selection, rules = record.manifest, record.selection, record.split_rules
@@ -285,7 +289,9 @@ def release_facts(record: RunRecord, settings: ReleaseSettings, files: list[str]
         d_model=manifest["d_model"], n_features=first.sae.n_features, k=first.sae.k,
         architecture=first.sae.architecture, hook=manifest["hook"],
         questions={"source": settings.questions, "seed": settings.question_seed, "thinking": generated["thinking"],
-                   "max_new_tokens": generated["max_new_tokens"]},
+                   "max_new_tokens": generated["max_new_tokens"],
+                   "n_questions": len({r.question_id for r in record.rollouts.values()}),
+                   **{key: generated.get(key, default) for key, default in SAMPLING_DEFAULTS.items()}},
         outcomes=outcome_counts(record.rollouts, settings.release.unscored_rollouts),
         tokens={"total_response_tokens": int(sum(r.n_response_tokens for r in record.rollouts.values())),
                 "per_layer_train": selection.counts["train"], "per_layer_heldout": selection.counts["heldout"]},

@@ -1,4 +1,9 @@
-"""Rollout stage: greedy answers to questions, parsed and graded, saved as rollouts.parquet.
+"""Rollout stage: answers to questions (one greedy rollout each, or several sampled ones), parsed and
+graded, saved as rollouts.parquet.
+
+Rollout ids: the q-th question of the sampled list has rollouts q x S .. q x S + S - 1 for S samples per
+question (with one sample, the id is the question's position). A sampled rollout's tokens are drawn
+with generation_seed(rollout.sampling_seed, rollout id), so a rerun draws the same.
 
 A rollout's outcome (questions.grade) is "correct", "wrong", "truncated" (it hit max_new_tokens) or
 "no_answer" (no letter to parse). With thinking on, only the text after the closing </think> is
@@ -13,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qsae.engines import Engine, Generation
+from qsae.engines import Engine, Generation, generation_seed
 from qsae.questions import Question, chat_prompt, format_prompt, grade, parse_answer_detail
 from qsae.files import atomic_write, first_line
 
@@ -33,7 +38,9 @@ class Rollout:
     n_prompt_tokens: int
     n_response_tokens: int
     engine: str
-    seed: int
+    seed: int  # the question sample's seed (rollout.seed)
+    sample: int  # which of its question's rollouts this is (0 .. samples_per_question - 1)
+    generation_seed: int | None  # the seed its tokens were sampled with; None when greedy
     prompt_token_ids: list[int]
     response_token_ids: list[int]
 
@@ -54,6 +61,8 @@ ROLLOUT_SCHEMA = pa.schema(
         ("n_response_tokens", pa.int32()),
         ("engine", pa.string()),
         ("seed", pa.int64()),
+        ("sample", pa.int32()),
+        ("generation_seed", pa.int64()),
         # The exact token ids, so capture teacher-forces what was generated, not a re-tokenisation.
         ("prompt_token_ids", pa.list_(pa.int32())),
         ("response_token_ids", pa.list_(pa.int32())),
@@ -116,19 +125,34 @@ def check_prompts_fit(questions: list[Question], tokenizer, *, thinking: bool, m
                          f"tokens ({int(over.sum())} question(s) do); shorten or leave them out")
 
 
-def run_rollouts(engine: Engine, tokenizer, questions: list[Question], first_id: int, *, thinking: bool,
-                 seed: int) -> list[Rollout]:
-    """Greedy rollouts of `questions`; rollout ids are first_id, first_id + 1, ... in question order."""
+@dataclass(frozen=True)
+class Draws:
+    """How many rollouts each question gets, and the seed their sampled tokens derive from (the engine's
+    Sampling says whether they are sampled)."""
+
+    samples_per_question: int = 1
+    sampling_seed: int = 0
+
+
+def run_rollouts(engine: Engine, tokenizer, questions: list[Question], first_question: int, *, thinking: bool,
+                 seed: int, draws: Draws = Draws()) -> list[Rollout]:
+    """The rollouts of `questions`, the first of which is question number `first_question` of the
+    sample: draws.samples_per_question each, ids as the module says, in id order."""
+    n = draws.samples_per_question
     prompts = [chat_prompt(tokenizer, format_prompt(q), thinking) for q in questions]
     prompt_ids = tokenize_prompts(tokenizer, prompts)
-    generations = engine.generate(prompt_ids)
-    return [make_rollout(first_id + i, q, prompt, p_ids, generation=g, tokenizer=tokenizer, thinking=thinking,
-                         engine=engine.name, seed=seed)
-            for i, (q, prompt, p_ids, g) in enumerate(zip(questions, prompts, prompt_ids, generations))]
+    ids = [(first_question + i) * n + s for i in range(len(questions)) for s in range(n)]
+    seeds = None if engine.sampling.greedy else [generation_seed(draws.sampling_seed, r) for r in ids]
+    generations = engine.generate([p for p in prompt_ids for _ in range(n)], seeds)
+    return [make_rollout(r, questions[j // n], prompts[j // n], prompt_ids[j // n], generation=g, tokenizer=tokenizer,
+                         thinking=thinking, engine=engine.name, seed=seed, sample=j % n,
+                         generation_seed=None if seeds is None else seeds[j])
+            for j, (r, g) in enumerate(zip(ids, generations))]
 
 
 def make_rollout(rollout_id: int, q: Question, prompt: str, prompt_ids: list[int], *, generation: Generation,
-                 tokenizer, thinking: bool, engine: str, seed: int) -> Rollout:
+                 tokenizer, thinking: bool, engine: str, seed: int, sample: int = 0,
+                 generation_seed: int | None = None) -> Rollout:
     """One generation, parsed and graded."""
     answer_ids = final_answer_ids(tokenizer, generation.token_ids, thinking)
     parsed = parse_answer_detail(tokenizer.decode(answer_ids, skip_special_tokens=True) if answer_ids else "",
@@ -149,6 +173,8 @@ def make_rollout(rollout_id: int, q: Question, prompt: str, prompt_ids: list[int
         n_response_tokens=len(generation.token_ids),
         engine=engine,
         seed=seed,
+        sample=sample,
+        generation_seed=generation_seed,
         prompt_token_ids=prompt_ids,
         response_token_ids=generation.token_ids,
     )

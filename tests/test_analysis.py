@@ -454,7 +454,8 @@ def card_info(correctness: bool = True) -> dict:
         "rows": {"stored": 81234, "special": 321, "special_excluded": True, "high_norm": {"4": 11, "6": 13},
                  "median_norm": {"4": 12.5, "6": 40.25}, "norm_threshold": {"4": 125.0, "6": 402.5},
                  "high_norm_any_layer": 17, "excluded": 338, "sampled": 67130, "train": 60417, "heldout": 6713,
-                 "max_norm_multiple": 10.0, "max_tokens_per_layer": 67130},
+                 "max_norm_multiple": 10.0, "max_tokens_per_layer": 67130,
+                 "stored_positions": "every response position"},
         "split": {"holdout_fraction": 0.1, "seed": 5, "heldout_rollouts": 7},
         "recipe": {"optimizer": "Adam", "lr": 0.00031, "batch_size": 1024, "epochs": 17,
                    "revive_every_epochs": 3, "dead_after_steps": 377},
@@ -568,7 +569,7 @@ def store_rollouts() -> dict[int, Rollout]:
         return Rollout(rollout_id=rid, question_id=f"q{rid // 2}", prompt="", response="", predicted_letter="A",
                        letter_from_final_line=True, answer_letter="A", finish_reason="stop", outcome=outcome,
                        correct=outcome == "correct", n_prompt_tokens=7, n_response_tokens=TOKENS_PER_ROLLOUT,
-                       engine="test", seed=0, prompt_token_ids=[], response_token_ids=[])
+                       engine="test", seed=0, sample=0, generation_seed=None, prompt_token_ids=[], response_token_ids=[])
     return {rid: rollout(rid) for rid in range(N_ROLLOUTS)}
 
 

@@ -91,6 +91,13 @@ CONFIG_CASES = [
     ("capture.questions_per_shard=0", "capture.questions_per_shard must be >= 1"),
     ("capture.batch_size=0", "capture.batch_size must be >= 1"),
     ("capture.max_tokens_per_layer=2", "capture.max_tokens_per_layer must be >= 3"),
+    ("rollout.samples_per_question=0", "rollout.samples_per_question must be >= 1"),
+    ("rollout.samples_per_question=4", "rollout.samples_per_question = 4 with rollout.temperature = 0 (greedy)"),
+    ("rollout.top_p=0.9", "rollout.top_p / rollout.top_k shape sampling, but rollout.temperature = 0 is greedy"),
+    ("rollout.temperature=-0.5", "rollout.temperature must be a finite number >= 0"),
+    ("rollout.temperature=0.7 rollout.top_p=0", "rollout.top_p must be in (0, 1]"),
+    ("rollout.top_k=-1", "rollout.top_k must be >= 0"),
+    ("rollout.sampling_seed=-1", "rollout.sampling_seed must be >= 0"),
     ("capture.keep_per_rollout=0", "capture.keep_per_rollout = 0 keeps no position of any rollout"),
     ("capture.keep_fraction=0.0", "capture.keep_fraction = 0.0 must be in (0, 1] (0 keeps nothing)"),
     ("capture.keep_per_rollout=4 capture.keep_fraction=0.5", "capture.keep_per_rollout and capture.keep_fraction both set"),
@@ -329,6 +336,9 @@ DRIVER_CASES = {
         "the chat template of model {model} does not render"),
     "vLLM on CPU replicas for a hybrid model": (lambda root, run: ["rollout.engine=vllm"],
                                                 "rollout.engine = vllm on replicas without a GPU"),
+    "sampling with vLLM on CPU replicas": (
+        lambda root, run: ["rollout.engine=vllm", "model.name=tiny-dense", "capture.layers=[1]", "rollout.temperature=0.7"],
+        "rollout.temperature > 0 with rollout.engine = vllm on replicas without a GPU"),
     "layer beyond the model": (lambda root, run: ["capture.layers=[3, 12]"],
                                "layer(s) [12] out of range: the model has 12 decoder layers"),
     "prompt longer than the context": (

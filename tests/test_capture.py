@@ -31,7 +31,7 @@ def rollouts(tiny):
     model, tokenizer = tiny
     questions = load_questions(BUNDLED_QUESTIONS)[:5]
     engine = HFEngine(model, tokenizer, max_new_tokens=40, batch_size=5)
-    return run_rollouts(engine, tokenizer, questions, first_id=0, thinking=False, seed=0)
+    return run_rollouts(engine, tokenizer, questions, 0, thinking=False, seed=0)
 
 
 def test_rows_equal_hidden_states_of_the_next_index(tiny, rollouts):

@@ -370,7 +370,7 @@ def planted_rollout(rollout_id: int) -> Rollout:
     return Rollout(rollout_id=rollout_id, question_id=f"q{rollout_id}", prompt="", response="", predicted_letter=None,
                    letter_from_final_line=False, answer_letter="A", finish_reason="stop", outcome="no_answer",
                    correct=False, n_prompt_tokens=0, n_response_tokens=0, engine="planted", seed=0,
-                   prompt_token_ids=[], response_token_ids=[])
+                   sample=0, generation_seed=None, prompt_token_ids=[], response_token_ids=[])
 
 
 def linked_run(run_dir: Path, cfg, tmp_path: Path) -> Path:

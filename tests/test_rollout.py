@@ -1,10 +1,11 @@
-"""Rollouts through the transformers engine: batched greedy generation is the same as one at a time."""
+"""Rollouts through the transformers engine: batched greedy generation is the same as one at a time;
+several sampled rollouts per question reproduce on rerun."""
 from __future__ import annotations
 
-from qsae.engines import Generation, strip_after_stop
+from qsae.engines import Generation, Sampling, generation_seed, strip_after_stop
 from qsae.engines.hf_engine import HFEngine
 from qsae.questions import BUNDLED_QUESTIONS, load_questions, parse_answer
-from qsae.rollout import make_rollout, read_rollouts, run_rollouts, write_rollouts
+from qsae.rollout import Draws, make_rollout, read_rollouts, run_rollouts, write_rollouts
 
 
 def test_batched_left_padded_generation_matches_single_prompts(tiny):
@@ -84,3 +85,34 @@ def test_finish_reason_of_the_transformers_engine(tiny):
 def test_strip_after_stop():
     assert strip_after_stop([5, 6, 2, 7], {2}) == Generation([5, 6], "stop")
     assert strip_after_stop([5, 6, 7], {2}) == Generation([5, 6, 7], "length")
+
+
+def test_sampled_rollouts_are_numbered_per_question_and_reproduce_in_any_batch(tiny):
+    model, tokenizer = tiny
+    questions = load_questions(BUNDLED_QUESTIONS)[:4]
+    draws = Draws(samples_per_question=3, sampling_seed=5)
+
+    def roll(sampling: Sampling, draws: Draws = draws, batch_size: int = 5):
+        engine = HFEngine(model, tokenizer, 24, batch_size=batch_size, sampling=sampling)
+        return run_rollouts(engine, tokenizer, questions, 2, thinking=False, seed=0, draws=draws)
+
+    hot = Sampling(temperature=1.0)
+    first, again = roll(hot), roll(hot)
+    assert [r.rollout_id for r in first] == list(range(6, 18))  # question 2 of the sample is the first here
+    assert [(r.question_id, r.sample) for r in first] == [(q.uuid, s) for q in questions for s in range(3)]
+    assert [r.generation_seed for r in first] == [generation_seed(5, r) for r in range(6, 18)]
+    assert [r.response_token_ids for r in again] == [r.response_token_ids for r in first]
+    # A rollout's tokens depend on its own seed, not on the prompts that share its batch.
+    regrouped = roll(hot, batch_size=2)
+    assert [r.response_token_ids for r in regrouped] == [r.response_token_ids for r in first]
+    alone = roll(hot, batch_size=1)
+    assert [r.response_token_ids for r in alone] == [r.response_token_ids for r in first]
+    by_question = [{tuple(r.response_token_ids) for r in first[i:i + 3]} for i in range(0, 12, 3)]
+    assert any(len(samples) > 1 for samples in by_question), "samples of a question should differ at temperature 1"
+    other_seed = roll(hot, Draws(samples_per_question=3, sampling_seed=6))
+    assert [r.response_token_ids for r in other_seed] != [r.response_token_ids for r in first]
+    # Only the likeliest token left to sample (top_k = 1): sampling passes its settings and is greedy.
+    greedy = roll(Sampling(), Draws())
+    assert all(r.generation_seed is None for r in greedy)
+    narrow = roll(Sampling(temperature=1.0, top_k=1))
+    assert [r.response_token_ids for r in narrow[::3]] == [r.response_token_ids for r in greedy]

@@ -228,6 +228,10 @@ def test_summary_headlines_the_most_extreme_feature_in_either_direction():
     assert summary["max_abs_auroc"] > summary["chance_band_95"] and summary["westfall_young_p"] < 0.01
     assert summary["n_q_below_0_05"] >= 1 and summary["n_rollouts_labelled"] == 200
     assert summary["length_auroc"] == 0.61 and summary["probe_auroc"] is None
+    assert summary["permuted_within_questions"]  # four rollouts per question
+    one_each = permutation_test(scores, labels, np.arange(len(labels)), 50)
+    assert not rollout_summary(one_each, bh_qvalues(one_each.p), length_auroc=None, probe_auroc=None,
+                               n_labelled=len(labels))["permuted_within_questions"]
 
     # Feature 3 higher on correct rollouts (AUROC ~0.7) and feature 12 much higher on wrong ones
     # (AUROC ~0.1): the headline is feature 12, although feature 3 has the largest AUROC.
@@ -238,8 +242,9 @@ def test_summary_headlines_the_most_extreme_feature_in_either_direction():
     assert summary["feature"] == 12 and summary["direction"] == "wrong↑" and summary["auroc"] < 0.2
     assert summary["max_abs_auroc"] == pytest.approx(0.5 - summary["auroc"])
     assert set(summary) == {"max_abs_auroc", "feature", "auroc", "direction", "chance_band_95", "westfall_young_p",
-                            "n_q_below_0_05", "length_auroc", "probe_auroc", "n_rollouts_labelled"}
-    assert all(type(v) in (int, float, str, type(None)) for v in summary.values())
+                            "n_q_below_0_05", "length_auroc", "probe_auroc", "n_rollouts_labelled",
+                            "permuted_within_questions"}
+    assert all(type(v) in (bool, int, float, str, type(None)) for v in summary.values())
 
 
 def test_p_values_are_uniform_without_an_effect():

@@ -171,7 +171,7 @@ def test_a_cap_that_leaves_too_few_rows_is_named_as_the_reason(tmp_path):
     write_rollouts([Rollout(rollout_id=r, question_id=f"q{r // 2}", prompt="", response="", predicted_letter=None,
                             letter_from_final_line=False, answer_letter="A", finish_reason="stop", outcome="no_answer",
                             correct=False, n_prompt_tokens=0, n_response_tokens=0, engine="test", seed=0,
-                            prompt_token_ids=[], response_token_ids=[]) for r in range(12)],
+                            sample=0, generation_seed=None, prompt_token_ids=[], response_token_ids=[]) for r in range(12)],
                    tmp_path / "rollouts.parquet")
     rules = RowRules(max_norm_multiple=0, max_rows=3, holdout_fraction=0.2, seed=0)
     with pytest.raises(ValueError, match=r"raise capture.max_tokens_per_layer \(capture.max_tokens_per_layer = 3 "

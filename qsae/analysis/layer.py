@@ -161,7 +161,8 @@ def token_level_auroc(sample: EncodedSample, rows: SampleRows, n_features: int) 
 
 
 ROLLOUT_SUMMARY_KEYS = ("max_abs_auroc", "feature", "auroc", "direction", "chance_band_95", "westfall_young_p",
-                        "n_q_below_0_05", "length_auroc", "length_auroc_ci", "probe_auroc", "probe_auroc_ci")
+                        "n_q_below_0_05", "length_auroc", "length_auroc_ci", "probe_auroc", "probe_auroc_ci",
+                        "permuted_within_questions")
 ROLLOUT_LISTS = ("rollout_auroc", "rollout_p", "rollout_q", "rollout_auroc_mean", "rollout_auroc_fire_fraction")
 
 

@@ -461,6 +461,7 @@ def rollout_summary(
         "chance_band_95": float(test.chance_band_95),
         "westfall_young_p": float(test.westfall_young_p[best]),
         "n_q_below_0_05": int((np.asarray(q) < Q_THRESHOLD).sum()),
+        "permuted_within_questions": bool(test.stratified),
         "length_auroc": None if length_auroc is None else float(length_auroc),
         "probe_auroc": None if probe_auroc is None else float(probe_auroc),
         "n_rollouts_labelled": int(n_labelled),

@@ -81,7 +81,8 @@ def warn_if_disk_may_not_fit(spec: ReplicaSpec, n_questions: int, run: RunDir) -
     """Before the run: the worst case (every response at max_new_tokens) against free space. Only a
     warning, since responses are usually shorter; the measured rate is checked after every shard."""
     per_token = len(spec.layers) * row_bytes(spec.d_model, spec.capture.dtype)
-    worst = n_questions * kept_positions(spec.capture).count(spec.rollout.max_new_tokens) * per_token
+    per_rollout = kept_positions(spec.capture).count(spec.rollout.max_new_tokens)
+    worst = n_questions * spec.rollout.samples_per_question * per_rollout * per_token
     free = free_bytes(run.root)
     console.say(f"[qsae] store estimate: at most {worst / 1e9:.2f} GB for {n_questions} questions; {free / 1e9:.2f} GB free")
     if worst > free:
@@ -123,10 +124,10 @@ class ShardPool:
                 while queue or self.in_flight:
                     self.submit(queue)
                     ref = next_ready(list(self.in_flight), notes)
-                    rollouts = self.finish(ref, queue)
-                    if rollouts is None:
+                    questions = self.finish(ref, queue)
+                    if questions is None:
                         continue
-                    remaining -= rollouts
+                    remaining -= questions
                     bar.set_postfix(tokens_per_s=f"{self.tokens / (time.time() - started):.0f}")
                     bar.update(1)
                     if remaining:
@@ -144,7 +145,7 @@ class ShardPool:
                 self.in_flight[actor.process.remote(shard)] = (slot, shard)
 
     def finish(self, ref: ray.ObjectRef, queue: list[QuestionShard]) -> int | None:
-        """List a finished shard in the manifest (its rollouts returned), or put the shard of a dead
+        """List a finished shard in the manifest (its question count returned), or put the shard of a dead
         replica back on the queue (None returned)."""
         slot, shard = self.in_flight.pop(ref)
         try:
@@ -163,8 +164,8 @@ class ShardPool:
         write_manifest(self.run.store, self.manifest)
         self.tokens += result["response_tokens"]
         self.done_bytes += result["bytes"]
-        self.done_questions += result["rollouts"]
-        return result["rollouts"]
+        self.done_questions += len(result["questions"])
+        return len(result["questions"])
 
     def close(self) -> None:
         """Close the idle replicas' engines, end every replica, and let killed writers go."""

@@ -1,10 +1,12 @@
-"""Rollout engines. Each takes prompt token ids and returns greedy generations: the response token
-ids (end-of-turn token stripped) and why generation ended, so rollouts and capture see exactly the
-same tokens whichever engine generated them."""
+"""Rollout engines. Each takes prompt token ids and returns generations, greedy or sampled with a seed
+per prompt: the response token ids (end-of-turn token stripped) and why generation ended, so rollouts
+and capture see exactly the same tokens whichever engine generated them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -13,10 +15,34 @@ class Generation:
     finish_reason: str  # "stop" (an end-of-turn token ended it) or "length" (the max_new_tokens budget did)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked: greedily (temperature 0), else from the temperature-scaled
+    distribution cut to top_p (nucleus) and top_k (0: no cut), with a seed per prompt."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+def generation_seed(sampling_seed: int, rollout_id: int) -> int:
+    """The seed a rollout's tokens are sampled with: the same for the same rollout on every rerun."""
+    return int(np.random.SeedSequence([sampling_seed, rollout_id]).generate_state(1)[0])
+
+
 class Engine(Protocol):
     name: str
+    sampling: Sampling
 
-    def generate(self, prompt_ids: list[list[int]]) -> list[Generation]: ...
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None) -> list[Generation]:
+        """One generation per prompt; `seeds` (one per prompt) seed sampling and are ignored when greedy."""
 
 
 def stop_token_ids(tokenizer, eos: int | list[int] | None) -> set[int]:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qsae.engines import Generation, stop_token_ids, strip_after_stop
+from qsae.engines import GREEDY, Generation, Sampling, stop_token_ids, strip_after_stop
 from qsae.models import load_config
 
 EXTENSION = "qsae.engines.vllm_engine.ResidualCapture"
@@ -79,6 +79,7 @@ class VLLMEngine:
         enforce_eager: bool = True,
         seed: int = 0,
         max_model_len: int | None = None,
+        sampling: Sampling = GREEDY,
         **vllm_kwargs,
     ):
         """`gpu_memory_utilization`: the share of GPU memory vLLM may take (of host RAM with the CPU
@@ -88,6 +89,7 @@ class VLLMEngine:
 
         self.stop_ids = stop_token_ids(tokenizer, generation_eos(model_path, revision))
         self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
         self.llm = LLM(
             model=model_path,
             revision=revision,
@@ -102,12 +104,20 @@ class VLLMEngine:
             **vllm_kwargs,
         )
 
-    def generate(self, prompt_ids: list[list[int]]) -> list[Generation]:
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None) -> list[Generation]:
+        """Greedy, or sampled with vLLM's per-request seed (a request's tokens do not depend on what
+        else is in the batch)."""
         from vllm import SamplingParams, TokensPrompt
 
-        params = SamplingParams(
-            temperature=0.0, max_tokens=self.max_new_tokens, stop_token_ids=sorted(self.stop_ids), detokenize=False
-        )
+        common = {"max_tokens": self.max_new_tokens, "stop_token_ids": sorted(self.stop_ids), "detokenize": False}
+        if self.sampling.greedy:
+            params = SamplingParams(temperature=0.0, **common)
+        else:
+            if seeds is None or len(seeds) != len(prompt_ids):
+                raise ValueError("sampled generation needs one seed per prompt")
+            sampling = self.sampling
+            params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                     seed=seed, **common) for seed in seeds]
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         # vLLM keeps the stop token it stopped on in token_ids; HFEngine's rule removes it, and vLLM's
