@@ -8,6 +8,10 @@ smallest of a random key drawn per firing: a bottom-k sample, which merges chunk
 exact counts in fixed log-spaced activation bins. Its state is n_features x (top + reservoir)
 entries and n_features x LOG_BINS counts, however many rows stream through.
 
+A firing's random key is a hash of (seed, feature, row), not a draw from a generator, so streams over
+disjoint rows merge (FeatureStream.merge) into exactly the stream over all of them, in any order:
+the encode pass streams each shard of rollouts on its own, with token keys as rows.
+
 The quantile samples come from the reservoir: its activations split at their 20/40/60/80%
 quantiles (QUANTILE_BINS), and the first `per_bin` of each bin by random key, i.e. a uniform
 sample of the bin. An example's window is `width` tokens either side of its row's token in the
@@ -38,6 +42,18 @@ LOGIT_HISTOGRAM_BINS = 50  # bins of a feature's logits over the vocabulary (SAE
 SIMILAR_FEATURES = 5
 
 
+def firing_keys(seed: int, feature: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) key per firing that depends on (seed, feature, row) alone (splitmix64's mixer)."""
+    with np.errstate(over="ignore"):
+        x = (np.asarray(row, dtype=np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+             ^ np.asarray(feature, dtype=np.int64).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+             ^ np.uint64(seed % 2**64) * np.uint64(0x165667B19E3779F9))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
 def keep_best(feature: np.ndarray, score: np.ndarray, row: np.ndarray, limit: int) -> np.ndarray:
     """Positions of the entries that are among the `limit` largest scores of their feature (ties to
     the smaller row), grouped by feature ascending, each group by score descending."""
@@ -62,14 +78,14 @@ class Entries:
 
     def merged(self, other: Entries, score: Callable[[Entries], np.ndarray], limit: int, n_features: int) -> Entries:
         """The `limit` best-scoring entries per feature of self (a keep_best result) and other (later
-        rows). Where a feature already has `limit`, only other's entries that beat its worst kept one
-        can enter (a tie goes to the kept, earlier row), so after the first chunks the sort is of
-        what is kept plus a few newcomers."""
+        rows, or any other rows). Where a feature already has `limit`, only other's entries that reach
+        its worst kept score can enter (a tie goes to the smaller row, wherever it came from), so after
+        the first chunks the sort is of what is kept plus a few newcomers."""
         counts = np.bincount(self.feature, minlength=n_features)
         full = counts >= limit
         worst = np.full(n_features, -np.inf)
         worst[full] = score(self)[(np.cumsum(counts) - 1)[full]]
-        other = other.select(score(other) > worst[other.feature])
+        other = other.select(score(other) >= worst[other.feature])
         both = Entries(*(np.concatenate([a, b]) for a, b in zip(self.astuple(), other.astuple())))
         return both.select(keep_best(both.feature, score(both), both.row, limit))
 
@@ -92,6 +108,14 @@ class Entries:
         return slice(self.bounds[feature], self.bounds[feature + 1])
 
 
+def by_activation(entries: Entries) -> np.ndarray:
+    return entries.activation
+
+
+def by_key(entries: Entries) -> np.ndarray:
+    return -entries.key  # the smallest keys are kept: a bottom-k sample
+
+
 class FeatureStream:
     """Per-feature top rows, reservoir sample, fire counts and log-binned activation counts over a
     stream of top-k code chunks (module docstring)."""
@@ -106,12 +130,13 @@ class FeatureStream:
         self.activation_sum = np.zeros(n_features)
         self.max_activation = np.zeros(n_features, dtype=np.float32)
         self.rows = 0
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
 
-    def add(self, values: np.ndarray, indices: np.ndarray) -> None:
-        """The next chunk of codes, values [c, k] and indices [c, k], rows numbered on from the last."""
+    def add(self, values: np.ndarray, indices: np.ndarray, row_ids: np.ndarray | None = None) -> None:
+        """The next chunk of codes, values [c, k] and indices [c, k]; its rows are `row_ids` [c] (unique
+        over the stream), else numbered on from the last chunk's."""
         rows, features, activations = firing_entries(indices, values, self.n_features)
-        rows = rows + self.rows
+        rows = rows + self.rows if row_ids is None else np.asarray(row_ids, dtype=np.int64)[rows]
         self.rows += len(values)
         fine = np.clip(((np.log10(np.maximum(activations, 1e-30)) - LOG_LOW) / LOG_BIN_WIDTH).astype(np.int64),
                        0, LOG_BINS - 1)
@@ -120,9 +145,23 @@ class FeatureStream:
         self.fire_count += np.bincount(features, minlength=self.n_features)
         self.activation_sum += np.bincount(features, weights=activations, minlength=self.n_features)
         np.maximum.at(self.max_activation, features, activations)
-        new = Entries(features, rows, activations.astype(np.float32), self.rng.random(len(rows)))
-        self.top = self.top.merged(new, lambda e: e.activation, self.top_limit, self.n_features)
-        self.sample = self.sample.merged(new, lambda e: -e.key, self.reservoir_limit, self.n_features)
+        new = Entries(features, rows, activations.astype(np.float32), firing_keys(self.seed, features, rows))
+        self.top = self.top.merged(new, by_activation, self.top_limit, self.n_features)
+        self.sample = self.sample.merged(new, by_key, self.reservoir_limit, self.n_features)
+
+    def merge(self, other: FeatureStream) -> None:
+        """Take in a stream over other rows (same features, limits and seed): the result is the stream
+        over both sets of rows, exactly (the activation sums up to float64 rounding)."""
+        if (other.n_features, other.top_limit, other.reservoir_limit, other.seed) != \
+                (self.n_features, self.top_limit, self.reservoir_limit, self.seed):
+            raise ValueError("only streams of the same features, limits and seed merge")
+        self.counts += other.counts
+        self.fire_count += other.fire_count
+        self.activation_sum += other.activation_sum
+        np.maximum(self.max_activation, other.max_activation, out=self.max_activation)
+        self.rows += other.rows
+        self.top = self.top.merged(other.top, by_activation, self.top_limit, self.n_features)
+        self.sample = self.sample.merged(other.sample, by_key, self.reservoir_limit, self.n_features)
 
     def histogram(self, feature: int) -> dict:
         """The feature's activation counts over its own range: fine bins merged into at most
