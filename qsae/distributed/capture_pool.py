@@ -1,8 +1,8 @@
-"""The capture stage on a cluster: a pool of model replicas (Ray actors) over question shards.
+"""The capture stage on a cluster: a pool of model replicas (Ray actors, qsae.distributed.shard_pool)
+over question shards.
 
-The work is qsae.capture's; this module feeds shards to replicas, one in flight per replica,
-replaces a replica that dies (its shard goes back on the queue), and lists a shard in the store's
-manifest only after all of its files are in place, so each rollout is captured exactly once.
+The work is qsae.capture's; this module lists a shard in the store's manifest only after all of its
+files are in place, so each rollout is captured exactly once, and stops cleanly before the disk fills.
 """
 from __future__ import annotations
 
@@ -14,15 +14,12 @@ from qsae import console
 from qsae.capture import (QuestionShard, ReplicaSpec, capture_question_shard, kept_positions, list_shard,
                           load_replica, store_to_extend)
 from qsae.distributed import get_or_raise_cause, replica_options, use_threads
-from qsae.distributed.resources import WaitNotes, next_ready, replica_request
+from qsae.distributed.shard_pool import ShardPool, timed
 from qsae.models import check_fits, memory_budget, parameter_count
 from qsae.questions import Question
 from qsae.rollout import read_rollouts, write_rollouts
 from qsae.rundir import RunDir
 from qsae.store import DiskSpaceError, damaged_shards, free_bytes, remove_stale_temporaries, row_bytes, write_manifest
-
-MAX_SHARD_ATTEMPTS = 3
-
 
 class CaptureWorker:
     """One model replica: loads the model on its first shard (so that a model which will not load
@@ -61,7 +58,11 @@ def run_capture(spec: ReplicaSpec, questions: list[Question], run: RunDir) -> di
     else:
         check_replica_fits(spec)
         warn_if_disk_may_not_fit(spec, sum(len(s.questions) for s in pending), run)
-        ShardPool(spec, run, manifest).capture(pending)
+        try:
+            ShardPool(CaptureWorker, (spec, run), spec.capture, "capture").run(
+                pending, CaptureBook(run, manifest, pending).done)
+        finally:
+            remove_stale_temporaries(run.root)  # what killed writers left
     write_rollouts(read_rollouts(*[run.rollout_part(s.name) for s in shards]), run.rollouts)
     return manifest
 
@@ -101,81 +102,22 @@ def check_disk_projection(done_bytes: int, done_questions: int, remaining_questi
         )
 
 
-class ShardPool:
-    """Replicas fed one shard each at a time (backpressure). A shard whose replica dies goes back on
-    the queue and a new replica takes its place; the manifest lists a shard only after all of its
-    files are in place, so nothing is counted twice or lost."""
+class CaptureBook:
+    """The driver's side of capture: lists each finished shard in the manifest, watches the disk."""
 
-    def __init__(self, spec: ReplicaSpec, run: RunDir, manifest: dict):
-        self.spec, self.run, self.manifest = spec, run, manifest
-        self.actor_class = ray.remote(CaptureWorker).options(**replica_options(spec.capture))
-        self.actors: list = []
-        self.in_flight: dict[ray.ObjectRef, tuple[int, QuestionShard]] = {}
-        self.attempts: dict[str, int] = {}
+    def __init__(self, run: RunDir, manifest: dict, pending: list[QuestionShard]):
+        self.run, self.manifest = run, manifest
+        self.remaining = sum(len(shard.questions) for shard in pending)
         self.tokens = self.done_bytes = self.done_questions = 0
+        self.started = time.time()
 
-    def capture(self, pending: list[QuestionShard]) -> None:
-        self.actors = [self.actor_class.remote(self.spec, self.run)
-                       for _ in range(min(self.spec.capture.num_actors, len(pending)))]
-        queue, remaining = list(pending), sum(len(shard.questions) for shard in pending)
-        started, notes = time.time(), WaitNotes("capture", replica_request(self.spec.capture))
-        try:
-            with console.progress(total=len(pending), desc="capture", unit="shard") as bar:
-                while queue or self.in_flight:
-                    self.submit(queue)
-                    ref = next_ready(list(self.in_flight), notes)
-                    questions = self.finish(ref, queue)
-                    if questions is None:
-                        continue
-                    remaining -= questions
-                    bar.set_postfix(tokens_per_s=f"{self.tokens / (time.time() - started):.0f}")
-                    bar.update(1)
-                    if remaining:
-                        check_disk_projection(self.done_bytes, self.done_questions, remaining, self.run)
-        finally:
-            self.close()
-
-    def submit(self, queue: list[QuestionShard]) -> None:
-        """A shard to every idle replica while shards wait."""
-        busy = {slot for slot, _ in self.in_flight.values()}
-        for slot, actor in enumerate(self.actors):
-            if queue and slot not in busy:
-                shard = queue.pop(0)
-                self.attempts[shard.name] = self.attempts.get(shard.name, 0) + 1
-                self.in_flight[actor.process.remote(shard)] = (slot, shard)
-
-    def finish(self, ref: ray.ObjectRef, queue: list[QuestionShard]) -> int | None:
-        """List a finished shard in the manifest (its question count returned), or put the shard of a dead
-        replica back on the queue (None returned)."""
-        slot, shard = self.in_flight.pop(ref)
-        try:
-            result = get_or_raise_cause(ref)
-        except ray.exceptions.RayActorError as err:
-            if self.attempts[shard.name] >= MAX_SHARD_ATTEMPTS:
-                raise RuntimeError(f"{shard.name} failed {self.attempts[shard.name]} times; last error: {err}") from err
-            # A fresh replica in the dead one's place; the shard goes back on the queue, and its
-            # half-written files are overwritten by the retry (it was never listed).
-            console.say(f"[qsae] replica died during {shard.name}; retrying it on a new replica")
-            ray.kill(self.actors[slot])
-            self.actors[slot] = self.actor_class.remote(self.spec, self.run)
-            queue.append(shard)
-            return None
+    def done(self, shard: QuestionShard, result: dict) -> dict:
         list_shard(self.manifest, result)
         write_manifest(self.run.store, self.manifest)
         self.tokens += result["response_tokens"]
         self.done_bytes += result["bytes"]
         self.done_questions += len(result["questions"])
-        return len(result["questions"])
-
-    def close(self) -> None:
-        """Close the idle replicas' engines, end every replica, and let killed writers go."""
-        busy = {slot for slot, _ in self.in_flight.values()}
-        try:
-            ray.get([actor.close.remote() for slot, actor in enumerate(self.actors) if slot not in busy], timeout=120)
-        except ray.exceptions.RayError:  # timeouts included
-            pass  # a replica that cannot close is killed below all the same
-        for actor in self.actors:
-            ray.kill(actor)
-        if self.in_flight:
-            ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=30)
-        remove_stale_temporaries(self.run.root)
+        self.remaining -= len(result["questions"])
+        if self.remaining:
+            check_disk_projection(self.done_bytes, self.done_questions, self.remaining, self.run)
+        return timed(self.started, self.tokens, "tokens")

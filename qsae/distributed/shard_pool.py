@@ -1,0 +1,94 @@
+"""A pool of model replicas (Ray actors) over shards: capture's and the encode pass's.
+
+Each replica is fed one shard at a time (backpressure). A shard whose replica dies goes back on the
+queue and a fresh replica takes the dead one's place; the caller's `done` records a shard only from
+its result, after all of its files are in place, so nothing is recorded twice or lost.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import ray
+
+from qsae import console
+from qsae.config import CaptureConfig
+from qsae.distributed import get_or_raise_cause, replica_options
+from qsae.distributed.resources import WaitNotes, next_ready, replica_request
+
+MAX_SHARD_ATTEMPTS = 3
+
+
+class ShardPool:
+    """Replicas of `worker` (constructed with `args`; `worker.process(shard)` does a shard's work and
+    returns its result, `worker.close()` lets go of the engine) placed as capture.* asks."""
+
+    def __init__(self, worker: type, args: tuple, capture: CaptureConfig, what: str):
+        self.actor_class = ray.remote(worker).options(**replica_options(capture))
+        self.args, self.capture, self.what = args, capture, what
+        self.actors: list = []
+        self.in_flight: dict[ray.ObjectRef, tuple[int, object]] = {}
+        self.attempts: dict[str, int] = {}
+
+    def run(self, pending: list, done: Callable[[object, dict], dict | None]) -> None:
+        """Every shard of `pending` (each with a .name) through a replica; `done(shard, result)` after
+        each, in the driver, returning a progress-bar postfix or None."""
+        self.actors = [self.actor_class.remote(*self.args) for _ in range(min(self.capture.num_actors, len(pending)))]
+        queue = list(pending)
+        notes = WaitNotes(self.what, replica_request(self.capture))
+        try:
+            with console.progress(total=len(pending), desc=self.what, unit="shard") as bar:
+                while queue or self.in_flight:
+                    self.submit(queue)
+                    ref = next_ready(list(self.in_flight), notes)
+                    slot, shard = self.in_flight.pop(ref)
+                    result = self.result_or_retry(ref, slot, shard, queue)
+                    if result is None:
+                        continue
+                    postfix = done(shard, result)
+                    if postfix:
+                        bar.set_postfix(**postfix)
+                    bar.update(1)
+        finally:
+            self.close()
+
+    def submit(self, queue: list) -> None:
+        """A shard to every idle replica while shards wait."""
+        busy = {slot for slot, _ in self.in_flight.values()}
+        for slot, actor in enumerate(self.actors):
+            if queue and slot not in busy:
+                shard = queue.pop(0)
+                self.attempts[shard.name] = self.attempts.get(shard.name, 0) + 1
+                self.in_flight[actor.process.remote(shard)] = (slot, shard)
+
+    def result_or_retry(self, ref: ray.ObjectRef, slot: int, shard, queue: list) -> dict | None:
+        """The shard's result, or None with the shard back on the queue when its replica died."""
+        try:
+            return get_or_raise_cause(ref)
+        except ray.exceptions.RayActorError as err:
+            if self.attempts[shard.name] >= MAX_SHARD_ATTEMPTS:
+                raise RuntimeError(f"{shard.name} failed {self.attempts[shard.name]} times; last error: {err}") from err
+            # A fresh replica in the dead one's place; the shard's half-written files are overwritten
+            # by the retry (it was never recorded).
+            console.say(f"[qsae] replica died during {shard.name}; retrying it on a new replica")
+            ray.kill(self.actors[slot])
+            self.actors[slot] = self.actor_class.remote(*self.args)
+            queue.append(shard)
+            return None
+
+    def close(self) -> None:
+        """Close the idle replicas' engines, end every replica, and let killed writers go."""
+        busy = {slot for slot, _ in self.in_flight.values()}
+        try:
+            ray.get([actor.close.remote() for slot, actor in enumerate(self.actors) if slot not in busy], timeout=120)
+        except ray.exceptions.RayError:  # timeouts included
+            pass  # a replica that cannot close is killed below all the same
+        for actor in self.actors:
+            ray.kill(actor)
+        if self.in_flight:
+            ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=30)
+
+
+def timed(started: float, done: float, unit: str) -> dict:
+    """A progress postfix: `done` units per second since `started`."""
+    return {f"{unit}_per_s": f"{done / max(time.time() - started, 1e-9):.0f}"}
