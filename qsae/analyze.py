@@ -3,8 +3,10 @@ out on, written to the run directory (analysis/) for the stages after it.
 
 Per layer, its sample is streamed from the store once (qsae.analysis.layer: reconstruction, feature
 health, token- and rollout-level correctness) and its codes are passed once through the feature-data
-stream (qsae.analysis.feature_data: top contexts, quantile samples, histograms). No model and no
-Ray: the stages that need the model (qsae.evaluate, qsae.causal) come after.
+stream (qsae.analysis.feature_data: top contexts, quantile samples, histograms). Where the encode
+pass ran (qsae.encode, release.every_token), the rollout pools and the feature data are its merged
+every-token results instead. No model and no Ray: the stages that need the model come before
+(qsae.encode) and after (qsae.evaluate, qsae.causal).
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from qsae.analysis.layer import (
     sample_rows_of,
 )
 from qsae.config import ReleaseConfig, TrainConfig
+from qsae.encode import EncodeSettings, encoded_features, encoded_layer, encoding_identity
 from qsae.rollout import read_rollouts
 from qsae.rundir import RunDir
-from qsae.sample import RowRules, save_selection, trained_selection
-from qsae.store import read_manifest, verify_store
+from qsae.sample import RowRules, check_same_split, load_split, save_selection, trained_selection
+from qsae.store import StoreError, read_manifest, verify_store
 from qsae.streaming import StoreSource
 from qsae.training.trained import TrainedSAE, load_trained
 
@@ -44,26 +47,53 @@ def check_trained_matches(train: TrainConfig, trained: dict[int, TrainedSAE], d_
                              f"d_model {d_model}; train the layer again on this store")
 
 
+def check_trained_saes(run: RunDir, layers: list[int], train: TrainConfig) -> None:
+    """The trained SAEs are those `train` asks for and fit the store's rows (check_trained_matches)."""
+    trained = {layer: load_trained(run, layer) for layer in layers}
+    check_trained_matches(train, trained, read_manifest(run.store)["d_model"])
+
+
+def check_trained_split(run: RunDir, layers: list[int], rules: RowRules) -> None:
+    """The store is whole and the rules (a config) give the split the SAEs were trained with."""
+    verify_store(run.store, layers)  # file checksums are remembered: analyze_run's own check reads nothing again
+    check_same_split(load_split(run), rules, {r.rollout_id: r.question_id for r in read_rollouts(run.rollouts)})
+
+
 def analyze_run(run: RunDir, layers: list[int], *, train: TrainConfig, rules: RowRules,
-                release: ReleaseConfig) -> None:
+                release: ReleaseConfig, every_token: EncodeSettings | None = None) -> None:
     """Analyze every layer's trained SAE; refuses SAEs other than `train` asks for, and rules (a
-    config) that would give other rows than the SAEs were trained on, before writing anything."""
+    config) that would give other rows than the SAEs were trained on, before writing anything. With
+    `every_token` (the encode pass's settings), the rollout pools and feature data come from the
+    encode pass's files, which must cover the store."""
     trained = {layer: load_trained(run, layer) for layer in layers}
     check_trained_matches(train, trained, read_manifest(run.store)["d_model"])
     verify_store(run.store, layers)  # every byte of the layers' shards, once, before any row is read
     rollouts = {r.rollout_id: r for r in read_rollouts(run.rollouts)}
     selection = trained_selection(run, layers, rules, {r: x.question_id for r, x in rollouts.items()})
+    identity = None if every_token is None else encoding_identity(run, layers, every_token)
     shutil.rmtree(run.analysis, ignore_errors=True)  # everything after analysis is made afresh
     save_selection(run.selection, selection)
-    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, release.unscored_rollouts))
-    inputs = LayerInputs(rows, rollouts, StatisticsSettings(release.bootstrap, release.permutations, rules.seed))
+    labels = rollout_labels(rollouts, release.unscored_rollouts)
+    inputs = LayerInputs(sample_rows_of(selection, rollouts, labels), rollouts, labels,
+                         StatisticsSettings(release.bootstrap, release.permutations, rules.seed))
     tokens = TokenTable({r: x.prompt_token_ids + x.response_token_ids for r, x in rollouts.items()})
     for layer in console.progress(iterable=layers, desc="analyze", unit="layer"):
         sae = trained[layer].sae
         sample = encode_sample(sae, StoreSource(run.store, layer, selection.rows), selection)
-        result = analyze_layer(layer, sae, sample, inputs, revived=trained[layer].history["revived"])
-        codes = SampleCodes(sample.values, sample.indices, selection.rollout_id, sample.position)
-        result.features = layer_features(
-            sae.W_dec.detach(), codes, tokens, top=release.top_contexts, width=release.context_tokens, per_bin=release.quantile_examples, seed=rules.seed)
+        encoded = None if identity is None else encoded_layer(run, layer, identity)
+        if identity is not None and encoded is None:
+            raise StoreError(f"the encode pass has not encoded every store shard with layer {layer}'s SAE; run the "
+                             "pipeline (or qsae analyze) again to finish it")
+        result = analyze_layer(layer, sae, sample, inputs, revived=trained[layer].history["revived"],
+                               pool=None if encoded is None else encoded.pool)
+        W_dec = sae.W_dec.detach()
+        if encoded is None:
+            codes = SampleCodes(sample.values, sample.indices, selection.rollout_id, sample.position)
+            result.features = layer_features(W_dec, codes, tokens, top=release.top_contexts,
+                                             width=release.context_tokens, per_bin=release.quantile_examples,
+                                             seed=rules.seed)
+        else:
+            result.features = encoded_features(W_dec, encoded, tokens, per_bin=release.quantile_examples,
+                                               width=every_token.width)
         result.save(run.layer_analysis(layer))
-        del sample  # its codes and held-out residuals: one layer's at a time
+        del sample, encoded  # one layer's codes, held-out residuals and pools at a time

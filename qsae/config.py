@@ -319,6 +319,8 @@ class ReleaseConfig:
     permutations: int = setting(1000, "label permutations for the rollout-level p-values and chance band")
     unscored_rollouts: str = setting("exclude", 'truncated / unparsable rollouts: "exclude" from correctness statistics, or count as "wrong"')
     fidelity_rollouts: int | None = setting(None, "held-out rollouts the model-loss fidelity runs on (seeded sample; unset = all)")
+    every_token: bool = setting(True, "encode pass: rollout pools and feature data over every response token "
+                                      "(false: over the training sample, faster on huge runs)")
 
     def check(self) -> None:
         at_least(self, "release", 1, "bootstrap", "permutations", "top_contexts", "quantile_examples")

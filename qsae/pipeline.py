@@ -1,12 +1,13 @@
 """The pipeline as its stages, in order:
 
-    prepare -> capture -> train -> analyze -> evaluate -> causal -> release
+    prepare -> capture -> train -> encode -> analyze -> evaluate -> causal -> release
 
 prepare checks everything the config and the files can show before Ray starts; capture and train run
-on Ray (qsae.distributed); analyze reads the trained run from disk; evaluate and the causal check
-need the model again (Ray tasks placed like capture replicas); the release is written from the run
-directory alone. Stages talk only through the run directory (qsae.rundir) and the resolved RunPlan.
-`qsae analyze` is the same sequence from analyze on.
+on Ray (qsae.distributed); the encode pass (release.every_token) replays every rollout through the
+model and the SAEs on capture's replica pool; analyze reads the trained run from disk; evaluate and
+the causal check need the model again (Ray tasks placed like capture replicas); the release is
+written from the run directory alone. Stages talk only through the run directory (qsae.rundir) and
+the resolved RunPlan. `qsae analyze` is the same sequence from encode on.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Protocol
 
 from qsae import causal, console
-from qsae.analyze import analyze_run
-from qsae.capture import ReplicaSpec, store_to_extend
+from qsae.analyze import analyze_run, check_trained_saes, check_trained_split
+from qsae.capture import ReplicaSpec, special_token_ids, store_manifest, store_to_extend
 from qsae.config import PipelineConfig
 from qsae.distributed import deal
 from qsae.distributed.connect import check_ray_address
+from qsae.encode import EncodeSettings, encode_settings
 from qsae.engines import Generation
 from qsae.evaluate import Evaluation, EvaluationInputs, evaluation_inputs, save_evaluation
 from qsae.files import atomic_write_json, check_can_create_dir
@@ -32,6 +34,7 @@ from qsae.release import ReleaseSettings, build_release, token_texts
 from qsae.rollout import check_prompts_fit, check_tokenizer
 from qsae.rundir import RunDir
 from qsae.sample import RowRules
+from qsae.store import check_compatible, read_manifest
 from qsae.training.trained import load_trained
 
 
@@ -148,7 +151,7 @@ def capture_to_release(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: 
         run_capture(plan.spec, plan.questions, run)
     with stages.stage(f"train ({len(plan.layers)} SAEs, n={cfg.train.n_features}, k={cfg.train.k})"):
         train_layers(cfg.train, RowRules.from_config(cfg), plan.layers, run)
-    analyze(cfg, plan, run, stages)
+    analyze(cfg, plan, run, stages, every_token=encode(cfg, plan, run, stages))
     return after_analysis(cfg, plan, run, stages)
 
 
@@ -164,16 +167,50 @@ def analyze_from_disk(cfg: PipelineConfig) -> Path:
     with ExitStack() as session:
         if run.root.is_dir():
             session.enter_context(run.driver_lock())
-        analyze(cfg, plan, run, stages)  # no Ray: its refusals come before Ray starts
+        check_trained_run(cfg, plan, run)  # its refusals come before Ray starts
         session.enter_context(console.lines_to_log(run.log))
         session.enter_context(ray_session(cfg.ray_address))
         check_schedulable([replica_request(cfg.capture)], joined=joins_cluster(cfg))
+        analyze(cfg, plan, run, stages, every_token=encode(cfg, plan, run, stages))
         return after_analysis(cfg, plan, run, stages)
 
 
-def analyze(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages) -> None:
+def encode(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages) -> EncodeSettings | None:
+    """The encode pass over every store shard not yet encoded with these SAEs (release.every_token);
+    returns its settings, or None when the statistics are to come from the training sample."""
+    if not cfg.release.every_token:
+        return None
+    from qsae.distributed.encode_pool import run_encode
+
+    with stages.stage(f"encode (every response token, {len(plan.layers)} SAEs)"):
+        check_trained_run(cfg, plan, run)
+        tokenizer = load_tokenizer(plan.spec.model_path, cfg.model.revision)
+        settings = encode_settings(run, cfg.release, special_token_ids(tokenizer))
+        run_encode(plan.spec, run, settings)
+    return settings
+
+
+def check_trained_run(cfg: PipelineConfig, plan: RunPlan, run: RunDir) -> None:
+    """What analyze (and the encode pass before it) would refuse: the SAEs, the model the encode pass
+    would replay the rollouts with, the store and the split."""
+    check_trained_saes(run, plan.layers, cfg.train)
+    if cfg.release.every_token:
+        check_replays_store(plan.spec, run)
+    check_trained_split(run, plan.layers, RowRules.from_config(cfg))
+
+
+def check_replays_store(spec: ReplicaSpec, run: RunDir) -> None:
+    """The encode pass replays the store's rollouts: with the model and settings that captured them."""
+    check_compatible(read_manifest(run.store), store_manifest(spec),
+                     "the encode pass would replay its rollouts through another model or other settings: "
+                     "use the config it was captured with")
+
+
+def analyze(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages, *,
+            every_token: EncodeSettings | None) -> None:
     with stages.stage(f"analyze ({len(plan.layers)} layers)"):
-        analyze_run(run, plan.layers, train=cfg.train, rules=RowRules.from_config(cfg), release=cfg.release)
+        analyze_run(run, plan.layers, train=cfg.train, rules=RowRules.from_config(cfg), release=cfg.release,
+                    every_token=every_token)
 
 
 class ModelTasks(Protocol):

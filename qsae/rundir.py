@@ -10,6 +10,8 @@ here and writes what the next reads; this is the one place that knows where.
       checkpoints/                   Ray Train checkpoints, one folder per layer's training run
       saes/split.json                the train/held-out split and the row rules (qsae.sample)
       saes/layer=<L>/                a trained SAE, its history and trained.json (qsae.training.trained)
+      encoded/                       the encode pass: per layer and shard, every token's pools and
+                                     feature data, and manifest.json listing the shards done (qsae.encode)
       analysis/selection.safetensors the sampled rows every later stage reads (qsae.sample)
       analysis/layer=<L>/            a layer's statistics and feature data (qsae.analyze)
       analysis/fidelity.json         the fidelity in the model's loss (qsae.evaluate)
@@ -77,6 +79,17 @@ class RunDir:
 
     def trained(self, layer: int) -> Path:
         return self.saes / f"layer={layer}"
+
+    @property
+    def encoded(self) -> Path:
+        return self.root / "encoded"
+
+    @property
+    def encoded_manifest(self) -> Path:
+        return self.encoded / "manifest.json"
+
+    def encoded_part(self, layer: int, shard: str) -> Path:
+        return self.encoded / f"layer={layer}" / f"{shard}.safetensors"
 
     @property
     def analysis(self) -> Path:

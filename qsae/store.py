@@ -324,14 +324,17 @@ IDENTITY = ("format", "checksum", "model_id", "model_revision", "weights", "gene
             "dtype", "kept_positions")
 
 
-def check_compatible(manifest: dict, this_run: dict) -> None:
-    """A rerun may extend a store only with rows made the same way (this_run: its new_manifest)."""
+EXTENDING = "extending it would mix rows of two runs: use a new --out, or the settings it was captured with"
+
+
+def check_compatible(manifest: dict, this_run: dict, refusal: str = EXTENDING) -> None:
+    """A rerun may extend a store only with rows made the same way (this_run: its new_manifest); other
+    uses of the store say why in `refusal`."""
     clashes = [key for key in IDENTITY if manifest.get(key) != this_run[key]]
     if clashes:
         details = ", ".join(weights_change(manifest.get(key), this_run[key]) if key == "weights" else
                             f"{key}: store has {manifest.get(key)!r}, run wants {this_run[key]!r}" for key in clashes)
-        raise StoreError(f"the activation store was captured differently ({details}); extending it would mix rows "
-                         "of two runs: use a new --out, or the settings it was captured with")
+        raise StoreError(f"the activation store was captured differently ({details}); {refusal}")
 
 
 def weights_change(stored, now: dict) -> str:

@@ -1,14 +1,16 @@
 """A small run directory built in this process, with the stages' own functions and no Ray: capture by
-one replica, training without Ray Train, then analyze -> evaluate -> causal -> release exactly as the
-pipeline runs them, the model's work done here. What the writers are tested on, in seconds."""
+one replica, training without Ray Train, the encode pass shard by shard, then analyze -> evaluate ->
+causal -> release exactly as the pipeline runs them, the model's work done here. What the writers are
+tested on, in seconds."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from qsae.capture import Replica, capture_question_shard, list_shard, load_replica, store_to_extend
+from qsae.capture import Replica, capture_question_shard, list_shard, load_replica, special_token_ids, store_to_extend
 from qsae.causal import Arm, generate_arms
 from qsae.config import PipelineConfig, load_config
+from qsae.encode import EncodeSettings, encode_settings, encode_shard, list_encoded, shards_to_encode
 from qsae.engines import Generation
 from qsae.evaluate import Evaluation, EvaluationInputs, evaluate_layers
 from qsae.pipeline import RunPlan, Stages, after_analysis, analyze, prepare
@@ -18,7 +20,7 @@ from qsae.sample import RowRules, plan_split, training_rows
 from qsae.store import write_manifest
 from qsae.streaming import StoreSource
 from qsae.training.loop import train_sae
-from qsae.training.trained import TrainedSAE, recipe_settings, save_trained
+from qsae.training.trained import TrainedSAE, load_trained, recipe_settings, save_trained
 
 
 class LocalModelTasks:
@@ -42,7 +44,7 @@ def build_run(root: Path, overrides: list[str]) -> RunDir:
     replica = load_replica(plan.spec)
     capture(plan, run, replica)
     train(cfg, plan, run)
-    analyze(cfg, plan, run, stages)
+    analyze(cfg, plan, run, stages, every_token=encode(cfg, plan, run, replica))
     after_analysis(cfg, plan, run, stages, tasks=LocalModelTasks(replica, cfg))
     return run
 
@@ -53,6 +55,18 @@ def capture(plan: RunPlan, run: RunDir, replica: Replica) -> None:
         list_shard(manifest, capture_question_shard(replica, shard, plan.spec, run))
     write_manifest(run.store, manifest)
     write_rollouts(read_rollouts(*[run.rollout_part(s.name) for s in shards]), run.rollouts)
+
+
+def encode(cfg: PipelineConfig, plan: RunPlan, run: RunDir, replica: Replica) -> EncodeSettings | None:
+    """The encode pass shard by shard with the replica's model, as each replica of the pool runs it."""
+    if not cfg.release.every_token:
+        return None
+    settings = encode_settings(run, cfg.release, special_token_ids(replica.tokenizer))
+    saes = {layer: load_trained(run, layer).sae for layer in plan.layers}
+    manifest, pending = shards_to_encode(run, plan.layers, settings)
+    for shard in pending:
+        list_encoded(run, manifest, encode_shard(replica.residuals_of, saes, shard, run, settings))
+    return settings
 
 
 def train(cfg: PipelineConfig, plan: RunPlan, run: RunDir) -> None:

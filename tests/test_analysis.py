@@ -596,8 +596,8 @@ def analysis_config() -> PipelineConfig:
 
 
 def layer_inputs(cfg: PipelineConfig, selection, rollouts, unscored: str = "exclude") -> LayerInputs:
-    rows = sample_rows_of(selection, rollouts, rollout_labels(rollouts, unscored))
-    return LayerInputs(rows, rollouts, StatisticsSettings(cfg.release.bootstrap, cfg.release.permutations,
+    labels = rollout_labels(rollouts, unscored)
+    return LayerInputs(sample_rows_of(selection, rollouts, labels), rollouts, labels, StatisticsSettings(cfg.release.bootstrap, cfg.release.permutations,
                                                           cfg.train.split_seed))
 
 

@@ -150,7 +150,7 @@ CONFIG_CASES = [
 
 # Fields where any value of the right type is valid (the type itself is checked for every field).
 ANY_VALUE_OF_ITS_TYPE = {"model.revision", "rollout.thinking", "capture.exclude_special_tokens",
-                         "release.export_activations", "causal.enabled"}
+                         "release.export_activations", "release.every_token", "causal.enabled"}
 
 
 def test_every_config_field_has_a_bad_value_case():
@@ -630,9 +630,26 @@ def test_analyze_refuses_a_store_whose_checksum_fails(capsys, tiny_path, tmp_pat
     zero_fill(damaged)
     (tmp_path / "analysis").mkdir()
     (tmp_path / "analysis" / "kept.json").write_text("{}")
-    rc = main(["analyze", "--out", str(tmp_path), "train.n_features=32", "train.k=4"])
+    # A store written here, not captured from the model: no encode pass (it would replay the model).
+    rc = main(["analyze", "--out", str(tmp_path), "train.n_features=32", "train.k=4", "release.every_token=false"])
     assert_fails_cleanly(capsys, rc, f"shard {damaged} does not match the sha256 checksum the manifest records")
     assert (tmp_path / "analysis" / "kept.json").exists()  # refused before the analysis removed anything
+
+
+def test_analyze_refuses_to_encode_a_store_of_another_model(capsys, tiny_path, tmp_path):
+    """"encode pass against a store of another model": `qsae analyze` would replay the store's rollouts
+    through the config's model; refused before Ray starts or anything is written."""
+    from qsae.rundir import RunDir
+    from qsae.training.trained import TrainedSAE, save_trained
+
+    for layer in (3, 7, 11):
+        save_trained(RunDir(tmp_path), layer, TrainedSAE(TopKSAE(64, 32, 4), {"revived": 0}, {}))
+    write_manifest(tmp_path / "activations", new_manifest("tiny-dense", None, [3, 7, 11], 64, dtype="float32"))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    stdout = assert_fails_cleanly(capsys, main(["analyze", "--out", str(tmp_path), "train.n_features=32", "train.k=4"]),
+                                  "model_id: store has 'tiny-dense', run wants 'tiny'")
+    assert "[qsae] start ray" not in stdout
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,6 +667,7 @@ def test_readme_lists_every_bad_input_case():
     cases = set(DRIVER_CASES) | set(TRAIN_CASES) | {"any config value it cannot take", "output directory unusable",
                                                     "command-line arguments wrong", "a Ray request no node can hold",
                                                     "run directory in use by another driver",
+                                                    "encode pass against a store of another model",
                                                     "model weights of another model than its config"}  # test_models.py
     assert readme_cases() == cases
 

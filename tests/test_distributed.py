@@ -13,12 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import small_run
 import torch
 from planted import planted_rows
 
-from qsae.capture import plan_shards
+from qsae.capture import plan_shards, special_token_ids
 from qsae.config import load_config
 from qsae.distributed.capture_pool import run_capture
+from qsae.distributed.encode_pool import run_encode
+from qsae.encode import encode_settings, encoded_layer, encoding_identity
+from qsae.models import load_tokenizer
 from qsae.distributed.trainers import (
     CHECKPOINT_FILE,
     LayerJob,
@@ -239,6 +243,63 @@ def test_replicas_killed_at_random_points_lose_and_duplicate_nothing(captured, t
     print(f"seed {seed}: {len(kills)} kills survived; rows expected {sum(map(len, expected.values()))}, "
           f"found {sum(map(len, found.values()))}, duplicates 0")
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def trained_copy(captured, root: Path) -> tuple:
+    """The captured run copied to root, with each layer's SAE trained there (in this process)."""
+    cfg, run_dir, *_ = captured
+    shutil.copytree(run_dir, root)
+    cfg = load_config(None, SMALL + [f"out={json.dumps(str(root))}"])
+    plan = resolve(cfg)
+    small_run.train(cfg, plan, RunDir(root))
+    return cfg, plan
+
+
+def test_a_killed_encode_replica_loses_nothing(captured, tmp_path, capsys):
+    """The encode pass over the captured store on the replica pool, one replica SIGKILLed while it
+    holds a shard: the shard is encoded again and the merged encoding equals an uninterrupted pass's."""
+    cfg, plan = trained_copy(captured, tmp_path / "reference")
+    settings = encode_settings(RunDir(tmp_path / "reference"), cfg.release, special_token_ids(
+        load_tokenizer(plan.spec.model_path, None)))
+    run_encode(plan.spec, RunDir(tmp_path / "reference"), settings)
+    shutil.copytree(tmp_path / "reference", tmp_path / "killed", ignore=shutil.ignore_patterns("encoded"))
+    killed = RunDir(tmp_path / "killed")
+    spec = resolve(load_config(None, SMALL + [f"out={json.dumps(str(killed.root))}"])).spec
+    errors, kills = [], []
+
+    def encode_in_thread():
+        try:
+            run_encode(spec, killed, settings)
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    worker = threading.Thread(target=encode_in_thread)
+    worker.start()
+    deadline = time.time() + 300
+    while not kills and worker.is_alive() and time.time() < deadline:
+        if busy := ray_workers_titled("ray::EncodeWorker.process"):
+            os.kill(busy[0], signal.SIGKILL)
+            kills.append(busy[0])
+        time.sleep(0.05)
+    worker.join(timeout=600)
+    assert not errors, errors
+    assert kills, "no encode replica was caught in the middle of a shard"
+    assert capsys.readouterr().out.count("replica died during shard-") == 1
+    layers = list(plan.layers)
+    reference = RunDir(tmp_path / "reference")
+    identity = encoding_identity(reference, layers, settings)
+    assert encoding_identity(killed, layers, settings) == identity
+    for layer in layers:
+        mine, theirs = encoded_layer(killed, layer, identity), encoded_layer(reference, layer, identity)
+        for name in ("rollout_ids", "n_tokens", "max", "mean", "fire_fraction"):
+            np.testing.assert_array_equal(getattr(mine.pool, name), getattr(theirs.pool, name))
+        for a, b in ((mine.stream.top, theirs.stream.top), (mine.stream.sample, theirs.stream.sample)):
+            for x, y in zip(a.astuple(), b.astuple()):
+                np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(mine.stream.counts, theirs.stream.counts)
+        np.testing.assert_array_equal(mine.window_acts, theirs.window_acts)
+        assert len(mine.pool.rollout_ids) == 12  # every rollout, each once
+    assert not list(killed.root.rglob("*.tmp"))
 
 
 def test_a_model_that_will_not_load_fails_capture_once_with_its_reason(local_ray, tiny_path, tmp_path, capsys):

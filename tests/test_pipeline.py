@@ -52,7 +52,7 @@ def release(release_run) -> Path:
     return release_run[0]
 
 
-QSAE_BAR = re.compile(r"(capture|train|analyze): +\d+%\|")  # qsae's own progress bars (tqdm)
+QSAE_BAR = re.compile(r"(capture|train|encode|analyze): +\d+%\|")  # qsae's own progress bars (tqdm)
 
 
 def test_the_console_shows_qsae_lines_and_the_log_the_rest(release_run):

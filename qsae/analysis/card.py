@@ -213,7 +213,24 @@ def _data(info: ReleaseFacts) -> str:
         f"- Split: by question, seeded ({split['seed']}): {split['holdout_fraction']:.0%} of the questions, "
         f"{split['heldout_rollouts']:,} rollouts, are held out with all their stored tokens (`split.json` lists them). "
         "No held-out token has a neighbour from its own rollout in training.",
+        f"- {_pooled_over(info)}",
     ])
+
+
+def _every_token(info: ReleaseFacts) -> bool:
+    levels = [stats["rollout_level"] for stats in info.per_layer.values()]
+    return all(level.get("pooled_over") == "every response token" for level in levels)
+
+
+def _pooled_over(info: ReleaseFacts) -> str:
+    """Where the rollout pools and the feature data come from: every token, or the stored sample."""
+    if _every_token(info):
+        return ("Rollout pools and feature data (top contexts, quantile samples, histograms): over every response "
+                "token of every rollout that the row rules keep, the model run again over each rollout (the encode "
+                "pass), not only the stored rows.")
+    return ("Rollout pools and feature data (top contexts, quantile samples, histograms): over the stored sample of "
+            "tokens above, the rows used (the encode pass was off, `release.every_token = false`), so a rollout's "
+            "max is over its sampled tokens only.")
 
 
 def _definitions(info: ReleaseFacts) -> str:
@@ -240,8 +257,9 @@ def _definitions(info: ReleaseFacts) -> str:
         "token (0 where it does not fire) as a score for its rollout's label; P(a correct-rollout token outscores a "
         "wrong-rollout one), ties one half. Tokens of a rollout share its label, so it has no valid null here and "
         "is shown for comparison only.",
-        "- **Rollout-level AUROC**: each feature's activation pooled per rollout (the max over its sampled response "
-        "tokens; the mean and the firing fraction are in `feature_stats.json`), as a score for the rollout's label. "
+        "- **Rollout-level AUROC**: each feature's activation pooled per rollout (the max over its "
+        + ("response tokens" if _every_token(info) else "sampled response tokens")
+        + "; the mean and the firing fraction are in `feature_stats.json`), as a score for the rollout's label. "
         f"**p**: two-sided permutation p-value, `(1 + #{{|AUROC* − {CHANCE_AUROC}| ≥ |AUROC − {CHANCE_AUROC}|}}) / "
         f"(1 + P)` over P = {stats['permutations']:,} permutations of the labels across rollouts (within question "
         "when a question has several rollouts). **q**: Benjamini–Hochberg adjusted p over the layer's features. "

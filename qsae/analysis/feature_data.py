@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -369,13 +370,20 @@ def layer_features(W_dec: torch.Tensor, codes: SampleCodes, tokens: TokenTable, 
                    per_bin: int, seed: int) -> LayerFeatures:
     """A layer's LayerFeatures from its sample's codes: one FeatureStream pass over them, then the
     windows of the chosen examples."""
-    n_features = len(W_dec)
-    stream = stream_codes(codes.values, codes.indices, n_features, top=top, seed=seed)
+    stream = stream_codes(codes.values, codes.indices, len(W_dec), top=top, seed=seed)
+    return features_of_stream(W_dec, stream, per_bin, partial(build_examples, codes=codes, tokens=tokens, width=width))
+
+
+ExamplesOf = Callable[[np.ndarray, np.ndarray, np.ndarray], Examples]  # (feature, row, group) -> their windows
+
+
+def features_of_stream(W_dec: torch.Tensor, stream: FeatureStream, per_bin: int, examples_of: ExamplesOf) -> LayerFeatures:
+    """LayerFeatures from a finished stream; `examples_of` gives the windows of the chosen examples."""
     live = np.flatnonzero(stream.fire_count)
     feature, row, group, bins = choose_examples(stream, live, per_bin)
-    examples = build_examples(feature, row, group, codes=codes, tokens=tokens, width=width)
+    examples = examples_of(feature, row, group)
     return LayerFeatures(
-        n_rows=len(codes.values), live=live, fire_count=stream.fire_count,
+        n_rows=stream.rows, live=live, fire_count=stream.fire_count,
         mean_activation=stream.activation_sum / np.maximum(stream.fire_count, 1),
         max_activation=stream.max_activation,
         histograms={int(f): stream.histogram(int(f)) for f in live}, bins=bins, examples=examples,

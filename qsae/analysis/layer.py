@@ -128,6 +128,7 @@ class LayerInputs:
 
     rows: SampleRows
     rollouts: dict[int, Rollout]
+    labels: dict[int, int]  # rollout id -> 1 correct, 0 wrong, -1 unlabelled (rollout_labels)
     settings: StatisticsSettings
 
 
@@ -177,25 +178,29 @@ class RolloutResult:
     lists: dict  # ROLLOUT_LISTS: per-feature lists, None when not computable
 
 
-def rollout_level(sample: EncodedSample, inputs: LayerInputs, n_features: int) -> RolloutResult:
-    """Per-rollout pooled activations and their correctness statistics (rollout_stats), over the
-    labelled rollouts that have rows in the sample."""
+def rollout_level(sample: EncodedSample, inputs: LayerInputs, n_features: int,
+                  pool: rollout_stats.RolloutPool | None = None) -> RolloutResult:
+    """Per-rollout pooled activations (`pool`: the encode pass's, over every response token; else
+    pooled here over the sampled tokens) and their correctness statistics (rollout_stats), over the
+    labelled rollouts that have rows in the sample (the probe reads their sampled residuals)."""
     rows, rollouts, settings = inputs.rows, inputs.rollouts, inputs.settings
-    pooled = rollout_stats.pool_by_rollout(sample.values, sample.indices, rows.selection.rollout_id, n_features)
-    label_of = dict(zip(rows.selection.rollout_id.tolist(), rows.label.tolist()))
-    question_of = dict(zip(rows.selection.rollout_id.tolist(), rows.question.tolist()))
-    keep = np.array([label_of[r] >= 0 for r in pooled.rollout_ids.tolist()], dtype=bool)
+    pooled = pool or rollout_stats.pool_by_rollout(sample.values, sample.indices, rows.selection.rollout_id,
+                                                   n_features)
+    sample_ids, sample_rows = np.unique(rows.selection.rollout_id, return_counts=True)  # sample.rollout_sum's order
+    keep = np.isin(pooled.rollout_ids, sample_ids) & np.array(
+        [inputs.labels[r] >= 0 for r in pooled.rollout_ids.tolist()], dtype=bool)
     ids = pooled.rollout_ids[keep]
-    correct = np.array([label_of[r] == 1 for r in ids.tolist()], dtype=bool)
+    correct = np.array([inputs.labels[r] == 1 for r in ids.tolist()], dtype=bool)
     if not 0 < correct.sum() < len(correct):
         reason = ("no labelled rollouts" if len(correct) == 0 else
                   f"all {len(correct)} labelled rollouts are {'correct' if correct.all() else 'wrong'}")
         summary = {**dict.fromkeys(ROLLOUT_SUMMARY_KEYS), "n_rollouts_labelled": len(correct), "reason": reason}
         return RolloutResult(pooled, keep, correct, summary, dict.fromkeys(ROLLOUT_LISTS))
+    in_sample = np.searchsorted(sample_ids, ids)
     stats = rollout_stats.rollout_statistics(
-        pooled.max[keep], correct, np.array([question_of[r] for r in ids.tolist()]),
+        pooled.max[keep], correct, np.array([rollouts[r].question_id for r in ids.tolist()]),
         lengths=np.array([rollouts[r].n_response_tokens for r in ids.tolist()]),
-        mean_residuals=sample.rollout_sum[keep] / pooled.n_tokens[keep][:, None],
+        mean_residuals=sample.rollout_sum[in_sample] / sample_rows[in_sample][:, None],
         n_permutations=settings.permutations, n_boot=settings.bootstrap, seed=settings.seed)
     summary = {**stats.summary, "length_auroc_ci": None if stats.length_ci is None else list(stats.length_ci),
                "probe_auroc_ci": None if stats.probe_ci is None else list(stats.probe_ci),
@@ -212,27 +217,27 @@ def difference_of_means(mean_residuals: np.ndarray, correct: np.ndarray) -> np.n
             - mean_residuals[~correct].astype(np.float64).mean(axis=0))
 
 
-def training_direction(sample: EncodedSample, by_rollout: RolloutResult, heldout: set[int]) -> np.ndarray | None:
-    """The difference of means between correct and wrong training rollouts' mean residuals (the
+def training_direction(sample: EncodedSample, inputs: LayerInputs, heldout: set[int]) -> np.ndarray | None:
+    """The difference of means between correct and wrong training rollouts' mean sampled residuals (the
     causal check's control direction); None unless both outcomes are there."""
-    pooled = by_rollout.pooled
-    label_of = dict(zip(pooled.rollout_ids[by_rollout.labelled].tolist(), by_rollout.correct.tolist()))
-    train = np.array([r in label_of and r not in heldout for r in pooled.rollout_ids.tolist()], dtype=bool)
-    correct = np.array([label_of[r] for r in pooled.rollout_ids[train].tolist()], dtype=bool)
+    ids, counts = np.unique(inputs.rows.selection.rollout_id, return_counts=True)  # sample.rollout_sum's order
+    labels = np.array([inputs.labels[r] for r in ids.tolist()])
+    train = (labels >= 0) & ~np.isin(ids, list(heldout))
+    correct = labels[train] == 1
     if not 0 < correct.sum() < len(correct):
         return None
-    means = sample.rollout_sum[train] / pooled.n_tokens[train][:, None]
-    return difference_of_means(means, correct)
+    return difference_of_means(sample.rollout_sum[train] / counts[train][:, None], correct)
 
 
 def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, inputs: LayerInputs, *,
-                  revived: int = 0) -> LayerAnalysis:
-    """Every statistic of one layer's SAE (what each feature looks like: feature_data, added after)."""
+                  revived: int = 0, pool: rollout_stats.RolloutPool | None = None) -> LayerAnalysis:
+    """Every statistic of one layer's SAE (what each feature looks like: feature_data, added after);
+    the rollout-level ones from `pool` (the encode pass's) where given."""
     rows = inputs.rows
     values, indices = sample.values, sample.indices
     rates = fire_rates(indices, values, sae.n_features)
     token_auroc = token_level_auroc(sample, rows, sae.n_features)
-    by_rollout = rollout_level(sample, inputs, sae.n_features)
+    by_rollout = rollout_level(sample, inputs, sae.n_features, pool)
     cosine, pair = max_decoder_cosine(sae.W_dec.detach())
     reconstruction, core_metrics = reconstruction_stats(sae, sample, inputs)
     summary = {
@@ -247,7 +252,8 @@ def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, inputs: Layer
         "train_rows": len(rows.selection.train_rows),
         "heldout_rows": len(rows.selection.heldout_rows),
         "token_level": token_auroc_summary(token_auroc, rates),
-        "rollout_level": by_rollout.summary,
+        "rollout_level": {**by_rollout.summary,
+                          "pooled_over": "the sampled tokens" if pool is None else "every response token"},
     }
     feature_stats = {
         "fire_rate": rates.tolist(),
@@ -263,7 +269,7 @@ def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, inputs: Layer
         train_mean=sample.train_sum / max(len(rows.selection.train_rows), 1),
         rollout_ids=pooled.rollout_ids[by_rollout.labelled], rollout_labels=by_rollout.correct.astype(np.uint8),
         rollout_max=pooled.max[by_rollout.labelled],
-        dom_direction=training_direction(sample, by_rollout, set(rows.selection.heldout_positions)))
+        dom_direction=training_direction(sample, inputs, set(rows.selection.heldout_positions)))
 
 
 def architecture_summary(sae: TopKSAE, values: np.ndarray) -> dict:

@@ -1,7 +1,9 @@
 """The thin Ray layer: each module places plain stage functions on a cluster and does nothing else.
 
-- capture_pool: the capture actor pool over question shards (qsae.capture), with the store's
-  exactly-once bookkeeping;
+- shard_pool: a pool of model replicas (actors) over shards, a dead replica's shard retried;
+- capture_pool: capture on it over question shards (qsae.capture), with the store's exactly-once
+  bookkeeping;
+- encode_pool: the encode pass on it over the store's shards (qsae.encode);
 - trainers: one Ray Train TorchTrainer per layer (qsae.training);
 - model_tasks: the evaluation (qsae.evaluate) and the causal check's reruns (qsae.causal), as tasks
   placed like a capture replica;
