@@ -211,7 +211,8 @@ def write_feature_pages(staging: Path, facts: ReleaseFacts, record: RunRecord, *
     write_json(staging / "feature_characterization.json", {
         "contexts": "per layer, per live feature: its top-activating tokens (descending), each with `tokens`, the "
                     "text of the tokens around it, `acts`, the feature's activation at each (0 where it did not "
-                    "fire or the token is not in the sample), and `at`, the index of the token itself",
+                    "fire or the token was not encoded: prompt tokens, tokens the row rules leave out, and without "
+                    "the encode pass tokens outside the sample), and `at`, the index of the token itself",
         "layers": top_contexts})
     return ["feature_characterization.json", *sorted(p.relative_to(staging).as_posix() for folder in
                                                      (out, staging / "neuronpedia") for p in folder.rglob("*") if p.is_file())]
