@@ -1,6 +1,7 @@
 """A whole run on a Ray cluster of a head and two worker nodes on this machine (Ray's own multi-node
 test cluster, `ray.cluster_utils.Cluster`: a raylet and an object store per node), one worker node
-lost while its capture replica holds a shard and a fresh node joining in its place, then an
+lost while its capture replica holds a shard, its shard captured again on the other, and only then a
+fresh node joining in its place; then an
 uninterrupted capture of the same questions on the same cluster, to compare with.
 
 tests/test_multinode.py runs this as a process of its own: its driver joins the cluster it starts,
@@ -30,6 +31,7 @@ from qsae.config import load_config
 from qsae.distributed.capture_pool import run_capture
 from qsae.pipeline import resolve, run_pipeline
 from qsae.rundir import RunDir
+from qsae.store import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Two sampled rollouts per question: the shard retried on the new node must sample the tokens it sampled
@@ -103,8 +105,8 @@ class NodeLoss:
     node whose replica holds a shard, then adds a fresh node of the same shape, as the autoscaler does
     for the cluster files' worker groups (their minimum is their size: min_workers, minReplicas)."""
 
-    def __init__(self, cluster: Cluster, workers: list):
-        self.cluster, self.workers = cluster, workers
+    def __init__(self, cluster: Cluster, workers: list, store: Path):
+        self.cluster, self.workers, self.store = cluster, workers, store
         self.observed: dict = {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self.watch, daemon=True)
@@ -128,11 +130,23 @@ class NodeLoss:
             time.sleep(0.2)
 
     def remove(self, node, pid: int, finished: dict) -> None:
+        listed = listed_shards(self.store)
         self.cluster.remove_node(node, allow_graceful=False)
         os.kill(pid, signal.SIGKILL)  # a lost machine takes its processes with it; a stopped one would wait
+        # The fresh node joins only once the surviving replica has finished two more shards (the one it
+        # held and the lost one, which goes to the front of the queue): the run must not wait for it.
+        while len(listed_shards(self.store)) < len(listed) + 2 and not self.done.is_set():
+            time.sleep(0.2)
+        before_replacement = listed_shards(self.store)
         replacement = self.cluster.add_node(num_cpus=1)
         self.observed = {"removed_node": node.node_id, "finished_by_node_at_removal": finished,
+                         "listed_at_removal": listed, "listed_before_replacement": before_replacement,
                          "replacement_node": replacement.node_id}
+
+
+def listed_shards(store: Path) -> list[str]:
+    """The shards the store's manifest lists (none before the first is written)."""
+    return sorted(read_manifest(store)["shards"]) if (store / "manifest.json").exists() else []
 
 
 def capture_record(timeout_s: float = 15.0) -> dict:
@@ -154,7 +168,7 @@ def main(out: Path) -> None:
         ray.init(address=cluster.address, runtime_env=job_runtime_env(), log_to_driver=False)
         cfg = load_config(None, [*RUN, *LOST_NODE_RUN, f"out={json.dumps(str(out / 'run'))}",
                                  f"ray_address={json.dumps(cluster.address)}"])
-        loss = NodeLoss(cluster, workers)
+        loss = NodeLoss(cluster, workers, RunDir(cfg.out).store)
         loss.thread.start()
         try:
             release = run_pipeline(cfg)

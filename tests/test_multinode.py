@@ -1,7 +1,8 @@
 """A whole run on a real multi-node Ray cluster: a head and two worker nodes on this machine, each with a
 raylet of its own (Ray's `ray.cluster_utils.Cluster`). Capture replicas on both worker nodes write one
-store; one worker node is removed while its replica holds a shard and a fresh node joins; the run goes
-on to train and release, and its store holds exactly the rows of an uninterrupted capture.
+store; one worker node is removed while its replica holds a shard, the other replica captures that shard
+again, and only then a fresh node joins; the run goes on to train and release, and its store holds
+exactly the rows of an uninterrupted capture.
 
 The cluster and its driver live in tests/multinode_run.py, run as a process of its own (a pytest
 process may hold the local Ray of tests/conftest.py already); these tests read what it left.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -71,15 +73,19 @@ def test_replicas_on_both_worker_nodes_write_one_store(lost_node_run):
     assert sorted(manifest["shards"]) == [f"shard-{i:05d}" for i in range(SHARDS)]
 
 
-def test_the_shard_of_the_lost_node_is_captured_again_on_the_new_node(lost_node_run):
+def test_the_lost_shard_is_captured_again_without_waiting_for_a_new_node(lost_node_run):
+    """The replica of the lost node cannot be replaced until a node joins; the surviving replica takes
+    the lost shard meanwhile, and the fresh node, once it joins, takes shards too."""
     _, observed, console = lost_node_run
     removed, replacement = observed["removed_node"], observed["replacement_node"]
     assert removed in observed["workers"] and replacement not in observed["workers"]
     tasks = Counter((task["node_id"], task["state"]) for task in observed["tasks"])
     assert {key: n for key, n in tasks.items() if key[1] != "FINISHED"} == {(removed, "FAILED"): 1}
     assert sum(n for (_, state), n in tasks.items() if state == "FINISHED") == SHARDS  # each shard once
+    lost = re.findall(r"replica died during (shard-\d+)", console)
+    assert len(lost) == 1
+    assert lost[0] not in observed["listed_at_removal"] and lost[0] in observed["listed_before_replacement"]
     assert tasks[(replacement, "FINISHED")] >= 1
-    assert console.count("replica died during shard-") == 1
 
 
 def keyed_rows(store: Path, layer: int) -> dict[tuple[int, int], np.ndarray]:

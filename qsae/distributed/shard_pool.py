@@ -1,8 +1,10 @@
 """A pool of model replicas (Ray actors) over shards: capture's and the encode pass's.
 
-Each replica is fed one shard at a time (backpressure). A shard whose replica dies goes back on the
-queue and a fresh replica takes the dead one's place; the caller's `done` records a shard only from
-its result, after all of its files are in place, so nothing is recorded twice or lost.
+A shard goes only to a replica that has started (placed on a node and constructed), one at a time
+(backpressure), so a replica Ray cannot place yet (its node lost, no room until the cluster grows)
+holds no work while the others finish the queue. A shard whose replica dies goes back to the front
+of the queue and a fresh replica is started in the dead one's place; the caller's `done` records a
+shard only from its result, after all of its files are in place, so nothing is recorded twice or lost.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from qsae.config import CaptureConfig
 from qsae.distributed import get_or_raise_cause, replica_options
 from qsae.distributed.resources import WaitNotes, next_ready, replica_request
 
-MAX_SHARD_ATTEMPTS = 3
+MAX_SHARD_ATTEMPTS = 3  # also the failed starts in a row one replica slot may have
 
 
 class ShardPool:
@@ -27,20 +29,28 @@ class ShardPool:
         self.actor_class = ray.remote(worker).options(**replica_options(capture))
         self.args, self.capture, self.what = args, capture, what
         self.actors: list = []
+        self.starting: dict[ray.ObjectRef, int] = {}  # a replica's start, by its slot
+        self.started: set[int] = set()
+        self.failed_starts: dict[int, int] = {}
         self.in_flight: dict[ray.ObjectRef, tuple[int, object]] = {}
         self.attempts: dict[str, int] = {}
 
     def run(self, pending: list, done: Callable[[object, dict], dict | None]) -> None:
         """Every shard of `pending` (each with a .name) through a replica; `done(shard, result)` after
         each, in the driver, returning a progress-bar postfix or None."""
-        self.actors = [self.actor_class.remote(*self.args) for _ in range(min(self.capture.num_actors, len(pending)))]
+        self.actors = [None] * min(self.capture.num_actors, len(pending))
+        for slot in range(len(self.actors)):
+            self.start(slot)
         queue = list(pending)
         notes = WaitNotes(self.what, replica_request(self.capture))
         try:
             with console.progress(total=len(pending), desc=self.what, unit="shard") as bar:
                 while queue or self.in_flight:
                     self.submit(queue)
-                    ref = next_ready(list(self.in_flight), notes)
+                    ref = next_ready([*self.in_flight, *self.starting], notes)
+                    if ref in self.starting:
+                        self.check_started(ref)
+                        continue
                     slot, shard = self.in_flight.pop(ref)
                     result = self.result_or_retry(ref, slot, shard, queue)
                     if result is None:
@@ -52,39 +62,62 @@ class ShardPool:
         finally:
             self.close()
 
+    def start(self, slot: int) -> None:
+        """A fresh replica in `slot`; it takes shards once Ray has placed and constructed it."""
+        self.actors[slot] = self.actor_class.remote(*self.args)
+        self.started.discard(slot)
+        self.starting[self.actors[slot].__ray_ready__.remote()] = slot
+
+    def check_started(self, ref: ray.ObjectRef) -> None:
+        slot = self.starting.pop(ref)
+        try:
+            get_or_raise_cause(ref)
+        except ray.exceptions.RayActorError as err:  # its node went while it started
+            self.failed_starts[slot] = self.failed_starts.get(slot, 0) + 1
+            if self.failed_starts[slot] >= MAX_SHARD_ATTEMPTS:
+                raise RuntimeError(f"a {self.what} replica failed to start {self.failed_starts[slot]} times; "
+                                   f"last error: {err}") from err
+            ray.kill(self.actors[slot])
+            self.start(slot)
+            return
+        self.failed_starts.pop(slot, None)
+        self.started.add(slot)
+
     def submit(self, queue: list) -> None:
-        """A shard to every idle replica while shards wait."""
+        """A shard to every started, idle replica while shards wait."""
         busy = {slot for slot, _ in self.in_flight.values()}
-        for slot, actor in enumerate(self.actors):
-            if queue and slot not in busy:
-                shard = queue.pop(0)
-                self.attempts[shard.name] = self.attempts.get(shard.name, 0) + 1
-                self.in_flight[actor.process.remote(shard)] = (slot, shard)
+        for slot in sorted(self.started - busy):
+            if not queue:
+                return
+            shard = queue.pop(0)
+            self.attempts[shard.name] = self.attempts.get(shard.name, 0) + 1
+            self.in_flight[self.actors[slot].process.remote(shard)] = (slot, shard)
 
     def result_or_retry(self, ref: ray.ObjectRef, slot: int, shard, queue: list) -> dict | None:
-        """The shard's result, or None with the shard back on the queue when its replica died."""
+        """The shard's result, or None with the shard back at the front of the queue when its replica died."""
         try:
             return get_or_raise_cause(ref)
         except ray.exceptions.RayActorError as err:
             if self.attempts[shard.name] >= MAX_SHARD_ATTEMPTS:
                 raise RuntimeError(f"{shard.name} failed {self.attempts[shard.name]} times; last error: {err}") from err
-            # A fresh replica in the dead one's place; the shard's half-written files are overwritten
-            # by the retry (it was never recorded).
-            console.say(f"[qsae] replica died during {shard.name}; retrying it on a new replica")
+            # The retry overwrites the shard's half-written files (it was never recorded).
+            console.say(f"[qsae] replica died during {shard.name}; retrying it on another replica")
             ray.kill(self.actors[slot])
-            self.actors[slot] = self.actor_class.remote(*self.args)
-            queue.append(shard)
+            self.start(slot)
+            queue.insert(0, shard)
             return None
 
     def close(self) -> None:
         """Close the idle replicas' engines, end every replica, and let killed writers go."""
         busy = {slot for slot, _ in self.in_flight.values()}
+        idle = [actor for slot, actor in enumerate(self.actors) if slot in self.started and slot not in busy]
         try:
-            ray.get([actor.close.remote() for slot, actor in enumerate(self.actors) if slot not in busy], timeout=120)
+            ray.get([actor.close.remote() for actor in idle], timeout=120)
         except ray.exceptions.RayError:  # timeouts included
             pass  # a replica that cannot close is killed below all the same
         for actor in self.actors:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
         if self.in_flight:
             ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=30)
 
