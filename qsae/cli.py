@@ -70,19 +70,20 @@ def cmd_release(args) -> int:
 
 
 def cmd_capture(args) -> int:
-    from qsae.distributed.capture_pool import run_capture
     from qsae.distributed.connect import ray_session
     from qsae.distributed.resources import check_schedulable, replica_request
-    from qsae.pipeline import joins_cluster, prepare
+    from qsae.pipeline import Stages, capture, joins_cluster, prepare
     from qsae.rundir import RunDir
 
     cfg = load_pipeline_config(args)
-    plan = prepare(cfg)
-    run = RunDir(cfg.out)
+    stages, run = Stages(), RunDir(cfg.out)
+    with stages.stage("prepare (questions, model, layers)"):
+        plan = prepare(cfg)
     run.root.mkdir(parents=True, exist_ok=True)
+    stages.run = run
     with run.driver_lock(), console.lines_to_log(run.log), ray_session(cfg.ray_address):
         check_schedulable([replica_request(cfg.capture)], joined=joins_cluster(cfg))
-        manifest = run_capture(plan.spec, plan.questions, run)
+        manifest = capture(plan, run, stages)
     console.say(f"[qsae] {len(manifest['shards'])} shards captured in {run.store}")
     return 0
 

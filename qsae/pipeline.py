@@ -144,15 +144,21 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
 
 def capture_to_release(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages) -> Path:
-    from qsae.distributed.capture_pool import run_capture
     from qsae.distributed.trainers import train_layers
 
-    with stages.stage(f"capture ({len(plan.questions)} questions, layers {plan.layers})"):
-        run_capture(plan.spec, plan.questions, run)
+    capture(plan, run, stages)
     with stages.stage(f"train ({len(plan.layers)} SAEs, n={cfg.train.n_features}, k={cfg.train.k})"):
         train_layers(cfg.train, RowRules.from_config(cfg), plan.layers, run)
     analyze(cfg, plan, run, stages, every_token=encode(cfg, plan, run, stages))
     return after_analysis(cfg, plan, run, stages)
+
+
+def capture(plan: RunPlan, run: RunDir, stages: Stages) -> dict:
+    """Rollouts and their residuals into the store; returns its manifest."""
+    from qsae.distributed.capture_pool import run_capture
+
+    with stages.stage(f"capture ({len(plan.questions)} questions, layers {plan.layers})"):
+        return run_capture(plan.spec, plan.questions, run)
 
 
 def analyze_from_disk(cfg: PipelineConfig) -> Path:

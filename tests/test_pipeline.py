@@ -324,3 +324,18 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     assert "Traceback" not in text and not (run / ".qsae.lock").exists()
     if read_manifest(run / "activations")["shards"] if (run / "activations" / "manifest.json").exists() else None:
         verify_store(run / "activations", [3, 7, 11])  # every listed shard whole, its checksums as recorded
+
+
+def test_capture_alone_writes_the_store_and_the_stage_timings(tmp_path):
+    """`qsae capture` stops after the store: its rollouts, every question's shard listed, and
+    timings.json with the stages it ran (a user sizing a run reads them, as benchmarks/bench_scale.py does)."""
+    done = subprocess.run([sys.executable, "-m", "qsae", "capture", "--out", str(tmp_path), "rollout.num_questions=4",
+                           "rollout.max_new_tokens=16", "capture.questions_per_shard=2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = verify_store(tmp_path / "activations")
+    assert sorted(manifest["shards"]) == ["shard-00000", "shard-00001"]
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert [name.split(" (")[0] for name in timings] == ["prepare", "capture"]
+    assert "4 questions" in list(timings)[1] and all(seconds > 0 for seconds in timings.values())
+    assert not (tmp_path / "saes").exists()
