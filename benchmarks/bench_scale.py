@@ -19,7 +19,8 @@ overstate them): store bytes per layer (the sum of the layer's .arrow files), ea
 /proc while it runs: Ray's workers, raylet and GCS are separate processes and are not counted), and
 and the encode pass's wall time against capture's (both stages of the full run, which encodes every
 response token: release.every_token is on by default). Then the store the same rules imply for all 26,529 SuperGPQA questions
-on Qwen3.6-27B (d_model 5120, 3 layers, float16), with and without the bounded store.
+on Qwen3.6-27B (d_model 5120, 3 layers, float16), with and without the bounded store, and the hours
+each stage of that run would take on --gpus GPUs at stated per-GPU rates (estimates, not measured here).
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PER = 1000  # the unit: per 1,000 rollouts
 SUPERGPQA_QUESTIONS = 26_529
 REAL_D_MODEL, REAL_LAYERS, REAL_DTYPE = 5120, 3, "float16"  # Qwen3.6-27B at layers 11/31/55, float16 store
+REAL_FEATURES = 4096
+# configs/supergpqa_full.toml's training: rows per layer, epochs, data-parallel GPUs per layer.
+TRAIN_ROWS, TRAIN_EPOCHS, TRAIN_GPUS_PER_LAYER = 1_000_000, 20, 2
+# Its fidelity: release.fidelity_rollouts held-out rollouts, about ten forward passes each, a task per layer.
+FIDELITY_ROLLOUTS, FIDELITY_PASSES = 256, 10
 # Small training and analysis settings that finish in minutes on a laptop CPU (tests/multinode_run.py's RUN).
 SMALL = ["train.n_features=32", "train.k=4", "train.epochs=3", "train.batch_size=64", "release.bootstrap=20",
          "release.permutations=50", "causal.features=1", "causal.questions=2"]
@@ -225,6 +231,32 @@ def project(args, full: dict, bounded: dict) -> None:
         f, b = rollouts * full_rows * size, rollouts * kept_rows * size
         print(f"{label:<34} {fmt_bytes(f):>23} {fmt_bytes(b):>16} {fmt_bytes(f * REAL_LAYERS):>16} "
               f"{fmt_bytes(b * REAL_LAYERS):>18}")
+    plan_hours(args, rollouts)
+
+
+def plan_hours(args, rollouts: int) -> None:
+    """Hours per stage of the same run on --gpus GPUs, from the stated per-GPU rates (estimates: none
+    of these rates was measured here). Generation and the hooked forward passes scale with replicas;
+    the three layers train at once, each on TRAIN_GPUS_PER_LAYER data-parallel workers."""
+    generated = rollouts * args.response_tokens
+    forward = rollouts * (args.prompt_tokens + args.response_tokens)  # prompt + response, once per rollout
+    seconds = {
+        "capture: generation": generated / (args.gpus * args.generate_tokens_per_s),
+        "capture: hooked forward pass": forward / (args.gpus * args.forward_tokens_per_s),
+        "train: 3 layers at once": TRAIN_ROWS * TRAIN_EPOCHS / (TRAIN_GPUS_PER_LAYER * args.train_rows_per_s),
+        "encode pass (forward pass again)": forward / (args.gpus * args.forward_tokens_per_s),
+        "evaluate: fidelity, 3 layers at once": FIDELITY_ROLLOUTS * FIDELITY_PASSES
+        * (args.prompt_tokens + args.response_tokens) / args.forward_tokens_per_s,
+    }
+    pools = 3 * rollouts * REAL_FEATURES * 4  # one layer's max, mean and fire fraction: float32, R x n each
+    print(f"\nestimated hours on {args.gpus} GPUs (stated rates per GPU: generation {args.generate_tokens_per_s:,} "
+          f"tokens/s over a replica's batch, hooked forward {args.forward_tokens_per_s:,} tokens/s, training "
+          f"{args.train_rows_per_s:,} rows/s a worker; prompts of {args.prompt_tokens} tokens)")
+    for stage, s in seconds.items():
+        print(f"{stage:<40} {s / 3600:>8.2f} h")
+    print(f"{'total':<40} {sum(seconds.values()) / 3600:>8.2f} h")
+    print(f"driver memory of the merged rollout pools, one layer at a time: {fmt_bytes(pools)} "
+          f"({rollouts:,} rollouts x {REAL_FEATURES} features x 3 float32)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,6 +270,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="rollout.max_new_tokens")
     parser.add_argument("--keep-per-rollout", type=int, default=40, help="capture.keep_per_rollout of the bounded run")
     parser.add_argument("--response-tokens", type=int, default=2000, help="response length of the SuperGPQA projection")
+    parser.add_argument("--prompt-tokens", type=int, default=400, help="prompt length of the SuperGPQA projection")
+    parser.add_argument("--gpus", type=int, default=16, help="GPUs of the projection (one capture replica each)")
+    parser.add_argument("--generate-tokens-per-s", type=int, default=600,
+                        help="stated: a replica's vLLM generation rate over its batch (one shard of 32 prompts "
+                             "at a time, eager decoding, waiting for the longest response)")
+    parser.add_argument("--forward-tokens-per-s", type=int, default=5000,
+                        help="stated: a replica's hooked forward pass (eager prefill, ~30%% of an H200's bf16 peak)")
+    parser.add_argument("--train-rows-per-s", type=int, default=100_000, help="stated: one trainer worker's rate")
     parser.add_argument("--work", help="work directory (default: a temporary one, removed at the end unless --keep)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     args = parser.parse_args()
