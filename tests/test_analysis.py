@@ -391,7 +391,7 @@ def test_charts_write_png_files(tmp_path):
         charts.plot_variance_explained({3: (0.9, 0.88, 0.92), 5: (0.7, 0.66, 0.73)}, tmp_path),
         charts.plot_fire_rates({layer: np.concatenate([np.zeros(9), rng.uniform(0, 0.5, 200)]) for layer in layers},
                                tmp_path),
-        charts.plot_auroc({3: (rng.uniform(0.45, 0.55, 200), 0.04), 5: None}, tmp_path),
+        charts.plot_auroc({3: (rng.uniform(-0.05, 0.05, 200), 0.04), 5: None}, tmp_path),
         charts.plot_training({layer: history for layer in layers}, tmp_path, revive_every_epochs=2),
         charts.plot_feature_health({layer: {"dead": 3, "rare": 10, "healthy": 50, "dense": 1} for layer in layers},
                                    tmp_path / "health.png"),
@@ -416,7 +416,7 @@ def test_chart_draws_an_interval_that_leaves_out_its_value_and_rejects_a_reverse
 
 
 def rollout_level(max_abs: float, band: float, n_q: int, probe: float | None, auroc: float, feature: int) -> dict:
-    return {"max_abs_auroc": max_abs, "auroc": auroc, "feature": feature,
+    return {"max_abs_auroc": max_abs, "auroc": auroc, "null_centre": 0.5, "feature": feature,
             "direction": "correct↑" if auroc > 0.5 else "wrong↑", "chance_band_95": band,
             "westfall_young_p": 0.0123 if max_abs > band else 0.4567, "n_q_below_0_05": n_q,
             "length_auroc": 0.5432, "length_auroc_ci": [0.4711, 0.6122], "probe_auroc": probe,
@@ -481,7 +481,7 @@ def test_card_reports_every_number_with_its_interval_or_null():
     card = render_model_card(ReleaseFacts.from_dict(info))
     f = info["fidelity"]["4"]
     assert table_cells(card, "L4", "## Reconstruction") == [
-        "L4", "0.914", "[0.907, 0.919]", "15.8", "1.2345", "1.3456", "0.1111 [0.0987, 0.1234]", "0.967",
+        "L4", "0.914", "[0.907, 0.919]", "15.8", "1.2345", "1.3456", "0.1111 [0.0987, 0.1234]", "0.967 [0.950, 0.970]",
         "0.0789 [0.0701, 0.0866]", "4.5678", "3.4567", "12,345 / 17"]
     assert f["n_tokens"] == 12_345
     # no interval with a single held-out question, no fidelity for L6: said, not left blank
@@ -490,7 +490,7 @@ def test_card_reports_every_number_with_its_interval_or_null():
     assert table_cells(card, "L4", "## Feature health") == [
         "L4", "7 (over 66,713 tokens)", "1,986", "1,843", "212", "41.2%", "4.6%", "0.877", "4,321"]
     assert table_cells(card, "L4", "**Rollout level**") == [
-        "L4", "31", "0.210 (AUROC 0.710)", "f1777 correct↑", "0.150", "0.0123", "3", "0.543 [0.471, 0.612]",
+        "L4", "31", "0.210 (AUROC 0.710, centre 0.500)", "f1777 correct↑", "0.150", "0.0123", "3", "0.543 [0.471, 0.612]",
         "0.661 [0.550, 0.770]"]
     assert table_cells(card, "L6", "**Rollout level**")[8] == "n/a (training fold 2 of 5 holds one class only)"
     assert table_cells(card, "L4", "**Token level**") == ["L4", "0.561", "f1777", "7.34%", "correct↑"]
@@ -504,20 +504,45 @@ def test_card_reports_every_number_with_its_interval_or_null():
         assert text in card, text
 
 
+def test_card_shows_the_summary_intervals_and_says_when_ce_recovered_is_at_its_ceiling():
+    info = card_info()
+    card = render_model_card(ReleaseFacts.from_dict(info))
+    assert "L4 0.1111 [0.0987, 0.1234] / L6 n/a not computable" in card  # ΔCE in the summary table
+    assert "at its ceiling" not in card  # 0.967 still separates reconstructions
+    info["fidelity"]["4"].update(ce_clean=0.07, ce_spliced=0.0712, ce_zero=9.13, ce_loss_recovered=0.9999)
+    card = render_model_card(ReleaseFacts.from_dict(info))
+    assert ("CE loss recovered sits at its ceiling here (L4 1.000: CE zero-ablated 9.13 against clean 0.07 nats)"
+            in card) and "ΔCE and KL carry the information" in card
+
+
+def test_card_gives_the_fdr_counts_of_every_pooling_and_the_length_adjusted_test():
+    info = card_info()
+    info["per_layer"]["4"]["rollout_level"].update(
+        n_q_below_0_05_mean=2, n_q_below_0_05_fire_fraction=0, length_adjusted_null_centre=0.6123,
+        length_adjusted_p=0.0456, n_q_below_0_05_length_adjusted=1)
+    card = render_model_card(ReleaseFacts.from_dict(info))
+    assert ("3 features pass FDR 5% (q < 0.05) (2 pooled by mean, 0 by firing fraction); within response-length "
+            "deciles f1777's centre is 0.612 and its p 0.0456, and 1 feature passes FDR 5% there") in card
+
+
 def test_card_sentences_follow_the_numbers():
     card = render_model_card(ReleaseFacts.from_dict(card_info()))
     # L4: 0.210 beyond its band of 0.150; the probe (0.661: 0.161 from chance) is no further than 0.210
-    assert "L4: the largest |AUROC − 0.5| is 0.210 (f1777, AUROC 0.710, correct↑), beyond its chance band (0.150)" in card
+    assert "L4: the largest |AUROC − null centre| is 0.210 (f1777, AUROC 0.710, centre 0.500, correct↑), beyond its chance band (0.150)" in card
     assert "3 features pass FDR 5% (q < 0.05)" in card
-    assert "the probe on mean residuals reaches AUROC 0.661 out of fold, no further from chance than the best " \
-           "single feature" in card
+    assert "the probe on mean residuals reaches AUROC 0.661 out of fold, not above the best single feature's 0.710" \
+        in card
     # L6: 0.095 inside its band of 0.139, the headline is a wrong↑ feature
-    assert "L6: the largest |AUROC − 0.5| is 0.095 (f903, AUROC 0.405, wrong↑), inside its chance band (0.139): " \
+    assert "L6: the largest |AUROC − null centre| is 0.095 (f903, AUROC 0.405, centre 0.500, wrong↑), inside its chance band (0.139): " \
            "no feature is distinguishable from chance" in card
     assert "0 features pass FDR 5%" in card and "the probe on mean residuals was not computable" in card
     info = card_info()
-    info["per_layer"]["4"]["rollout_level"]["probe_auroc"] = 0.2
-    assert "reaches AUROC 0.200 out of fold, further from chance than the best" in render_model_card(ReleaseFacts.from_dict(info))
+    info["per_layer"]["4"]["rollout_level"]["probe_auroc"] = 0.2  # far from 0.5, but the probe chose its direction
+    assert "reaches AUROC 0.200 out of fold: it learns its own direction, so below 0.5 it predicts nothing" in \
+        render_model_card(ReleaseFacts.from_dict(info))
+    info["per_layer"]["4"]["rollout_level"]["probe_auroc"] = 0.75
+    assert "reaches AUROC 0.750 out of fold, above the best single feature's 0.710" in \
+        render_model_card(ReleaseFacts.from_dict(info))
 
 
 def test_card_says_correctness_statistics_are_not_computable():

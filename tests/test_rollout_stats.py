@@ -160,6 +160,24 @@ def test_permuted_labels_across_all_when_questions_have_one_rollout():
     assert np.all(np.abs(permuted.mean(axis=0) - 0.25) < 0.05)
 
 
+def expected_auroc_under_within_question_shuffles(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray):
+    """E[AUROC] of each column when labels are shuffled within questions, pair by pair: rollouts i and j
+    of one question are (correct, wrong) with probability c (n - c) / (n (n - 1)); of two questions,
+    c_i / n_i x (n_j - c_j) / n_j. Independent of the rank-sum moments rollout_stats uses."""
+    n = np.array([np.sum(groups == g) for g in groups], dtype=float)
+    c = np.array([np.sum(labels[groups == g]) for g in groups], dtype=float)
+    same = groups[:, None] == groups[None, :]
+    pair = np.where(same, c[:, None] * (n[:, None] - c[:, None]) / (n[:, None] * np.maximum(n[:, None] - 1, 1)),
+                    (c / n)[:, None] * ((n - c) / n)[None, :])
+    np.fill_diagonal(pair, 0.0)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    out = []
+    for column in scores.T:
+        wins = (column[:, None] > column[None, :]) + 0.5 * (column[:, None] == column[None, :])
+        out.append((pair * wins).sum() / (n_pos * n_neg))
+    return np.array(out)
+
+
 def test_permutation_test_matches_brute_force_sklearn():
     rng = np.random.default_rng(6)
     n_rollouts, n_features, n_permutations, seed = 36, 5, 50, 11
@@ -167,42 +185,116 @@ def test_permutation_test_matches_brute_force_sklearn():
     groups = np.arange(n_rollouts) % 9  # 4 rollouts per question
     scores = (rng.integers(0, 3, (n_rollouts, n_features)) * (rng.random((n_rollouts, n_features)) < 0.6))
     scores[:, 0] = 0  # never fires: every permutation ties it
+    scores[:, 1] = groups % 3 + labels * (groups < 3)  # follows the questions: its null centre is far from 0.5
     result = permutation_test(scores, labels, groups, n_permutations, seed=seed, feature_block=3, permutation_batch=7)
 
     observed = sklearn_aurocs(scores, labels)
+    centre = expected_auroc_under_within_question_shuffles(scores, labels, groups)
     permuted = permuted_labels(labels, groups, n_permutations, np.random.default_rng(seed))
     null = np.stack([sklearn_aurocs(scores, row) for row in permuted])  # [P, n]
     tolerance = 1e-9
-    distance, null_distance = np.abs(observed - 0.5), np.abs(null - 0.5)
+    distance, null_distance = np.abs(observed - centre), np.abs(null - centre)
     p = (1 + (null_distance >= distance - tolerance).sum(axis=0)) / (n_permutations + 1)
     max_null = null_distance.max(axis=1)
     westfall_young = (1 + (max_null[:, None] >= distance - tolerance).sum(axis=0)) / (n_permutations + 1)
 
     assert result.stratified
     np.testing.assert_allclose(result.auroc, observed, atol=1e-12)
+    np.testing.assert_allclose(result.null_centre, centre, atol=1e-12)
+    assert abs(centre[1] - 0.5) > 0.05
     np.testing.assert_allclose(result.max_abs_null, max_null, atol=1e-12)
-    np.testing.assert_array_equal(result.p, p)
+    np.testing.assert_array_equal(result.p_permutation, p)
     np.testing.assert_array_equal(result.westfall_young_p, westfall_young)
-    assert result.p[0] == result.westfall_young_p[0] == 1.0
+    assert result.p_permutation[0] == result.westfall_young_p[0] == result.p[0] == 1.0
     assert result.chance_band_95 == pytest.approx(np.quantile(max_null, 0.95))
-    # Integer scores tie often: some permuted AUROCs equal the observed distance exactly.
+    # Integer scores tie often: some permuted AUROCs are exactly as far from the centre as the observed one.
     assert (np.abs(null_distance - distance) < tolerance).any()
 
 
-def test_within_question_permutation_discounts_question_difficulty():
-    # Features that only track a question's difficulty (which decides how often it is answered
-    # correctly) separate correct from wrong rollouts across questions, not within them.
-    rng = np.random.default_rng(21)
-    n_questions, per_question = 50, 4
+def test_the_normal_p_uses_the_exact_null_variance():
+    """rank_test's p-value: the centred statistic over the null's standard deviation, which equals the
+    spread of AUROCs over many within-question shuffles (an independent estimate)."""
+    rng = np.random.default_rng(7)
+    groups = np.repeat(np.arange(40), [1, 2, 3, 4, 5] * 8)  # questions of several sizes, one rollout in some
+    labels = rng.random(len(groups)) < 0.45
+    scores = rng.integers(0, 4, (len(groups), 6)) * (rng.random((len(groups), 6)) < 0.5) + groups[:, None] % 5
+    test = rollout_stats.rank_test(scores, labels, groups, feature_block=4)
+    shuffled = permuted_labels(labels, groups, 20_000, np.random.default_rng(8))
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    null = (shuffled @ stats.rankdata(scores, axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)  # [P, n]
+    np.testing.assert_allclose(test.null_centre, null.mean(axis=0), atol=4 * null.std(axis=0).max() / np.sqrt(20_000))
+    z = (test.auroc - test.null_centre) / null.std(axis=0)
+    np.testing.assert_allclose(test.p, 2 * stats.norm.sf(np.abs(z)), rtol=0.03, atol=1e-4)
+    np.testing.assert_allclose(test.auroc, sklearn_aurocs(scores, labels), atol=1e-12)
+
+
+def difficulty_only(seed: int, n_questions: int = 60, per_question: int = 4, n_features: int = 200):
+    """Features that track each question's difficulty (which decides how often it is answered right),
+    and nothing of whether a rollout of it was right: (scores, labels, groups)."""
+    rng = np.random.default_rng(seed)
     groups = np.repeat(np.arange(n_questions), per_question)
     difficulty = rng.standard_normal(n_questions)[groups]
     labels = rng.random(len(groups)) < 1 / (1 + np.exp(-3 * difficulty))
-    scores = difficulty[:, None] + 0.3 * rng.standard_normal((len(groups), 20))
+    return difficulty[:, None] + 0.3 * rng.standard_normal((len(groups), n_features)), labels, groups
+
+
+def test_within_question_permutation_discounts_question_difficulty():
+    # Difficulty-only features separate correct from wrong rollouts across questions, not within them:
+    # within questions their p-values are uniform and the chance band that of features of pure noise.
+    scores, labels, groups = difficulty_only(21)
     within = permutation_test(scores, labels, groups, 999, seed=1)
     across = permutation_test(scores, labels, np.arange(len(groups)), 999, seed=1)
     assert within.stratified and not across.stratified
-    assert (within.auroc > 0.75).all()
-    assert (across.p == 1 / 1000).all() and np.median(within.p) > 0.1
+    assert (within.auroc > 0.75).all() and (np.abs(within.null_centre - within.auroc) < 0.05).all()
+    assert (across.p_permutation == 1 / 1000).all()
+    for p in (within.p, within.p_permutation):  # 200 features: 10 +- 3 below 0.05
+        assert (p <= 0.05).sum() <= 22 and stats.kstest(p, "uniform").pvalue > 0.001
+    noise = permutation_test(np.random.default_rng(3).standard_normal(scores.shape), labels, groups, 999, seed=1)
+    assert within.chance_band_95 < 1.5 * noise.chance_band_95
+
+
+def test_a_feature_on_the_far_side_of_its_null_centre_is_significant():
+    """A feature that rises with difficulty but, within each question, is lower on the correct
+    rollouts: its AUROC is far below the centre its questions put it at, and closer to 0.5 than the
+    null's own AUROCs are (measured from 0.5, it would look less extreme than chance)."""
+    scores, labels, groups = difficulty_only(22, n_features=1)
+    feature = scores[:, 0] - 1.2 * labels
+    test = permutation_test(feature[:, None], labels, groups, 999, seed=1)
+    assert abs(test.auroc[0] - 0.5) < abs(test.null_centre[0] - 0.5) - test.chance_band_95
+    assert test.chance_band_95 < abs(test.auroc[0] - test.null_centre[0])
+    assert test.p_permutation[0] == test.westfall_young_p[0] == 1 / 1000 and test.p[0] < 1e-4
+
+
+def test_the_length_adjusted_test_discounts_features_that_only_track_length():
+    """Longer responses are more often wrong; features that grow with length (pooled max does) separate
+    correct from wrong across all rollouts but not within length deciles, while a feature that carries
+    the label beside length stays significant there."""
+    rng = np.random.default_rng(31)
+    n = 600
+    lengths = rng.integers(20, 2000, n)
+    labels = rng.random(n) < 1 / (1 + np.exp((lengths - 1000) / 250))
+    scores = np.log(lengths)[:, None] + 0.2 * rng.standard_normal((n, 100))
+    scores[:, 0] += 0.8 * labels
+    groups = np.arange(n)
+    plain = rollout_stats.rank_test(scores, labels, groups)
+    adjusted = rollout_stats.rank_test(scores, labels, rollout_stats.length_strata(lengths))
+    assert (plain.p[1:] < 1e-6).all()
+    assert (adjusted.p[1:] <= 0.05).sum() <= 14 and stats.kstest(adjusted.p[1:], "uniform").pvalue > 0.001
+    assert adjusted.p[0] < 1e-6
+    codes = rollout_stats.length_strata(lengths)
+    assert len(np.unique(codes)) == 10 and np.bincount(codes).min() >= 55  # deciles of about equal counts
+    assert all(lengths[codes == b].max() <= lengths[codes == b + 1].min() for b in range(9))
+
+
+def test_q_values_are_not_floored_by_the_permutation_count():
+    """2,000 features, 10 with a strong effect, 200 permutations: a permutation p-value cannot go below
+    1/201, so BH over them finds nothing (2000 / 201 / 10 > 1); over the normal p-values it finds them."""
+    scores, labels, groups = planted_scores(5, n_rollouts=240, n_features=2000,
+                                            effects={f: 2.0 for f in range(10)})
+    test = permutation_test(scores, labels, groups, 200, seed=2)
+    assert (test.p_permutation[:10] == 1 / 201).all() and (bh_qvalues(test.p_permutation) >= 0.05).all()
+    q = bh_qvalues(test.p)
+    assert (q[:10] < 0.05).all() and (q[10:] < 0.05).sum() <= 2
 
 
 def test_planted_feature_is_discovered_and_false_discoveries_stay_rare():
@@ -224,7 +316,8 @@ def test_summary_headlines_the_most_extreme_feature_in_either_direction():
     test = permutation_test(scores, labels, groups, 2000)
     summary = rollout_summary(test, bh_qvalues(test.p), length_auroc=0.61, probe_auroc=None, n_labelled=len(labels))
     assert summary["feature"] == 7 and summary["direction"] == "correct↑"
-    assert summary["auroc"] > 0.8 and summary["max_abs_auroc"] == pytest.approx(summary["auroc"] - 0.5)
+    assert summary["auroc"] > 0.8 and summary["max_abs_auroc"] == pytest.approx(summary["auroc"] - summary["null_centre"])
+    assert summary["null_centre"] == test.null_centre[7] and "within questions" in summary["statistic"]
     assert summary["max_abs_auroc"] > summary["chance_band_95"] and summary["westfall_young_p"] < 0.01
     assert summary["n_q_below_0_05"] >= 1 and summary["n_rollouts_labelled"] == 200
     assert summary["length_auroc"] == 0.61 and summary["probe_auroc"] is None
@@ -240,8 +333,9 @@ def test_summary_headlines_the_most_extreme_feature_in_either_direction():
     summary = rollout_summary(test, bh_qvalues(test.p), length_auroc=None, probe_auroc=0.7, n_labelled=200)
     assert int(np.argmax(test.auroc)) == 3
     assert summary["feature"] == 12 and summary["direction"] == "wrong↑" and summary["auroc"] < 0.2
-    assert summary["max_abs_auroc"] == pytest.approx(0.5 - summary["auroc"])
-    assert set(summary) == {"max_abs_auroc", "feature", "auroc", "direction", "chance_band_95", "westfall_young_p",
+    assert summary["max_abs_auroc"] == pytest.approx(summary["null_centre"] - summary["auroc"])
+    assert set(summary) == {"max_abs_auroc", "statistic", "feature", "auroc", "null_centre", "direction",
+                            "chance_band_95", "westfall_young_p",
                             "n_q_below_0_05", "length_auroc", "probe_auroc", "n_rollouts_labelled",
                             "permuted_within_questions"}
     assert all(type(v) in (bool, int, float, str, type(None)) for v in summary.values())

@@ -108,8 +108,8 @@ def _summary(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
     layers = ", ".join(f"L{layer}" for layer in info.layers)
     ve = " / ".join(f"L{layer} {per_layer[str(layer)]['variance_explained']:.3f} "
                     f"{_ci(per_layer[str(layer)]['ve_ci'])}" for layer in info.layers)
-    delta = " / ".join(f"L{layer} {_num((_fidelity(info, layer) or {}).get('delta_ce'), '.4f')}"
-                       for layer in info.layers)
+    delta = " / ".join(f"L{layer} {_num((_fidelity(info, layer) or {}).get('delta_ce'), '.4f')} "
+                       f"{_ci((_fidelity(info, layer) or {}).get('delta_ce_ci'), '.4f')}" for layer in info.layers)
     return _table(["property", "value"], [
         ["base model", f"`{info.model_id}` (revision `{info.model_revision}`)"],
         ["layers", layers],
@@ -119,7 +119,7 @@ def _summary(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
                             f"({tokens['per_layer_heldout']:,} held out, from {info.split['heldout_rollouts']:,} "
                             "held-out rollouts)"],
         [f"variance explained (held-out, {COVERAGE} CI)", ve],
-        ["ΔCE with the SAE spliced in (nats/token)", delta],
+        [f"ΔCE with the SAE spliced in (nats/token, {COVERAGE} CI)", delta],
         ["rollouts", f"{o['n']:,}: {o['correct']:,} correct, {o['wrong']:,} wrong, {o['truncated']:,} truncated, "
                      f"{o['no_answer']:,} without an answer"],
         ["rollout engine", info.engine],
@@ -259,14 +259,21 @@ def _definitions(info: ReleaseFacts) -> str:
         "is shown for comparison only.",
         "- **Rollout-level AUROC**: each feature's activation pooled per rollout (the max over its "
         + ("response tokens" if _every_token(info) else "sampled response tokens")
-        + "; the mean and the firing fraction are in `feature_stats.json`), as a score for the rollout's label. "
-        f"**p**: two-sided permutation p-value, `(1 + #{{|AUROC* − {CHANCE_AUROC}| ≥ |AUROC − {CHANCE_AUROC}|}}) / "
-        f"(1 + P)` over P = {stats['permutations']:,} permutations of the labels across rollouts (within question "
-        "when a question has several rollouts). **q**: Benjamini–Hochberg adjusted p over the layer's features. "
-        "**Westfall–Young p**: the same count against each permutation's largest |AUROC − 0.5| over all features "
-        "(family-wise). **Chance band**: the 95th percentile of that largest |AUROC − 0.5| under the permutations: "
-        "the distance from 0.5 the best feature reaches by chance alone. The headline feature is the one farthest "
-        "from 0.5 in either direction (`correct↑` above, `wrong↑` below).",
+        + "; the mean and the firing fraction, with their own p and q, are in `feature_stats.json`), as a score "
+        "for the rollout's label. **Null centre** c: the AUROC a feature has on average when the labels are "
+        "permuted within questions (each question keeps its count of correct rollouts, so difficulty stays out "
+        "of the null) when a question has several rollouts, else across rollouts (then c = 0.5). Every rollout "
+        "statistic below measures |AUROC − c|. **p**: two-sided, from the normal approximation with the "
+        "permutation null's exact mean and variance (a stratified Mann–Whitney test with ties), so it is "
+        "continuous; the permutation p `(1 + #{|AUROC* − c| ≥ |AUROC − c|}) / (1 + P)` over "
+        f"P = {stats['permutations']:,} permutations is released beside it (`rollout_p_permutation`). **q**: "
+        "Benjamini–Hochberg adjusted p over the layer's features (from the continuous p, so not floored at "
+        "1 / (1 + P)). **Westfall–Young p**: the permutation count against each permutation's largest "
+        "|AUROC* − c| over all features (family-wise). **Chance band**: the 95th percentile of that largest "
+        "distance: how far from its centre the best feature gets by chance alone. The headline feature is the one "
+        "farthest from its centre in either direction (`correct↑` above, `wrong↑` below). **Length-adjusted**: the "
+        "same test with response-length deciles as the strata, so a feature that only tracks length sits at its "
+        "centre there (length within a decile is not controlled).",
         "- **Baselines**: the AUROC of response length alone, and of a logistic-regression probe (standardised "
         "features, L2) on each rollout's mean residual, scored out of fold with questions as groups.",
         "- **Fidelity in the model's loss** (`fidelity.json`): on held-out rollouts, the next-token cross-entropy "
@@ -283,7 +290,8 @@ def _fidelity_cells(f: dict | None) -> list[str]:
     if f is None:
         return [NA] * 8
     return [f"{f['ce_clean']:.4f}", f"{f['ce_spliced']:.4f}", f"{f['delta_ce']:.4f} {_ci(f['delta_ce_ci'], '.4f')}",
-            _num(f["ce_loss_recovered"]), f"{f['kl']:.4f} {_ci(f['kl_ci'], '.4f')}", f"{f['ce_zero']:.4f}",
+            f"{_num(f['ce_loss_recovered'])} {_ci(f.get('ce_loss_recovered_ci'))}", f"{f['kl']:.4f} {_ci(f['kl_ci'], '.4f')}",
+            f"{f['ce_zero']:.4f}",
             f"{f['ce_mean']:.4f}", f"{f['n_tokens']:,} / {f['n_rollouts']:,}"]
 
 
@@ -294,11 +302,30 @@ def _reconstruction(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
         rows.append([f"L{layer}", f"{s['variance_explained']:.3f}", _ci(s["ve_ci"]), f"{s['l0']:.1f}",
                      *_fidelity_cells(_fidelity(info, layer))])
     header = ["layer", "variance explained", f"{COVERAGE} CI", "L0", "CE clean", "CE spliced", f"ΔCE [{COVERAGE} CI]",
-              "CE loss recovered", f"KL [{COVERAGE} CI]", "CE zero-ablated", "CE mean-ablated", "tokens / rollouts"]
+              f"CE loss recovered [{COVERAGE} CI]", f"KL [{COVERAGE} CI]", "CE zero-ablated", "CE mean-ablated",
+              "tokens / rollouts"]
     parts = [_table(header, rows)]
     if info.fidelity is None:
         parts.append("The fidelity in the model's loss was not computed for this release.")
+    elif ceiling := _at_ceiling(info):
+        parts.append(f"CE loss recovered sits at its ceiling here ({ceiling}): zero-ablating the layer costs far more "
+                     "than any reconstruction error, so the ratio cannot tell SAEs apart; ΔCE and KL carry the "
+                     "information.")
     return "\n\n".join(parts)
+
+
+CEILING_RECOVERED = 0.99  # CE loss recovered above this no longer separates reconstructions
+
+
+def _at_ceiling(info: ReleaseFacts) -> str:
+    """The layers whose CE loss recovered is above CEILING_RECOVERED, as "L7 0.999 (CE zero 9.1 vs clean 0.07)"."""
+    high = []
+    for layer in info.layers:
+        f = _fidelity(info, layer)
+        if f and f.get("ce_loss_recovered") is not None and f["ce_loss_recovered"] > CEILING_RECOVERED:
+            high.append(f"L{layer} {f['ce_loss_recovered']:.3f}: CE zero-ablated {f['ce_zero']:.2f} against clean "
+                        f"{f['ce_clean']:.2f} nats")
+    return "; ".join(high)
 
 
 def _health(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
@@ -314,6 +341,10 @@ def _health(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
     return _table(header, rows)
 
 
+def _features_pass(n: int) -> str:
+    return f"{n:,} feature{'s' if n != 1 else ''} pass{'' if n != 1 else 'es'}"
+
+
 def _rollout_sentence(layer, r: dict) -> str:
     """What a layer's rollout-level numbers say, computed from them."""
     if r.get("reason"):
@@ -323,18 +354,29 @@ def _rollout_sentence(layer, r: dict) -> str:
     verdict = (f"inside its chance band ({r['chance_band_95']:.3f}): no feature is distinguishable from chance"
                if inside else f"beyond its chance band ({r['chance_band_95']:.3f})")
     n_q = r["n_q_below_0_05"]
-    fdr = f"{n_q:,} feature{'s' if n_q != 1 else ''} pass{'' if n_q != 1 else 'es'} FDR 5% (q < 0.05)"
+    fdr = f"{_features_pass(n_q)} FDR 5% (q < 0.05)"
+    if r.get("n_q_below_0_05_mean") is not None:
+        fdr += (f" ({r['n_q_below_0_05_mean']:,} pooled by mean, {r['n_q_below_0_05_fire_fraction']:,} by firing "
+                "fraction)")
+    if r.get("length_adjusted_p") is not None:
+        fdr += (f"; within response-length deciles f{r['feature']}'s centre is {r['length_adjusted_null_centre']:.3f} "
+                f"and its p {r['length_adjusted_p']:.3g}, and {_features_pass(r['n_q_below_0_05_length_adjusted'])} "
+                "FDR 5% there")
     probe = r["probe_auroc"]
     if probe is None:
         compare = "the probe on mean residuals was not computable"
+    elif probe <= CHANCE_AUROC:
+        compare = (f"the probe on mean residuals reaches AUROC {probe:.3f} out of fold: it learns its own "
+                   "direction, so below 0.5 it predicts nothing")
     else:
-        margin = abs(probe - CHANCE_AUROC) - r["max_abs_auroc"]
+        # The probe's AUROC is signed (it learns which way is correct); the feature's, oriented its own way.
+        oriented = max(r["auroc"], 1 - r["auroc"])
         compare = (f"the probe on mean residuals reaches AUROC {probe:.3f} out of fold, "
-                   + ("further from chance than" if margin > 0 else "no further from chance than")
-                   + " the best single feature (picked after the fact, so favoured)")
+                   + ("above" if probe > oriented else "not above")
+                   + f" the best single feature's {oriented:.3f} (oriented its way; picked after the fact, so favoured)")
     length = f"response length alone gives {_num(r['length_auroc'])}"
-    return (f"L{layer}: the largest |AUROC − 0.5| is {r['max_abs_auroc']:.3f} (f{r['feature']}, AUROC {best}, "
-            f"{r['direction']}), {verdict} (Westfall–Young p = {r['westfall_young_p']:.3g}); {fdr}; {compare}; "
+    return (f"L{layer}: the largest |AUROC − null centre| is {r['max_abs_auroc']:.3f} (f{r['feature']}, AUROC {best}, "
+            f"centre {_num(r.get('null_centre'))}, {r['direction']}), {verdict} (Westfall–Young p = {r['westfall_young_p']:.3g}); {fdr}; {compare}; "
             f"{length}.")
 
 
@@ -347,12 +389,13 @@ def _correctness(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
             rows.append([f"L{layer}", f"{r['n_rollouts_labelled']:,}", f"not computable: {r['reason']}"] + [""] * 6)
             continue
         rows.append([f"L{layer}", f"{r['n_rollouts_labelled']:,}",
-                     f"{r['max_abs_auroc']:.3f} (AUROC {_num(r.get('auroc'))})", f"f{r['feature']} {r['direction']}",
+                     f"{r['max_abs_auroc']:.3f} (AUROC {_num(r.get('auroc'))}, centre {_num(r.get('null_centre'))})",
+                     f"f{r['feature']} {r['direction']}",
                      f"{r['chance_band_95']:.3f}", f"{r['westfall_young_p']:.3g}", f"{r['n_q_below_0_05']:,}",
                      f"{_num(r['length_auroc'])} {_ci(r.get('length_auroc_ci'))}",
                      _num(r["probe_auroc"]) + (f" {_ci(r.get('probe_auroc_ci'))}" if r["probe_auroc"] is not None
                                                else f" ({r.get('probe_reason') or 'not computable'})")])
-    header = ["layer", "labelled rollouts", "largest \\|AUROC − 0.5\\|", "feature", "chance band (95%)",
+    header = ["layer", "labelled rollouts", "largest \\|AUROC − null centre\\|", "feature", "chance band (95%)",
               "Westfall–Young p", "features with q < 0.05", f"length AUROC [{COVERAGE} CI]",
               f"probe AUROC [{COVERAGE} CI]"]
     token_rows = []
@@ -434,9 +477,11 @@ def _causal(info: ReleaseFacts) -> str:
             continue
         chosen = ", ".join(f"f{s['feature']} (AUROC {s['train_auroc']:.3f})" for s in entry["selected"])
         parts.append(f"L{layer}: chosen {chosen}." + (f" {entry['note']}." if entry["note"] else ""))
-        parts.append(_table(["arm", "Δ accuracy", "95% CI", "McNemar p", "answers changed", "Δ length (tokens)"], [
+        parts.append(_table(["arm", "Δ accuracy", "95% CI", "McNemar p", "answers changed",
+                             f"Δ length (tokens) [{COVERAGE} CI]"], [
             [arm["name"], f"{arm['accuracy_change']:+.3f}", _ci(arm["accuracy_change_ci"]), f"{arm['mcnemar_p']:.3g}",
-             f"{arm['answers_changed']:.0%}", f"{arm['length_change']:+.1f}"] for arm in entry["arms"]]))
+             f"{arm['answers_changed']:.0%}", f"{arm['length_change']:+.1f} {_ci(arm.get('length_change_ci'), '+.1f')}"]
+            for arm in entry["arms"]]))
     return "\n\n".join(parts)
 
 

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from qsae.analysis.features import CHANCE_AUROC, HEALTHY_RANGE
+from qsae.analysis.features import HEALTHY_RANGE
 
 VARIANCE_EXPLAINED_PNG = "01_variance_explained.png"
 FIRE_RATES_PNG = "02_fire_rates.png"
@@ -87,25 +87,25 @@ def plot_fire_rates(fire_rate_by_layer: dict[int, np.ndarray], path: str | Path)
     return _save(fig, path, FIRE_RATES_PNG)
 
 
-def plot_auroc(auroc_by_layer: dict[int, tuple[np.ndarray, float] | None], path: str | Path) -> Path:
-    """Histogram of the rollout-level AUROC of every feature, one panel per layer, with the chance band
-    (0.5 ± the 95th percentile of the largest |AUROC − 0.5| under permuted labels) shaded; None marks a
-    layer where it could not be computed."""
-    layers = _layers(auroc_by_layer)
+def plot_auroc(distance_by_layer: dict[int, tuple[np.ndarray, float] | None], path: str | Path) -> Path:
+    """Histogram of every feature's rollout-level AUROC minus its null centre, one panel per layer, with
+    the chance band (± the 95th percentile of the largest such distance under permuted labels) shaded;
+    None marks a layer where it could not be computed."""
+    layers = _layers(distance_by_layer)
     fig = Figure(figsize=(4 * len(layers), 3.5))
     axes = fig.subplots(1, len(layers), squeeze=False)[0]
     for ax, layer in zip(axes, layers):
         ax.set_title(f"L{layer}")
-        ax.set_xlabel("rollout-level AUROC (correct vs wrong)")
-        if auroc_by_layer[layer] is None:
+        ax.set_xlabel("rollout-level AUROC − null centre")
+        if distance_by_layer[layer] is None:
             ax.text(0.5, 0.5, "not computable", ha="center", va="center", transform=ax.transAxes)
             ax.set_xticks([])
             ax.set_yticks([])
             continue
-        auroc, band = auroc_by_layer[layer]
-        ax.axvspan(CHANCE_AUROC - band, CHANCE_AUROC + band, color="tab:gray", alpha=0.2, label="chance band (95%)")
-        ax.hist(np.asarray(auroc), bins=50, color="tab:purple")
-        ax.axvline(CHANCE_AUROC, color="black", linestyle="--", linewidth=1)
+        distance, band = distance_by_layer[layer]
+        ax.axvspan(-band, band, color="tab:gray", alpha=0.2, label="chance band (95%)")
+        ax.hist(np.asarray(distance), bins=50, color="tab:purple")
+        ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("features")
     fig.tight_layout()

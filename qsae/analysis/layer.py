@@ -161,10 +161,18 @@ def token_level_auroc(sample: EncodedSample, rows: SampleRows, n_features: int) 
     return auroc_per_feature(sample.indices[labelled], sample.values[labelled], labels, n_features)
 
 
-ROLLOUT_SUMMARY_KEYS = ("max_abs_auroc", "feature", "auroc", "direction", "chance_band_95", "westfall_young_p",
-                        "n_q_below_0_05", "length_auroc", "length_auroc_ci", "probe_auroc", "probe_auroc_ci",
-                        "permuted_within_questions")
-ROLLOUT_LISTS = ("rollout_auroc", "rollout_p", "rollout_q", "rollout_auroc_mean", "rollout_auroc_fire_fraction")
+ROLLOUT_SUMMARY_KEYS = ("max_abs_auroc", "statistic", "feature", "auroc", "null_centre", "direction", "chance_band_95",
+                        "westfall_young_p", "n_q_below_0_05", "length_auroc", "length_auroc_ci", "probe_auroc",
+                        "probe_auroc_ci", "permuted_within_questions", "length_adjusted_null_centre",
+                        "length_adjusted_p", "n_q_below_0_05_length_adjusted", "n_q_below_0_05_mean",
+                        "n_q_below_0_05_fire_fraction")
+# Per feature, for each pooling (max: the headline; mean; fire fraction): AUROC, its null centre, p and BH q;
+# for the max also the permutation p and the length-adjusted centre, p and q (within response-length deciles).
+ROLLOUT_LISTS = ("rollout_auroc", "rollout_null_centre", "rollout_p", "rollout_q", "rollout_p_permutation",
+                 "rollout_null_centre_length", "rollout_p_length", "rollout_q_length",
+                 "rollout_auroc_mean", "rollout_null_centre_mean", "rollout_p_mean", "rollout_q_mean",
+                 "rollout_auroc_fire_fraction", "rollout_null_centre_fire_fraction", "rollout_p_fire_fraction",
+                 "rollout_q_fire_fraction")
 
 
 @dataclass
@@ -197,17 +205,24 @@ def rollout_level(sample: EncodedSample, inputs: LayerInputs, n_features: int,
         summary = {**dict.fromkeys(ROLLOUT_SUMMARY_KEYS), "n_rollouts_labelled": len(correct), "reason": reason}
         return RolloutResult(pooled, keep, correct, summary, dict.fromkeys(ROLLOUT_LISTS))
     in_sample = np.searchsorted(sample_ids, ids)
+    questions = np.array([rollouts[r].question_id for r in ids.tolist()])
     stats = rollout_stats.rollout_statistics(
-        pooled.max[keep], correct, np.array([rollouts[r].question_id for r in ids.tolist()]),
+        pooled.max[keep], correct, questions,
         lengths=np.array([rollouts[r].n_response_tokens for r in ids.tolist()]),
         mean_residuals=sample.rollout_sum[in_sample] / sample_rows[in_sample][:, None],
         n_permutations=settings.permutations, n_boot=settings.bootstrap, seed=settings.seed)
     summary = {**stats.summary, "length_auroc_ci": None if stats.length_ci is None else list(stats.length_ci),
                "probe_auroc_ci": None if stats.probe_ci is None else list(stats.probe_ci),
                "probe_reason": stats.probe.reason, "reason": None}
-    arrays = (stats.test.auroc, stats.test.p, stats.q, rollout_stats.auroc_dense(pooled.mean[keep], correct),
-              rollout_stats.auroc_dense(pooled.fire_fraction[keep], correct))
-    lists = {name: np.asarray(a, dtype=np.float64).tolist() for name, a in zip(ROLLOUT_LISTS, arrays)}
+    adjusted = stats.length_adjusted
+    arrays = [stats.test.auroc, stats.test.null_centre, stats.test.p, stats.q, stats.test.p_permutation,
+              adjusted.null_centre, adjusted.p, stats.length_adjusted_q]
+    for pooling, scores in (("mean", pooled.mean[keep]), ("fire_fraction", pooled.fire_fraction[keep])):
+        test = rollout_stats.rank_test(scores, correct, questions)
+        q = rollout_stats.bh_qvalues(test.p)
+        arrays += [test.auroc, test.null_centre, test.p, q]
+        summary[f"n_q_below_0_05_{pooling}"] = int((q < rollout_stats.Q_THRESHOLD).sum())
+    lists = {name: np.asarray(a, dtype=np.float64).tolist() for name, a in zip(ROLLOUT_LISTS, arrays, strict=True)}
     return RolloutResult(pooled, keep, correct, summary, lists)
 
 

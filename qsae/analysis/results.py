@@ -38,11 +38,13 @@ class LayerAnalysis:
 
     @property
     def rollout_auroc_and_band(self) -> tuple[np.ndarray, float] | None:
-        """Each feature's rollout-level AUROC and the layer's 95% chance band; None when not computable."""
+        """Each feature's rollout-level AUROC minus its null centre, and the layer's 95% chance band of
+        that distance; None when not computable."""
         level = self.summary["rollout_level"]
         if level["reason"] is not None:
             return None
-        return np.asarray(self.feature_stats["rollout_auroc"]), level["chance_band_95"]
+        auroc, centre = (np.asarray(self.feature_stats[name]) for name in ("rollout_auroc", "rollout_null_centre"))
+        return auroc - centre, level["chance_band_95"]
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

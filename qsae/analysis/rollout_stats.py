@@ -4,9 +4,12 @@ A rollout (one response to a question) is correct or wrong; its token rows are c
 unit of inference here is the rollout, not the token. Token codes are pooled per rollout
 (`pool_by_rollout`), each feature's pooled activation is scored against correctness by AUROC
 (`auroc_dense`), and chance is measured by permuting the labels within questions
-(`permutation_test`), which keeps each question's difficulty out of the null. Multiplicity over
-features is handled twice: Benjamini-Hochberg q-values (`bh_qvalues`) and the Westfall-Young
-max-statistic p-value with its 95% chance band. Response length and a linear probe on the mean
+(`permutation_test`), which keeps each question's difficulty out of the null; each AUROC is then
+measured from the centre of its own null (0.5 only across all rollouts). Each p-value is the
+normal approximation with the null's exact mean and variance (a stratified Mann-Whitney test,
+`rank_test`), checked against the permutation p. Multiplicity over features is handled twice:
+Benjamini-Hochberg q-values (`bh_qvalues`, from those continuous p-values, so not floored by the
+permutation count) and the Westfall-Young max-statistic p-value with its 95% chance band. Response length and a linear probe on the mean
 residual are the baselines a feature has to beat (`bootstrap_auroc_ci`, `probe_auroc`).
 
 Every AUROC here is the Mann-Whitney statistic with ties counted one half. Under a permutation of
@@ -31,6 +34,7 @@ Q_THRESHOLD = 0.05  # BH q below which a feature counts as a discovery in the su
 PROBE_C = 0.1  # inverse L2 strength of the probe on standardised inputs: many dimensions, few rollouts
 PROBE_MAX_ITER = 5000  # lbfgs iterations: enough to converge on standardised residuals
 PROBE_SPLITS = 5
+LENGTH_BINS = 10  # response-length strata of the length-adjusted test (deciles)
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,12 @@ class PermutationTest:
     """Observed AUROCs and their label-permutation null, per feature."""
 
     auroc: np.ndarray  # [n] float64, observed AUROC of each feature
-    p: np.ndarray  # [n] float64, two-sided permutation p-value of each feature
-    max_abs_null: np.ndarray  # [P] float64, per permutation the largest |AUROC - 0.5| over features
+    null_centre: np.ndarray  # [n] float64, the AUROC the permutation null centres on (0.5 across all rollouts)
+    p: np.ndarray  # [n] float64, two-sided p of |AUROC - null_centre|, normal approximation (exact moments)
+    p_permutation: np.ndarray  # [n] float64, the same test's permutation p-value
+    max_abs_null: np.ndarray  # [P] float64, per permutation the largest |AUROC - null_centre| over features
     westfall_young_p: np.ndarray  # [n] float64, familywise p-value from the max statistic
-    chance_band_95: float  # 95th percentile of max_abs_null: |AUROC - 0.5| reached by chance alone
+    chance_band_95: float  # 95th percentile of max_abs_null: |AUROC - null_centre| reached by chance alone
     n_permutations: int
     stratified: bool  # True when labels were permuted within questions
 
@@ -72,7 +78,9 @@ class RolloutStatistics:
     """Everything `rollout_statistics` computes for one layer."""
 
     test: PermutationTest
-    q: np.ndarray  # [n] BH q-values of test.p
+    q: np.ndarray  # [n] BH q-values of test.p (the normal approximation: not floored by the permutation count)
+    length_adjusted: RankTest | None  # the same scores within response-length deciles (rank_test)
+    length_adjusted_q: np.ndarray | None
     length_auroc: float | None
     length_ci: tuple[float, float] | None
     probe: ProbeResult | None
@@ -263,6 +271,110 @@ def permuted_labels(
     return out
 
 
+@dataclass(frozen=True)
+class Strata:
+    """Questions as permutation strata, with what the within-question null of a rank sum needs.
+
+    Under a permutation of the labels within each question, the positives' rank sum has mean
+    sum_q c_q S_q / n_q and variance sum_q c_q (n_q - c_q) / (n_q (n_q - 1)) x sum over q of
+    (r - mean_q)^2 (c_q of the question's n_q rollouts correct, S_q the sum of their midranks): a
+    sum of draws without replacement, question by question. With one rollout per question the labels
+    move across all rollouts instead (one stratum), and these are the Mann-Whitney moments with ties.
+    `scale` = L makes 2 x L x mean an integer for every feature, so permuted statistics compare exactly.
+    """
+
+    codes: np.ndarray  # [R] int64 stratum of each rollout
+    size: np.ndarray  # [Q] rollouts of each stratum
+    correct: np.ndarray  # [Q] correct rollouts of each stratum
+    scale: int
+    within_questions: bool
+
+    @classmethod
+    def of(cls, labels: np.ndarray, groups: np.ndarray) -> Strata:
+        codes = _question_codes(groups, len(labels))
+        within = _is_stratified(codes)
+        if not within:
+            codes = np.zeros_like(codes)
+        size = np.bincount(codes).astype(np.int64)
+        correct = np.bincount(codes, weights=labels).astype(np.int64)
+        # L = lcm over strata of n_q / gcd(n_q, c_q): L c_q / n_q is then an integer weight.
+        scale = int(np.lcm.reduce(size // np.gcd(size, correct)))
+        if 2.0 * scale * len(labels) * (len(labels) + 1) >= 2.0 ** 53:
+            raise ValueError(f"{len(labels):,} rollouts in questions of {len(np.unique(size))} different sizes: "
+                             "the within-question null cannot be centred exactly in float64")
+        return cls(codes.astype(np.int64), size, correct, scale, within)
+
+    def weights(self) -> torch.Tensor:
+        """[R] float64: L c_q / n_q of each rollout's question, an integer."""
+        return torch.from_numpy((self.scale * self.correct // self.size)[self.codes].astype(np.float64))
+
+    def centred(self, rank_sums: np.ndarray, twice_centre: np.ndarray) -> np.ndarray:
+        """L x (2 x rank sum - 2 x its null mean), an exact integer in float64 (rank sums are multiples of 1/2)."""
+        return self.scale * np.rint(2 * rank_sums) - twice_centre
+
+    def twice_centre(self, ranks: torch.Tensor) -> np.ndarray:
+        """[B] L x 2 x the null mean of the positives' rank sum, per feature of midranks [B, R]; exact."""
+        return np.rint((2 * ranks @ self.weights()).numpy())
+
+    def null_sd(self, ranks: torch.Tensor) -> np.ndarray:
+        """[B] standard deviation of the positives' rank sum under the permutations, per feature."""
+        codes = torch.from_numpy(self.codes)
+        n_q = len(self.size)
+        sums = torch.zeros(n_q, ranks.shape[0], dtype=torch.float64).index_add_(0, codes, ranks.T)
+        squares = torch.zeros(n_q, ranks.shape[0], dtype=torch.float64).index_add_(0, codes, (ranks ** 2).T)
+        size = torch.from_numpy(self.size.astype(np.float64))[:, None]
+        correct = torch.from_numpy(self.correct.astype(np.float64))[:, None]
+        spread = (squares - sums ** 2 / size).clamp_(min=0)  # sum over the question of (r - mean_q)^2
+        factor = torch.where(size > 1, correct * (size - correct) / (size * (size - 1)).clamp(min=1), 0.0)
+        return (factor * spread).sum(dim=0).sqrt().numpy()
+
+
+@dataclass(frozen=True)
+class RankTest:
+    """Each feature's AUROC against the centre of its permutation null, by the normal approximation."""
+
+    auroc: np.ndarray  # [n] float64
+    null_centre: np.ndarray  # [n] float64, the AUROC the permutation null centres on (0.5 across all rollouts)
+    p: np.ndarray  # [n] float64, two-sided p of |AUROC - null_centre| from the null's exact mean and variance
+
+
+def _centred_block(ranks: torch.Tensor, labels: np.ndarray, strata: Strata) -> tuple:
+    """For midranks [B, R]: (observed rank sums, L x 2 x null mean, centred statistics, null sd), per feature."""
+    rank_sums = _rank_sums(labels[None], ranks)[0]
+    twice_centre = strata.twice_centre(ranks)
+    return rank_sums, twice_centre, strata.centred(rank_sums, twice_centre), strata.null_sd(ranks)
+
+
+def _rank_test(rank_sums: np.ndarray, centred: np.ndarray, sd: np.ndarray, strata: Strata,
+               n_pos: int, n_neg: int) -> RankTest:
+    auroc = _auroc(_deviation(rank_sums, n_pos, n_neg), n_pos, n_neg)
+    z = np.divide(centred, 2 * strata.scale * sd, out=np.zeros_like(centred), where=sd > 0)
+    p = torch.special.erfc(torch.from_numpy(np.abs(z) / np.sqrt(2))).clamp_(max=1.0).numpy()  # 2 P(Z > |z|)
+    return RankTest(auroc, auroc - centred / (2 * n_pos * n_neg * strata.scale), p)
+
+
+def rank_test(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *,
+              feature_block: int = FEATURE_BLOCK) -> RankTest:
+    """Every column of scores [R, n] against labels (bool [R]) with no permutations drawn: the
+    stratified Mann-Whitney test with ties (strata: questions with several rollouts; see Strata),
+    its p-value from the normal approximation with the permutation null's exact mean and variance."""
+    scores = _scores(scores)
+    labels = _labels(labels, len(scores))
+    strata = Strata.of(labels, groups)
+    parts = [_centred_block(_midranks(scores[:, start:start + feature_block]), labels, strata)
+             for start in range(0, scores.shape[1], feature_block)]
+    rank_sums, _, centred, sd = (np.concatenate(column) for column in zip(*parts))
+    return _rank_test(rank_sums, centred, sd, strata, int(labels.sum()), int((~labels).sum()))
+
+
+def length_strata(lengths: np.ndarray, n_bins: int = LENGTH_BINS) -> np.ndarray:
+    """[R] int: each rollout's response-length bin (n_bins bins of about equal counts, ties together),
+    the strata of the length-adjusted test: a feature that only tracks length sits at its centre there."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    edges = np.quantile(lengths, np.linspace(0, 1, n_bins + 1)[1:-1])
+    return np.searchsorted(np.unique(edges), lengths, side="right")
+
+
 def permutation_test(
     scores: np.ndarray,
     labels: np.ndarray,
@@ -273,7 +385,7 @@ def permutation_test(
     feature_block: int = FEATURE_BLOCK,
     permutation_batch: int = PERMUTATION_BATCH,
 ) -> PermutationTest:
-    """Observed AUROC of every column of scores [R, n] and its label-permutation null.
+    """Observed AUROC of every column of scores [R, n] against its label-permutation null.
 
     The permutations come once from permuted_labels(labels, groups, n_permutations,
     np.random.default_rng(seed)) and serve every feature block. Each feature's midranks are
@@ -281,43 +393,51 @@ def permutation_test(
     round rank sums beyond 2**24). Memory: the [P, R] bool labels plus one [R, feature_block] rank
     block and one [permutation_batch, R] float64 label batch.
 
-    p = (1 + #{perm: |AUROC_perm - 0.5| >= |AUROC_obs - 0.5|}) / (P + 1), two-sided; ties are
-    compared exactly (see _deviation), which equals any tolerance below 1 / (2 n_pos n_neg).
-    westfall_young_p uses the largest |AUROC - 0.5| over all features in each permutation instead,
-    so it controls the familywise error rate over features under any dependence between them.
+    The statistic is |AUROC - null_centre|: the distance from the AUROC the permutations centre on
+    (Strata). Across all rollouts that centre is 0.5; within questions it is wherever the questions'
+    difficulty puts it (a feature that only tracks difficulty sits at it), so measuring from 0.5
+    would miss features on the far side of the centre and widen the chance band.
+    p_permutation = (1 + #{perm: stat_perm >= stat_obs}) / (P + 1), compared exactly (integers,
+    see Strata). p is rank_test's (normal approximation, exact moments): continuous, so BH q-values
+    are not floored at 1 / (P + 1). westfall_young_p uses the largest statistic over all features in
+    each permutation instead, so it controls the familywise error rate over features under any
+    dependence between them.
     """
     scores = _scores(scores)
     labels = _labels(labels, len(scores))
     if feature_block < 1 or permutation_batch < 1:
         raise ValueError("feature_block and permutation_batch must be >= 1")
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    stratified = _is_stratified(_question_codes(groups, len(labels)))
+    strata = Strata.of(labels, groups)
     permuted = permuted_labels(labels, groups, n_permutations, np.random.default_rng(seed))
     n_features = scores.shape[1]
-    observed = np.empty(n_features)
+    rank_sums, centred, sd = np.empty(n_features), np.empty(n_features), np.empty(n_features)
     as_extreme = np.zeros(n_features, dtype=np.int64)
     max_null = np.zeros(n_permutations)
     for start in range(0, n_features, feature_block):
         block = slice(start, start + feature_block)
         ranks = _midranks(scores[:, block])
-        observed[block] = _deviation(_rank_sums(labels[None], ranks)[0], n_pos, n_neg)
-        threshold = np.abs(observed[block])
+        rank_sums[block], twice_centre, centred[block], sd[block] = _centred_block(ranks, labels, strata)
+        threshold = np.abs(centred[block])
         for first in range(0, n_permutations, permutation_batch):
             batch = slice(first, first + permutation_batch)
-            null = np.abs(_deviation(_rank_sums(permuted[batch], ranks), n_pos, n_neg))
+            null = np.abs(strata.centred(_rank_sums(permuted[batch], ranks), twice_centre))
             as_extreme[block] += (null >= threshold).sum(axis=0)
             np.maximum(max_null[batch], null.max(axis=1), out=max_null[batch])
-    # Sorted null maxima: count those >= each observed deviation by binary search.
-    n_max_as_extreme = n_permutations - np.searchsorted(np.sort(max_null), np.abs(observed), side="left")
-    max_abs_null = max_null / (2 * n_pos * n_neg)
+    # Sorted null maxima: count those >= each observed statistic by binary search.
+    n_max_as_extreme = n_permutations - np.searchsorted(np.sort(max_null), np.abs(centred), side="left")
+    max_abs_null = max_null / (2 * n_pos * n_neg * strata.scale)  # in AUROC units
+    test = _rank_test(rank_sums, centred, sd, strata, n_pos, n_neg)
     return PermutationTest(
-        auroc=_auroc(observed, n_pos, n_neg),
-        p=(1 + as_extreme) / (n_permutations + 1),
+        auroc=test.auroc,
+        null_centre=test.null_centre,
+        p=test.p,
+        p_permutation=(1 + as_extreme) / (n_permutations + 1),
         max_abs_null=max_abs_null,
         westfall_young_p=(1 + n_max_as_extreme) / (n_permutations + 1),
         chance_band_95=float(np.quantile(max_abs_null, 0.95)),
         n_permutations=n_permutations,
-        stratified=stratified,
+        stratified=strata.within_questions,
     )
 
 
@@ -445,19 +565,24 @@ def rollout_summary(
     probe_auroc: float | None,
     n_labelled: int,
 ) -> dict:
-    """JSON-ready headline of one layer: the feature farthest from chance in either direction.
+    """JSON-ready headline of one layer: the feature farthest from its null's centre in either direction.
 
-    max_abs_auroc is |AUROC - 0.5| of that feature (a distance from chance, comparable with
-    chance_band_95); direction is "correct↑" when its AUROC > 0.5, "wrong↑" below (and "none" only
-    when every feature sits exactly at 0.5).
+    max_abs_auroc is |AUROC - null_centre| of that feature (comparable with chance_band_95); across
+    all rollouts the centre is 0.5, within questions it is where question difficulty alone puts the
+    feature. direction is "correct↑" when its AUROC is above the centre, "wrong↑" below (and "none"
+    only when every feature sits exactly at its centre).
     """
-    distance = np.abs(test.auroc - CHANCE_AUROC)
+    distance = np.abs(test.auroc - test.null_centre)
     best = int(np.argmax(distance))
+    above = CHANCE_AUROC + test.auroc[best] - test.null_centre[best]
     return {
         "max_abs_auroc": float(distance[best]),
+        "statistic": "|AUROC - null centre|, " + ("labels permuted within questions" if test.stratified
+                                                   else "labels permuted across rollouts (centre 0.5)"),
         "feature": best,
         "auroc": float(test.auroc[best]),
-        "direction": auroc_direction(test.auroc[best:best + 1])[0],
+        "null_centre": float(test.null_centre[best]),
+        "direction": auroc_direction(np.array([above]))[0],
         "chance_band_95": float(test.chance_band_95),
         "westfall_young_p": float(test.westfall_young_p[best]),
         "n_q_below_0_05": int((np.asarray(q) < Q_THRESHOLD).sum()),
@@ -485,15 +610,23 @@ def rollout_statistics(
     UndefinedAUROCError when the labels are empty or one class."""
     test = permutation_test(pooled_max, labels, groups, n_permutations, seed=seed)
     q = bh_qvalues(test.p)
-    length_auroc = length_ci = probe = probe_ci = None
+    length_auroc = length_ci = probe = probe_ci = adjusted = adjusted_q = None
     if lengths is not None:
         lengths = np.asarray(lengths, dtype=np.float64)
         length_auroc = float(auroc_dense(lengths[:, None], labels)[0])
         length_ci = bootstrap_auroc_ci(lengths, labels, groups, n_boot=n_boot, seed=seed)
+        adjusted = rank_test(pooled_max, labels, length_strata(lengths))
+        adjusted_q = bh_qvalues(adjusted.p)
     if mean_residuals is not None:
         probe = probe_auroc(mean_residuals, labels, groups, seed=seed)
         if probe.predicted is not None:  # the folds stay fixed: this interval is over the rollouts scored
             probe_ci = bootstrap_auroc_ci(probe.predicted, labels, groups, n_boot=n_boot, seed=seed)
     summary = rollout_summary(test, q, length_auroc=length_auroc, probe_auroc=None if probe is None else probe.auroc,
                               n_labelled=len(labels))
-    return RolloutStatistics(test, q, length_auroc, length_ci, probe, probe_ci, summary)
+    best = summary["feature"]
+    summary.update({
+        "length_adjusted_null_centre": None if adjusted is None else float(adjusted.null_centre[best]),
+        "length_adjusted_p": None if adjusted is None else float(adjusted.p[best]),
+        "n_q_below_0_05_length_adjusted": None if adjusted is None else int((adjusted_q < Q_THRESHOLD).sum()),
+    })
+    return RolloutStatistics(test, q, adjusted, adjusted_q, length_auroc, length_ci, probe, probe_ci, summary)

@@ -151,7 +151,7 @@
       h("dl", { class: "key-numbers" }, R.key_numbers.map(({ label, value }) => [h("dt", {}, label), h("dd", {}, value)])),
       h("h2", {}, "Layers"),
       table({ class: "summary" }, ["Layer", "Variance explained [95% CI]", "L0", "Live / dead",
-        "Rollout max |AUROC − 0.5|", "Features with q < 0.05"], layers),
+        "Rollout max |AUROC − null centre|", "Features with q < 0.05"], layers),
       R.charts.length ? h("h2", {}, "Charts") : null,
       h("div", { class: "charts" }, R.charts.map(({ file, title }) =>
         h("figure", { class: "chart" }, h("figcaption", {}, title), h("img", { src: file, alt: title })))));
