@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from by_hand import question_bootstrap_ve
 from planted import planted_rows
 from sklearn.metrics import roc_auc_score
 
@@ -125,7 +126,7 @@ def test_mean_l0_counts_positive_values():
     assert mean_l0(values) == pytest.approx((2 + 0 + 3) / 3)
 
 
-def test_bootstrap_ci_brackets_estimate_and_streaming_version_agrees():
+def test_bootstrap_ci_brackets_the_estimate_and_repeats_with_its_seed():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(3000, 16))
     x_hat = x + rng.normal(0, 0.6, size=x.shape)
@@ -134,31 +135,21 @@ def test_bootstrap_ci_brackets_estimate_and_streaming_version_agrees():
     assert low < estimate < high
     assert high - low < 0.05
     assert bootstrap_ci(variance_explained, x, x_hat, n_boot=50, seed=3) == (low, high)
-    # 50 replicates span more than one batch of the streaming version
-    assert variance_explained_ci(x, x_hat, n_boot=50, seed=3) == pytest.approx((low, high), rel=1e-9)
     assert bootstrap_ci(variance_explained, x, x_hat, n_boot=50, seed=4) != (low, high)
 
 
 def test_question_bootstrap_interval_equals_one_written_here():
-    """The interval resamples whole questions: a bootstrap written here, drawing the same questions,
-    gives the same 2.5% and 97.5% percentiles (and a 90% interval would not)."""
+    """The interval resamples whole questions with a studentized bootstrap: one written here from the
+    rows (tests/test_release.py), drawing the same questions, gives the same interval."""
     rng = np.random.default_rng(5)
     groups = np.repeat(rng.permutation(30), rng.integers(5, 40, 30))  # questions of unequal length
     x = rng.normal(size=(len(groups), 6)) + groups[:, None] * 0.1
     x_hat = x + rng.normal(0, 0.5, size=x.shape) * (1 + groups[:, None] % 3)
-    got = variance_explained_ci(x, x_hat, n_boot=60, seed=9, groups=groups)
-
-    draw = np.random.default_rng(9)
-    ids = np.unique(groups)
-    replicates = []
-    for _ in range(60):
-        chosen = ids[draw.integers(0, len(ids), len(ids))]
-        rows = np.concatenate([np.flatnonzero(groups == g) for g in chosen])
-        replicates.append(1 - ((x[rows] - x_hat[rows]) ** 2).sum() / ((x[rows] - x[rows].mean(0)) ** 2).sum())
-    assert got == pytest.approx(tuple(np.quantile(replicates, [0.025, 0.975])), rel=1e-9)
-    assert got != pytest.approx(tuple(np.quantile(replicates, [0.05, 0.95])), rel=1e-6)
-    # resampling questions, not tokens: wider than a token bootstrap of the same rows
-    token_low, token_high = variance_explained_ci(x, x_hat, n_boot=60, seed=9)
+    got = variance_explained_ci(x, x_hat, groups, n_boot=60, seed=9)  # 60: more than one batch of replicates
+    assert got == pytest.approx(question_bootstrap_ve(x, x_hat, groups, 60, 9), rel=1e-9)
+    assert got[0] < variance_explained(x, x_hat) < got[1]
+    # resampling questions, not tokens: wider than the same interval with every row its own question
+    token_low, token_high = variance_explained_ci(x, x_hat, np.arange(len(x)), n_boot=60, seed=9)
     assert got[1] - got[0] > token_high - token_low
 
 
@@ -500,7 +491,7 @@ def test_card_reports_every_number_with_its_interval_or_null():
                  "23 correct, 8 wrong, 6 truncated (hit the token limit), 4 without a parsable answer letter",
                  "321 special or chat-template tokens", "L4 11 above 125.0 (median 12.5)", "338 tokens left out",
                  "17 tokens whose residual norm exceeds 10× the layer's median",
-                 "1,000 permutations", "200 replicates", "95% percentile intervals"):
+                 "1,000 permutations", "200 bootstrap replicates", "studentized bootstrap (bootstrap-t) over held-out questions"):
         assert text in card, text
 
 
@@ -509,6 +500,10 @@ def test_card_shows_the_summary_intervals_and_says_when_ce_recovered_is_at_its_c
     card = render_model_card(ReleaseFacts.from_dict(info))
     assert "L4 0.1111 [0.0987, 0.1234] / L6 n/a not computable" in card  # ΔCE in the summary table
     assert "at its ceiling" not in card  # 0.967 still separates reconstructions
+    assert "rest on few held-out questions (L4 7, L6 7; fewer than 30), so they are nominal" in card
+    for stats in info["per_layer"].values():
+        stats["heldout_questions"] = 30
+    assert "so they are nominal" not in render_model_card(ReleaseFacts.from_dict(info))
     info["fidelity"]["4"].update(ce_clean=0.07, ce_spliced=0.0712, ce_zero=9.13, ce_loss_recovered=0.9999)
     card = render_model_card(ReleaseFacts.from_dict(info))
     assert ("CE loss recovered sits at its ceiling here (L4 1.000: CE zero-ablated 9.13 against clean 0.07 nats)"
@@ -681,7 +676,7 @@ def streamed_analysis_matches_in_memory(rollout_store):
     summary = got.summary
     assert summary["variance_explained"] == pytest.approx(ve, rel=1e-6)
     assert summary["ve_ci"] == pytest.approx(
-        variance_explained_ci(ref.residuals[held], x_hat, n_boot=40, seed=3, groups=questions), rel=1e-6)
+        question_bootstrap_ve(ref.residuals[held], x_hat, questions, 40, 3), rel=1e-6)
     assert summary["l0"] == pytest.approx(mean_l0(values[held]))
     assert (summary["train_rows"], summary["heldout_rows"]) == (CAP - len(held), len(held))
     np.testing.assert_array_equal(got.fire_rate, fire_rates(indices, values, 64))

@@ -12,6 +12,7 @@ import torch
 from safetensors.numpy import load_file
 from sklearn.metrics import roc_auc_score
 
+from by_hand import question_bootstrap_ve
 from small_run import build_run
 
 from qsae.analysis.fidelity import variance_explained
@@ -88,18 +89,6 @@ def test_no_heldout_question_leaks_into_training(release):
         assert (row["train_rows"], row["heldout_rows"]) == (n_train, n_held)
         history = load_trained(RunDir(release.parent), int(layer)).history
         assert history["tokens_seen"] == 6 * n_train  # train.epochs=6 passes over exactly the training rows
-
-
-def question_bootstrap_ve(x, x_hat, questions, n_boot, seed) -> tuple[float, float]:
-    """The card's interval, written here: resample held-out questions, 2.5% and 97.5% percentiles."""
-    draw = np.random.default_rng(seed)
-    ids = np.unique(questions)
-    replicates = []
-    for _ in range(n_boot):
-        rows = np.concatenate([np.flatnonzero(questions == q) for q in ids[draw.integers(0, len(ids), len(ids))]])
-        x64, x_hat64 = x[rows].astype(np.float64), x_hat[rows].astype(np.float64)
-        replicates.append(1 - ((x64 - x_hat64) ** 2).sum() / ((x64 - x64.mean(0)) ** 2).sum())
-    return tuple(np.quantile(replicates, [0.025, 0.975]))
 
 
 def test_statistics_are_those_of_the_released_rows(release):
