@@ -50,7 +50,8 @@ def fidelity_rollouts(selection: RowSelection, rollouts: dict[int, Rollout], lim
     if limit is not None and limit < len(ids):
         ids = sorted(np.random.default_rng(seed).choice(ids, size=limit, replace=False).tolist())
     return [RolloutTokens(r, rollouts[r].prompt_token_ids + rollouts[r].response_token_ids,
-                          rollouts[r].n_prompt_tokens, selection.heldout_positions[r]) for r in ids]
+                          rollouts[r].n_prompt_tokens, selection.heldout_positions[r], rollouts[r].question_id)
+            for r in ids]
 
 
 def evaluation_inputs(run: RunDir, layers: list[int], *, limit: int | None, n_boot: int,

@@ -500,7 +500,7 @@ def test_card_shows_the_summary_intervals_and_says_when_ce_recovered_is_at_its_c
     card = render_model_card(ReleaseFacts.from_dict(info))
     assert "L4 0.1111 [0.0987, 0.1234] / L6 n/a not computable" in card  # ΔCE in the summary table
     assert "at its ceiling" not in card  # 0.967 still separates reconstructions
-    assert "rest on few held-out questions (L4 7, L6 7; fewer than 30), so they are nominal" in card
+    assert "The intervals over held-out questions rest on few of them (L4 7, L6 7; fewer than 30), so they are nominal" in card
     for stats in info["per_layer"].values():
         stats["heldout_questions"] = 30
     assert "so they are nominal" not in render_model_card(ReleaseFacts.from_dict(info))

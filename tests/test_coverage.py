@@ -9,6 +9,7 @@ from qsae.analysis.fidelity import (
     NOMINAL_BELOW_CLUSTERS,
     QuestionSums,
     question_bootstrap_t,
+    ratio_bootstrap_t,
     variance_explained,
     variance_explained_ci,
 )
@@ -80,3 +81,34 @@ def test_question_sums_give_the_interval_of_the_rows():
     (ve,), (se,) = sums.resampled(np.ones((1, 9)))
     assert ve == pytest.approx(variance_explained(x, x_hat), rel=1e-9)
     assert se == pytest.approx(np.sqrt(8 / 9 * ((left_out - left_out.mean()) ** 2).sum()), rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def loss_population():
+    """3,000 questions of 20 to 200 scored tokens: the SAE's added cross-entropy per token (ΔCE) varies by
+    question (log-normal mean) and by token (gamma). Returns per-question (tokens, summed ΔCE) and the
+    population's pooled ΔCE per token."""
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(20, 201, 3000).astype(float)
+    per_question = np.exp(rng.normal(np.log(0.05), 0.5, len(tokens)))
+    added = np.array([rng.gamma(2.0, mean / 2.0, int(n)).sum() for n, mean in zip(tokens, per_question)])
+    sums = np.stack([tokens, added], axis=1)
+    return sums, added.sum() / tokens.sum()
+
+
+def ratio_coverage(loss_population, n_questions: int, reps: int, seed: int) -> float:
+    sums, truth = loss_population
+    rng = np.random.default_rng(seed)
+    covered = 0
+    for rep in range(reps):
+        drawn = sums[rng.choice(len(sums), n_questions, replace=False)]
+        interval = ratio_bootstrap_t(drawn, lambda totals: {"delta_ce": totals[..., 1] / totals[..., 0]},
+                                     n_boot=200, seed=rep)["delta_ce"]
+        covered += interval[0] <= truth <= interval[1]
+    return covered / reps
+
+
+def test_the_fidelity_intervals_cover_95_percent_at_100_questions(loss_population):
+    """ΔCE, KL and CE loss recovered are ratios of per-question sums, with the same interval."""
+    assert 0.93 <= ratio_coverage(loss_population, 100, 2000, seed=3) <= 0.97
+    assert 0.88 <= ratio_coverage(loss_population, 10, 500, seed=4) < 0.97

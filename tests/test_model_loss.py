@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from by_hand import bootstrap_t
 from torch import nn
 
 from qsae.analysis.model_loss import (
@@ -29,7 +30,7 @@ LAYER = 3  # exists in both tiny models (12 and 6 decoder layers)
 RESPONSE_TOKENS = 24
 FIDELITY_KEYS = {
     "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "delta_ce", "delta_ce_ci", "ce_loss_recovered",
-    "ce_loss_recovered_ci", "kl", "kl_ci", "kl_zero", "n_tokens", "n_rollouts",
+    "ce_loss_recovered_ci", "kl", "kl_ci", "kl_zero", "n_tokens", "n_rollouts", "n_questions",
 }
 
 
@@ -220,10 +221,11 @@ def synthetic_table(n_rollouts: int, seed: int = 0) -> LossTable:
     return LossTable(np.arange(n_rollouts + 1), n_tokens, ce_clean, ce, kl)
 
 
-def test_layer_fidelity_pools_over_tokens_and_bootstraps_over_rollouts():
+def test_layer_fidelity_pools_over_tokens_and_bootstraps_over_questions():
     table = synthetic_table(7)
-    n_boot, seed, alpha = 300, 5, 0.1
-    entry = layer_fidelity(table, 2, n_boot=n_boot, seed=seed, alpha=alpha)
+    questions = np.array(["a", "a", "b", "c", "c", "d", "e", "f"])  # f: the rollout with no scored token
+    n_boot, seed, alpha = 60, 5, 0.1
+    entry = layer_fidelity(table, 2, questions=questions, n_boot=n_boot, seed=seed, alpha=alpha)
     assert set(entry) == FIDELITY_KEYS
     assert json.loads(json.dumps(entry)) == entry
     scored = slice(0, 7)  # the last rollout has no scored token and is dropped
@@ -231,6 +233,7 @@ def test_layer_fidelity_pools_over_tokens_and_bootstraps_over_rollouts():
     ce = {name: table.ce[(2, name)][scored] for name in ("spliced", "zero", "mean")}
     ce["clean"] = table.ce_clean[scored]
     kl = table.kl[(2, "spliced")][scored]
+    rollouts_of = [np.flatnonzero(questions[scored] == q) for q in "abcde"]
 
     def stats(rows):
         tokens = n[rows].sum()
@@ -241,19 +244,23 @@ def test_layer_fidelity_pools_over_tokens_and_bootstraps_over_rollouts():
         assert entry[f"ce_{name}"] == pytest.approx(ce[name].sum() / n.sum(), rel=1e-12)
     assert (entry["delta_ce"], entry["ce_loss_recovered"], entry["kl"]) == pytest.approx(stats(np.arange(7)), rel=1e-12)
     assert entry["kl_zero"] == pytest.approx(table.kl[(2, "zero")][scored].sum() / n.sum(), rel=1e-12)
-    assert entry["n_tokens"] == n.sum() and entry["n_rollouts"] == 7
-    rng = np.random.default_rng(seed)
-    replicates = np.array([stats(rng.integers(0, 7, 7)) for _ in range(n_boot)])
+    assert (entry["n_tokens"], entry["n_rollouts"], entry["n_questions"]) == (n.sum(), 7, 5)
     for column, key in enumerate(("delta_ce", "ce_loss_recovered", "kl")):
-        expected = np.quantile(replicates[:, column], [alpha / 2, 1 - alpha / 2])
-        np.testing.assert_allclose(entry[f"{key}_ci"], expected, rtol=1e-12)
+        def of_questions(drawn, column=column):
+            return stats(np.concatenate([rollouts_of[q] for q in drawn]))[column]
+
+        expected = bootstrap_t(5, of_questions, n_boot, seed, alpha)
+        np.testing.assert_allclose(entry[f"{key}_ci"], expected, rtol=1e-9)
         low, high = entry[f"{key}_ci"]
         assert low < entry[key] < high
+    # Without questions each rollout is its own.
+    alone = layer_fidelity(table, 2, n_boot=n_boot, seed=seed, alpha=alpha)
+    assert alone["n_questions"] == 7 and alone["delta_ce_ci"] != entry["delta_ce_ci"]
 
 
 def test_layer_fidelity_edge_cases():
     single = layer_fidelity(synthetic_table(1), 2, n_boot=20)
-    assert single["n_rollouts"] == 1
+    assert single["n_rollouts"] == single["n_questions"] == 1
     assert single["delta_ce_ci"] is None and single["ce_loss_recovered_ci"] is None and single["kl_ci"] is None
     assert np.isfinite([single["delta_ce"], single["ce_loss_recovered"], single["kl"]]).all()
     table = synthetic_table(4)

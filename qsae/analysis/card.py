@@ -244,11 +244,11 @@ def _definitions(info: ReleaseFacts) -> str:
         "explained: a studentized bootstrap (bootstrap-t) over held-out questions, each replicate's standard error "
         "the jackknife over its questions; with fewer than "
         f"{NOMINAL_BELOW_CLUSTERS} held-out questions it is nominal (in the test suite's coverage simulation it covers "
-        "about 92% at 10 questions and 93.5% at 100). ΔCE, CE loss recovered and KL: percentile bootstrap over the "
-        "held-out rollouts scored. Length and probe AUROC: percentile bootstrap over all labelled questions, the "
-        "probe's out-of-fold predictions held fixed (its refit's variance is left out). Causal check: percentile "
-        "bootstrap over the held-out questions rerun. The last three have not been checked for coverage. With fewer "
-        "than two questions no interval is computable.",
+        "about 92% at 10 questions and 93.5% at 100). ΔCE, CE loss recovered and KL: the same over the held-out "
+        "questions scored (92% at 10, 95% at 100 in the simulation). Length and probe AUROC: percentile bootstrap "
+        "over all labelled questions, the probe's out-of-fold predictions held fixed (its refit's variance is left "
+        "out). Causal check: percentile bootstrap over the held-out questions rerun. These last two have not been "
+        "checked for coverage. With fewer than two questions no interval is computable.",
         "- **L0**: mean number of features with a positive activation per held-out token "
         + ("(above the threshold; counted in the sparse view of at most min(n, 4k) per token)." if _batchtopk(info)
            else "(at most k)."),
@@ -288,7 +288,7 @@ def _definitions(info: ReleaseFacts) -> str:
         "replaced by the SAE's reconstruction (spliced), by zeros, or by the training rows' mean, at every response "
         "position whose token passes the masks above. `ΔCE = CE_spliced − CE_clean`; `CE loss recovered = "
         "(CE_zero − CE_spliced) / (CE_zero − CE_clean)`; KL = mean over those tokens of KL(p_clean ‖ p_spliced). "
-        "Intervals: bootstrap over rollouts.",
+        "Intervals: over held-out questions (see Intervals).",
     ])
 
 
@@ -315,7 +315,7 @@ def _reconstruction(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
     few = [f"L{layer} {per_layer[str(layer)]['heldout_questions']:,}" for layer in info.layers
            if per_layer[str(layer)].get("heldout_questions", NOMINAL_BELOW_CLUSTERS) < NOMINAL_BELOW_CLUSTERS]
     if few:
-        parts.append(f"The variance-explained intervals rest on few held-out questions ({', '.join(few)}; fewer than "
+        parts.append(f"The intervals over held-out questions rest on few of them ({', '.join(few)}; fewer than "
                      f"{NOMINAL_BELOW_CLUSTERS}), so they are nominal: expect them to cover somewhat less than "
                      f"{COVERAGE}.")
     if info.fidelity is None:

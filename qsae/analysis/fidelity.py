@@ -153,11 +153,56 @@ class QuestionSums:
         loo_dev_sq = dev_sq[:, None] - 2 * dev @ self.dev_sum.T + own_sq
         with np.errstate(divide="ignore", invalid="ignore"):
             loo = _ve(sq_err[:, None] - self.sq_err, sq_dev[:, None] - self.sq_dev - loo_dev_sq / loo_rows)
-        drawn = weights.sum(axis=1)
-        loo = np.where(weights > 0, loo, 0.0)
-        centre = (weights * loo).sum(axis=1) / drawn
-        se = np.sqrt((drawn - 1) / drawn * (weights * (loo - centre[:, None]) ** 2).sum(axis=1))
-        return ve, se
+        return ve, jackknife_se(loo, weights)
+
+
+def jackknife_se(left_out: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[B] jackknife standard errors over the M drawn clusters of each replicate: left_out [B, G] is
+    the statistic without one copy of cluster g, counted as often as g was drawn (weights [B, G]);
+    se^2 = (M - 1) / M x the sum over draws of (left_out - their mean)^2."""
+    drawn = weights.sum(axis=1)
+    left_out = np.where(weights > 0, left_out, 0.0)
+    centre = (weights * left_out).sum(axis=1) / drawn
+    return np.sqrt((drawn - 1) / drawn * (weights * (left_out - centre[:, None]) ** 2).sum(axis=1))
+
+
+def question_weights(rng: np.random.Generator, n_questions: int, n_boot: int) -> Iterator[np.ndarray]:
+    """Batches of cluster-bootstrap multiplicities [b, G]: each row draws the G questions with
+    replacement, rng.integers(0, G, G) after rng.integers(0, G, G)."""
+    for first in range(0, n_boot, _BOOT_BATCH):
+        draws = rng.integers(0, n_questions, (min(_BOOT_BATCH, n_boot - first), n_questions))
+        yield np.stack([np.bincount(row, minlength=n_questions) for row in draws]).astype(np.float64)
+
+
+def ratio_bootstrap_t(sums: np.ndarray, statistics: Callable[[np.ndarray], dict[str, np.ndarray]], *,
+                      n_boot: int, seed: int, alpha: float = DEFAULT_ALPHA) -> dict[str, tuple[float, float] | None]:
+    """Studentized question-bootstrap interval of each statistic of the totals of per-question sums
+    [G, k] (`statistics` maps totals [..., k] to named arrays [...]), as variance_explained_ci: each
+    replicate's standard error is the jackknife over its drawn questions. None for a statistic that is
+    undefined on all the data; non-finite replicates are left out."""
+    n_questions = len(sums)
+    if n_questions < 2:
+        raise ValueError("an interval over questions needs at least 2 questions")
+
+    def with_se(weights: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        totals = weights @ sums  # [b, k]
+        left_out = statistics(totals[:, None, :] - sums[None, :, :])  # one copy of each question less
+        with np.errstate(invalid="ignore"):
+            return {name: (value, jackknife_se(left_out[name], weights)) for name, value in statistics(totals).items()}
+
+    estimates = with_se(np.ones((1, n_questions)))
+    replicates: dict[str, list] = {name: [] for name in estimates}
+    for weights in question_weights(np.random.default_rng(seed), n_questions, n_boot):
+        for name, pair in with_se(weights).items():
+            replicates[name].append(pair)
+    out = {}
+    for name, ((estimate,), (se,)) in estimates.items():
+        if not (np.isfinite(estimate) and np.isfinite(se)):
+            out[name] = None
+            continue
+        values, errors = (np.concatenate(part) for part in zip(*replicates[name]))
+        out[name] = studentized_interval(float(estimate), float(se), values, errors, alpha)
+    return out
 
 
 def _ve(sq_err: np.ndarray, sq_dev: np.ndarray) -> np.ndarray:
@@ -206,11 +251,8 @@ def question_bootstrap_t(sums: QuestionSums, *, n_boot: int, seed: int, alpha: f
     if n_questions < 2:
         raise ValueError("an interval over questions needs at least 2 questions")
     (estimate,), (se,) = sums.resampled(np.ones((1, n_questions)))
-    rng = np.random.default_rng(seed)
     replicates, replicate_se = [], []
-    for first in range(0, n_boot, _BOOT_BATCH):
-        draws = rng.integers(0, n_questions, (min(_BOOT_BATCH, n_boot - first), n_questions))
-        weights = np.stack([np.bincount(row, minlength=n_questions) for row in draws]).astype(np.float64)
+    for weights in question_weights(np.random.default_rng(seed), n_questions, n_boot):
         ve, ve_se = sums.resampled(weights)
         replicates.append(ve)
         replicate_se.append(ve_se)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from qsae.analysis.fidelity import DEFAULT_ALPHA
+from qsae.analysis.fidelity import DEFAULT_ALPHA, ratio_bootstrap_t
 from qsae.capture import text_model
 from qsae.models import decoder_layers
 
@@ -52,6 +52,8 @@ class RolloutTokens:
     splice_positions: np.ndarray
     """Strictly increasing response positions (n_prompt <= p < len(token_ids)) whose layer output a
     variant replaces."""
+    question: str | None = None
+    """The rollout's question: the intervals resample questions (None: each rollout its own)."""
 
 
 @dataclass
@@ -248,26 +250,34 @@ def _kl_sum(clean_logp: Tensor, logp: Tensor) -> float:
 # Pooled statistics and bootstrap intervals
 
 
-def bootstrap_rollouts(n_rollouts: int, n_boot: int, seed: int) -> np.ndarray:
-    """Resampled rollout indices [n_boot, n_rollouts]: row b is the b-th draw of
-    `rng.integers(0, n_rollouts, n_rollouts)` from `rng = np.random.default_rng(seed)`."""
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.integers(0, n_rollouts, n_rollouts) for _ in range(n_boot)])
+SUMS = ("n_tokens", "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl", "kl_zero")  # per-question sums, in order
+INTERVALS = ("delta_ce", "ce_loss_recovered", "kl")
+
+
+def pooled(totals: np.ndarray) -> dict[str, np.ndarray]:
+    """The pooled statistics of totals [..., len(SUMS)] (sums over questions, in SUMS order): each CE
+    and KL per scored token, delta_ce, and ce_loss_recovered (NaN where ce_zero == ce_clean)."""
+    tokens = totals[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = {name: totals[..., i] / tokens for i, name in enumerate(SUMS) if i}
+        out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
+        gap = out["ce_zero"] - out["ce_clean"]
+        out["ce_loss_recovered"] = np.where(gap != 0, (out["ce_zero"] - out["ce_spliced"]) / gap, np.nan)
+    return out
 
 
 def layer_fidelity(
-    table: LossTable, layer: int, *, n_boot: int = 1000, seed: int = 0, alpha: float = DEFAULT_ALPHA
+    table: LossTable, layer: int, *, questions: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
+    alpha: float = DEFAULT_ALPHA,
 ) -> dict:
     """The JSON entry of one layer: pooled CE per scored token of each variant, delta_ce,
-    ce_loss_recovered and KL(clean || spliced) per token, with percentile bootstrap intervals.
+    ce_loss_recovered and KL(clean || spliced) per token, with intervals over questions.
 
     Rollouts without a scored token carry no information and are dropped first; n_rollouts counts
-    the rest. A bootstrap replicate resamples those rollouts with replacement (`bootstrap_rollouts`)
-    and recomputes each pooled ratio from the resampled per-rollout sums; the interval holds the
-    alpha/2 and 1 - alpha/2 quantiles of the replicates. Replicates where ce_loss_recovered is
-    undefined (ce_zero == ce_clean) are left out of its interval. Intervals are None with a single
-    rollout (a bootstrap over one rollout has no spread to show, and [x, x] would claim certainty),
-    and ce_loss_recovered and its interval are None where it is undefined.
+    the rest. `questions` [R] names each table row's question (None: each rollout its own): the
+    rollouts of a question are summed together, and the intervals are fidelity.ratio_bootstrap_t's
+    studentized bootstrap over those questions. Intervals are None with a single question, and
+    ce_loss_recovered and its interval are None where it is undefined (ce_zero == ce_clean).
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
@@ -280,57 +290,27 @@ def layer_fidelity(
     scored = table.n_tokens > 0
     if not scored.any():
         raise ValueError("no scored tokens: every rollout has fewer than one response token after its first")
-    sums = {
-        "n_tokens": table.n_tokens[scored].astype(np.float64),
-        "ce_clean": table.ce_clean[scored],
-        "ce_spliced": table.ce[(layer, "spliced")][scored],
-        "ce_zero": table.ce[(layer, "zero")][scored],
-        "ce_mean": table.ce[(layer, "mean")][scored],
-        "kl": table.kl[(layer, "spliced")][scored],
-        "kl_zero": table.kl[(layer, "zero")][scored],
-    }
-    n_rollouts = int(scored.sum())
-    point = {name: value[0] for name, value in _pooled(np.ones((1, n_rollouts)), sums).items()}
-    entry = {name: float(point[name]) for name in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean")}
-    entry["delta_ce"] = float(point["delta_ce"])
-    entry["delta_ce_ci"] = None
-    recovered = point["ce_loss_recovered"]
-    entry["ce_loss_recovered"] = float(recovered) if np.isfinite(recovered) else None
-    entry["ce_loss_recovered_ci"] = None
-    entry["kl"] = float(point["kl"])
-    entry["kl_ci"] = None
-    entry["kl_zero"] = float(point["kl_zero"])
-    if n_rollouts > 1:
-        resamples = bootstrap_rollouts(n_rollouts, n_boot, seed)
-        weights = np.stack([np.bincount(rows, minlength=n_rollouts) for rows in resamples]).astype(np.float64)
-        replicates = _pooled(weights, sums)
-        entry["delta_ce_ci"] = _interval(replicates["delta_ce"], alpha)
-        if entry["ce_loss_recovered"] is not None:
-            entry["ce_loss_recovered_ci"] = _interval(replicates["ce_loss_recovered"], alpha)
-        entry["kl_ci"] = _interval(replicates["kl"], alpha)
+    per_rollout = np.stack([table.n_tokens.astype(np.float64), table.ce_clean, table.ce[(layer, "spliced")],
+                            table.ce[(layer, "zero")], table.ce[(layer, "mean")], table.kl[(layer, "spliced")],
+                            table.kl[(layer, "zero")]], axis=1)[scored]
+    _, question = np.unique(table.rollout_ids if questions is None else np.asarray(questions), return_inverse=True)
+    question = question.reshape(-1)[scored]
+    _, question = np.unique(question, return_inverse=True)  # the questions left with a scored token
+    sums = np.zeros((int(question.max()) + 1, len(SUMS)))
+    np.add.at(sums, question, per_rollout)
+    point = {name: float(value) for name, value in pooled(sums.sum(axis=0)).items()}
+    entry = {name: point[name] for name in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "delta_ce")}
+    entry["ce_loss_recovered"] = point["ce_loss_recovered"] if np.isfinite(point["ce_loss_recovered"]) else None
+    entry.update(kl=point["kl"], kl_zero=point["kl_zero"])
+    intervals = dict.fromkeys(INTERVALS)
+    if len(sums) > 1:
+        intervals = ratio_bootstrap_t(sums, lambda totals: {name: pooled(totals)[name] for name in INTERVALS},
+                                      n_boot=n_boot, seed=seed, alpha=alpha)
+    entry.update({f"{name}_ci": None if intervals[name] is None else list(intervals[name]) for name in INTERVALS})
     entry["n_tokens"] = int(table.n_tokens[scored].sum())
-    entry["n_rollouts"] = n_rollouts
+    entry["n_rollouts"] = int(scored.sum())
+    entry["n_questions"] = len(sums)
     return entry
-
-
-def _pooled(weights: np.ndarray, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Pooled statistics for each row of rollout multiplicities `weights` [B, R] (ones: the estimate
-    itself); ce_loss_recovered is NaN where ce_zero == ce_clean."""
-    tokens = weights @ sums["n_tokens"]
-    out = {name: weights @ sums[name] / tokens for name in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl", "kl_zero")}
-    out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
-    gap = out["ce_zero"] - out["ce_clean"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out["ce_loss_recovered"] = np.where(gap != 0, (out["ce_zero"] - out["ce_spliced"]) / gap, np.nan)
-    return out
-
-
-def _interval(stats: np.ndarray, alpha: float) -> list[float] | None:
-    stats = stats[np.isfinite(stats)]
-    if stats.size == 0:
-        return None
-    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return [float(low), float(high)]
 
 
 FIDELITY_DEFINITION = {
@@ -343,7 +323,7 @@ FIDELITY_DEFINITION = {
     "ce_loss_recovered": "(ce_zero - ce_spliced) / (ce_zero - ce_clean)",
     "kl": "mean over scored tokens of KL(p_clean || p_spliced), nats",
     "kl_zero": "the same for the zero ablation, KL(p_clean || p_zero)",
-    "intervals": "95% percentile bootstrap over rollouts",
+    "intervals": "95% studentized bootstrap (bootstrap-t) over the held-out questions, jackknife standard errors",
 }
 
 
@@ -352,4 +332,5 @@ def fidelity_of_layers(model: nn.Module, saes: dict[int, nn.Module], means: dict
     """layer_fidelity of every layer's SAE, one clean pass per rollout shared by all layers' variants."""
     variants = {key: fn for layer, sae in saes.items() for key, fn in fidelity_variants(layer, sae, means[layer]).items()}
     table = rollout_losses(model, rollouts, variants)
-    return {layer: layer_fidelity(table, layer, n_boot=n_boot, seed=seed) for layer in saes}
+    questions = None if any(r.question is None for r in rollouts) else np.array([r.question for r in rollouts])
+    return {layer: layer_fidelity(table, layer, questions=questions, n_boot=n_boot, seed=seed) for layer in saes}
