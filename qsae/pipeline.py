@@ -256,7 +256,7 @@ def evaluate(cfg: PipelineConfig, plan: RunPlan, run: RunDir, tasks: ModelTasks)
 def causal_check(cfg: PipelineConfig, plan: RunPlan, run: RunDir, *, tasks: ModelTasks, tokenizer) -> None:
     """The causal check's plans, the held-out prompts rerun under every arm, graded and compared."""
     seed = cfg.train.split_seed
-    study = causal.plan_study(run, cfg.causal, plan.layers, seed=seed)
+    study = causal.plan_study(run, cfg.causal, plan.layers, permutations=cfg.release.permutations, seed=seed)
     answers = {}
     if not study.skipped:
         layers = sorted({arm.layer for arm in study.arms if arm.layer is not None})
@@ -264,4 +264,4 @@ def causal_check(cfg: PipelineConfig, plan: RunPlan, run: RunDir, *, tasks: Mode
         generations = tasks.rerun(saes, study.arms, [r.prompt_token_ids for r in study.heldout])
         answers = causal.grade(study, generations, questions=plan.questions, tokenizer=tokenizer,
                                thinking=cfg.rollout.thinking, seed=cfg.rollout.seed)
-    atomic_write_json(run.causal, causal.assess(study, answers, n_boot=cfg.release.bootstrap, seed=seed))
+    atomic_write_json(run.causal, causal.assess(study, answers, unscored=cfg.release.unscored_rollouts))

@@ -220,6 +220,7 @@ def is_correct(predicted: str | None, q: Question) -> bool:
 # A rollout's outcome. Only "correct" and "wrong" are labels; a response cut off by the token budget,
 # or one without a parsable letter, says nothing about what the model knew.
 OUTCOMES = ("correct", "wrong", "truncated", "no_answer")
+SCORED = ("correct", "wrong")
 
 
 def grade(letter: str | None, answer_letter: str, finish_reason: str) -> str:

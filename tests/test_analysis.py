@@ -807,3 +807,27 @@ def test_feature_pages_stream_out_a_block_at_a_time(tmp_path):
     assert [f["feature_index"] for b in batches for f in b["features"]] == live
     skipped = json.loads((folder / "skipped_indexes.json").read_text())["skipped_indexes"]
     assert skipped == [f for f in range(n_features) if f not in set(live)] and len(skipped) >= 50
+
+
+def test_card_says_what_the_causal_check_could_detect_and_adjusts_its_p():
+    from qsae.causal import detectable
+
+    base = SimpleNamespace(correct=np.array([1, 1, 0, 0, 0, 0, 0, 0], bool))
+    arm = {"name": "L4 feature f9 ablate", "group": "feature", "accuracy_change": -0.125,
+           "accuracy_change_ci": [-0.4711, 0.2345], "mcnemar_p": 1.0, "mcnemar_p_holm": 1.0, "answers_changed": 0.25,
+           "length_change": 3.5, "length_change_ci": [-1.25, 8.25]}
+    info = card_info()
+    info["causal"] = {
+        "skipped": None, "unscored": "exclude", "detectable": detectable(base, n_arms=15),
+        "baseline": {"n_questions": 8, "accuracy": 0.25, "reproduces_original_responses": 1.0},
+        "layers": {"4": {"skipped": None, "note": None, "arms": [arm], "selected": [
+            {"feature": 9, "train_auroc": 0.7123, "train_null_centre": 0.5, "train_p": 0.0123,
+             "train_westfall_young_p": 0.2134}]}}}
+    card = render_model_card(ReleaseFacts.from_dict(info))
+    assert ("the smallest McNemar p any arm could reach is 0.5 for a drop in accuracy and 0.0312 for a rise; "
+            "p < 0.05 needs at least no drop (too few answers to flip) or a rise of 0.750 in accuracy, and after "
+            "Holm over the 15 arms no drop (too few answers to flip) or no rise (too few answers to flip)") in card
+    assert ("f9 (training AUROC 0.712, centre 0.500, p 0.0123, Westfall–Young p 0.213)" in card
+            and "only the questions both answered with a parsable letter in time count" in card)
+    assert table_cells(card, "L4 feature f9 ablate", "## Causal check") == [
+        "L4 feature f9 ablate", "-0.125", "[-0.471, 0.234]", "1", "1", "25%", "+3.5 [-1.2, +8.2]"]

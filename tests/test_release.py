@@ -295,7 +295,8 @@ def test_saebench_and_neuronpedia_files_hold_the_releases_numbers(release):
 
 def test_causal_check_reruns_the_heldout_questions_with_the_chosen_features_intervened(release):
     """causal.json: the un-intervened rerun reproduces the original rollouts (greedy), the chosen feature
-    is the training rollouts' top |AUROC - 0.5| (sklearn on max activations from the released rows),
+    is the training rollouts' top |AUROC - 0.5| (sklearn on max activations from the released rows; one
+    rollout per question, so the null's centre is 0.5),
     and each arm's statistics follow from its answers (McNemar against scipy)."""
     from scipy.stats import binomtest
 
@@ -325,11 +326,18 @@ def test_causal_check_reruns_the_heldout_questions_with_the_chosen_features_inte
     assert [c["matched_to"] for c in entry["controls"]] == [chosen] and entry["controls"][0]["feature"] != chosen
     groups = {arm["group"] for arm in entry["arms"]}
     assert groups == {"feature", "random", "dom"} and len(entry["arms"]) == 3 + 3 + 3
+    assert check["unscored"] == "exclude" and base["scored"] == [
+        int(rollouts[r]["outcome"] in ("correct", "wrong")) for r in base["rollout_ids"]]
     for arm in entry["arms"]:
-        mine, theirs = np.array(arm["correct"]), np.array(base["correct"])
-        assert arm["accuracy_change"] == pytest.approx(mine.mean() - theirs.mean())
+        # Only the questions both answered (release.unscored_rollouts = exclude), as in the statistics.
+        both = np.array(arm["scored"], bool) & np.array(base["scored"], bool)
+        mine, theirs = np.array(arm["correct"], bool)[both], np.array(base["correct"], bool)[both]
+        assert arm["n_questions"] == both.sum()
+        if both.any():
+            assert arm["accuracy_change"] == pytest.approx(mine.mean() - theirs.mean())
         b, c = int((theirs & ~mine).sum()), int((~theirs & mine).sum())
         assert arm["mcnemar_p"] == pytest.approx(1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue)
+        assert arm["mcnemar_p"] <= arm["mcnemar_p_holm"] <= 1.0
         changed = np.mean([x != y for x, y in zip(arm["letters"], base["letters"])])
         assert arm["answers_changed"] == pytest.approx(changed)
     # steering hard enough changes answers somewhere: the interventions reach the generation

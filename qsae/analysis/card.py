@@ -472,30 +472,49 @@ def _causal(info: ReleaseFacts) -> str:
     if check["skipped"]:
         return f"The causal check was skipped: {check['skipped']}."
     base = check["baseline"]
+    unscored = ("only the questions both answered with a parsable letter in time count, as in the statistics"
+                if check.get("unscored") == "exclude" else "an unscored answer counts as not correct")
     parts = [
-        f"Features chosen on the training questions (the top by rollout-level |AUROC - 0.5|) were ablated (their "
-        f"contribution subtracted from the layer output at every position) and steered (a multiple of their typical "
-        f"activation added along their decoder direction, both signs) while the model answered the "
+        "Features chosen on the training questions (the top by rollout-level |AUROC − null centre|) were ablated "
+        "(their contribution subtracted from the layer output at every position) and steered (a multiple of their "
+        "typical activation added along their decoder direction, both signs) while the model answered the "
         f"{base['n_questions']} held-out questions again, greedily. Controls: a random live feature matched on fire "
-        "rate for each, and the difference-of-means direction between correct and wrong training rollouts (ablated, "
-        "and steered at the chosen features' typical activation). Each arm is compared with the un-intervened "
-        f"rerun, whose accuracy is {base['accuracy']:.3f} and which reproduces "
-        f"{base['reproduces_original_responses']:.0%} of the original responses token for token. Δ accuracy has a "
-        "95% paired bootstrap interval over questions, p is McNemar's exact test; unscored answers count as not "
-        "correct. Full results: `causal.json`.",
+        "rate for each, steered at the chosen feature's strength (the same norm of the added vector), and the "
+        "difference-of-means direction between correct and wrong training rollouts (ablated, and steered at the "
+        "chosen features' typical activation). Each arm is compared with the un-intervened rerun, whose accuracy is "
+        f"{base['accuracy']:.3f} and which reproduces {base['reproduces_original_responses']:.0%} of the original "
+        f"responses token for token; {unscored}. Δ accuracy has Newcombe's {COVERAGE} interval for paired "
+        "proportions, p is McNemar's exact test, Holm p adjusts it over every arm, and Δ length has Student's t "
+        "interval. Full results: `causal.json`.",
+        _detectable(check["detectable"], base["n_questions"]),
     ]
     for layer, entry in check["layers"].items():
         if entry["skipped"]:
             parts.append(f"L{layer}: skipped: {entry['skipped']}.")
             continue
-        chosen = ", ".join(f"f{s['feature']} (AUROC {s['train_auroc']:.3f})" for s in entry["selected"])
+        chosen = ", ".join(f"f{s['feature']} (training AUROC {s['train_auroc']:.3f}, centre {s['train_null_centre']:.3f}, "
+                           f"p {s['train_p']:.3g}, Westfall–Young p {s['train_westfall_young_p']:.3g})"
+                           for s in entry["selected"])
         parts.append(f"L{layer}: chosen {chosen}." + (f" {entry['note']}." if entry["note"] else ""))
-        parts.append(_table(["arm", "Δ accuracy", "95% CI", "McNemar p", "answers changed",
+        parts.append(_table(["arm", "Δ accuracy", f"{COVERAGE} CI", "McNemar p", "Holm p", "answers changed",
                              f"Δ length (tokens) [{COVERAGE} CI]"], [
-            [arm["name"], f"{arm['accuracy_change']:+.3f}", _ci(arm["accuracy_change_ci"]), f"{arm['mcnemar_p']:.3g}",
-             f"{arm['answers_changed']:.0%}", f"{arm['length_change']:+.1f} {_ci(arm.get('length_change_ci'), '+.1f')}"]
+            [arm["name"], _num(arm["accuracy_change"], "+.3f"), _ci(arm["accuracy_change_ci"]),
+             f"{arm['mcnemar_p']:.3g}", f"{arm['mcnemar_p_holm']:.3g}", f"{arm['answers_changed']:.0%}",
+             f"{_num(arm['length_change'], '+.1f')} {_ci(arm.get('length_change_ci'), '+.1f')}"]
             for arm in entry["arms"]]))
     return "\n\n".join(parts)
+
+
+def _detectable(d: dict, n_questions: int) -> str:
+    """What the held-out question count lets the causal check see at all."""
+    def change(value, way: str) -> str:
+        return f"a {way} of {value:.3f} in accuracy" if value is not None else f"no {way} (too few answers to flip)"
+
+    return (f"What {n_questions} questions can show: the smallest McNemar p any arm could reach is "
+            f"{d['smallest_p_drop']:.3g} for a drop in accuracy and {d['smallest_p_rise']:.3g} for a rise; p < 0.05 "
+            f"needs at least {change(d['smallest_drop_at_p_0_05'], 'drop')} or {change(d['smallest_rise_at_p_0_05'], 'rise')}, "
+            f"and after Holm over the {d['n_arms']} arms {change(d['smallest_drop_after_holm'], 'drop')} or "
+            f"{change(d['smallest_rise_after_holm'], 'rise')}.")
 
 
 def _limitations(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:

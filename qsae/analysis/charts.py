@@ -174,7 +174,8 @@ CAUSAL_COLORS = {"feature": "tab:orange", "random": "tab:gray", "dom": "tab:blue
 
 def plot_causal(arms_by_layer: dict[int, list[dict]], path: str | Path) -> Path:
     """Per layer, each intervention's change in held-out accuracy against the un-intervened run, with
-    its paired bootstrap interval (no whisker where there is none); coloured by group."""
+    its paired interval (no whisker where there is none, no bar where no question was scored by both);
+    coloured by group."""
     layers = _layers(arms_by_layer)
     height = max(2.5, 0.3 * max(len(arms) for arms in arms_by_layer.values()) + 1.2)
     fig = Figure(figsize=(7, height * len(layers)))
@@ -182,7 +183,7 @@ def plot_causal(arms_by_layer: dict[int, list[dict]], path: str | Path) -> Path:
         ax = fig.add_subplot(len(layers), 1, i + 1)
         arms = arms_by_layer[layer]
         y = np.arange(len(arms))[::-1]
-        change = np.array([a["accuracy_change"] for a in arms])
+        change = np.array([np.nan if a["accuracy_change"] is None else a["accuracy_change"] for a in arms])
         ax.barh(y, change, color=[CAUSAL_COLORS[a["group"]] for a in arms])
         for yi, a in zip(y, arms):
             if a["accuracy_change_ci"] is not None:
