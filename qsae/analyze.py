@@ -75,7 +75,8 @@ def analyze_run(run: RunDir, layers: list[int], *, train: TrainConfig, rules: Ro
     save_selection(run.selection, selection)
     labels = rollout_labels(rollouts, release.unscored_rollouts)
     inputs = LayerInputs(sample_rows_of(selection, rollouts, labels), rollouts, labels,
-                         StatisticsSettings(release.bootstrap, release.permutations, rules.seed))
+                         StatisticsSettings(release.bootstrap, release.permutations, rules.seed,
+                                            release.probe_permutations))
     tokens = TokenTable({r: x.prompt_token_ids + x.response_token_ids for r, x in rollouts.items()})
     for layer in console.progress(iterable=layers, desc="analyze", unit="layer"):
         sae = trained[layer].sae

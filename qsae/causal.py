@@ -49,6 +49,7 @@ from qsae.rundir import RunDir
 from qsae.sample import load_selection
 
 MATCH_POOL = 5  # random controls are drawn among this many live features nearest in fire rate
+LENGTH_NOMINAL_BELOW = 100  # questions below which the length change's t interval covers too little
 BASELINE = "baseline"
 
 
@@ -394,6 +395,7 @@ def assess(study: CausalStudy, answers: dict[str, Answers], *, unscored: str) ->
         "skipped": None,
         "unscored": unscored,
         "detectable": detectable(base, len(arms)),
+        "length_change_nominal_below": LENGTH_NOMINAL_BELOW,
         "baseline": {"accuracy": float(base.correct.mean()), "n_questions": len(heldout),
                      "correct": base.correct.astype(int).tolist(), "scored": base.scored.astype(int).tolist(),
                      "letters": list(base.letter),

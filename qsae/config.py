@@ -317,6 +317,7 @@ class ReleaseConfig:
     context_tokens: int = setting(12, "tokens of context shown either side of each")
     bootstrap: int = setting(200, "bootstrap resamples for confidence intervals (over questions)")
     permutations: int = setting(1000, "label permutations for the rollout-level p-values and chance band")
+    probe_permutations: int = setting(100, "label permutations, each refitting the probe, for its null (0 = none)")
     unscored_rollouts: str = setting("exclude", 'truncated / unparsable rollouts: "exclude" from correctness statistics, or count as "wrong"')
     fidelity_rollouts: int | None = setting(None, "held-out rollouts the model-loss fidelity runs on (seeded sample; unset = all)")
     every_token: bool = setting(True, "encode pass: rollout pools and feature data over every response token "
@@ -324,7 +325,7 @@ class ReleaseConfig:
 
     def check(self) -> None:
         at_least(self, "release", 1, "bootstrap", "permutations", "top_contexts", "quantile_examples")
-        at_least(self, "release", 0, "context_tokens")
+        at_least(self, "release", 0, "context_tokens", "probe_permutations")
         at_least(self, "release", 1, "fidelity_rollouts", optional=True)
         require(self.unscored_rollouts in ("exclude", "wrong"),
                 f"release.unscored_rollouts must be exclude or wrong, got {self.unscored_rollouts!r}")

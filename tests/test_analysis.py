@@ -514,8 +514,10 @@ def test_card_gives_the_fdr_counts_of_every_pooling_and_the_length_adjusted_test
     info = card_info()
     info["per_layer"]["4"]["rollout_level"].update(
         n_q_below_0_05_mean=2, n_q_below_0_05_fire_fraction=0, length_adjusted_null_centre=0.6123,
-        length_adjusted_p=0.0456, n_q_below_0_05_length_adjusted=1)
+        length_adjusted_p=0.0456, n_q_below_0_05_length_adjusted=1, probe_p=0.0312, probe_null_mean=0.4487)
     card = render_model_card(ReleaseFacts.from_dict(info))
+    assert ("with p 0.0312 against the probe refitted on permuted labels (whose AUROC averages 0.449)" in card
+            and table_cells(card, "L4", "**Rollout level**")[8] == "0.661 [0.550, 0.770], p 0.0312 (null mean 0.449)")
     assert ("3 features pass FDR 5% (q < 0.05) (2 pooled by mean, 0 by firing fraction); within response-length "
             "deciles f1777's centre is 0.612 and its p 0.0456, and 1 feature passes FDR 5% there") in card
 
@@ -819,6 +821,7 @@ def test_card_says_what_the_causal_check_could_detect_and_adjusts_its_p():
     info = card_info()
     info["causal"] = {
         "skipped": None, "unscored": "exclude", "detectable": detectable(base, n_arms=15),
+        "length_change_nominal_below": 100,
         "baseline": {"n_questions": 8, "accuracy": 0.25, "reproduces_original_responses": 1.0},
         "layers": {"4": {"skipped": None, "note": None, "arms": [arm], "selected": [
             {"feature": 9, "train_auroc": 0.7123, "train_null_centre": 0.5, "train_p": 0.0123,
@@ -828,6 +831,7 @@ def test_card_says_what_the_causal_check_could_detect_and_adjusts_its_p():
             "p < 0.05 needs at least no drop (too few answers to flip) or a rise of 0.750 in accuracy, and after "
             "Holm over the 15 arms no drop (too few answers to flip) or no rise (too few answers to flip)") in card
     assert ("f9 (training AUROC 0.712, centre 0.500, p 0.0123, Westfall–Young p 0.213)" in card
-            and "only the questions both answered with a parsable letter in time count" in card)
+            and "only the questions both answered with a parsable letter in time count" in card
+            and "Student's t interval, nominal at fewer than 100 questions" in card)
     assert table_cells(card, "L4 feature f9 ablate", "## Causal check") == [
         "L4 feature f9 ablate", "-0.125", "[-0.471, 0.234]", "1", "1", "25%", "+3.5 [-1.2, +8.2]"]

@@ -136,6 +136,7 @@ CONFIG_CASES = [
     ("release.context_tokens=-1", "release.context_tokens must be >= 0"),
     ("release.bootstrap=0", "release.bootstrap must be >= 1"),
     ("release.permutations=0", "release.permutations must be >= 1"),
+    ("release.probe_permutations=-1", "release.probe_permutations must be >= 0"),
     ("release.unscored_rollouts=maybe", "release.unscored_rollouts must be exclude or wrong"),
     ("release.fidelity_rollouts=0", "release.fidelity_rollouts must be >= 1"),
     ("causal.layers=[]", "causal.layers is empty"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from qsae.analysis.fidelity import (
     NOMINAL_BELOW_CLUSTERS,
@@ -13,6 +14,7 @@ from qsae.analysis.fidelity import (
     variance_explained,
     variance_explained_ci,
 )
+from qsae.analysis.rollout_stats import auroc_jackknife_ci
 
 D = 16
 
@@ -112,3 +114,29 @@ def test_the_fidelity_intervals_cover_95_percent_at_100_questions(loss_populatio
     """ΔCE, KL and CE loss recovered are ratios of per-question sums, with the same interval."""
     assert 0.93 <= ratio_coverage(loss_population, 100, 2000, seed=3) <= 0.97
     assert 0.88 <= ratio_coverage(loss_population, 10, 500, seed=4) < 0.97
+
+
+@pytest.fixture(scope="module")
+def length_population():
+    """20,000 questions with one rollout each: response length log-normal, and longer responses more
+    often wrong; returns (length, correct) and the population's length AUROC."""
+    rng = np.random.default_rng(11)
+    length = np.exp(rng.normal(6, 0.6, 20_000))
+    correct = rng.random(len(length)) < 1 / (1 + np.exp(-(0.5 - 0.8 * (np.log(length) - 6))))
+    return length, correct, roc_auc_score(correct, length)
+
+
+@pytest.mark.parametrize("n_questions", [33, 100])  # the embedded default labels about 33 rollouts
+def test_the_auroc_intervals_cover_95_percent(length_population, n_questions):
+    """The length and probe AUROC intervals (a jackknife over questions with G - 1 degrees of freedom)."""
+    length, correct, truth = length_population
+    rng = np.random.default_rng(n_questions)
+    covered = n = 0
+    while n < 1000:
+        drawn = rng.choice(len(length), n_questions, replace=False)
+        interval = auroc_jackknife_ci(length[drawn], correct[drawn], np.arange(n_questions))
+        if interval is None:  # a sample with fewer than two of a class
+            continue
+        n += 1
+        covered += interval[0] <= truth <= interval[1]
+    assert 0.93 <= covered / n <= 0.97

@@ -16,7 +16,6 @@ from qsae.analysis.rollout_stats import (
     PROBE_C,
     auroc_dense,
     bh_qvalues,
-    bootstrap_auroc_ci,
     permutation_test,
     permuted_labels,
     pool_by_rollout,
@@ -123,7 +122,7 @@ def test_one_class_or_no_labels_raise_clear_errors():
         with pytest.raises(UndefinedAUROCError):
             permutation_test(scores, labels, np.arange(5), 10)
         with pytest.raises(UndefinedAUROCError):
-            bootstrap_auroc_ci(scores[:, 0], labels, np.arange(5), n_boot=10)
+            rollout_stats.auroc_jackknife_ci(scores[:, 0], labels, np.arange(5))
     with pytest.raises(UndefinedAUROCError, match="no labelled rollouts"):
         auroc_dense(np.ones((0, 3)), np.zeros(0, bool))
     with pytest.raises(ValueError, match="labels must have shape"):
@@ -373,35 +372,27 @@ def test_bh_qvalues_match_the_definition():
         bh_qvalues(np.array([0.5, 1.5]))
 
 
-# response length: question bootstrap
+# response length: question jackknife
 
 
-def test_bootstrap_auroc_ci_matches_resampling_questions():
+def test_auroc_jackknife_ci_leaves_out_one_question_at_a_time():
+    """The interval, written here: AUROC (sklearn) recomputed without each question in turn, the
+    jackknife standard error of those, and Student's t with G - 1 degrees of freedom."""
     rng = np.random.default_rng(12)
-    groups = rng.permutation(np.repeat(np.arange(7), [1, 2, 3, 4, 3, 2, 5]))
-    lengths = rng.integers(100, 110, len(groups))  # ties
-    labels = np.isin(groups, [0, 3])  # correct rollouts in two questions only: some replicates miss both
-    labels[np.flatnonzero(groups == 3)[0]] = False
-    n_boot, seed = 300, 13
-    ci = bootstrap_auroc_ci(lengths, labels, groups, n_boot=n_boot, seed=seed)
-
-    draws = np.random.default_rng(seed).integers(0, 7, (n_boot, 7))
-    replicates = []
-    for draw in draws:
-        rows = np.concatenate([np.flatnonzero(groups == question) for question in draw])
-        if labels[rows].all() or not labels[rows].any():
-            continue  # one-class replicate: skipped
-        replicates.append(roc_auc_score(labels[rows], lengths[rows]))
-    assert len(replicates) < n_boot  # some replicates are one-class and skipped
-    np.testing.assert_allclose(ci, np.quantile(replicates, [0.025, 0.975]), atol=1e-12)
-
-
-def test_bootstrap_auroc_ci_is_none_when_most_replicates_are_one_class():
-    # Two questions, one all correct and one all wrong: a replicate has both classes half the time.
-    groups, labels = np.repeat([0, 1], 3), np.repeat([True, False], 3)
-    usable = [(len(set(d)) == 2) for d in np.random.default_rng(0).integers(0, 2, (9, 2))]
-    assert 2 * sum(usable) < 9
-    assert bootstrap_auroc_ci(np.arange(6.0), labels, groups, n_boot=9, seed=0) is None
+    groups = rng.permutation(np.repeat(np.arange(9), [1, 2, 3, 4, 3, 2, 5, 1, 2]))
+    lengths = rng.integers(100, 108, len(groups))  # ties, within and across questions
+    labels = rng.random(len(groups)) < 0.5
+    labels[:2] = [True, False]
+    got = rollout_stats.auroc_jackknife_ci(lengths, labels, groups)
+    left_out = np.array([roc_auc_score(labels[groups != q], lengths[groups != q]) for q in range(9)])
+    se = np.sqrt(8 / 9 * ((left_out - left_out.mean()) ** 2).sum())
+    estimate = roc_auc_score(labels, lengths)
+    half = stats.t.ppf(0.975, 8) * se
+    np.testing.assert_allclose(got, [max(estimate - half, 0), min(estimate + half, 1)], atol=1e-12)
+    # Too few questions, or a question whose removal leaves one class: no interval.
+    assert rollout_stats.auroc_jackknife_ci(lengths[:3], np.array([True, False, True]), np.array([0, 1, 1])) is None
+    only = np.array([True, False, False, False])
+    assert rollout_stats.auroc_jackknife_ci(np.arange(4.0), only, np.arange(4)) is None
 
 
 # probe
@@ -426,6 +417,40 @@ def test_probe_auroc_is_near_chance_for_independent_labels():
     rng, residuals, groups = probe_data(15)
     result = probe_auroc(residuals, rng.random(len(groups)) < 0.5, groups)
     assert abs(result.auroc - 0.5) < 0.2
+
+
+def test_the_probe_null_refits_on_permuted_labels():
+    """The p-value counts the probe refitted on labels permuted within questions (as permuted_labels
+    draws them) reaching the observed AUROC; its null sits below 0.5 on average (out-of-fold bias)."""
+    rng, residuals, groups = probe_data(16)
+    labels = rng.random(len(groups)) < 0.5
+    observed = probe_auroc(residuals, labels, groups).auroc
+    p, null_mean = rollout_stats.probe_null(residuals, labels, groups, observed, n_permutations=30, seed=4)
+    null = [probe_auroc(residuals, row, groups, seed=4).auroc
+            for row in permuted_labels(labels, groups, 30, np.random.default_rng(5))]
+    assert p == (1 + sum(a >= observed for a in null)) / 31 and null_mean == pytest.approx(np.mean(null))
+    # A real signal is beyond every refit.
+    signal = residuals @ rng.standard_normal(residuals.shape[1]) > 0
+    assert rollout_stats.probe_null(residuals, signal, groups, probe_auroc(residuals, signal, groups).auroc,
+                                    n_permutations=30, seed=4)[0] == 1 / 31
+
+
+def test_probe_p_values_are_calibrated_on_noise():
+    """Over noise datasets the refitted null's p is about uniform (its out-of-fold AUROC averages below
+    0.5, which a test against 0.5 would misread), so p <= 0.1 about one time in ten."""
+    p, means = [], []
+    for seed in range(24):
+        rng = np.random.default_rng(100 + seed)
+        groups = np.repeat(np.arange(20), 2)
+        residuals, labels = rng.standard_normal((40, 6)), rng.random(40) < 0.5
+        observed = probe_auroc(residuals, labels, groups, seed=seed).auroc  # the folds the refits use
+        if observed is None:
+            continue
+        result = rollout_stats.probe_null(residuals, labels, groups, observed, n_permutations=19, seed=seed)
+        p.append(result[0])
+        means.append(result[1])
+    assert len(p) >= 20 and np.mean(means) < 0.5
+    assert np.mean(np.array(p) <= 0.1) <= 0.25 and 0.3 < np.mean(p) < 0.7
 
 
 def test_probe_never_tests_on_a_question_it_trained_on():
@@ -465,7 +490,7 @@ def test_rollout_statistics_puts_the_pieces_together():
     lengths = rng.integers(100, 2000, len(labels)) + 300 * labels
     residuals = rng.standard_normal((len(labels), 8)) + labels[:, None]
     result = rollout_statistics(scores, labels, groups, lengths=lengths, mean_residuals=residuals,
-                                n_permutations=400, n_boot=200, seed=1)
+                                n_permutations=400, seed=1)
     assert result.summary["feature"] == 7
     assert result.summary["length_auroc"] == pytest.approx(roc_auc_score(labels, lengths))
     low, high = result.length_ci

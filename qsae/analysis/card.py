@@ -245,10 +245,12 @@ def _definitions(info: ReleaseFacts) -> str:
         "the jackknife over its questions; with fewer than "
         f"{NOMINAL_BELOW_CLUSTERS} held-out questions it is nominal (in the test suite's coverage simulation it covers "
         "about 92% at 10 questions and 93.5% at 100). ΔCE, CE loss recovered and KL: the same over the held-out "
-        "questions scored (92% at 10, 95% at 100 in the simulation). Length and probe AUROC: percentile bootstrap "
-        "over all labelled questions, the probe's out-of-fold predictions held fixed (its refit's variance is left "
-        "out). Causal check: percentile bootstrap over the held-out questions rerun. These last two have not been "
-        "checked for coverage. With fewer than two questions no interval is computable.",
+        "questions scored (92% at 10, 95% at 100 in the simulation). Length and probe AUROC: AUROC ± Student's t "
+        "(G − 1 degrees of freedom) times its jackknife standard error over the G labelled questions, each left out "
+        "with all its rollouts (95% at 33 and at 100 questions in the simulation); the probe's out-of-fold "
+        "predictions are held fixed, so its interval leaves out the refit's variance and is nominal (its p comes "
+        "from refitting it on permuted labels). Causal check: Newcombe's interval for paired proportions and "
+        "Student's t (see there). With fewer than two questions (three for an AUROC) no interval is computable.",
         "- **L0**: mean number of features with a positive activation per held-out token "
         + ("(above the threshold; counted in the sparse view of at most min(n, 4k) per token)." if _batchtopk(info)
            else "(at most k)."),
@@ -282,7 +284,10 @@ def _definitions(info: ReleaseFacts) -> str:
         "same test with response-length deciles as the strata, so a feature that only tracks length sits at its "
         "centre there (length within a decile is not controlled).",
         "- **Baselines**: the AUROC of response length alone, and of a logistic-regression probe (standardised "
-        "features, L2) on each rollout's mean residual, scored out of fold with questions as groups.",
+        "features, L2) on each rollout's mean residual, scored out of fold with questions as groups; the probe's p "
+        f"counts how often the probe refitted on permuted labels ({stats.get('probe_permutations', 0):,} "
+        "permutations, within questions where they share them) reaches its AUROC. Out-of-fold AUROC sits below 0.5 "
+        "on noise, so the null's mean is shown beside it.",
         "- **Fidelity in the model's loss** (`fidelity.json`): on held-out rollouts, the next-token cross-entropy "
         "(nats per token) at every response position but the last, with the layer's output left as is (clean), "
         "replaced by the SAE's reconstruction (spliced), by zeros, or by the training rows' mean, at every response "
@@ -387,6 +392,9 @@ def _rollout_sentence(layer, r: dict) -> str:
         compare = (f"the probe on mean residuals reaches AUROC {probe:.3f} out of fold, "
                    + ("above" if probe > oriented else "not above")
                    + f" the best single feature's {oriented:.3f} (oriented its way; picked after the fact, so favoured)")
+    if probe is not None and r.get("probe_p") is not None and r.get("probe_null_mean") is not None:
+        compare += (f", with p {r['probe_p']:.3g} against the probe refitted on permuted labels (whose AUROC "
+                    f"averages {r['probe_null_mean']:.3f})")
     length = f"response length alone gives {_num(r['length_auroc'])}"
     return (f"L{layer}: the largest |AUROC − null centre| is {r['max_abs_auroc']:.3f} (f{r['feature']}, AUROC {best}, "
             f"centre {_num(r.get('null_centre'))}, {r['direction']}), {verdict} (Westfall–Young p = {r['westfall_young_p']:.3g}); {fdr}; {compare}; "
@@ -407,7 +415,9 @@ def _correctness(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
                      f"{r['chance_band_95']:.3f}", f"{r['westfall_young_p']:.3g}", f"{r['n_q_below_0_05']:,}",
                      f"{_num(r['length_auroc'])} {_ci(r.get('length_auroc_ci'))}",
                      _num(r["probe_auroc"]) + (f" {_ci(r.get('probe_auroc_ci'))}" if r["probe_auroc"] is not None
-                                               else f" ({r.get('probe_reason') or 'not computable'})")])
+                                               else f" ({r.get('probe_reason') or 'not computable'})")
+                     + (f", p {r['probe_p']:.3g} (null mean {r['probe_null_mean']:.3f})"
+                        if r.get("probe_p") is not None and r.get("probe_null_mean") is not None else "")])
     header = ["layer", "labelled rollouts", "largest \\|AUROC − null centre\\|", "feature", "chance band (95%)",
               "Westfall–Young p", "features with q < 0.05", f"length AUROC [{COVERAGE} CI]",
               f"probe AUROC [{COVERAGE} CI]"]
@@ -485,7 +495,9 @@ def _causal(info: ReleaseFacts) -> str:
         f"{base['accuracy']:.3f} and which reproduces {base['reproduces_original_responses']:.0%} of the original "
         f"responses token for token; {unscored}. Δ accuracy has Newcombe's {COVERAGE} interval for paired "
         "proportions, p is McNemar's exact test, Holm p adjusts it over every arm, and Δ length has Student's t "
-        "interval. Full results: `causal.json`.",
+        "interval" + (f", nominal at fewer than {nominal} questions (length changes are skewed: the test suite's "
+                      "simulation covers 78% at 8 questions)" if base["n_questions"] < (nominal := check.get(
+                          "length_change_nominal_below", 0)) else "") + ". Full results: `causal.json`.",
         _detectable(check["detectable"], base["n_questions"]),
     ]
     for layer, entry in check["layers"].items():

@@ -210,10 +210,13 @@ def _ve(sq_err: np.ndarray, sq_dev: np.ndarray) -> np.ndarray:
 
 
 def studentized_interval(estimate: float, se: float, replicates: np.ndarray, replicate_se: np.ndarray,
-                         alpha: float) -> tuple[float, float]:
+                         alpha: float) -> tuple[float, float] | None:
     """Bootstrap-t interval: estimate - t*_(1 - alpha/2) se .. estimate - t*_(alpha/2) se, with t* the
-    replicates' (replicate - estimate) / replicate_se (replicates without a finite, positive se left out)."""
+    replicates' (replicate - estimate) / replicate_se (replicates without a finite, positive se left out;
+    None when none is left: the data have no spread to resample)."""
     usable = np.isfinite(replicates) & np.isfinite(replicate_se) & (replicate_se > 0)
+    if not usable.any():
+        return None
     t = (replicates[usable] - estimate) / replicate_se[usable]
     low_t, high_t = np.quantile(t, [alpha / 2, 1 - alpha / 2])
     return float(estimate - high_t * se), float(estimate - low_t * se)
@@ -227,7 +230,7 @@ def variance_explained_ci(
     n_boot: int = 200,
     seed: int = 0,
     alpha: float = DEFAULT_ALPHA,
-) -> tuple[float, float]:
+) -> tuple[float, float] | None:
     """Studentized (bootstrap-t) interval of variance_explained, resampling whole questions (`groups`
     [N]: each row's question, since tokens of one rollout or question are not independent).
 
@@ -245,7 +248,7 @@ def variance_explained_ci(
     return question_bootstrap_t(QuestionSums.of(x, x_hat, groups), n_boot=n_boot, seed=seed, alpha=alpha)
 
 
-def question_bootstrap_t(sums: QuestionSums, *, n_boot: int, seed: int, alpha: float) -> tuple[float, float]:
+def question_bootstrap_t(sums: QuestionSums, *, n_boot: int, seed: int, alpha: float) -> tuple[float, float] | None:
     """variance_explained_ci's interval from the per-question sums."""
     n_questions = len(sums.rows)
     if n_questions < 2:
@@ -256,5 +259,7 @@ def question_bootstrap_t(sums: QuestionSums, *, n_boot: int, seed: int, alpha: f
         ve, ve_se = sums.resampled(weights)
         replicates.append(ve)
         replicate_se.append(ve_se)
-    low, high = studentized_interval(estimate, se, np.concatenate(replicates), np.concatenate(replicate_se), alpha)
-    return low, min(high, 1.0)  # no reconstruction explains more than all the variance
+    interval = studentized_interval(estimate, se, np.concatenate(replicates), np.concatenate(replicate_se), alpha)
+    if interval is None:
+        return None
+    return interval[0], min(interval[1], 1.0)  # no reconstruction explains more than all the variance

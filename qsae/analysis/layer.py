@@ -120,6 +120,7 @@ class StatisticsSettings:
     bootstrap: int
     permutations: int
     seed: int
+    probe_permutations: int = 0
 
 
 @dataclass
@@ -141,8 +142,9 @@ def reconstruction_stats(sae: TopKSAE, sample: EncodedSample, inputs: LayerInput
     groups = rows.question[held]
     ve_ci = None
     if len(np.unique(groups)) >= 2:  # one question resampled is no interval
-        ve_ci = list(variance_explained_ci(sample.heldout_residuals, x_hat, n_boot=settings.bootstrap,
-                                           seed=settings.seed, groups=groups))
+        interval = variance_explained_ci(sample.heldout_residuals, x_hat, n_boot=settings.bootstrap,
+                                         seed=settings.seed, groups=groups)
+        ve_ci = None if interval is None else list(interval)
     return {
         "variance_explained": variance_explained(sample.heldout_residuals, x_hat),
         "ve_ci": ve_ci,
@@ -163,7 +165,8 @@ def token_level_auroc(sample: EncodedSample, rows: SampleRows, n_features: int) 
 
 ROLLOUT_SUMMARY_KEYS = ("max_abs_auroc", "statistic", "feature", "auroc", "null_centre", "direction", "chance_band_95",
                         "westfall_young_p", "n_q_below_0_05", "length_auroc", "length_auroc_ci", "probe_auroc",
-                        "probe_auroc_ci", "permuted_within_questions", "length_adjusted_null_centre",
+                        "probe_auroc_ci", "probe_p", "probe_null_mean", "permuted_within_questions",
+                        "length_adjusted_null_centre",
                         "length_adjusted_p", "n_q_below_0_05_length_adjusted", "n_q_below_0_05_mean",
                         "n_q_below_0_05_fire_fraction")
 # Per feature, for each pooling (max: the headline; mean; fire fraction): AUROC, its null centre, p and BH q;
@@ -210,7 +213,8 @@ def rollout_level(sample: EncodedSample, inputs: LayerInputs, n_features: int,
         pooled.max[keep], correct, questions,
         lengths=np.array([rollouts[r].n_response_tokens for r in ids.tolist()]),
         mean_residuals=sample.rollout_sum[in_sample] / sample_rows[in_sample][:, None],
-        n_permutations=settings.permutations, n_boot=settings.bootstrap, seed=settings.seed)
+        n_permutations=settings.permutations, seed=settings.seed,
+        probe_permutations=settings.probe_permutations)
     summary = {**stats.summary, "length_auroc_ci": None if stats.length_ci is None else list(stats.length_ci),
                "probe_auroc_ci": None if stats.probe_ci is None else list(stats.probe_ci),
                "probe_reason": stats.probe.reason, "reason": None}

@@ -10,7 +10,7 @@ normal approximation with the null's exact mean and variance (a stratified Mann-
 `rank_test`), checked against the permutation p. Multiplicity over features is handled twice:
 Benjamini-Hochberg q-values (`bh_qvalues`, from those continuous p-values, so not floored by the
 permutation count) and the Westfall-Young max-statistic p-value with its 95% chance band. Response length and a linear probe on the mean
-residual are the baselines a feature has to beat (`bootstrap_auroc_ci`, `probe_auroc`).
+residual are the baselines a feature has to beat (`auroc_jackknife_ci`, `probe_auroc`).
 
 Every AUROC here is the Mann-Whitney statistic with ties counted one half. Under a permutation of
 the labels each feature's midranks stay fixed, so a permuted AUROC needs only the rank sum of the
@@ -29,7 +29,6 @@ from qsae.analysis.fidelity import DEFAULT_ALPHA
 FEATURE_BLOCK = 128  # features ranked at once: a float64 [128, R] midrank block is 27 MB at R = 26,529
 POOL_CHUNK_ROWS = 65_536  # token rows pooled at once: ~2M firing entries at k = 32
 PERMUTATION_BATCH = 128  # permuted label rows drawn and multiplied at once, as a float64 [128, R] matrix
-BOOT_BATCH = 128  # bootstrap replicates weighed at once, as an int64 [128, R] matrix
 Q_THRESHOLD = 0.05  # BH q below which a feature counts as a discovery in the summary
 PROBE_C = 0.1  # inverse L2 strength of the probe on standardised inputs: many dimensions, few rollouts
 PROBE_MAX_ITER = 5000  # lbfgs iterations: enough to converge on standardised residuals
@@ -460,55 +459,57 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
 # baselines: response length and a linear probe
 
 
-def bootstrap_auroc_ci(
-    scores: np.ndarray,
-    labels: np.ndarray,
-    groups: np.ndarray,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = DEFAULT_ALPHA,
+def auroc_jackknife_ci(
+    scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, alpha: float = DEFAULT_ALPHA
 ) -> tuple[float, float] | None:
-    """Percentile interval of the AUROC of scores [R] (e.g. response length), resampling questions.
+    """Interval of the AUROC of scores [R]: AUROC +- t_(G-1) x its jackknife standard error over the
+    G questions (each left out with all its rollouts), clipped to [0, 1].
 
-    Each replicate draws as many questions as there are, with replacement, and takes all rollouts
-    of each drawn question (rollouts of one question are correlated, so they move together). A
-    replicate without both classes has no AUROC and is skipped; when fewer than half the replicates
-    are usable the interval means little and None is returned. Raises UndefinedAUROCError when
-    labels are one class. Replicates are evaluated at once: rollouts sorted by score once, each
-    replicate is a vector of rollout multiplicities, and its U statistic comes from per-tie-run
-    weighted class counts.
+    Leaving out question g takes from the Mann-Whitney sum S = sum over (correct i, wrong j) of
+    psi(x_i, x_j) the placements of g's rollouts among the other class and gives back g's own pairs:
+    S - row_g + psi_gg, over (n_correct - c_g)(n_wrong - w_g). The placements come from one sort by
+    score and its tie runs, so the interval costs O(R log R + sum of squared question sizes). (A
+    studentized bootstrap over questions covers too much here at a few dozen questions: 99%, against
+    95% for this one in tests/test_coverage.py.) None with fewer than 3 questions, or when leaving
+    some question out leaves one class.
     """
+    from scipy.stats import t
+
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1 or not np.isfinite(scores).all():
         raise ValueError(f"scores must be a finite 1-D array, got shape {scores.shape}")
     labels = _labels(labels, len(scores))
-    if n_boot < 1 or not 0 < alpha < 1:
-        raise ValueError(f"need n_boot >= 1 and alpha in (0, 1), got {n_boot} and {alpha}")
     codes = _question_codes(groups, len(scores))
     n_questions = int(codes.max()) + 1
-    order = np.argsort(scores, kind="stable")
-    run_start = np.flatnonzero(np.diff(scores[order], prepend=-np.inf) != 0)
-    positive, question = labels[order], codes[order]
-    draws = np.random.default_rng(seed).integers(0, n_questions, (n_boot, n_questions))
-    stats = []
-    for first in range(0, n_boot, BOOT_BATCH):
-        batch = draws[first:first + BOOT_BATCH]
-        offsets = np.arange(len(batch))[:, None] * n_questions
-        copies = np.bincount((batch + offsets).ravel(), minlength=batch.size).reshape(batch.shape)
-        weight = copies[:, question]  # [b, R] multiplicity of each rollout, in score order
-        pos = np.add.reduceat(weight * positive, run_start, axis=1)  # weighted positives per tie run
-        neg = np.add.reduceat(weight * ~positive, run_start, axis=1)
-        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
-        # U = sum over runs of positives x (negatives in lower runs + half the negatives in the same run).
-        u = (pos * (np.cumsum(neg, axis=1) - neg / 2)).sum(axis=1)
-        usable = (n_pos > 0) & (n_neg > 0)
-        stats.append(u[usable] / (n_pos[usable] * n_neg[usable]))
-    stats = np.concatenate(stats)
-    if 2 * len(stats) < n_boot:
+    if n_questions < 3:
         return None
-    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
+    order = np.argsort(scores, kind="stable")
+    x, positive, question = scores[order], labels[order], codes[order]
+    run = np.cumsum(np.diff(x, prepend=-np.inf) != 0) - 1  # tie run of each sorted rollout
+    pos_run = np.bincount(run, weights=positive).astype(np.float64)
+    neg_run = np.bincount(run, weights=~positive).astype(np.float64)
+    below = np.cumsum(neg_run) - neg_run  # wrong rollouts strictly below each run
+    above = pos_run.sum() - np.cumsum(pos_run)  # correct rollouts strictly above
+    # Per rollout: the wrong ones a correct rollout outscores, or the correct ones outscoring a wrong one.
+    placement = np.where(positive, (below + neg_run / 2)[run], (above + pos_run / 2)[run])
+    total = placement[positive].sum()
+    row = np.bincount(question, weights=placement, minlength=n_questions)
+    own = np.zeros(n_questions)  # psi_gg: each question's own (correct, wrong) pairs
+    q_pos = np.bincount(codes, weights=labels, minlength=n_questions)
+    q_neg = np.bincount(codes, weights=~labels, minlength=n_questions)
+    for g in np.flatnonzero(q_pos * q_neg):
+        members = codes == g
+        pos, neg = scores[members & labels], scores[members & ~labels]
+        own[g] = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).sum()
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    remaining = (n_pos - q_pos) * (n_neg - q_neg)
+    if (remaining == 0).any():
+        return None
+    left_out = (total - row + own) / remaining
+    estimate = total / (n_pos * n_neg)
+    se = float(np.sqrt((n_questions - 1) / n_questions * ((left_out - left_out.mean()) ** 2).sum()))
+    half = float(t.ppf(1 - alpha / 2, n_questions - 1)) * se
+    return max(estimate - half, 0.0), min(estimate + half, 1.0)
 
 
 def probe_auroc(
@@ -552,6 +553,20 @@ def probe_auroc(
         probe.fit(features[train], labels[train])
         predicted[test] = probe.predict_proba(features[test])[:, 1]
     return ProbeResult(float(roc_auc_score(labels, predicted)), None, splits, predicted)
+
+
+def probe_null(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, observed: float, *,
+               n_permutations: int, seed: int = 0) -> tuple[float, float | None]:
+    """The probe's permutation null, refitting it: (p, mean null AUROC, None without a fitted one). Each permutation (labels moved
+    within questions, as permuted_labels does, from seed + 1) gets its own folds' fits and out-of-fold
+    AUROC; p = (1 + #{null >= observed}) / (1 + P), one-sided (the probe learns its direction, so an
+    AUROC below 0.5 is failure, not an effect). Cross-validated AUROC is biased below 0.5 on noise; the
+    null carries that bias too, so the p-value does not. Permutations whose probe cannot be fitted
+    (a one-class fold) are left out."""
+    null = [probe_auroc(features, row, groups, seed=seed).auroc
+            for row in permuted_labels(labels, groups, n_permutations, np.random.default_rng(seed + 1))]
+    null = np.array([a for a in null if a is not None])
+    return float((1 + (null >= observed).sum()) / (1 + len(null))), float(null.mean()) if len(null) else None
 
 
 # per-layer summary
@@ -601,12 +616,13 @@ def rollout_statistics(
     lengths: np.ndarray | None = None,
     mean_residuals: np.ndarray | None = None,
     n_permutations: int = 1000,
-    n_boot: int = 1000,
     seed: int = 0,
+    probe_permutations: int = 0,
 ) -> RolloutStatistics:
     """One layer's rollout statistics over its labelled rollouts: the permutation test of every
     feature's pooled max activation [R, n], BH q-values, the response-length AUROC with its
-    question-bootstrap interval, the mean-residual probe, and the summary. Raises
+    question-jackknife interval (and the length-adjusted test), the mean-residual probe with its
+    interval and refitted null, and the summary. Raises
     UndefinedAUROCError when the labels are empty or one class."""
     test = permutation_test(pooled_max, labels, groups, n_permutations, seed=seed)
     q = bh_qvalues(test.p)
@@ -614,17 +630,22 @@ def rollout_statistics(
     if lengths is not None:
         lengths = np.asarray(lengths, dtype=np.float64)
         length_auroc = float(auroc_dense(lengths[:, None], labels)[0])
-        length_ci = bootstrap_auroc_ci(lengths, labels, groups, n_boot=n_boot, seed=seed)
+        length_ci = auroc_jackknife_ci(lengths, labels, groups)
         adjusted = rank_test(pooled_max, labels, length_strata(lengths))
         adjusted_q = bh_qvalues(adjusted.p)
+    probe_p = probe_null_mean = None
     if mean_residuals is not None:
         probe = probe_auroc(mean_residuals, labels, groups, seed=seed)
         if probe.predicted is not None:  # the folds stay fixed: this interval is over the rollouts scored
-            probe_ci = bootstrap_auroc_ci(probe.predicted, labels, groups, n_boot=n_boot, seed=seed)
+            probe_ci = auroc_jackknife_ci(probe.predicted, labels, groups)
+            if probe_permutations:
+                probe_p, probe_null_mean = probe_null(mean_residuals, labels, groups, probe.auroc,
+                                                      n_permutations=probe_permutations, seed=seed)
     summary = rollout_summary(test, q, length_auroc=length_auroc, probe_auroc=None if probe is None else probe.auroc,
                               n_labelled=len(labels))
     best = summary["feature"]
     summary.update({
+        "probe_p": probe_p, "probe_null_mean": probe_null_mean,
         "length_adjusted_null_centre": None if adjusted is None else float(adjusted.null_centre[best]),
         "length_adjusted_p": None if adjusted is None else float(adjusted.p[best]),
         "n_q_below_0_05_length_adjusted": None if adjusted is None else int((adjusted_q < Q_THRESHOLD).sum()),
