@@ -148,8 +148,9 @@ def missing_fast_kernels(config, device: str) -> list[str]:
 
 
 def load_model(name_or_path: str, revision: str | None = None, dtype: str = "float32", device: str = "cpu"):
-    """Load (model, tokenizer) in eval mode, the weights straight onto `device` (never a full copy in
-    host memory first); errors name the model that failed."""
+    """Load (model, tokenizer) in eval mode, the weights straight onto `device` where accelerate is
+    installed (never a full copy in host memory first), else through host memory; errors name the
+    model that failed."""
     path = resolve_model_path(name_or_path)
     config = load_config(path, revision)
     tokenizer = load_tokenizer(path, revision)
@@ -157,9 +158,15 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
     if missing := missing_fast_kernels(config, device):
         warnings.warn(f"{name_or_path}: linear-attention layers will use transformers' slow reference kernels; "
                       f"install {' and '.join(missing)} (pip install -e '.[gpu]') for the fast ones", stacklevel=2)
+    # transformers places weights on a device as it reads them only through accelerate (device_map);
+    # without it (a machine with torch and transformers alone) the model loads on the CPU and moves after.
+    direct = device != "cpu" and importlib.util.find_spec("accelerate") is not None
     try:
         model, loading = model_class_for(config).from_pretrained(
-            path, revision=revision, dtype=dtype_from_name(dtype), device_map=device, output_loading_info=True)
+            path, revision=revision, dtype=dtype_from_name(dtype), device_map=device if direct else None,
+            output_loading_info=True)
+        if device != "cpu" and not direct:
+            model = model.to(device)
     except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: shapes that do not fit, or out of memory
         reason = first_line(err)
         raise ModelLoadError(f"could not load the weights of model {name_or_path!r}: {reason}") from None

@@ -35,7 +35,8 @@ STORE_FORMAT = 5  # 2: rows carry `special` and `norm`; 3: the manifest records 
 # 4: the manifest records every file's checksum; 5: and which response positions it keeps (KeptPositions)
 CHECKSUM = "sha256"  # hashlib's name for it; sha256 (SHA-NI) outran blake2b here, 1.4 against 0.9 GB/s
 CHECK_THREADS = min(8, os.cpu_count() or 1)  # files checksummed at once (hashlib lets go of the GIL)
-HOOK_CONVENTION = "output of decoder layer L (= hidden_states[L + 1]): the residual stream after block L"
+HOOK_CONVENTION = ("output of decoder layer L: the residual stream after block L (transformers' hidden_states[L + 1], "
+                   "but for the last layer, whose hidden_states entry is final-normed)")
 TOKEN_SELECTION = "response tokens: positions n_prompt .. n_prompt + n_response - 1 of prompt+response"
 
 

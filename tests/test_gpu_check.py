@@ -1,6 +1,6 @@
-"""benchmarks/gpu_check.py as CI runs it: `--smoke` in a subprocess that can import neither Ray nor
-vLLM and finds qsae only through the script's own path (as on the GPU machine, which has neither and
-no install of qsae), and its refusal to run the full check without CUDA."""
+"""benchmarks/gpu_check.py as CI runs it: `--smoke` in a subprocess that can import neither Ray, vLLM
+nor accelerate and finds qsae only through the script's own path (as on the GPU machine, which has
+none of them and no install of qsae), and its refusal to run the full check without CUDA."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-BLOCKED = ("ray", "vllm")
+BLOCKED = ("ray", "vllm", "accelerate")  # the GPU machine has torch and transformers alone
 # `python -c LAUNCHER SCRIPT ARGS` runs SCRIPT as `python SCRIPT ARGS` would, after two changes that
 # make this machine look like the GPU machine: None in sys.modules makes `import ray` raise
 # ModuleNotFoundError and importlib.util.find_spec("ray") return None, exactly as when Ray is not

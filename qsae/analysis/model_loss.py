@@ -5,7 +5,7 @@ Token set, per rollout of token ids x_0 .. x_{T-1} whose first n_prompt are the 
   loss_p = -log softmax(logits_p)[x_{p+1}], in nats.
 - spliced positions S: the response positions the caller names (those the SAE was trained on;
   special and very-high-norm tokens keep their own output). In a variant for layer L the output of
-  decoder layer L (the residual stream, transformers' hidden_states[L + 1]) at the positions in S is
+  decoder layer L (the residual stream after block L) at the positions in S is
   replaced; every other position keeps its own output.
 
 Variants of layer L: "spliced" (sae(x), the SAE's reconstruction), "zero" (0) and "mean" (the mean

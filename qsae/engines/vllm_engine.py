@@ -18,7 +18,7 @@ VLLM_ALLOW_INSECURE_SERIALIZATION). Rows travel back as raw bytes in the model's
 Pitfalls:
 - A vLLM decoder layer returns `(hidden_states, residual)` and leaves the last residual add to the
   next layer's fused add-norm: the residual stream after layer L is their SUM, which is
-  transformers' hidden_states[L + 1].
+  transformers' hidden_states[L + 1] for every layer but the last (whose entry is final-normed).
 - Hooks need eager execution (`enforce_eager=True`): under torch.compile vLLM runs one compiled graph
   of the whole model, and hooks registered afterwards never fire. On a GPU this also costs rollouts
   their CUDA graphs (slower decoding of small batches).
