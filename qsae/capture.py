@@ -25,8 +25,8 @@ from qsae.models import decoder_layers, load_model, load_tokenizer, weights_iden
 from qsae.questions import Question, question_digest
 from qsae.rollout import Draws, Rollout, run_rollouts, write_rollouts
 from qsae.rundir import RunDir
-from qsae.store import (MANIFEST, KeptPositions, ShardRows, StoreError, check_compatible, new_manifest, read_manifest,
-                        shard_checksums, shard_path, write_shard)
+from qsae.store import (MANIFEST, KeptPositions, ShardRows, StoreError, beyond_float16, check_compatible, new_manifest,
+                        read_manifest, shard_checksums, shard_path, write_shard)
 from qsae.tiny import TINY_DENSE_MODEL, TINY_MODEL
 
 # (sequences, starts, layer_ids) -> {layer: [rows of sequence i from position starts[i]]}
@@ -97,8 +97,8 @@ def store_to_extend(spec: ReplicaSpec, questions: list[Question], run: RunDir) -
 def list_shard(manifest: dict, captured: dict) -> None:
     """Enter a captured shard (capture_question_shard's result) in the manifest, with the checksums of
     its files; the caller writes it."""
-    keys = ("questions", "question_digests", "rollouts", "rows", "checksums")
-    manifest["shards"][captured["shard"]] = {key: captured[key] for key in keys}
+    keys = ("questions", "question_digests", "rollouts", "rows", "checksums", "beyond_float16")
+    manifest["shards"][captured["shard"]] = {key: captured[key] for key in keys if key in captured}
 
 
 def check_same_questions(manifest: dict, shards: list[QuestionShard]) -> None:
@@ -191,7 +191,10 @@ def capture_shard(residuals_of: ResidualFn, rollouts: list[Rollout], layer_ids: 
                   shard: str, dtype: str, special_ids: set[int] = frozenset(),
                   kept: KeptPositions = KeptPositions()) -> dict[str, int]:
     """Capture the response-token residuals of `rollouts` (at least one) and write a shard per layer,
-    keeping the positions `kept` chooses; rows whose token is in `special_ids` are marked special."""
+    keeping the positions `kept` chooses; rows whose token is in `special_ids` are marked special.
+    In a float16 store, a token whose residual exceeds float16's range at any layer is left out at
+    every layer (the layers keep the same tokens): one token of massive activations must not end a
+    run, and the row rules would leave it out of training anyway (its norm is far above the median)."""
     sequences = [r.prompt_token_ids + r.response_token_ids for r in rollouts]
     starts = [r.n_prompt_tokens for r in rollouts]
     residuals = residuals_of(sequences, starts, layer_ids)
@@ -200,11 +203,15 @@ def capture_shard(residuals_of: ResidualFn, rollouts: list[Rollout], layer_ids: 
     position = np.concatenate([start + o for start, o in zip(starts, offsets)])
     token_id = np.concatenate([np.asarray(r.response_token_ids, dtype=np.int64)[o] for r, o in zip(rollouts, offsets)])
     correct = np.repeat([r.correct for r in rollouts], [len(o) for o in offsets])
-    special = np.isin(token_id, sorted(special_ids))
+    matrices = {layer: np.concatenate([rows[o] for rows, o in zip(residuals[layer], offsets)]) for layer in layer_ids}
+    keep = np.ones(len(rollout_id), dtype=bool)
+    if dtype == "float16":
+        for matrix in matrices.values():
+            keep &= ~beyond_float16(matrix)
+    special = np.isin(token_id[keep], sorted(special_ids))
     return {
         str(layer): write_shard(store_dir, layer, shard, ShardRows(
-            rollout_id, position, token_id, correct,
-            np.concatenate([rows[o] for rows, o in zip(residuals[layer], offsets)]), special), dtype=dtype)
+            rollout_id[keep], position[keep], token_id[keep], correct[keep], matrices[layer][keep], special), dtype=dtype)
         for layer in layer_ids
     }
 
@@ -254,8 +261,10 @@ def capture_question_shard(replica: Replica, shard: QuestionShard, spec: Replica
                          dtype=spec.capture.dtype, special_ids=special_token_ids(replica.tokenizer),
                          kept=kept_positions(spec.capture))
     written = [rollout_part] + [shard_path(run.store, layer, shard.name) for layer in spec.layers]
+    chosen = sum(kept_positions(spec.capture).count(r.n_response_tokens) for r in rollouts)
     return {
         "shard": shard.name,
+        "beyond_float16": chosen - rows[str(spec.layers[0])],  # tokens left out (capture_shard)
         "questions": [q.uuid for q in shard.questions],
         "question_digests": [question_digest(q) for q in shard.questions],
         "rollouts": len(rollouts),

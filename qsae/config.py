@@ -132,7 +132,7 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class CaptureConfig:
     layers: list[int] | str = setting([3, 7, 11], 'decoder layers captured, or "all" of them')
-    dtype: str = setting("float32", "store dtype: float32 | float16 (float16 overflow is refused, never stored as inf)")
+    dtype: str = setting("float32", "store dtype: float32 | float16 (tokens beyond float16's range are left out, counted)")
     num_actors: int = setting(2, "model replicas in the capture actor pool")
     cpus_per_actor: float = setting(1.0, "Ray CPUs reserved per replica")
     gpus_per_actor: float = setting(0.0, "Ray GPUs per replica (1 for the 27B model in bf16 on a 96 GB GPU)")

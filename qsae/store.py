@@ -115,6 +115,16 @@ def shard_schema(d_model: int, dtype: str) -> pa.Schema:
     )
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # a Python float: comparing with a float16 scalar would cast to float16
+
+
+def beyond_float16(residuals: np.ndarray) -> np.ndarray:
+    """bool [N]: rows with a value outside float16's range (a model's massive activations on a few
+    tokens can reach it); NaN and inf are not counted here (to_store_dtype refuses them)."""
+    with np.errstate(invalid="ignore"):
+        return (np.abs(np.nan_to_num(residuals, nan=0.0, posinf=0.0, neginf=0.0)) > FLOAT16_MAX).any(axis=1)
+
+
 def to_store_dtype(residuals: np.ndarray, dtype: str) -> np.ndarray:
     """Cast residuals to the store dtype, refusing NaN/inf and float16 overflow (never store inf)."""
     if dtype not in ("float16", "float32"):
@@ -124,7 +134,7 @@ def to_store_dtype(residuals: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float32":
         return residuals.astype(np.float32, copy=False)
     peak = float(np.abs(residuals).max(initial=0.0))
-    if peak > float(np.finfo(np.float16).max):  # a Python float: comparing with a float16 scalar would cast peak to float16
+    if peak > FLOAT16_MAX:
         raise OverflowError(f"residual magnitude {peak:.3g} overflows float16; capture with dtype float32")
     return residuals.astype(np.float16)
 

@@ -835,3 +835,12 @@ def test_card_says_what_the_causal_check_could_detect_and_adjusts_its_p():
             and "Student's t interval, nominal at fewer than 100 questions" in card)
     assert table_cells(card, "L4 feature f9 ablate", "## Causal check") == [
         "L4 feature f9 ablate", "-0.125", "[-0.471, 0.234]", "1", "1", "25%", "+3.5 [-1.2, +8.2]"]
+
+
+def test_card_counts_the_tokens_left_out_beyond_float16():
+    info = card_info()
+    assert "float16" not in render_model_card(ReleaseFacts.from_dict(info)).split("- Rows:")[1].split("\n")[0]
+    info["rows"]["beyond_float16"] = 3
+    assert ("- Rows: 81,234 response tokens stored per layer (every response position); 3 more were left out at "
+            "capture, their residual beyond float16's range (massive activations).") in \
+        render_model_card(ReleaseFacts.from_dict(info))

@@ -110,6 +110,33 @@ def test_capture_shard_writes_the_store_schema(tiny, rollouts, tmp_path):
     assert shard_path(tmp_path, 11, "shard-00000").exists()
 
 
+def test_a_token_beyond_float16_is_left_out_at_every_layer_not_the_run(tiny, rollouts, tmp_path):
+    """Massive activations: one token's residual at one layer beyond float16's range. A float16 store
+    leaves that token out at every layer and keeps every other token, equal to a float32 capture."""
+    model, _ = tiny
+    plain = partial(capture_residuals, model, batch_size=4)
+    huge = (rollouts[1].rollout_id, 3)  # the rollout's response token 3, at layer 7 only
+
+    def massive(sequences, starts, layer_ids):
+        residuals = plain(sequences, starts, layer_ids)
+        residuals[7][1] = residuals[7][1].copy()
+        residuals[7][1][3, 5] = 1e6
+        return residuals
+
+    counts = capture_shard(massive, rollouts, LAYERS, tmp_path / "f16", shard="s", dtype="float16")
+    capture_shard(plain, rollouts, LAYERS, tmp_path / "f32", shard="s", dtype="float32")
+    n_rows = sum(r.n_response_tokens for r in rollouts)
+    assert counts == {str(layer): n_rows - 1 for layer in LAYERS}
+    for layer in LAYERS:
+        half, full = (pa.ipc.open_file(str(shard_path(tmp_path / d, layer, "s"))).read_all() for d in ("f16", "f32"))
+        keys = list(zip(full.column("rollout_id").to_pylist(),
+                        (np.array(full.column("position").to_pylist()) - np.repeat(
+                            [r.n_prompt_tokens for r in rollouts], [r.n_response_tokens for r in rollouts])).tolist()))
+        kept = [key != huge for key in keys]
+        assert half.column("rollout_id").to_pylist() == [k[0] for k, keep in zip(keys, kept) if keep]
+        np.testing.assert_allclose(residual_matrix(half), residual_matrix(full)[np.array(kept)], rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("kept", [KeptPositions(per_rollout=7, seed=3), KeptPositions(fraction=0.3, seed=3)])
 def test_a_bounded_store_keeps_the_rows_its_rule_gives_and_the_same_on_rerun(tiny, rollouts, tmp_path, kept):
     """The kept rows are the full capture's rows at the chosen positions, as many per rollout as the rule

@@ -205,7 +205,9 @@ def _data(info: ReleaseFacts) -> str:
         f"- Outcomes: {o['correct']:,} correct, {o['wrong']:,} wrong, {o['truncated']:,} truncated (hit the token "
         f"limit), {o['no_answer']:,} without a parsable answer letter. The {unscored:,} truncated or unanswered "
         f"rollouts are neither right nor wrong: they are {use}.",
-        f"- Rows: {rows['stored']:,} response tokens stored per layer ({rows['stored_positions']}).",
+        f"- Rows: {rows['stored']:,} response tokens stored per layer ({rows['stored_positions']})"
+        + (f"; {rows['beyond_float16']:,} more were left out at capture, their residual beyond float16's range "
+           "(massive activations)" if rows.get("beyond_float16") else "") + ".",
         f"  - {special}.",
         f"  - {norm_rule}.",
         f"  - {rows['excluded']:,} tokens left out in all, the same at every layer; of the rest, {cap} were used: "

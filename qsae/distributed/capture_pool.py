@@ -114,6 +114,9 @@ class CaptureBook:
     def done(self, shard: QuestionShard, result: dict) -> dict:
         list_shard(self.manifest, result)
         write_manifest(self.run.store, self.manifest)
+        if result["beyond_float16"]:
+            console.warn(f"{shard.name}: {result['beyond_float16']:,} token(s) whose residual exceeds float16's range "
+                         "were left out of the store at every layer (capture.dtype = float32 keeps them)")
         self.tokens += result["response_tokens"]
         self.done_bytes += result["bytes"]
         self.done_questions += len(result["questions"])
