@@ -633,3 +633,17 @@ def test_a_local_ray_is_not_taken_for_a_cluster_that_may_grow(local_ray):
     from qsae.distributed.resources import may_grow
 
     assert may_grow() is False  # its one node has no node type of an autoscaling config
+
+
+def test_a_model_task_runs_each_call_in_a_fresh_worker(local_ray):
+    """The evaluation and causal tasks load the model: each call's worker exits after it, so nothing it
+    held (a GPU's cached memory) outlives the call, whereas a plain task's worker is reused."""
+    from qsae.distributed.model_tasks import model_task
+
+    def worker_pid() -> int:  # defined here: Ray ships it by value (this module is not importable there)
+        return os.getpid()
+
+    options = {"num_cpus": 1, "num_gpus": 0}
+    fresh = [ray.get(model_task(worker_pid).options(**options).remote()) for _ in range(3)]
+    reused = [ray.get(ray.remote(worker_pid).options(**options).remote()) for _ in range(3)]
+    assert len(set(fresh)) == 3 and len(set(reused)) < 3

@@ -17,6 +17,14 @@ from qsae.models import load_model
 from qsae.sae import TopKSAE
 
 
+def model_task(function):
+    """`function` as a Ray task whose worker process exits after one call, so the model it loaded (on a
+    GPU, the CUDA memory torch keeps cached) goes with it before the next task loads another copy. Ray
+    does this itself only for tasks declared with GPUs, not for GPUs given through .options(), and
+    max_calls can only be declared, not given through .options()."""
+    return ray.remote(max_calls=1)(function)
+
+
 def evaluate_task(spec: ReplicaSpec, inputs: EvaluationInputs) -> Evaluation:
     use_threads(spec.capture.cpus_per_actor)
     model, _ = load_model(spec.model_path, spec.model.revision, spec.model.dtype, spec.model.device)
@@ -25,7 +33,7 @@ def evaluate_task(spec: ReplicaSpec, inputs: EvaluationInputs) -> Evaluation:
 
 def evaluate_in_ray(spec: ReplicaSpec, inputs: list[EvaluationInputs]) -> list[Evaluation]:
     """Each group of layers' evaluation in a task of its own, all at once."""
-    task = ray.remote(evaluate_task).options(**replica_options(spec.capture))
+    task = model_task(evaluate_task).options(**replica_options(spec.capture))
     refs = [task.remote(spec, group) for group in inputs]
     all_ready(refs, WaitNotes("evaluate", replica_request(spec.capture)))
     return get_or_raise_cause(refs)
@@ -42,7 +50,7 @@ def rerun_task(spec: ReplicaSpec, saes: dict[int, TopKSAE], arms: list[Arm],
 def rerun_in_ray(spec: ReplicaSpec, saes: dict[int, TopKSAE], arms: list[Arm],
                  prompts: list[list[int]]) -> dict[str, list[Generation]]:
     """The causal check's arms spread over up to capture.num_actors tasks; every arm's generations."""
-    task = ray.remote(rerun_task).options(**replica_options(spec.capture))
+    task = model_task(rerun_task).options(**replica_options(spec.capture))
     refs = [task.remote(spec, saes, group, prompts) for group in deal(arms, spec.capture.num_actors)]
     all_ready(refs, WaitNotes("causal check", replica_request(spec.capture)))
     generations = {}
