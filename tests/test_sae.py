@@ -239,7 +239,26 @@ def test_topk_encoder_gradients_match_autograd(with_dead):
 
 def test_decoder_sum_is_decode_without_bias(sae, x):
     values, indices = sae.encode_topk(x)
-    assert torch.allclose(sae.decoder_sum(values, indices) + sae.b_dec, sae.decode_topk(values, indices))
+    assert torch.equal(sae.decoder_sum(values, indices, dense=False) + sae.b_dec, sae.decode_topk(values, indices))
+
+
+@pytest.mark.parametrize("k", [4, 40])  # 4 x 32 < 512 latents: gathered rows; 40 x 32 >= 512: one dense matmul
+def test_decoder_sum_gathers_or_multiplies_to_the_same_sum_and_gradients(k):
+    """The AuxK term's decoder_sum chooses its path by k; decode_topk always gathers (the original
+    recipe's sums stay bit for bit)."""
+    # sum_j values[j] W_dec[indices[j]], written out here, and its gradients, on either path.
+    torch.manual_seed(3)
+    sae = TopKSAE(24, 512, 8).double()
+    values = torch.rand(6, k, dtype=torch.float64, requires_grad=True)
+    indices = torch.stack([torch.randperm(512)[:k] for _ in range(6)])
+    got = sae.decoder_sum(values, indices)
+    expected = torch.stack([(values[i, :, None] * sae.W_dec[indices[i]]).sum(dim=0) for i in range(6)])
+    torch.testing.assert_close(got, expected)
+    weights = torch.randn_like(got)
+    ours = torch.autograd.grad((got * weights).sum(), (values, sae.W_dec))
+    theirs = torch.autograd.grad((expected * weights).sum(), (values, sae.W_dec))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
 
 
 def test_encode_for_training_under_bf16_autocast(sae, x):
