@@ -1,4 +1,4 @@
-"""Command line: `qsae release|capture|train|analyze|export` (also `python -m qsae`).
+"""Command line: `qsae release|capture|train|analyze|doctor|export` (also `python -m qsae`).
 
 `qsae train`'s SAE flags are made from TrainConfig's fields and their one-line docs, so a flag and
 the setting it sets cannot drift apart.
@@ -86,6 +86,17 @@ def cmd_capture(args) -> int:
         manifest = capture(plan, run, stages)
     console.say(f"[qsae] {len(manifest['shards'])} shards captured in {run.store}")
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from qsae.doctor import FAIL, examine, report
+
+    findings = examine(load_pipeline_config(args))
+    print(report(findings))
+    failed = [f.what for f in findings if f.level == FAIL]
+    if failed:
+        print(f"qsae: doctor: this config would fail here ({', '.join(failed)})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_analyze(args) -> int:
@@ -208,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("release", cmd_release, "whole pipeline: capture, train, analyze, evaluate, causal check, release"),
         ("capture", cmd_capture, "rollouts and residual capture into the activation store"),
         ("analyze", cmd_analyze, "analysis, evaluation, causal check and release from a trained run"),
+        ("doctor", cmd_doctor, "what this machine would use for the config, and what would fail (nothing runs)"),
     ):
         p = sub.add_parser(name, help=help_text, parents=[pipeline_parser(name, help_text)], add_help=False)
         p.set_defaults(func=func)

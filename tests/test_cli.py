@@ -332,3 +332,24 @@ def test_analyze_refuses_a_trained_sae_other_than_the_config_asks_for(tmp_path, 
     assert capsys.readouterr().err.strip().splitlines() == [
         "qsae: error: layer 3: the trained SAE is topk with n_features=32, k=4, but the config asks for topk with "
         "n_features=64, k=4; analyze with the config it was trained with, or train again"]
+
+
+def test_doctor_reports_what_a_run_would_use_and_fails_on_what_would_stop_it(tmp_path):
+    """`qsae doctor` loads no weights and starts no Ray: on the embedded default every finding is ok;
+    with an SAE no trainer here can hold, or the vLLM CPU build with a hybrid model, it says which
+    check fails and exits 1 (and leaves the run directory uncreated)."""
+    out = f"out={json.dumps(str(tmp_path / 'run'))}"
+    done = qsae("doctor", out)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    found = {line.split()[2]: line.split()[1] for line in lines}
+    for what in ("torch", "ray", "transformers", "model.device", "train.device", "before", "replica", "trainer", "store"):
+        assert found.get(what) == "ok", (what, done.stdout)
+    assert "d_model 64" in done.stdout and torch.__version__ in done.stdout and not (tmp_path / "run").exists()
+    for override, what in (("train.n_features=4000000000", "trainer memory"),
+                           ("rollout.engine=vllm", "before Ray")):
+        done = qsae("doctor", out, override)
+        assert done.returncode == 1
+        failed = [line for line in done.stdout.splitlines() if line.startswith("[qsae] fail")]
+        assert len(failed) == 1 and what in failed[0]
+        assert done.stderr.strip() == f"qsae: doctor: this config would fail here ({what})"
