@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qsae import console
 from qsae.config import CaptureConfig, ModelConfig, RolloutConfig
 from qsae.engines import Engine, Sampling
 from qsae.engines.hf_engine import HFEngine
@@ -187,14 +188,42 @@ def special_token_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
 
 
+class CaptureCheckError(ValueError):
+    """The first shard's rows show that the hooks capture something other than the residual stream."""
+
+
+def check_residuals(matrices: dict[int, np.ndarray], rollout_id: np.ndarray, engine: str) -> dict[str, float]:
+    """A replica's first rows, before anything is stored: at every layer finite, no row all zeros (a
+    hook that saw nothing), and no two neighbouring positions of a rollout equal (a hook that keeps
+    one position for all); returns each layer's median row norm, for the log. A failure names the
+    layer and the engine."""
+    norms = {}
+    same_rollout = rollout_id[1:] == rollout_id[:-1]
+    for layer, rows in matrices.items():
+        where = f"capture self-check, layer {layer} ({engine} engine)"
+        if not np.isfinite(rows).all():
+            raise CaptureCheckError(f"{where}: residuals are not finite; capture with model.dtype float32")
+        row_norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+        if (row_norms == 0).any():
+            raise CaptureCheckError(f"{where}: {int((row_norms == 0).sum()):,} of {len(rows):,} rows are all zeros: "
+                                    "the hook did not see the layer's output")
+        repeated = same_rollout & (rows[1:] == rows[:-1]).all(axis=1)
+        if repeated.any():
+            raise CaptureCheckError(f"{where}: {int(repeated.sum()):,} rows repeat the position before them: the "
+                                    "hook does not see each position")
+        norms[str(layer)] = float(np.median(row_norms)) if len(rows) else 0.0
+    return norms
+
+
 def capture_shard(residuals_of: ResidualFn, rollouts: list[Rollout], layer_ids: list[int], store_dir: Path, *,
                   shard: str, dtype: str, special_ids: set[int] = frozenset(),
-                  kept: KeptPositions = KeptPositions()) -> dict[str, int]:
+                  kept: KeptPositions = KeptPositions(), check: str | None = None) -> dict[str, int]:
     """Capture the response-token residuals of `rollouts` (at least one) and write a shard per layer,
     keeping the positions `kept` chooses; rows whose token is in `special_ids` are marked special.
     In a float16 store, a token whose residual exceeds float16's range at any layer is left out at
     every layer (the layers keep the same tokens): one token of massive activations must not end a
-    run, and the row rules would leave it out of training anyway (its norm is far above the median)."""
+    run, and the row rules would leave it out of training anyway (its norm is far above the median).
+    `check` (the engine's name) first runs check_residuals on the rows, as a replica's first shard does."""
     sequences = [r.prompt_token_ids + r.response_token_ids for r in rollouts]
     starts = [r.n_prompt_tokens for r in rollouts]
     residuals = residuals_of(sequences, starts, layer_ids)
@@ -204,6 +233,10 @@ def capture_shard(residuals_of: ResidualFn, rollouts: list[Rollout], layer_ids: 
     token_id = np.concatenate([np.asarray(r.response_token_ids, dtype=np.int64)[o] for r, o in zip(rollouts, offsets)])
     correct = np.repeat([r.correct for r in rollouts], [len(o) for o in offsets])
     matrices = {layer: np.concatenate([rows[o] for rows, o in zip(residuals[layer], offsets)]) for layer in layer_ids}
+    if check is not None:
+        norms = check_residuals(matrices, rollout_id, check)
+        console.say(f"[qsae] {shard}: capture self-check passed; median residual norm per layer: "
+                    + ", ".join(f"L{layer} {norm:.3g}" for layer, norm in norms.items()))
     keep = np.ones(len(rollout_id), dtype=bool)
     if dtype == "float16":
         for matrix in matrices.values():
@@ -248,10 +281,12 @@ def load_replica(spec: ReplicaSpec) -> Replica:
     return Replica(tokenizer, engine, partial(capture_residuals, hf_model, batch_size=spec.capture.batch_size))
 
 
-def capture_question_shard(replica: Replica, shard: QuestionShard, spec: ReplicaSpec, run: RunDir) -> dict:
-    """Roll out one shard of questions (rollout.samples_per_question rollouts each), then capture it.
-    Every file is written atomically; the caller lists the shard in the manifest only after this
-    returns, with the checksums of its files (read back from disk once written)."""
+def capture_question_shard(replica: Replica, shard: QuestionShard, spec: ReplicaSpec, run: RunDir, *,
+                           check: bool = False) -> dict:
+    """Roll out one shard of questions (rollout.samples_per_question rollouts each), then capture it
+    (with check_residuals first where `check`: a replica's first shard). Every file is written
+    atomically; the caller lists the shard in the manifest only after this returns, with the checksums
+    of its files (read back from disk once written)."""
     rollouts = run_rollouts(replica.engine, replica.tokenizer, shard.questions, shard.first_id,
                             thinking=spec.rollout.thinking, seed=spec.rollout.seed,
                             draws=Draws(spec.rollout.samples_per_question, spec.rollout.sampling_seed))
@@ -259,7 +294,7 @@ def capture_question_shard(replica: Replica, shard: QuestionShard, spec: Replica
     write_rollouts(rollouts, rollout_part)
     rows = capture_shard(replica.residuals_of, rollouts, list(spec.layers), run.store, shard=shard.name,
                          dtype=spec.capture.dtype, special_ids=special_token_ids(replica.tokenizer),
-                         kept=kept_positions(spec.capture))
+                         kept=kept_positions(spec.capture), check=spec.rollout.engine if check else None)
     written = [rollout_part] + [shard_path(run.store, layer, shard.name) for layer in spec.layers]
     chosen = sum(kept_positions(spec.capture).count(r.n_response_tokens) for r in rollouts)
     return {

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from qsae.capture import capture_residuals, capture_shard, special_token_ids
+from qsae.capture import CaptureCheckError, capture_residuals, capture_shard, check_residuals, special_token_ids
 from qsae.engines.hf_engine import HFEngine
 from qsae.models import decoder_layers
 from qsae.questions import BUNDLED_QUESTIONS, chat_prompt, format_prompt, load_questions
@@ -162,3 +162,31 @@ def test_a_bounded_store_keeps_the_rows_its_rule_gives_and_the_same_on_rerun(tin
     assert read(again).equals(table)
     offsets = [table.column("position").to_numpy()[ids == r.rollout_id] - r.n_prompt_tokens for r in rollouts]
     assert len({tuple(o[:3]) for o in offsets if len(o) >= 3}) > 1  # each rollout draws its own positions
+
+
+@pytest.mark.parametrize("break_hook, problem", [
+    (lambda rows: np.zeros_like(rows), "rows are all zeros"),
+    (lambda rows: np.repeat(rows[:1], len(rows), axis=0), "rows repeat the position before them"),
+    (lambda rows: np.where(np.arange(len(rows))[:, None] == 2, np.nan, rows), "not finite"),
+])
+def test_the_first_shard_self_check_stops_a_broken_hook_naming_layer_and_engine(tiny, rollouts, tmp_path,
+                                                                                  break_hook, problem):
+    """A hook at layer 7 broken three ways; the check runs before anything is written, and an intact
+    capture passes it with each layer's median norm (computed here) in the log line."""
+    model, _ = tiny
+    plain = partial(capture_residuals, model, batch_size=4)
+
+    def broken(sequences, starts, layer_ids):
+        residuals = plain(sequences, starts, layer_ids)
+        residuals[7] = [break_hook(rows) for rows in residuals[7]]
+        return residuals
+
+    with pytest.raises(CaptureCheckError, match=f"capture self-check, layer 7 \\(transformers engine\\): .*{problem}"):
+        capture_shard(broken, rollouts, LAYERS, tmp_path, shard="s", dtype="float32", check="transformers")
+    assert not list(tmp_path.rglob("*.arrow"))
+    rows = plain([r.prompt_token_ids + r.response_token_ids for r in rollouts], [r.n_prompt_tokens for r in rollouts],
+                 LAYERS)
+    ids = np.repeat([r.rollout_id for r in rollouts], [r.n_response_tokens for r in rollouts])
+    norms = check_residuals({layer: np.concatenate(rows[layer]) for layer in LAYERS}, ids, "transformers")
+    for layer in LAYERS:
+        assert norms[str(layer)] == pytest.approx(np.median(np.linalg.norm(np.concatenate(rows[layer]), axis=1)))

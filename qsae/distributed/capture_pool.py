@@ -31,8 +31,9 @@ class CaptureWorker:
         self.replica = None
 
     def process(self, shard: QuestionShard) -> dict:
+        first = self.replica is None
         self.replica = self.replica or load_replica(self.spec)
-        return capture_question_shard(self.replica, shard, self.spec, self.run)
+        return capture_question_shard(self.replica, shard, self.spec, self.run, check=first)
 
     def close(self) -> None:
         """Stop the engine's own processes (vLLM's engine core holds the GPU), so that the trainers
