@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from qsae.analysis.baselines import auroc_jackknife_ci
 from qsae.analysis.fidelity import (
     NOMINAL_BELOW_CLUSTERS,
     QuestionSums,
@@ -14,7 +15,6 @@ from qsae.analysis.fidelity import (
     variance_explained,
     variance_explained_ci,
 )
-from qsae.analysis.rollout_stats import auroc_jackknife_ci
 
 D = 16
 

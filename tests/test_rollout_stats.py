@@ -11,15 +11,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from qsae.analysis import rollout_stats
+from qsae.analysis.baselines import PROBE_C, probe_auroc
 from qsae.analysis.features import UndefinedAUROCError
+from qsae.analysis.permutations import permuted_labels
 from qsae.analysis.rollout_stats import (
-    PROBE_C,
     auroc_dense,
     bh_qvalues,
     permutation_test,
-    permuted_labels,
     pool_by_rollout,
-    probe_auroc,
     rollout_statistics,
     rollout_summary,
 )

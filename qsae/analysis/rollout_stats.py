@@ -1,4 +1,4 @@
-"""Rollout-level correctness statistics of SAE features: pooling, AUROC, permutation tests, probes.
+"""Rollout-level correctness statistics of SAE features: pooling, AUROC, permutation tests.
 
 A rollout (one response to a question) is correct or wrong; its token rows are correlated, so the
 unit of inference here is the rollout, not the token. Token codes are pooled per rollout
@@ -9,8 +9,9 @@ measured from the centre of its own null (0.5 only across all rollouts). Each p-
 normal approximation with the null's exact mean and variance (a stratified Mann-Whitney test,
 `rank_test`), checked against the permutation p. Multiplicity over features is handled twice:
 Benjamini-Hochberg q-values (`bh_qvalues`, from those continuous p-values, so not floored by the
-permutation count) and the Westfall-Young max-statistic p-value with its 95% chance band. Response length and a linear probe on the mean
-residual are the baselines a feature has to beat (`auroc_jackknife_ci`, `probe_auroc`).
+permutation count) and the Westfall-Young max-statistic p-value with its 95% chance band. Response
+length and a linear probe on the mean residual are the baselines a feature has to beat (baselines);
+`rollout_statistics` puts all of it together for one layer.
 
 Every AUROC here is the Mann-Whitney statistic with ties counted one half. Under a permutation of
 the labels each feature's midranks stay fixed, so a permuted AUROC needs only the rank sum of the
@@ -18,21 +19,25 @@ positives: (permuted labels [P, R]) @ (midranks [R, n]), one matrix product per 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from qsae.analysis.features import CHANCE_AUROC, UndefinedAUROCError, auroc_direction, firing_entries
-from qsae.analysis.fidelity import DEFAULT_ALPHA
+from qsae.analysis.baselines import ProbeResult, auroc_jackknife_ci, probe_auroc, probe_null
+from qsae.analysis.features import CHANCE_AUROC, auroc_direction, firing_entries
+from qsae.analysis.permutations import (
+    PERMUTATION_BATCH,
+    checked_labels,
+    is_stratified,
+    permuted_labels,
+    question_codes,
+)
 
 FEATURE_BLOCK = 128  # features ranked at once: a float64 [128, R] midrank block is 27 MB at R = 26,529
 POOL_CHUNK_ROWS = 65_536  # token rows pooled at once: ~2M firing entries at k = 32
-PERMUTATION_BATCH = 128  # permuted label rows drawn and multiplied at once, as a float64 [128, R] matrix
 Q_THRESHOLD = 0.05  # BH q below which a feature counts as a discovery in the summary
-PROBE_C = 0.1  # inverse L2 strength of the probe on standardised inputs: many dimensions, few rollouts
-PROBE_MAX_ITER = 5000  # lbfgs iterations: enough to converge on standardised residuals
-PROBE_SPLITS = 5
 LENGTH_BINS = 10  # response-length strata of the length-adjusted test (deciles)
 
 
@@ -60,16 +65,6 @@ class PermutationTest:
     chance_band_95: float  # 95th percentile of max_abs_null: |AUROC - null_centre| reached by chance alone
     n_permutations: int
     stratified: bool  # True when labels were permuted within questions
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """Out-of-fold AUROC of the linear probe; auroc is None when it cannot be computed, and reason says why."""
-
-    auroc: float | None
-    reason: str | None = None
-    n_splits: int = 0
-    predicted: np.ndarray | None = field(default=None, compare=False, repr=False)  # [R] out-of-fold P(correct)
 
 
 @dataclass(frozen=True)
@@ -136,24 +131,6 @@ def pool_by_rollout(values: np.ndarray, indices: np.ndarray, row_rollout: np.nda
 # AUROC from midranks
 
 
-def _labels(labels: np.ndarray, n_rollouts: int) -> np.ndarray:
-    """Labels as bool [R] (True = correct); UndefinedAUROCError unless both classes are present."""
-    labels = np.asarray(labels)
-    if labels.shape != (n_rollouts,):
-        raise ValueError(f"labels must have shape ({n_rollouts},), one per rollout, got {labels.shape}")
-    if labels.dtype != bool:
-        if not np.isin(labels, (0, 1)).all():
-            raise ValueError("labels must be bool (or 0/1): True = correct rollout")
-        labels = labels.astype(bool)
-    if n_rollouts == 0:
-        raise UndefinedAUROCError("AUROC undefined: no labelled rollouts")
-    n_pos = int(labels.sum())
-    if n_pos in (0, n_rollouts):
-        outcome = "correct" if n_pos else "wrong"
-        raise UndefinedAUROCError(f"AUROC undefined: all {n_rollouts} labelled rollouts are {outcome}")
-    return labels
-
-
 def _scores(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores)
     if scores.ndim != 2:
@@ -216,7 +193,7 @@ def auroc_dense(scores: np.ndarray, labels: np.ndarray, *, feature_block: int = 
     roc_auc_score per column. Raises UndefinedAUROCError (a ValueError) when labels are one class.
     """
     scores = _scores(scores)
-    labels = _labels(labels, len(scores))
+    labels = checked_labels(labels, len(scores))
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     out = np.empty(scores.shape[1])
     for start in range(0, scores.shape[1], feature_block):
@@ -227,47 +204,6 @@ def auroc_dense(scores: np.ndarray, labels: np.ndarray, *, feature_block: int = 
 
 
 # permutation null
-
-
-def _question_codes(groups: np.ndarray, n_rollouts: int) -> np.ndarray:
-    groups = np.asarray(groups)
-    if groups.shape != (n_rollouts,):
-        raise ValueError(f"groups must have shape ({n_rollouts},), one question per rollout, got {groups.shape}")
-    return np.unique(groups, return_inverse=True)[1].reshape(n_rollouts)
-
-
-def _is_stratified(codes: np.ndarray) -> bool:
-    return bool(len(codes)) and bool(np.bincount(codes).max() > 1)
-
-
-def permuted_labels(
-    labels: np.ndarray, groups: np.ndarray, n_permutations: int, rng: np.random.Generator
-) -> np.ndarray:
-    """[P, R] bool: each row a random permutation of labels.
-
-    When some question has more than one rollout, labels move only among the rollouts of one
-    question (a stratified permutation: each question keeps its number of correct rollouts, so the
-    null keeps question difficulty); otherwise they move across all rollouts. Questions with one
-    rollout then keep their label. Rows are drawn in batches of PERMUTATION_BATCH; rng advances the
-    same way whatever the batching.
-    """
-    labels = np.asarray(labels, dtype=bool)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
-    if n_permutations < 1:
-        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
-    codes = _question_codes(groups, len(labels))
-    if not _is_stratified(codes):
-        codes = np.zeros_like(codes)  # one stratum: permute across all rollouts
-    slots = np.argsort(codes, kind="stable")  # rollout positions, question after question
-    slot_question, slot_label = codes[slots].astype(np.float64), labels[slots]
-    out = np.empty((n_permutations, len(labels)), dtype=bool)
-    for start in range(0, n_permutations, PERMUTATION_BATCH):
-        batch = min(PERMUTATION_BATCH, n_permutations - start)
-        # Question id + a uniform key in [0, 1): sorting shuffles slots within each question only.
-        shuffle = np.argsort(slot_question + rng.random((batch, len(labels))), axis=1)
-        out[start:start + batch][:, slots] = slot_label[shuffle]
-    return out
 
 
 @dataclass(frozen=True)
@@ -290,8 +226,8 @@ class Strata:
 
     @classmethod
     def of(cls, labels: np.ndarray, groups: np.ndarray) -> Strata:
-        codes = _question_codes(groups, len(labels))
-        within = _is_stratified(codes)
+        codes = question_codes(groups, len(labels))
+        within = is_stratified(codes)
         if not within:
             codes = np.zeros_like(codes)
         size = np.bincount(codes).astype(np.int64)
@@ -337,19 +273,43 @@ class RankTest:
     p: np.ndarray  # [n] float64, two-sided p of |AUROC - null_centre| from the null's exact mean and variance
 
 
-def _centred_block(ranks: torch.Tensor, labels: np.ndarray, strata: Strata) -> tuple:
-    """For midranks [B, R]: (observed rank sums, L x 2 x null mean, centred statistics, null sd), per feature."""
-    rank_sums = _rank_sums(labels[None], ranks)[0]
-    twice_centre = strata.twice_centre(ranks)
-    return rank_sums, twice_centre, strata.centred(rank_sums, twice_centre), strata.null_sd(ranks)
+@dataclass(frozen=True)
+class _Centred:
+    """Per feature, under one set of strata: the positives' observed rank sum, L x 2 x its null mean,
+    the centred statistic L x (2 x rank sum - 2 x null mean) (Strata.centred) and the null's sd."""
+
+    rank_sums: np.ndarray
+    twice_centre: np.ndarray
+    centred: np.ndarray
+    sd: np.ndarray
+
+    @classmethod
+    def of(cls, ranks: torch.Tensor, labels: np.ndarray, strata: Strata) -> _Centred:
+        """From one block of midranks [B, R]."""
+        rank_sums = _rank_sums(labels[None], ranks)[0]
+        twice_centre = strata.twice_centre(ranks)
+        return cls(rank_sums, twice_centre, strata.centred(rank_sums, twice_centre), strata.null_sd(ranks))
+
+    @classmethod
+    def joined(cls, blocks: list[_Centred]) -> _Centred:
+        """The blocks' features, one after the other."""
+        return cls(*(np.concatenate([getattr(block, name) for block in blocks])
+                     for name in ("rank_sums", "twice_centre", "centred", "sd")))
 
 
-def _rank_test(rank_sums: np.ndarray, centred: np.ndarray, sd: np.ndarray, strata: Strata,
-               n_pos: int, n_neg: int) -> RankTest:
-    auroc = _auroc(_deviation(rank_sums, n_pos, n_neg), n_pos, n_neg)
+def _rank_test(observed: _Centred, strata: Strata, n_pos: int, n_neg: int) -> RankTest:
+    auroc = _auroc(_deviation(observed.rank_sums, n_pos, n_neg), n_pos, n_neg)
+    centred, sd = observed.centred, observed.sd
     z = np.divide(centred, 2 * strata.scale * sd, out=np.zeros_like(centred), where=sd > 0)
     p = torch.special.erfc(torch.from_numpy(np.abs(z) / np.sqrt(2))).clamp_(max=1.0).numpy()  # 2 P(Z > |z|)
     return RankTest(auroc, auroc - centred / (2 * n_pos * n_neg * strata.scale), p)
+
+
+def _rank_blocks(scores: np.ndarray, feature_block: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(columns, their midranks [B, R]) for each block of feature_block columns of scores [R, n]."""
+    for start in range(0, scores.shape[1], feature_block):
+        block = slice(start, start + feature_block)
+        yield block, _midranks(scores[:, block])
 
 
 def rank_test(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *,
@@ -358,12 +318,10 @@ def rank_test(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *,
     stratified Mann-Whitney test with ties (strata: questions with several rollouts; see Strata),
     its p-value from the normal approximation with the permutation null's exact mean and variance."""
     scores = _scores(scores)
-    labels = _labels(labels, len(scores))
+    labels = checked_labels(labels, len(scores))
     strata = Strata.of(labels, groups)
-    parts = [_centred_block(_midranks(scores[:, start:start + feature_block]), labels, strata)
-             for start in range(0, scores.shape[1], feature_block)]
-    rank_sums, _, centred, sd = (np.concatenate(column) for column in zip(*parts))
-    return _rank_test(rank_sums, centred, sd, strata, int(labels.sum()), int((~labels).sum()))
+    observed = _Centred.joined([_Centred.of(ranks, labels, strata) for _, ranks in _rank_blocks(scores, feature_block)])
+    return _rank_test(observed, strata, int(labels.sum()), int((~labels).sum()))
 
 
 def length_strata(lengths: np.ndarray, n_bins: int = LENGTH_BINS) -> np.ndarray:
@@ -372,6 +330,79 @@ def length_strata(lengths: np.ndarray, n_bins: int = LENGTH_BINS) -> np.ndarray:
     lengths = np.asarray(lengths, dtype=np.float64)
     edges = np.quantile(lengths, np.linspace(0, 1, n_bins + 1)[1:-1])
     return np.searchsorted(np.unique(edges), lengths, side="right")
+
+
+def _null_of_block(ranks: torch.Tensor, observed: _Centred, permuted: np.ndarray, strata: Strata,
+                   permutation_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """One feature block's permutation null: (permutations at least as extreme as each feature's observed
+    |statistic| [B], the block's largest null |statistic| in each permutation [P]).
+
+    Each feature's midranks stay fixed under a permutation, so its permuted rank sums are one product
+    (permuted labels) @ (midranks), permutation_batch label rows at a time.
+    """
+    threshold = np.abs(observed.centred)
+    as_extreme = np.zeros(len(threshold), dtype=np.int64)
+    largest = np.empty(len(permuted))
+    for first in range(0, len(permuted), permutation_batch):
+        batch = slice(first, first + permutation_batch)
+        null = np.abs(strata.centred(_rank_sums(permuted[batch], ranks), observed.twice_centre))
+        as_extreme += (null >= threshold).sum(axis=0)
+        largest[batch] = null.max(axis=1)
+    return as_extreme, largest
+
+
+def _permutation_p(n_as_extreme: np.ndarray, n_permutations: int) -> np.ndarray:
+    """(1 + #{as extreme}) / (P + 1): the observed labelling counts as one of the permutations."""
+    return (1 + n_as_extreme) / (n_permutations + 1)
+
+
+def _westfall_young_p(largest_null: np.ndarray, statistic: np.ndarray) -> np.ndarray:
+    """Each feature's statistic against every permutation's largest statistic over all features."""
+    n_permutations = len(largest_null)
+    # Sorted null maxima: count those >= each observed statistic by binary search.
+    n_as_extreme = n_permutations - np.searchsorted(np.sort(largest_null), statistic, side="left")
+    return _permutation_p(n_as_extreme, n_permutations)
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What one pass over the feature blocks gathers: the observed statistics under each strata, and
+    under the first the permutation counts as extreme [n] and the largest null statistic of each permutation [P]."""
+
+    observed: list[_Centred]
+    as_extreme: np.ndarray
+    largest_null: np.ndarray
+
+
+def _scan(scores: np.ndarray, labels: np.ndarray, strata: list[Strata], permuted: np.ndarray, *,
+          feature_block: int, permutation_batch: int) -> _Scan:
+    """Ranks each feature block once and tests it under every strata, the first with its permutation null."""
+    observed: list[list[_Centred]] = [[] for _ in strata]
+    as_extreme = np.empty(scores.shape[1], dtype=np.int64)
+    largest_null = np.zeros(len(permuted))
+    for block, ranks in _rank_blocks(scores, feature_block):
+        for blocks, within in zip(observed, strata):
+            blocks.append(_Centred.of(ranks, labels, within))
+        as_extreme[block], largest = _null_of_block(ranks, observed[0][-1], permuted, strata[0], permutation_batch)
+        np.maximum(largest_null, largest, out=largest_null)
+    return _Scan([_Centred.joined(blocks) for blocks in observed], as_extreme, largest_null)
+
+
+def _permutation_result(scan: _Scan, strata: Strata, n_pos: int, n_neg: int) -> PermutationTest:
+    test = _rank_test(scan.observed[0], strata, n_pos, n_neg)
+    n_permutations = len(scan.largest_null)
+    max_abs_null = scan.largest_null / (2 * n_pos * n_neg * strata.scale)  # in AUROC units
+    return PermutationTest(
+        auroc=test.auroc,
+        null_centre=test.null_centre,
+        p=test.p,
+        p_permutation=_permutation_p(scan.as_extreme, n_permutations),
+        max_abs_null=max_abs_null,
+        westfall_young_p=_westfall_young_p(scan.largest_null, np.abs(scan.observed[0].centred)),
+        chance_band_95=float(np.quantile(max_abs_null, 0.95)),
+        n_permutations=n_permutations,
+        stratified=strata.within_questions,
+    )
 
 
 def permutation_test(
@@ -402,42 +433,30 @@ def permutation_test(
     each permutation instead, so it controls the familywise error rate over features under any
     dependence between them.
     """
+    test, _ = _permutation_and_rank_tests(scores, labels, groups, n_permutations, seed=seed,
+                                          feature_block=feature_block, permutation_batch=permutation_batch)
+    return test
+
+
+def _permutation_and_rank_tests(
+    scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_permutations: int, *, seed: int,
+    feature_block: int = FEATURE_BLOCK, permutation_batch: int = PERMUTATION_BATCH,
+    rank_groups: np.ndarray | None = None,
+) -> tuple[PermutationTest, RankTest | None]:
+    """permutation_test, and rank_test with rank_groups as its strata when given: the two share one
+    ranking of scores (a sort of every column), since midranks do not depend on the strata."""
     scores = _scores(scores)
-    labels = _labels(labels, len(scores))
+    labels = checked_labels(labels, len(scores))
     if feature_block < 1 or permutation_batch < 1:
         raise ValueError("feature_block and permutation_batch must be >= 1")
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    strata = Strata.of(labels, groups)
+    strata = [Strata.of(labels, groups)]
     permuted = permuted_labels(labels, groups, n_permutations, np.random.default_rng(seed))
-    n_features = scores.shape[1]
-    rank_sums, centred, sd = np.empty(n_features), np.empty(n_features), np.empty(n_features)
-    as_extreme = np.zeros(n_features, dtype=np.int64)
-    max_null = np.zeros(n_permutations)
-    for start in range(0, n_features, feature_block):
-        block = slice(start, start + feature_block)
-        ranks = _midranks(scores[:, block])
-        rank_sums[block], twice_centre, centred[block], sd[block] = _centred_block(ranks, labels, strata)
-        threshold = np.abs(centred[block])
-        for first in range(0, n_permutations, permutation_batch):
-            batch = slice(first, first + permutation_batch)
-            null = np.abs(strata.centred(_rank_sums(permuted[batch], ranks), twice_centre))
-            as_extreme[block] += (null >= threshold).sum(axis=0)
-            np.maximum(max_null[batch], null.max(axis=1), out=max_null[batch])
-    # Sorted null maxima: count those >= each observed statistic by binary search.
-    n_max_as_extreme = n_permutations - np.searchsorted(np.sort(max_null), np.abs(centred), side="left")
-    max_abs_null = max_null / (2 * n_pos * n_neg * strata.scale)  # in AUROC units
-    test = _rank_test(rank_sums, centred, sd, strata, n_pos, n_neg)
-    return PermutationTest(
-        auroc=test.auroc,
-        null_centre=test.null_centre,
-        p=test.p,
-        p_permutation=(1 + as_extreme) / (n_permutations + 1),
-        max_abs_null=max_abs_null,
-        westfall_young_p=(1 + n_max_as_extreme) / (n_permutations + 1),
-        chance_band_95=float(np.quantile(max_abs_null, 0.95)),
-        n_permutations=n_permutations,
-        stratified=strata.within_questions,
-    )
+    if rank_groups is not None:
+        strata.append(Strata.of(labels, rank_groups))
+    scan = _scan(scores, labels, strata, permuted, feature_block=feature_block, permutation_batch=permutation_batch)
+    ranked = None if rank_groups is None else _rank_test(scan.observed[1], strata[1], n_pos, n_neg)
+    return _permutation_result(scan, strata[0], n_pos, n_neg), ranked
 
 
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
@@ -454,119 +473,6 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
     q = np.empty_like(p)
     q[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
     return q
-
-
-# baselines: response length and a linear probe
-
-
-def auroc_jackknife_ci(
-    scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, alpha: float = DEFAULT_ALPHA
-) -> tuple[float, float] | None:
-    """Interval of the AUROC of scores [R]: AUROC +- t_(G-1) x its jackknife standard error over the
-    G questions (each left out with all its rollouts), clipped to [0, 1].
-
-    Leaving out question g takes from the Mann-Whitney sum S = sum over (correct i, wrong j) of
-    psi(x_i, x_j) the placements of g's rollouts among the other class and gives back g's own pairs:
-    S - row_g + psi_gg, over (n_correct - c_g)(n_wrong - w_g). The placements come from one sort by
-    score and its tie runs, so the interval costs O(R log R + sum of squared question sizes). (A
-    studentized bootstrap over questions covers too much here at a few dozen questions: 99%, against
-    95% for this one in tests/test_coverage.py.) None with fewer than 3 questions, or when leaving
-    some question out leaves one class.
-    """
-    from scipy.stats import t
-
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 1 or not np.isfinite(scores).all():
-        raise ValueError(f"scores must be a finite 1-D array, got shape {scores.shape}")
-    labels = _labels(labels, len(scores))
-    codes = _question_codes(groups, len(scores))
-    n_questions = int(codes.max()) + 1
-    if n_questions < 3:
-        return None
-    order = np.argsort(scores, kind="stable")
-    x, positive, question = scores[order], labels[order], codes[order]
-    run = np.cumsum(np.diff(x, prepend=-np.inf) != 0) - 1  # tie run of each sorted rollout
-    pos_run = np.bincount(run, weights=positive).astype(np.float64)
-    neg_run = np.bincount(run, weights=~positive).astype(np.float64)
-    below = np.cumsum(neg_run) - neg_run  # wrong rollouts strictly below each run
-    above = pos_run.sum() - np.cumsum(pos_run)  # correct rollouts strictly above
-    # Per rollout: the wrong ones a correct rollout outscores, or the correct ones outscoring a wrong one.
-    placement = np.where(positive, (below + neg_run / 2)[run], (above + pos_run / 2)[run])
-    total = placement[positive].sum()
-    row = np.bincount(question, weights=placement, minlength=n_questions)
-    own = np.zeros(n_questions)  # psi_gg: each question's own (correct, wrong) pairs
-    q_pos = np.bincount(codes, weights=labels, minlength=n_questions)
-    q_neg = np.bincount(codes, weights=~labels, minlength=n_questions)
-    for g in np.flatnonzero(q_pos * q_neg):
-        members = codes == g
-        pos, neg = scores[members & labels], scores[members & ~labels]
-        own[g] = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).sum()
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    remaining = (n_pos - q_pos) * (n_neg - q_neg)
-    if (remaining == 0).any():
-        return None
-    left_out = (total - row + own) / remaining
-    estimate = total / (n_pos * n_neg)
-    se = float(np.sqrt((n_questions - 1) / n_questions * ((left_out - left_out.mean()) ** 2).sum()))
-    half = float(t.ppf(1 - alpha / 2, n_questions - 1)) * se
-    return max(estimate - half, 0.0), min(estimate + half, 1.0)
-
-
-def probe_auroc(
-    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, n_splits: int = PROBE_SPLITS, seed: int = 0
-) -> ProbeResult:
-    """Cross-validated AUROC of a logistic-regression probe on features [R, d] (e.g. mean residuals).
-
-    StandardScaler then L2 LogisticRegression at C = PROBE_C, fit on the training folds only.
-    Folds are sklearn's GroupKFold over questions (n_splits = min(n_splits, number of questions)),
-    so no question is in both a training and a test fold; seed relabels the questions at random
-    first, which decides how GroupKFold (largest questions first) places questions of equal size.
-    The AUROC is that of the pooled out-of-fold probabilities; on pure noise it scatters around 0.5
-    and can fall below it (a held-out fold's class balance is opposite to its training folds').
-    Deterministic: lbfgs and the folds involve no other randomness. Returns auroc None with a
-    reason (one-class labels, fewer than 2 questions, a one-class training fold) instead of NaN.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import GroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    features = np.asarray(features)
-    if features.ndim != 2 or not np.isfinite(features).all():
-        raise ValueError(f"features must be a finite [R, d] matrix, got shape {features.shape}")
-    try:
-        labels = _labels(labels, len(features))
-    except UndefinedAUROCError as error:
-        return ProbeResult(None, str(error))
-    codes = _question_codes(groups, len(features))
-    n_questions = int(codes.max()) + 1
-    if n_questions < 2:
-        return ProbeResult(None, "the probe needs at least 2 questions to hold one out")
-    codes = np.random.default_rng(seed).permutation(n_questions)[codes]
-    splits = min(n_splits, n_questions)
-    predicted = np.empty(len(labels))
-    for fold, (train, test) in enumerate(GroupKFold(n_splits=splits).split(features, labels, codes)):
-        if labels[train].all() or not labels[train].any():
-            return ProbeResult(None, f"training fold {fold} of {splits} holds one class only", splits)
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER))
-        probe.fit(features[train], labels[train])
-        predicted[test] = probe.predict_proba(features[test])[:, 1]
-    return ProbeResult(float(roc_auc_score(labels, predicted)), None, splits, predicted)
-
-
-def probe_null(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, observed: float, *,
-               n_permutations: int, seed: int = 0) -> tuple[float, float | None]:
-    """The probe's permutation null, refitting it: (p, mean null AUROC, None without a fitted one). Each permutation (labels moved
-    within questions, as permuted_labels does, from seed + 1) gets its own folds' fits and out-of-fold
-    AUROC; p = (1 + #{null >= observed}) / (1 + P), one-sided (the probe learns its direction, so an
-    AUROC below 0.5 is failure, not an effect). Cross-validated AUROC is biased below 0.5 on noise; the
-    null carries that bias too, so the p-value does not. Permutations whose probe cannot be fitted
-    (a one-class fold) are left out."""
-    null = [probe_auroc(features, row, groups, seed=seed).auroc
-            for row in permuted_labels(labels, groups, n_permutations, np.random.default_rng(seed + 1))]
-    null = np.array([a for a in null if a is not None])
-    return float((1 + (null >= observed).sum()) / (1 + len(null))), float(null.mean()) if len(null) else None
 
 
 # per-layer summary
@@ -624,14 +530,15 @@ def rollout_statistics(
     question-jackknife interval (and the length-adjusted test), the mean-residual probe with its
     interval and refitted null, and the summary. Raises
     UndefinedAUROCError when the labels are empty or one class."""
-    test = permutation_test(pooled_max, labels, groups, n_permutations, seed=seed)
-    q = bh_qvalues(test.p)
-    length_auroc = length_ci = probe = probe_ci = adjusted = adjusted_q = None
     if lengths is not None:
         lengths = np.asarray(lengths, dtype=np.float64)
+    test, adjusted = _permutation_and_rank_tests(pooled_max, labels, groups, n_permutations, seed=seed,
+                                                 rank_groups=None if lengths is None else length_strata(lengths))
+    q = bh_qvalues(test.p)
+    length_auroc = length_ci = probe = probe_ci = adjusted_q = None
+    if lengths is not None:
         length_auroc = float(auroc_dense(lengths[:, None], labels)[0])
         length_ci = auroc_jackknife_ci(lengths, labels, groups)
-        adjusted = rank_test(pooled_max, labels, length_strata(lengths))
         adjusted_q = bh_qvalues(adjusted.p)
     probe_p = probe_null_mean = None
     if mean_residuals is not None:
