@@ -174,15 +174,41 @@ def question_weights(rng: np.random.Generator, n_questions: int, n_boot: int) ->
         yield np.stack([np.bincount(row, minlength=n_questions) for row in draws]).astype(np.float64)
 
 
+@dataclass(frozen=True)
+class _BootstrapT:
+    """One statistic with its jackknife se on all questions, and its (values [b], se [b]) per batch of
+    question-bootstrap replicates."""
+
+    estimate: float
+    se: float
+    replicates: list[tuple[np.ndarray, np.ndarray]]
+
+    def interval(self, alpha: float) -> tuple[float, float] | None:
+        values, errors = (np.concatenate(part) for part in zip(*self.replicates))
+        return studentized_interval(self.estimate, self.se, values, errors, alpha)
+
+
+_WithSE = Callable[[np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]  # weights [b, G] -> name: (values, se)
+
+
+def _question_bootstrap(n_questions: int, with_se: _WithSE, *, n_boot: int, seed: int) -> dict[str, _BootstrapT]:
+    """Each statistic of with_se on all questions (weights 1) and on n_boot replicates drawn by question_weights."""
+    if n_questions < 2:
+        raise ValueError("an interval over questions needs at least 2 questions")
+    estimates = with_se(np.ones((1, n_questions)))
+    replicates: dict[str, list] = {name: [] for name in estimates}
+    for weights in question_weights(np.random.default_rng(seed), n_questions, n_boot):
+        for name, pair in with_se(weights).items():
+            replicates[name].append(pair)
+    return {name: _BootstrapT(estimate, se, replicates[name]) for name, ((estimate,), (se,)) in estimates.items()}
+
+
 def ratio_bootstrap_t(sums: np.ndarray, statistics: Callable[[np.ndarray], dict[str, np.ndarray]], *,
                       n_boot: int, seed: int, alpha: float = DEFAULT_ALPHA) -> dict[str, tuple[float, float] | None]:
     """Studentized question-bootstrap interval of each statistic of the totals of per-question sums
     [G, k] (`statistics` maps totals [..., k] to named arrays [...]), as variance_explained_ci: each
     replicate's standard error is the jackknife over its drawn questions. None for a statistic that is
     undefined on all the data; non-finite replicates are left out."""
-    n_questions = len(sums)
-    if n_questions < 2:
-        raise ValueError("an interval over questions needs at least 2 questions")
 
     def with_se(weights: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         totals = weights @ sums  # [b, k]
@@ -190,19 +216,9 @@ def ratio_bootstrap_t(sums: np.ndarray, statistics: Callable[[np.ndarray], dict[
         with np.errstate(invalid="ignore"):
             return {name: (value, jackknife_se(left_out[name], weights)) for name, value in statistics(totals).items()}
 
-    estimates = with_se(np.ones((1, n_questions)))
-    replicates: dict[str, list] = {name: [] for name in estimates}
-    for weights in question_weights(np.random.default_rng(seed), n_questions, n_boot):
-        for name, pair in with_se(weights).items():
-            replicates[name].append(pair)
-    out = {}
-    for name, ((estimate,), (se,)) in estimates.items():
-        if not (np.isfinite(estimate) and np.isfinite(se)):
-            out[name] = None
-            continue
-        values, errors = (np.concatenate(part) for part in zip(*replicates[name]))
-        out[name] = studentized_interval(float(estimate), float(se), values, errors, alpha)
-    return out
+    boot = _question_bootstrap(len(sums), with_se, n_boot=n_boot, seed=seed)
+    return {name: b.interval(alpha) if np.isfinite(b.estimate) and np.isfinite(b.se) else None
+            for name, b in boot.items()}
 
 
 def _ve(sq_err: np.ndarray, sq_dev: np.ndarray) -> np.ndarray:
@@ -250,16 +266,9 @@ def variance_explained_ci(
 
 def question_bootstrap_t(sums: QuestionSums, *, n_boot: int, seed: int, alpha: float) -> tuple[float, float] | None:
     """variance_explained_ci's interval from the per-question sums."""
-    n_questions = len(sums.rows)
-    if n_questions < 2:
-        raise ValueError("an interval over questions needs at least 2 questions")
-    (estimate,), (se,) = sums.resampled(np.ones((1, n_questions)))
-    replicates, replicate_se = [], []
-    for weights in question_weights(np.random.default_rng(seed), n_questions, n_boot):
-        ve, ve_se = sums.resampled(weights)
-        replicates.append(ve)
-        replicate_se.append(ve_se)
-    interval = studentized_interval(estimate, se, np.concatenate(replicates), np.concatenate(replicate_se), alpha)
+    boot = _question_bootstrap(len(sums.rows), lambda weights: {"ve": sums.resampled(weights)},
+                               n_boot=n_boot, seed=seed)
+    interval = boot["ve"].interval(alpha)
     if interval is None:
         return None
     return interval[0], min(interval[1], 1.0)  # no reconstruction explains more than all the variance
