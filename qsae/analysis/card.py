@@ -235,12 +235,18 @@ def _pooled_over(info: ReleaseFacts) -> str:
             "max is over its sampled tokens only.")
 
 
-def _definitions(info: ReleaseFacts) -> str:
-    low, high = HEALTHY_RANGE
-    stats = info.statistics
-    return "\n".join([
-        "- **Variance explained** (held-out tokens, pooled over tokens and dimensions, accumulated in float64): "
-        "`1 − Σᵢ ‖xᵢ − x̂ᵢ‖² / Σᵢ ‖xᵢ − x̄‖²`, x̄ the mean held-out row.",
+# The Definitions section, one bullet per quantity the card reports.
+
+
+_VARIANCE_EXPLAINED = (
+    "- **Variance explained** (held-out tokens, pooled over tokens and dimensions, accumulated in float64): "
+    "`1 − Σᵢ ‖xᵢ − x̂ᵢ‖² / Σᵢ ‖xᵢ − x̄‖²`, x̄ the mean held-out row."
+)
+
+
+def _intervals_definition(stats: dict) -> str:
+    """How every interval resamples, and how close to nominal its coverage is."""
+    return (
         f"- **Intervals** ({COVERAGE}, {stats['bootstrap']:,} bootstrap replicates) resample whole questions or "
         "rollouts, never single tokens (tokens of one rollout are not independent); each says its unit. Variance "
         "explained: a studentized bootstrap (bootstrap-t) over held-out questions, each replicate's standard error "
@@ -252,22 +258,50 @@ def _definitions(info: ReleaseFacts) -> str:
         "with all its rollouts (95% at 33 and at 100 questions in the simulation); the probe's out-of-fold "
         "predictions are held fixed, so its interval leaves out the refit's variance and is nominal (its p comes "
         "from refitting it on permuted labels). Causal check: Newcombe's interval for paired proportions and "
-        "Student's t (see there). With fewer than two questions (three for an AUROC) no interval is computable.",
+        "Student's t (see there). With fewer than two questions (three for an AUROC) no interval is computable."
+    )
+
+
+def _l0_definition(info: ReleaseFacts) -> str:
+    """What L0 counts: at most k, or every feature above BatchTopK's threshold."""
+    return (
         "- **L0**: mean number of features with a positive activation per held-out token "
         + ("(above the threshold; counted in the sparse view of at most min(n, 4k) per token)." if _batchtopk(info)
-           else "(at most k)."),
+           else "(at most k).")
+    )
+
+
+def _fire_rate_definition(info: ReleaseFacts) -> str:
+    """Fire rate and the health bands built on it."""
+    low, high = HEALTHY_RANGE
+    return (
         "- **Fire rate** of a feature: the share of sampled tokens (the rows of `activations.safetensors`) on which "
         + ("it is active (above the threshold, in the sparse view)" if _batchtopk(info)
            else "it is among the top k with a positive activation")
         + f". **Dead**: never fires over those tokens; rare: below "
         f"{low:.1%}; **healthy**: in [{low:.1%}, {high:.0%}] (the original release's band); dense: above {high:.0%}. "
         f"Density shares: features firing on more than {DENSITY_THRESHOLDS[0]:.0%} and {DENSITY_THRESHOLDS[1]:.0%} "
-        "of tokens.",
-        "- **Max decoder cosine**: the largest cosine similarity between the decoder rows of two different features.",
-        "- **Token-level AUROC** (as the original release reported it): a feature's activation on each labelled "
-        "token (0 where it does not fire) as a score for its rollout's label; P(a correct-rollout token outscores a "
-        "wrong-rollout one), ties one half. Tokens of a rollout share its label, so it has no valid null here and "
-        "is shown for comparison only.",
+        "of tokens."
+    )
+
+
+_MAX_DECODER_COSINE = (
+    "- **Max decoder cosine**: the largest cosine similarity between the decoder rows of two different features."
+)
+
+
+_TOKEN_AUROC = (
+    "- **Token-level AUROC** (as the original release reported it): a feature's activation on each labelled "
+    "token (0 where it does not fire) as a score for its rollout's label; P(a correct-rollout token outscores a "
+    "wrong-rollout one), ties one half. Tokens of a rollout share its label, so it has no valid null here and "
+    "is shown for comparison only."
+)
+
+
+def _rollout_auroc_definition(info: ReleaseFacts) -> str:
+    """The rollout-level test: pooling, null centre, p, q, Westfall-Young p, chance band."""
+    stats = info.statistics
+    return (
         "- **Rollout-level AUROC**: each feature's activation pooled per rollout (the max over its "
         + ("response tokens" if _every_token(info) else "sampled response tokens")
         + "; the mean and the firing fraction, with their own p and q, are in `feature_stats.json`), as a score "
@@ -284,18 +318,42 @@ def _definitions(info: ReleaseFacts) -> str:
         "distance: how far from its centre the best feature gets by chance alone. The headline feature is the one "
         "farthest from its centre in either direction (`correct↑` above, `wrong↑` below). **Length-adjusted**: the "
         "same test with response-length deciles as the strata, so a feature that only tracks length sits at its "
-        "centre there (length within a decile is not controlled).",
+        "centre there (length within a decile is not controlled)."
+    )
+
+
+def _baselines_definition(stats: dict) -> str:
+    """Response length and the mean-residual probe, with the probe's refitted null."""
+    return (
         "- **Baselines**: the AUROC of response length alone, and of a logistic-regression probe (standardised "
         "features, L2) on each rollout's mean residual, scored out of fold with questions as groups; the probe's p "
         f"counts how often the probe refitted on permuted labels ({stats.get('probe_permutations', 0):,} "
         "permutations, within questions where they share them) reaches its AUROC. Out-of-fold AUROC sits below 0.5 "
-        "on noise, so the null's mean is shown beside it.",
-        "- **Fidelity in the model's loss** (`fidelity.json`): on held-out rollouts, the next-token cross-entropy "
-        "(nats per token) at every response position but the last, with the layer's output left as is (clean), "
-        "replaced by the SAE's reconstruction (spliced), by zeros, or by the training rows' mean, at every response "
-        "position whose token passes the masks above. `ΔCE = CE_spliced − CE_clean`; `CE loss recovered = "
-        "(CE_zero − CE_spliced) / (CE_zero − CE_clean)`; KL = mean over those tokens of KL(p_clean ‖ p_spliced). "
-        "Intervals: over held-out questions (see Intervals).",
+        "on noise, so the null's mean is shown beside it."
+    )
+
+
+_LOSS_FIDELITY = (
+    "- **Fidelity in the model's loss** (`fidelity.json`): on held-out rollouts, the next-token cross-entropy "
+    "(nats per token) at every response position but the last, with the layer's output left as is (clean), "
+    "replaced by the SAE's reconstruction (spliced), by zeros, or by the training rows' mean, at every response "
+    "position whose token passes the masks above. `ΔCE = CE_spliced − CE_clean`; `CE loss recovered = "
+    "(CE_zero − CE_spliced) / (CE_zero − CE_clean)`; KL = mean over those tokens of KL(p_clean ‖ p_spliced). "
+    "Intervals: over held-out questions (see Intervals)."
+)
+
+
+def _definitions(info: ReleaseFacts) -> str:
+    return "\n".join([
+        _VARIANCE_EXPLAINED,
+        _intervals_definition(info.statistics),
+        _l0_definition(info),
+        _fire_rate_definition(info),
+        _MAX_DECODER_COSINE,
+        _TOKEN_AUROC,
+        _rollout_auroc_definition(info),
+        _baselines_definition(info.statistics),
+        _LOSS_FIDELITY,
     ])
 
 
