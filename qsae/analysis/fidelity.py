@@ -185,7 +185,7 @@ class _BootstrapT:
 
     def interval(self, alpha: float) -> tuple[float, float] | None:
         values, errors = (np.concatenate(part) for part in zip(*self.replicates))
-        return studentized_interval(self.estimate, self.se, values, errors, alpha)
+        return studentized_interval(self.estimate, self.se, values, errors, alpha=alpha)
 
 
 _WithSE = Callable[[np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]  # weights [b, G] -> name: (values, se)
@@ -225,7 +225,7 @@ def _ve(sq_err: np.ndarray, sq_dev: np.ndarray) -> np.ndarray:
     return 1.0 - sq_err / sq_dev
 
 
-def studentized_interval(estimate: float, se: float, replicates: np.ndarray, replicate_se: np.ndarray,
+def studentized_interval(estimate: float, se: float, replicates: np.ndarray, replicate_se: np.ndarray, *,
                          alpha: float) -> tuple[float, float] | None:
     """Bootstrap-t interval: estimate - t*_(1 - alpha/2) se .. estimate - t*_(alpha/2) se, with t* the
     replicates' (replicate - estimate) / replicate_se (replicates without a finite, positive se left out;

@@ -332,7 +332,7 @@ def length_strata(lengths: np.ndarray, n_bins: int = LENGTH_BINS) -> np.ndarray:
     return np.searchsorted(np.unique(edges), lengths, side="right")
 
 
-def _null_of_block(ranks: torch.Tensor, observed: _Centred, permuted: np.ndarray, strata: Strata,
+def _null_of_block(ranks: torch.Tensor, observed: _Centred, permuted: np.ndarray, strata: Strata, *,
                    permutation_batch: int) -> tuple[np.ndarray, np.ndarray]:
     """One feature block's permutation null: (permutations at least as extreme as each feature's observed
     |statistic| [B], the block's largest null |statistic| in each permutation [P]).
@@ -383,7 +383,8 @@ def _scan(scores: np.ndarray, labels: np.ndarray, strata: list[Strata], permuted
     for block, ranks in _rank_blocks(scores, feature_block):
         for blocks, within in zip(observed, strata):
             blocks.append(_Centred.of(ranks, labels, within))
-        as_extreme[block], largest = _null_of_block(ranks, observed[0][-1], permuted, strata[0], permutation_batch)
+        as_extreme[block], largest = _null_of_block(ranks, observed[0][-1], permuted, strata[0],
+                                                    permutation_batch=permutation_batch)
         np.maximum(largest_null, largest, out=largest_null)
     return _Scan([_Centred.joined(blocks) for blocks in observed], as_extreme, largest_null)
 
