@@ -8,7 +8,10 @@ qsae: batched greedy generation with left padding, then one batched teacher-forc
 over prompt + response with hooks (the capture stage), as each replica of the actor pool runs it.
 Both on the same model, questions and layers; the script prints tokens/s of each and the ratio.
 With --vllm it then times the vLLM engine (rollouts, then capture hooked inside vLLM's model)
-against the transformers engine on the tiny dense Qwen3 (vLLM's CPU build cannot load Qwen3.5).
+against the transformers engine on the tiny dense Qwen3 (vLLM's CPU build cannot load Qwen3.5), and
+how a vLLM replica is fed: one shard's prompts per generate call (--shard questions), captured before
+the next, against every shard's prompts in one call (what a replica handed a group of shards does),
+and that against generation alone (what capture costs over plain serving).
 """
 from __future__ import annotations
 
@@ -64,6 +67,46 @@ def vllm_way(engine, prompts, layers) -> int:
     return sum(len(rows) for rows in captured[layers[0]])
 
 
+def compare_feeding(engine, prompts, layers, per_shard) -> None:
+    """Generated tokens/s: one shard per generate call vs every shard in one call, and generation alone."""
+    from qsae.engines.vllm_engine import capture_residuals_vllm
+
+    def capture(shard, responses):
+        capture_residuals_vllm(engine, [p + g.token_ids for p, g in zip(shard, responses)], [len(p) for p in shard],
+                               layers)
+
+    def shard_per_call():
+        tokens = 0
+        for first in range(0, len(prompts), per_shard):
+            shard = prompts[first:first + per_shard]
+            responses = engine.generate(shard)
+            capture(shard, responses)
+            tokens += sum(len(g.token_ids) for g in responses)
+        return tokens
+
+    def one_call():
+        responses = engine.generate(prompts)
+        for first in range(0, len(prompts), per_shard):
+            capture(prompts[first:first + per_shard], responses[first:first + per_shard])
+        return sum(len(g.token_ids) for g in responses)
+
+    def generation_alone():
+        return sum(len(g.token_ids) for g in engine.generate(prompts))
+
+    per_shard_tokens, per_shard_s = timed(shard_per_call)
+    grouped_tokens, grouped_s = timed(one_call)
+    alone_tokens, alone_s = timed(generation_alone)
+    print(f"\nvLLM feeding, {len(prompts)} prompts, shards of {per_shard}, layers {layers}")
+    print(f"{'way':<40} {'tokens':>8} {'seconds':>8} {'tokens/s':>9}")
+    rows = [("one shard per generate call + capture", per_shard_tokens, per_shard_s),
+            ("all shards in one call + capture", grouped_tokens, grouped_s),
+            ("generation alone (one call)", alone_tokens, alone_s)]
+    for name, tokens, seconds in rows:
+        print(f"{name:<40} {tokens:>8} {seconds:>8.1f} {tokens / seconds:>9.1f}")
+    print(f"gain of one call over one shard per call: {(grouped_tokens / grouped_s) / (per_shard_tokens / per_shard_s):.2f}x")
+    print(f"capture's cost over generation alone: {grouped_s / alone_s - 1:+.0%} of the time")
+
+
 def compare_engines(args) -> None:
     from qsae.engines.vllm_engine import VLLMEngine
     from qsae.tiny import TINY_DENSE_MODEL
@@ -77,6 +120,7 @@ def compare_engines(args) -> None:
         vllm_way(engine, prompts[:2], layers)  # warm-up
         hf_tokens, hf_s = timed(qsae_way, model, tokenizer, prompts, layers, args.max_new_tokens, args.batch_size)
         vllm_tokens, vllm_s = timed(vllm_way, engine, prompts, layers)
+        compare_feeding(engine, prompts, layers, args.shard)
     finally:
         engine.close()
     print(f"\nmodel {TINY_DENSE_MODEL}, {len(prompts)} questions, layers {layers}, device {model.device}")
@@ -99,7 +143,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 7, 11])
-    parser.add_argument("--vllm", action="store_true", help="also compare the vLLM and transformers engines")
+    parser.add_argument("--vllm", action="store_true", help="also compare the vLLM and transformers engines, and how vLLM is fed")
+    parser.add_argument("--shard", type=int, default=8, help="--vllm: questions per shard (capture.questions_per_shard)")
     args = parser.parse_args()
 
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from qsae.engines import Engine, Sampling
 from qsae.engines.hf_engine import HFEngine
 from qsae.models import decoder_layers, load_model, load_tokenizer, weights_identity
 from qsae.questions import Question, question_digest
-from qsae.rollout import Draws, Rollout, run_rollouts, write_rollouts
+from qsae.rollout import Draws, Rollout, run_rollout_parts, write_rollouts
 from qsae.rundir import RunDir
 from qsae.store import (MANIFEST, KeptPositions, ShardRows, StoreError, beyond_float16, check_compatible, new_manifest,
                         read_manifest, shard_checksums, shard_path, write_shard)
@@ -251,12 +251,37 @@ def capture_shard(residuals_of: ResidualFn, rollouts: list[Rollout], layer_ids: 
 
 @dataclass
 class Replica:
-    """What one capture replica holds: a tokenizer, a rollout engine, and the function that gives the
-    residual rows of whole sequences with the same model the engine runs."""
+    """What one capture replica holds: a tokenizer, a rollout engine, the function that gives the
+    residual rows of whole sequences with the same model the engine runs, and (vLLM) the one that
+    counts how many generated tokens that same prefill predicts (its greedy_reproduction)."""
 
     tokenizer: object
     engine: Engine
     residuals_of: ResidualFn
+    reproduction: Callable[[list[list[int]], list[int]], tuple[int, int]] | None = None
+
+
+# The vLLM self-check: of a replica's first greedy rollouts, the share of generated tokens the hooked
+# prefill must predict. bf16 decode and prefill kernels differ in rounding, which flips a near-tie now
+# and then; a prefill of other weights, positions or tokens than generation's misses most of them.
+REPRODUCED_AT_LEAST = 0.99
+REPRODUCTION_ROLLOUTS, REPRODUCTION_TOKENS = 2, 256
+
+
+def check_reproduction(replica: Replica, rollouts: list[Rollout], engine: str) -> None:
+    """Greedy rollouts only: their first REPRODUCTION_TOKENS response tokens each, as the replica's
+    prefill predicts them; too few stops the run, naming the engine."""
+    if replica.reproduction is None or not replica.engine.sampling.greedy:
+        return
+    sample = [r for r in rollouts if r.n_response_tokens][:REPRODUCTION_ROLLOUTS]
+    hits, total = replica.reproduction([r.prompt_token_ids + r.response_token_ids[:REPRODUCTION_TOKENS] for r in sample],
+                                       [r.n_prompt_tokens for r in sample])
+    if total and hits < REPRODUCED_AT_LEAST * total:
+        raise CaptureCheckError(
+            f"capture self-check ({engine} engine): the hooked prefill predicts only {hits:,} of {total:,} tokens its "
+            f"greedy generation chose (at least {REPRODUCED_AT_LEAST:.0%} expected): capture would not see the "
+            "computation that generated the rollouts")
+    console.say(f"[qsae] capture self-check: the prefill reproduces {hits:,} of {total:,} greedy tokens")
 
 
 def sampling_of(rollout: RolloutConfig) -> Sampling:
@@ -267,29 +292,48 @@ def load_replica(spec: ReplicaSpec) -> Replica:
     """Load the model once, for the configured engine."""
     model, rollout = spec.model, spec.rollout
     if rollout.engine == "vllm":
-        from qsae.engines.vllm_engine import VLLMEngine, capture_residuals_vllm
+        from qsae.engines.vllm_engine import VLLMEngine, capture_residuals_vllm, greedy_reproduction
 
         tokenizer = load_tokenizer(spec.model_path, model.revision)
         engine = VLLMEngine(spec.model_path, tokenizer, rollout.max_new_tokens, revision=model.revision, dtype=model.dtype,
                             tensor_parallel_size=rollout.tensor_parallel_size,
                             gpu_memory_utilization=rollout.gpu_memory_utilization,
-                            enforce_eager=rollout.enforce_eager, seed=rollout.seed, max_model_len=rollout.max_model_len,
-                            sampling=sampling_of(rollout))
-        return Replica(tokenizer, engine, partial(capture_residuals_vllm, engine))
+                            decode_cuda_graphs=rollout.decode_cuda_graphs, seed=rollout.seed,
+                            max_model_len=rollout.max_model_len, sampling=sampling_of(rollout), **rollout.vllm)
+        return Replica(tokenizer, engine, partial(capture_residuals_vllm, engine), partial(greedy_reproduction, engine))
     hf_model, tokenizer = load_model(spec.model_path, model.revision, model.dtype, model.device)
     engine = HFEngine(hf_model, tokenizer, rollout.max_new_tokens, rollout.batch_size, sampling_of(rollout))
     return Replica(tokenizer, engine, partial(capture_residuals, hf_model, batch_size=spec.capture.batch_size))
 
 
+VLLM_PROMPTS_IN_FLIGHT = 256  # decoding is memory-bound: a step costs about the same for 10 prompts as for 256
+
+
+def shards_per_call(spec: ReplicaSpec) -> int:
+    """How many shards a replica rolls out in one engine call (rollout.prompts_in_flight), whole shards."""
+    per_shard = spec.capture.questions_per_shard * spec.rollout.samples_per_question
+    in_flight = spec.rollout.prompts_in_flight or (VLLM_PROMPTS_IN_FLIGHT if spec.rollout.engine == "vllm" else per_shard)
+    return max(1, in_flight // per_shard)
+
+
+def roll_out_shards(replica: Replica, shards: list[QuestionShard], spec: ReplicaSpec) -> dict[str, list[Rollout]]:
+    """The rollouts of several shards (rollout.samples_per_question per question) from one engine call."""
+    parts = run_rollout_parts(replica.engine, replica.tokenizer, [(s.first_id, s.questions) for s in shards],
+                              thinking=spec.rollout.thinking, seed=spec.rollout.seed,
+                              draws=Draws(spec.rollout.samples_per_question, spec.rollout.sampling_seed))
+    return {shard.name: rollouts for shard, rollouts in zip(shards, parts)}
+
+
 def capture_question_shard(replica: Replica, shard: QuestionShard, spec: ReplicaSpec, run: RunDir, *,
-                           check: bool = False) -> dict:
-    """Roll out one shard of questions (rollout.samples_per_question rollouts each), then capture it
-    (with check_residuals first where `check`: a replica's first shard). Every file is written
-    atomically; the caller lists the shard in the manifest only after this returns, with the checksums
-    of its files (read back from disk once written)."""
-    rollouts = run_rollouts(replica.engine, replica.tokenizer, shard.questions, shard.first_id,
-                            thinking=spec.rollout.thinking, seed=spec.rollout.seed,
-                            draws=Draws(spec.rollout.samples_per_question, spec.rollout.sampling_seed))
+                           rollouts: list[Rollout] | None = None, check: bool = False) -> dict:
+    """Capture one shard of questions from its rollouts (rolled out here when not given; see
+    roll_out_shards), with check_residuals first where `check`: a replica's first shard. Every file
+    is written atomically; the caller lists the shard in the manifest only after this returns, with
+    the checksums of its files (read back from disk once written)."""
+    if rollouts is None:
+        rollouts = roll_out_shards(replica, [shard], spec)[shard.name]
+    if check:
+        check_reproduction(replica, rollouts, spec.rollout.engine)
     rollout_part = run.rollout_part(shard.name)
     write_rollouts(rollouts, rollout_part)
     rows = capture_shard(replica.residuals_of, rollouts, list(spec.layers), run.store, shard=shard.name,

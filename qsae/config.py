@@ -43,8 +43,8 @@ class ConfigError(ValueError):
 
 def setting(default, doc: str):
     """A config field with its one-line documentation."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
 
 
@@ -94,20 +94,22 @@ class RolloutConfig:
     top_k: int = setting(0, "sampling: keep the k likeliest tokens (0 = no cut)")
     sampling_seed: int = setting(0, "sampling: each rollout's seed derives from it and the rollout id")
     batch_size: int = setting(16, "prompts generated together (transformers engine; vLLM schedules its own batches)")
+    prompts_in_flight: int | None = setting(None, "a replica rolls out whole shards together, up to this many prompts in one engine call (unset = 256 with vLLM, one shard with transformers)")
     tensor_parallel_size: int = setting(1, "vLLM: GPUs one replica spans (set capture.gpus_per_actor to match)")
     gpu_memory_utilization: float = setting(0.9, "vLLM: share of GPU memory it may take (of host RAM on CPU: use ~0.1)")
-    enforce_eager: bool = setting(True, "vLLM: no compiled graphs; capture's hooks need it")
+    decode_cuda_graphs: bool = setting(True, "vLLM on CUDA: decode steps replay CUDA graphs; prefills (and so capture) run eager either way (false = every step eager, the safe setting)")
     max_model_len: int | None = setting(None, "vLLM: context length to reserve (unset = the model's)")
+    vllm: dict = setting({}, "vLLM: more engine arguments, passed to vllm.LLM as they are (a [rollout.vllm] table, e.g. max_num_seqs)")
 
     def check(self) -> None:
         require(self.engine in ("transformers", "vllm"),
                 f"unknown rollout.engine {self.engine!r}; available: transformers, vllm")
-        require(self.engine != "vllm" or self.enforce_eager,
-                "rollout.enforce_eager must be true with vllm: capture hooks do not run in compiled graphs")
+        require(self.engine == "vllm" or not self.vllm,
+                f"rollout.vllm sets {', '.join(sorted(self.vllm))} but rollout.engine = {self.engine}: it is for vLLM only")
         require(bool(self.questions.strip()), 'rollout.questions is empty; "bundled" or a question file')
         # The split holds out whole questions: at least one on each side.
         at_least(self, "rollout", 2, "num_questions", optional=True)
-        at_least(self, "rollout", 1, "max_model_len", optional=True)
+        at_least(self, "rollout", 1, "max_model_len", "prompts_in_flight", optional=True)
         at_least(self, "rollout", 1, "max_new_tokens", "batch_size", "tensor_parallel_size")
         at_least(self, "rollout", 0, "seed", "sampling_seed", "top_k")
         at_least(self, "rollout", 1, "samples_per_question")
@@ -389,7 +391,8 @@ def ray_host_port(address: str) -> tuple[str, int]:
 
 def coerce(where: str, value, annotation: str):
     """A TOML value as the field's declared type, or a ConfigError saying what was expected."""
-    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[int]": list, "list[float]": list}
+    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[int]": list, "list[float]": list,
+             "dict": dict}
     base = annotation.replace(" | None", "")
     if value is None and "None" in annotation:
         return None
@@ -418,13 +421,12 @@ def section_values(cls, name: str, values: dict) -> dict:
 
 
 def merge(data: dict, more: dict) -> dict:
-    """`more` over `data`, table by table; what is not a known table is checked when the config is built."""
-    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    """`more` over `data`, table by table (nested tables too); what is not a known table is checked when
+    the config is built."""
+    merged = dict(data)
     for key, value in more.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key].update(value)
-        else:
-            merged[key] = value
+        both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge(merged[key], value) if both_tables else value
     return merged
 
 

@@ -11,6 +11,7 @@ the resolved RunPlan. `qsae analyze` is the same sequence from encode on.
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -87,7 +88,13 @@ def prepare(cfg: PipelineConfig) -> RunPlan:
 def check_engine(cfg: PipelineConfig, model_path: str) -> None:
     """vLLM on replicas without a GPU is vLLM's CPU build, which has no kernels for linear-attention
     (Gated DeltaNet) layers: such a model would fail in every replica. Nor can it sample with a seed
-    per request once a prompt's prefill is split over steps (its CPU generators cannot rewind)."""
+    per request once a prompt's prefill is split over steps (its CPU generators cannot rewind).
+    rollout.vllm's keys are checked against the vLLM this driver has (a cluster's replicas may have it
+    where the driver does not: then they are checked where the engine starts)."""
+    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm and importlib.util.find_spec("vllm") is not None:
+        from qsae.engines.vllm_engine import check_options
+
+        check_options(cfg.rollout.vllm)
     if cfg.rollout.engine == "vllm" and cfg.capture.gpus_per_actor == 0 and cfg.rollout.temperature > 0:
         raise ValueError("rollout.temperature > 0 with rollout.engine = vllm on replicas without a GPU: vLLM's CPU "
                          "build cannot reproduce seeded sampling of long prompts; use rollout.engine = transformers "

@@ -138,16 +138,27 @@ def run_rollouts(engine: Engine, tokenizer, questions: list[Question], first_que
                  seed: int, draws: Draws = Draws()) -> list[Rollout]:
     """The rollouts of `questions`, the first of which is question number `first_question` of the
     sample: draws.samples_per_question each, ids as the module says, in id order."""
+    return run_rollout_parts(engine, tokenizer, [(first_question, questions)], thinking=thinking, seed=seed,
+                             draws=draws)[0]
+
+
+def run_rollout_parts(engine: Engine, tokenizer, parts: list[tuple[int, list[Question]]], *, thinking: bool,
+                      seed: int, draws: Draws = Draws()) -> list[list[Rollout]]:
+    """run_rollouts of each (first question, questions) part, all in one engine call: a vLLM engine
+    given several shards' prompts at once keeps its batch full while the longest responses finish."""
     n = draws.samples_per_question
+    questions = [q for _, part in parts for q in part]
     prompts = [chat_prompt(tokenizer, format_prompt(q), thinking) for q in questions]
     prompt_ids = tokenize_prompts(tokenizer, prompts)
-    ids = [(first_question + i) * n + s for i in range(len(questions)) for s in range(n)]
+    ids = [(first + i) * n + s for first, part in parts for i in range(len(part)) for s in range(n)]
     seeds = None if engine.sampling.greedy else [generation_seed(draws.sampling_seed, r) for r in ids]
     generations = engine.generate([p for p in prompt_ids for _ in range(n)], seeds)
-    return [make_rollout(r, questions[j // n], prompts[j // n], prompt_ids[j // n], generation=g, tokenizer=tokenizer,
-                         thinking=thinking, engine=engine.name, seed=seed, sample=j % n,
-                         generation_seed=None if seeds is None else seeds[j])
-            for j, (r, g) in enumerate(zip(ids, generations))]
+    rollouts = [make_rollout(r, questions[j // n], prompts[j // n], prompt_ids[j // n], generation=g,
+                             tokenizer=tokenizer, thinking=thinking, engine=engine.name, seed=seed, sample=j % n,
+                             generation_seed=None if seeds is None else seeds[j])
+                for j, (r, g) in enumerate(zip(ids, generations))]
+    ends = np.cumsum([len(part) * n for _, part in parts])
+    return [rollouts[end - len(part) * n:end] for end, (_, part) in zip(ends, parts)]
 
 
 def make_rollout(rollout_id: int, q: Question, prompt: str, prompt_ids: list[int], *, generation: Generation,

@@ -76,7 +76,9 @@ CONFIG_CASES = [
     ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size must be >= 1"),
     ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization must be in (0, 1]"),
     ("rollout.gpu_memory_utilization=nan", "rollout.gpu_memory_utilization must be in (0, 1]"),
-    ("rollout.engine=vllm rollout.enforce_eager=false", "rollout.enforce_eager must be true with vllm"),
+    ("rollout.vllm.max_num_seqs=64", "rollout.vllm sets max_num_seqs but rollout.engine = transformers"),
+    ("rollout.vllm=64", "rollout.vllm expects dict, got 64"),
+    ("rollout.prompts_in_flight=0", "rollout.prompts_in_flight must be >= 1"),
     ("rollout.max_model_len=0", "rollout.max_model_len must be >= 1"),
     ("rollout.max_model_len=200 rollout.max_new_tokens=200", "leaves no room for a prompt"),
     ("train.n_features=0 train.k=0", "must be positive: n_features=0, k=0"),
@@ -150,7 +152,7 @@ CONFIG_CASES = [
 ]
 
 # Fields where any value of the right type is valid (the type itself is checked for every field).
-ANY_VALUE_OF_ITS_TYPE = {"model.revision", "rollout.thinking", "capture.exclude_special_tokens",
+ANY_VALUE_OF_ITS_TYPE = {"model.revision", "rollout.thinking", "rollout.decode_cuda_graphs", "capture.exclude_special_tokens",
                          "release.export_activations", "release.every_token", "causal.enabled"}
 
 
@@ -340,6 +342,10 @@ DRIVER_CASES = {
     "sampling with vLLM on CPU replicas": (
         lambda root, run: ["rollout.engine=vllm", "model.name=tiny-dense", "capture.layers=[1]", "rollout.temperature=0.7"],
         "rollout.temperature > 0 with rollout.engine = vllm on replicas without a GPU"),
+    "vLLM engine argument capture depends on": (
+        lambda root, run: ["rollout.engine=vllm", "model.name=tiny-dense", "capture.layers=[1]",
+                           "rollout.vllm.enable_prefix_caching=true"],
+        "rollout.vllm sets enable_prefix_caching, which qsae sets itself"),
     "layer beyond the model": (lambda root, run: ["capture.layers=[3, 12]"],
                                "layer(s) [12] out of range: the model has 12 decoder layers"),
     "prompt longer than the context": (

@@ -43,7 +43,7 @@ def test_qwen_config_is_the_original_release():
     assert cfg.train.epochs == 20
     assert cfg.train.batch_size == 4096
     assert cfg.train.lr == pytest.approx(3e-4)
-    assert cfg.rollout.engine == "vllm" and cfg.rollout.enforce_eager
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.decode_cuda_graphs
     # Every epoch one shuffle of the whole sample, as the original shuffled it in memory.
     assert cfg.train.shuffle_buffer_rows >= cfg.capture.max_tokens_per_layer
     cfg.validate()
@@ -53,7 +53,7 @@ def test_the_transformers_variant_of_the_reproduction_differs_only_in_its_engine
     vllm = dataclasses.asdict(load_config(CONFIG_DIR / "qwen36_27b.toml"))
     hf = dataclasses.asdict(load_config(CONFIG_DIR / "qwen36_27b_transformers.toml"))
     assert hf["rollout"]["engine"] == "transformers"
-    engine_keys = {"engine", "batch_size", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
+    engine_keys = {"engine", "batch_size", "tensor_parallel_size", "gpu_memory_utilization", "decode_cuda_graphs",
                    "max_model_len"}
     for cfg in (vllm, hf):
         cfg["rollout"] = {key: value for key, value in cfg["rollout"].items() if key not in engine_keys}
@@ -67,6 +67,15 @@ def test_overrides_apply_with_the_right_types():
     assert cfg.capture.layers == [1, 2] and all(type(v) is int for v in cfg.capture.layers)
     assert cfg.model.name == "foo"
     assert cfg.out == "x"
+
+
+def test_the_vllm_table_takes_overrides_key_by_key(tmp_path):
+    """[rollout.vllm] is a table of engine arguments: an override of one key keeps the file's others."""
+    path = tmp_path / "run.toml"
+    path.write_text('[rollout]\nengine = "vllm"\n[rollout.vllm]\nmax_num_seqs = 128\nblock_size = 32\n')
+    cfg = load_config(path, ["rollout.vllm.max_num_seqs=256", "rollout.vllm.swap_space=2"])
+    assert cfg.rollout.vllm == {"max_num_seqs": 256, "block_size": 32, "swap_space": 2}
+    assert load_config(None).rollout.vllm == {} and load_config(None).rollout.vllm is not load_config(None).rollout.vllm
 
 
 def test_overrides_win_over_the_file():

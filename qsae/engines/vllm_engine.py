@@ -19,9 +19,11 @@ Pitfalls:
 - A vLLM decoder layer returns `(hidden_states, residual)` and leaves the last residual add to the
   next layer's fused add-norm: the residual stream after layer L is their SUM, which is
   transformers' hidden_states[L + 1] for every layer but the last (whose entry is final-normed).
-- Hooks need eager execution (`enforce_eager=True`): under torch.compile vLLM runs one compiled graph
-  of the whole model, and hooks registered afterwards never fire. On a GPU this also costs rollouts
-  their CUDA graphs (slower decoding of small batches).
+- Hooks need eager PyTorch: under torch.compile vLLM runs one compiled graph of the whole model, and
+  hooks registered afterwards never fire; so compilation is off (mode NONE). Decode steps may still
+  replay full CUDA graphs (`cudagraph_mode = FULL_DECODE_ONLY`, rollout.decode_cuda_graphs): a prefill
+  is never a decode batch, except a prefill whose last chunk is one token, which vLLM cannot tell
+  from a decode step; capture adds a token to such a sequence (without_one_token_chunk).
 - Prefix caching is off, or positions already cached (the rollout has just computed the same prompt)
   are never recomputed and their rows never seen.
 - vLLM lays the tokens of all scheduled requests side by side in one flat batch, so capture submits
@@ -31,12 +33,15 @@ Pitfalls:
 - Sequence parallelism (MoE models' reduce-scatter) splits a layer's rows across TP ranks: refused.
 - The prefill samples one token after the whole sequence, so max_model_len must exceed the longest
   prompt plus max_new_tokens.
+- The hooked prefill can ask for prompt logprobs: the rank of each generated token under the
+  prefill's own prediction, which greedy_reproduction counts (the first shard's self-check).
 - vLLM's CPU build reads `gpu_memory_utilization` as the share of host RAM to reserve, and vLLM starts
   its engine in a new process: scripts that use this engine need an `if __name__ == "__main__":` guard.
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -76,17 +81,19 @@ class VLLMEngine:
         dtype: str = "bfloat16",
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
-        enforce_eager: bool = True,
+        decode_cuda_graphs: bool = False,
         seed: int = 0,
         max_model_len: int | None = None,
         sampling: Sampling = GREEDY,
         **vllm_kwargs,
     ):
         """`gpu_memory_utilization`: the share of GPU memory vLLM may take (of host RAM with the CPU
-        build); `max_model_len`: default the model's; `vllm_kwargs` go to vllm.LLM as they are (e.g.
-        max_num_batched_tokens)."""
+        build); `decode_cuda_graphs`: decode steps replay CUDA graphs (prefills, and so capture, run
+        eager either way); `max_model_len`: default the model's; `vllm_kwargs` go to vllm.LLM as
+        they are (rollout.vllm: e.g. max_num_batched_tokens)."""
         from vllm import LLM
 
+        check_options(vllm_kwargs)
         self.stop_ids = stop_token_ids(tokenizer, generation_eos(model_path, revision))
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
@@ -96,11 +103,9 @@ class VLLMEngine:
             dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,  # needed by capture: hooks do not fire inside compiled graphs
             seed=seed,
             max_model_len=max_model_len,
-            enable_prefix_caching=False,  # capture must see every position computed
-            worker_extension_cls=EXTENSION,
+            **engine_settings(decode_cuda_graphs),
             **vllm_kwargs,
         )
 
@@ -130,6 +135,61 @@ class VLLMEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
 
+# What qsae sets itself, so rollout.vllm may not: capture depends on each of them.
+RESERVED_OPTIONS = ("model", "revision", "dtype", "tensor_parallel_size", "gpu_memory_utilization", "seed",
+                    "max_model_len", "enforce_eager", "compilation_config", "enable_prefix_caching",
+                    "worker_extension_cls", "language_model_only")
+
+
+def engine_settings(decode_cuda_graphs: bool) -> dict:
+    """The vllm.LLM settings capture needs: no torch.compile (hooks do not fire in compiled graphs),
+    CUDA graphs for decode steps only or none, no prefix caching (every position must be computed),
+    the hooks' worker extension, and no vision tower (qsae gives token ids only; ignored by text
+    models)."""
+    return {
+        "enforce_eager": not decode_cuda_graphs,
+        "compilation_config": {"mode": "NONE", "cudagraph_mode": "FULL_DECODE_ONLY" if decode_cuda_graphs else "NONE"},
+        "enable_prefix_caching": False,
+        "worker_extension_cls": EXTENSION,
+        "language_model_only": True,
+    }
+
+
+def check_options(options: dict) -> None:
+    """rollout.vllm's keys are vllm.LLM's engine arguments, and none that capture depends on."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    reserved = sorted(set(options) & set(RESERVED_OPTIONS))
+    if reserved:
+        raise ValueError(f"rollout.vllm sets {', '.join(reserved)}, which qsae sets itself (see the rollout.* "
+                         "settings; compilation stays off and prefix caching off so that capture sees every position)")
+    known = {f.name for f in fields(EngineArgs)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"rollout.vllm sets {', '.join(unknown)}, which vLLM {vllm_version()} does not know as an "
+                         "engine argument (vllm.engine.arg_utils.EngineArgs)")
+
+
+def vllm_version() -> str:
+    from vllm import __version__
+
+    return __version__
+
+
+def prefill_chunk(engine: VLLMEngine) -> int:
+    """How many tokens of a lone request's prefill vLLM computes per step."""
+    scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
+    threshold = scheduler.long_prefill_token_threshold or 0
+    return min(scheduler.max_num_batched_tokens, threshold) if threshold > 0 else scheduler.max_num_batched_tokens
+
+
+def without_one_token_chunk(sequence: list[int], chunk: int) -> list[int]:
+    """The sequence as capture prefills it. A prefill whose last chunk is a single token is, to vLLM,
+    a decode step, which may replay a CUDA graph (where hooks do not fire): a copy of the last token
+    appended makes that chunk two tokens and changes no earlier position (the model is causal)."""
+    return sequence + sequence[-1:] if len(sequence) > chunk and len(sequence) % chunk == 1 else sequence
+
+
 def capture_residuals_vllm(
     engine: VLLMEngine, sequences: list[list[int]], starts: list[int], layer_ids: list[int]
 ) -> dict[int, list[np.ndarray]]:
@@ -139,21 +199,40 @@ def capture_residuals_vllm(
     from vllm.config import CompilationMode
 
     if engine.llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE:
-        raise CaptureError("capture with vLLM needs enforce_eager=True: hooks do not fire in compiled graphs")
+        raise CaptureError("capture with vLLM needs compilation off (mode NONE): hooks do not fire in compiled graphs")
     prefill_only = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
+    chunk = prefill_chunk(engine)
     rows: dict[int, list[np.ndarray]] = {layer: [] for layer in layer_ids}
     engine.llm.collective_rpc("qsae_start_capture", args=(list(layer_ids),))
     try:
         for seq, start in zip(sequences, starts):
-            engine.llm.generate([TokensPrompt(prompt_token_ids=list(seq))], prefill_only, use_tqdm=False)
-            found = take_rows(engine, len(seq), start)
+            prefilled = without_one_token_chunk(list(seq), chunk)
+            engine.llm.generate([TokensPrompt(prompt_token_ids=prefilled)], prefill_only, use_tqdm=False)
+            found = take_rows(engine, len(prefilled), start)
             for layer in layer_ids:
                 if layer not in found:
                     raise CaptureError(f"no vLLM worker captured layer {layer}")
-                rows[layer].append(found[layer])
+                rows[layer].append(found[layer][: len(seq) - start])
     finally:
         engine.llm.collective_rpc("qsae_stop_capture")
     return rows
+
+
+def greedy_reproduction(engine: VLLMEngine, sequences: list[list[int]], starts: list[int]) -> tuple[int, int]:
+    """(positions whose token the prefill ranks first, positions) over positions starts[i].. of each
+    sequence: of greedy rollouts, the share of their tokens the hooked prefill reproduces. vLLM's
+    prompt logprobs give each prompt token's rank under the prediction from the positions before it;
+    the sequences go one at a time, so those full-vocabulary logprobs stay one prefill chunk's."""
+    from vllm import SamplingParams, TokensPrompt
+
+    with_ranks = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+    hits = total = 0
+    for seq, start in zip(sequences, starts):
+        out = engine.llm.generate([TokensPrompt(prompt_token_ids=list(seq))], with_ranks, use_tqdm=False)[0]
+        ranks = [out.prompt_logprobs[pos][token].rank for pos, token in enumerate(seq) if pos >= start]
+        hits += sum(rank == 1 for rank in ranks)
+        total += len(ranks)
+    return hits, total
 
 
 def take_rows(engine: VLLMEngine, n_tokens: int, start: int) -> dict[int, np.ndarray]:
