@@ -269,11 +269,12 @@ REPRODUCTION_ROLLOUTS, REPRODUCTION_TOKENS = 2, 256
 
 
 def check_reproduction(replica: Replica, rollouts: list[Rollout], engine: str) -> None:
-    """Greedy rollouts only: their first REPRODUCTION_TOKENS response tokens each, as the replica's
-    prefill predicts them; too few stops the run, naming the engine."""
+    """Greedy rollouts only: the first REPRODUCTION_TOKENS response tokens of the rollouts with the
+    shortest prompts (vLLM holds full-vocabulary logprobs of every position of a prefill chunk at
+    once), as the replica's prefill predicts them; too few stops the run, naming the engine."""
     if replica.reproduction is None or not replica.engine.sampling.greedy:
         return
-    sample = [r for r in rollouts if r.n_response_tokens][:REPRODUCTION_ROLLOUTS]
+    sample = sorted((r for r in rollouts if r.n_response_tokens), key=lambda r: r.n_prompt_tokens)[:REPRODUCTION_ROLLOUTS]
     hits, total = replica.reproduction([r.prompt_token_ids + r.response_token_ids[:REPRODUCTION_TOKENS] for r in sample],
                                        [r.n_prompt_tokens for r in sample])
     if total and hits < REPRODUCED_AT_LEAST * total:
