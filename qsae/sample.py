@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 from qsae.files import atomic_write, atomic_write_json
 from qsae.rollout import read_rollouts
 from qsae.rundir import RunDir
-from qsae.store import read_layer_table, sample_rows
+from qsae.store import MANIFEST, read_layer_table, read_manifest, sample_rows
 
 SPLIT_FILE = "split.json"
 METADATA = ["rollout_id", "position", "special", "norm"]
@@ -156,6 +156,7 @@ def select_rows(store_dir: Path, layers: list[int], split: Split) -> RowSelectio
     heldout_positions = {int(r): positions for r, positions in zip(ids, np.split(meta["position"][held], starts[1:]))}
     counts = {
         "stored": n_stored,
+        "beyond_float16": left_out_at_capture(Path(store_dir)),
         "special": int(meta["special"].sum()),
         "special_excluded": rules.exclude_special,
         "high_norm": high_norm,
@@ -168,6 +169,14 @@ def select_rows(store_dir: Path, layers: list[int], split: Split) -> RowSelectio
         "heldout": int(heldout.sum()),
     }
     return RowSelection(rows, rollout_id, heldout, heldout_positions, counts)
+
+
+def left_out_at_capture(store_dir: Path) -> int:
+    """Tokens capture left out of a float16 store at every layer, their residual beyond its range (as
+    high-norm rows are left out of training); a store written without capture's manifest has none."""
+    if not (store_dir / MANIFEST).exists():
+        return 0
+    return sum(entry.get("beyond_float16", 0) for entry in read_manifest(store_dir)["shards"].values())
 
 
 def plan_split(run: RunDir, layers: list[int], rules: RowRules) -> Split:

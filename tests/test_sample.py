@@ -80,10 +80,10 @@ def write_marked_store(store_dir, tokens_per_rollout: int = 30, n_rollouts: int 
         shard = f"shard-{i:05d}"
         written = {str(layer): write_shard(store_dir, layer, shard, ShardRows(rollout_id[rows], position[rows], np.zeros(len(rows), np.int32), np.zeros(len(rows), bool), residuals[layer][rows], special=special[rows]), dtype="float32")
                    for layer in LAYERS}
-        manifest["shards"][shard] = {"questions": [], "rollouts": 0, "rows": written}
+        manifest["shards"][shard] = {"questions": [], "rollouts": 0, "rows": written, "beyond_float16": 2 + i}
     write_manifest(store_dir, manifest)
     return {"rollout_id": rollout_id, "position": position, "special": special, "sink": sink, "n": n,
-            "residuals": residuals}
+            "residuals": residuals, "beyond_float16": 2 + 3}
 
 
 def test_select_rows_leaves_out_special_and_high_norm_tokens_at_every_layer(tmp_path):
@@ -97,6 +97,7 @@ def test_select_rows_leaves_out_special_and_high_norm_tokens_at_every_layer(tmp_
     np.testing.assert_array_equal(selection.heldout, held[~excluded])
     counts = selection.counts
     assert counts["stored"] == truth["n"] and counts["special"] == truth["special"].sum()
+    assert counts["beyond_float16"] == truth["beyond_float16"]  # left out at capture, never stored
     assert counts["high_norm_any_layer"] == truth["sink"].sum() and counts["excluded"] == excluded.sum()
     assert counts["train"] == (~excluded & ~held).sum() and counts["heldout"] == (~excluded & held).sum()
     assert sum(counts["high_norm"].values()) == truth["sink"].sum()  # each sink is high at exactly one layer
