@@ -156,7 +156,7 @@ def cmd_train(args) -> int:
     cfg.check()
     cfg = dataclasses.replace(cfg, device=usable_device(cfg.device))
     source = open_rows(args.activations, args.layer)
-    check_training_memory(cfg, source.d_in, memory_budget(cfg.device))
+    check_training_memory([cfg], source.d_in, memory_budget(cfg.device))
     if isinstance(source, StoreSource):  # once, before training: every byte of the layer's shards checked
         verify_store(source.store_dir, [args.layer])
     out = Path(args.out)

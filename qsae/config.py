@@ -281,10 +281,18 @@ class TrainStageConfig(TrainConfig):
     report_every_steps: int = setting(50, "steps between metric reports to Ray Train (each waits on its controller)")
     checkpoint_every_steps: int = setting(500, "steps between checkpoints (the last step always checkpoints)")
     max_failures: int = setting(3, "restarts of a layer's workers after a crash, each from the last checkpoint")
+    sweep: dict | None = setting(None, "more SAEs per layer, trained in the same pass over its rows: a [train.sweep] table of n_features and k lists (every pair) or pairs = [[n, k], ...]")
 
     def trainer(self) -> TrainConfig:
         """The settings of the SAE training itself, without the stage's placement."""
         return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+
+    def trainers(self) -> list[TrainConfig]:
+        """Every SAE a layer trains: the configured one (n_features, k) first, then the sweep's others."""
+        primary = self.trainer()
+        pairs = sweep_pairs(self.sweep, self.n_features, self.k) if self.sweep is not None else []
+        others = [pair for pair in pairs if pair != (self.n_features, self.k)]
+        return [primary] + [dataclasses.replace(primary, n_features=n, k=k) for n, k in others]
 
     def check_stage(self) -> None:
         """The training settings (TrainConfig.check) and how the stage places and splits them."""
@@ -301,6 +309,12 @@ class TrainStageConfig(TrainConfig):
         require(not (workers > 1 and gpus and gpus != workers),
                 f"train.gpus_per_layer = {gpus:g} with {workers} data-parallel workers: NCCL needs one whole GPU per "
                 f"worker; set train.gpus_per_layer = {workers}, or one worker to share a GPU")
+        if self.sweep is not None:
+            for trainer in self.trainers()[1:]:
+                try:
+                    trainer.check()
+                except ValueError as err:
+                    raise ConfigError(f"train.sweep: the SAE of n_features = {trainer.n_features}, k = {trainer.k}: {err}") from None
         require(gpus <= workers,
                 f"train.gpus_per_layer = {gpus:g} with {workers} worker(s): a worker drives one GPU at most; set "
                 f"train.workers_per_layer = {math.ceil(gpus)} to train on several GPUs (DDP)")
@@ -379,6 +393,28 @@ class PipelineConfig:
                 "the GPUs it reserves (use train.device = auto to run where the trainer is)")
         if self.ray_address not in (None, "auto", "local"):
             ray_host_port(self.ray_address)
+
+
+SWEEP_KEYS = ("n_features", "k", "pairs")
+
+
+def sweep_pairs(sweep: dict, n_features: int, k: int) -> list[tuple[int, int]]:
+    """The (n_features, k) pairs a [train.sweep] table asks for, in order, each once: every pair of its
+    n_features and k lists (a list left out stands for the configured value), then its explicit pairs."""
+    unknown = sorted(set(sweep) - set(SWEEP_KEYS))
+    require(not unknown, f"unknown train.sweep key(s) {', '.join(unknown)}; valid: {', '.join(SWEEP_KEYS)}")
+    require(any(sweep.get(key) for key in SWEEP_KEYS),
+            "train.sweep is empty: give n_features and/or k lists, or pairs = [[n_features, k], ...]")
+    is_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    for key in ("n_features", "k"):
+        values = sweep.get(key, [])
+        require(isinstance(values, list) and all(is_count(v) for v in values),
+                f"train.sweep.{key} must be a list of positive integers, got {values!r}")
+    pairs = sweep.get("pairs", [])
+    require(isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and all(map(is_count, p)) for p in pairs),
+            f"train.sweep.pairs must be a list of [n_features, k] pairs of positive integers, got {pairs!r}")
+    grid = [(n, kk) for n in sweep.get("n_features") or [n_features] for kk in sweep.get("k") or [k]]
+    return list(dict.fromkeys([*grid, *map(tuple, pairs)]))
 
 
 def ray_host_port(address: str) -> tuple[str, int]:

@@ -109,12 +109,13 @@ def memory_and_disk(cfg: PipelineConfig, planned) -> list[Finding]:
         findings.append(Finding("replica memory", f"weights {weights} in {cfg.model.dtype}; this machine: {budget[1]}"))
     except ValueError as err:
         findings.append(Finding("replica memory", str(err), FAIL))
-    trainer = cfg.train.trainer()
-    train_budget = memory_budget(trainer.device if trainer.device != "auto" else cfg.model.device)
+    trainers = cfg.train.trainers()
+    device = trainers[0].device
+    train_budget = memory_budget(device if device != "auto" else cfg.model.device)
     try:
-        check_training_memory(trainer, spec.d_model, train_budget)
-        findings.append(Finding("trainer memory", f"about {training_memory(trainer, spec.d_model) / 2**30:.2f} GiB a "
-                                                  f"layer's trainer; this machine: {train_budget[1]}"))
+        check_training_memory(trainers, spec.d_model, train_budget)
+        findings.append(Finding("trainer memory", f"about {training_memory(trainers, spec.d_model) / 2**30:.2f} GiB a "
+                                                  f"layer's trainer ({len(trainers)} SAE(s)); this machine: {train_budget[1]}"))
     except ValueError as err:
         findings.append(Finding("trainer memory", str(err), FAIL))
     per_rollout = kept_positions(spec.capture).count(spec.rollout.max_new_tokens)

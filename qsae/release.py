@@ -36,7 +36,7 @@ from qsae.sae_files import hook_name, save_sae
 from qsae.sample import RowSelection, load_selection, load_split
 from qsae.store import KeptPositions, read_manifest
 from qsae.streaming import StoreSource
-from qsae.training.trained import TrainedSAE, load_trained
+from qsae.training.trained import SWEEP, TrainedSAE, load_trained
 
 VE_FORMULA = "1 - sum_rows ||x - x_hat||^2 / sum_rows ||x - mean(x)||^2 (pooled over held-out rows, float64)"
 
@@ -111,11 +111,14 @@ def build_release(run: RunDir, settings: ReleaseSettings, token_text: Callable[[
 
 
 def write_saes(staging: Path, record: RunRecord) -> list[str]:
-    """Every layer's SAE in every release format; returns the files' names."""
+    """Every layer's SAE in every release format, and a sweep's others under sweep/n=<n>-k=<k>/;
+    returns the files' names."""
     files = []
     for layer in record.layers:
-        paths = save_sae(record.trained[layer].sae, staging, layer, hook_name(layer))
-        files += [p.relative_to(staging).as_posix() for p in paths.values()]
+        trained = record.trained[layer]
+        for folder, sae in [(staging, trained.sae), *[(staging / SWEEP / m.shape_name, m.sae) for m in trained.sweep]]:
+            paths = save_sae(sae, folder, layer, hook_name(layer))
+            files += [p.relative_to(staging).as_posix() for p in paths.values()]
     return files
 
 

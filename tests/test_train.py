@@ -12,7 +12,7 @@ from qsae.cli import resolved_config
 from qsae.config import TrainConfig
 from qsae.sae import BatchTopKSAE, TopKSAE
 from qsae.streaming import ArraySource, shuffled_batches
-from qsae.training.loop import train_sae
+from qsae.training.loop import train_sae, train_saes
 from qsae.training.recipes import (
     RECIPES,
     THRESHOLD_RATE,
@@ -588,3 +588,37 @@ def test_a_layer_keeps_only_the_sae_its_last_training_wrote(tmp_path):
     (out / "trained.json").unlink()
     with pytest.raises(FileNotFoundError, match="no trained SAE for layer 7"):
         load_trained(run, 7)
+
+
+@pytest.mark.parametrize("recipe", ["original", "modern"])
+def test_saes_trained_in_one_pass_are_each_the_sae_trained_alone(small_rows, recipe):
+    """A sweep: three shapes (two widths, two k, one BatchTopK) trained on each batch in turn equal,
+    bit for bit, each trained alone with the same settings (the same shuffle, seeds and schedule);
+    a checkpoint of the pass, taken mid-epoch, resumes all three exactly."""
+    shapes = [{"n_features": 48, "k": 3}, {"n_features": 96, "k": 3}, {"n_features": 48, "k": 6}]
+    if recipe == "modern":
+        shapes.append({"n_features": 48, "k": 3, "architecture": "batchtopk"})
+    cfgs = [small_cfg(recipe=recipe, dead_after_steps=2, **shape) for shape in shapes]
+    checkpoints = {}
+    together = train_saes(small_rows, cfgs, on_step=lambda p: checkpoints.setdefault(p.step, p.checkpoint()))
+    for cfg, (sae, history) in zip(cfgs, together):
+        alone, alone_history = train_sae(small_rows, cfg)
+        assert (sae.n_features, sae.k, sae.architecture) == (cfg.n_features, cfg.k, cfg.architecture)
+        for name, param in alone.state_dict().items():
+            assert torch.equal(param, sae.state_dict()[name]), (cfg.n_features, cfg.k, name)
+        for key in ("loss", "fvu", "step_fvu", "revived", "steps", "tokens_seen"):
+            assert history[key] == alone_history[key], key
+    steps_per_epoch = -(-len(small_rows) // cfgs[0].batch_size)
+    resumed = train_saes(small_rows, cfgs, resume=checkpoints[steps_per_epoch + 4])
+    for (sae, _), (again, _) in zip(together, resumed):
+        for name, param in sae.state_dict().items():
+            assert torch.equal(param, again.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("other, problem", [
+    ({"lr": 1e-3}, "these differ: lr"),
+    ({"epochs": 2, "seed": 4}, "these differ: epochs, seed"),
+])
+def test_saes_of_one_pass_must_share_all_but_their_shape(small_rows, other, problem):
+    with pytest.raises(ValueError, match=problem):
+        train_saes(small_rows, [small_cfg(), small_cfg(n_features=96, **other)])

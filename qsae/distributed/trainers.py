@@ -68,18 +68,18 @@ def train_layer_worker(config: dict) -> None:
 
     from qsae.sample import training_rows
     from qsae.streaming import StoreSource
-    from qsae.training.loop import UnusableRowsError, train_sae
+    from qsae.training.loop import UnusableRowsError, train_saes
 
     quiet_ray_train_logs()
     job: LayerJob = config["job"]
     use_threads(job.train.resources_per_worker()["CPU"])
     device = str(ray.train.torch.get_device()) if job.train.device == "auto" else job.train.device
-    trainer = dataclasses.replace(job.train.trainer(), device=device)  # this worker's GPU under use_gpu
+    trainers = [dataclasses.replace(t, device=device) for t in job.train.trainers()]  # this worker's GPU under use_gpu
     rows = training_rows(job.run, list(job.layers))
     is_rank_zero = ray.train.get_context().get_world_rank() == 0
     try:
-        train_sae(StoreSource(job.run.store, job.layer, rows), trainer, on_step=reporter(job.train, is_rank_zero),
-                  resume=resume_state(job))
+        train_saes(StoreSource(job.run.store, job.layer, rows), trainers, on_step=reporter(job.train, is_rank_zero),
+                   resume=resume_state(job))
     except UnusableRowsError as err:  # the same on every retry: end the run with it instead of retrying
         if is_rank_zero:
             note = job.run.unusable_rows_note(job.layer)
@@ -124,7 +124,7 @@ def train_run_name(job: LayerJob, rules: RowRules) -> str:
     shapes the result, so a rerun resumes only the very same training and never a stale one."""
     manifest = read_manifest(job.run.store)
     rows = sum(shard["rows"][str(job.layer)] for shard in manifest["shards"].values())
-    key = json.dumps([run_key(job.train.trainer()), asdict(rules), list(job.layers), rows], sort_keys=True)
+    key = json.dumps([[run_key(t) for t in job.train.trainers()], asdict(rules), list(job.layers), rows], sort_keys=True)
     return f"layer={job.layer}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -232,19 +232,30 @@ def concurrent_layers(train: TrainStageConfig, cluster: dict[str, float]) -> int
 def check_trainer_memory(train: TrainStageConfig, d_in: int) -> None:
     """Before any trainer allocates: an SAE of this size trains within the memory a worker is given,
     checked in a task placed like one (it sees that worker's GPUs, or its node's host memory)."""
-    trainer, share = train.trainer(), train.gpus_per_layer / train.workers_per_layer
+    trainers, share = train.trainers(), train.gpus_per_layer / train.workers_per_layer
 
     def probe() -> None:
         from qsae.models import memory_budget
 
-        device = trainer.device if trainer.device != "auto" else ("cuda" if share else "cpu")
+        device = trainers[0].device if trainers[0].device != "auto" else ("cuda" if share else "cpu")
         capacity, described = memory_budget(device)
         if device.startswith("cuda") and share < 1:  # a fraction of one GPU
             capacity, described = int(capacity * share), f"{share:g} of {described}"
-        check_training_memory(trainer, d_in, (capacity, described))
+        check_training_memory(trainers, d_in, (capacity, described))
 
     resources = train.resources_per_worker()
     get_or_raise_cause(ray.remote(probe).options(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0)).remote())
+
+
+def trained_from_state(state: dict, trainers: list) -> TrainedSAE:
+    """A layer's SAEs from its final checkpoint: the configured one, the sweep's others beside it."""
+    primary, *others = [(state, trainers[0])] + list(zip(state.get("sweep", []), trainers[1:]))
+
+    def one(member: dict, cfg) -> TrainedSAE:
+        sae = TopKSAE.from_tensors(member["sae_state"], cfg.k, cfg.architecture)
+        return TrainedSAE(sae, member["history"], recipe_settings(cfg))
+
+    return dataclasses.replace(one(*primary), sweep=[one(*member) for member in others])
 
 
 def train_layers(train: TrainStageConfig, rules: RowRules, layers: list[int], run: RunDir) -> dict[int, TrainedSAE]:
@@ -266,8 +277,7 @@ def train_layers(train: TrainStageConfig, rules: RowRules, layers: list[int], ru
             ref = next_ready(list(pending), notes)
             layer = pending.pop(ref)
             state = get_or_raise_cause(ref)
-            sae = TopKSAE.from_tensors(state["sae_state"], train.k, train.architecture)
-            trained[layer] = TrainedSAE(sae, state["history"], recipe_settings(train.trainer()))
+            trained[layer] = trained_from_state(state, train.trainers())
             save_trained(run, layer, trained[layer])
             bar.set_postfix(layer=layer, fvu=f"{state['history']['fvu'][-1]:.3f}")
             bar.update(1)

@@ -10,6 +10,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from qsae.training.state import (
     end_epoch,
     new_run,
     restore_,
+    run_key,
     step_metrics,
 )
 
@@ -96,26 +98,64 @@ def train_sae(residuals, cfg: TrainConfig, on_step: Callable[[Progress], None] |
     on_step(progress) runs after every step; `resume` is a progress.checkpoint() of an earlier run
     with the same config and rows, which it continues exactly from that step.
     """
+    return train_saes(residuals, [cfg], on_step, resume)[0]
+
+
+def train_saes(residuals, cfgs: list[TrainConfig], on_step: Callable[[Progress], None] | None = None,
+               resume: dict | None = None) -> list[tuple[TopKSAE, dict]]:
+    """train_sae of several SAEs (a sweep of shapes) in one pass over the rows: each batch is read
+    and shuffled once and trains every SAE in turn, each exactly as train_sae would train it alone.
+    The settings other than n_features, k and architecture are the first's (sweep_settings_differ).
+    Progress reports the first SAE's metrics and a checkpoint of them all (the others under "sweep")."""
     source = as_source(residuals)
-    cfg.check()
-    if resume is not None:
-        check_resumable(resume, cfg, source)
-    loop = TrainingLoop(source, cfg, on_step)
-    loop.start(resume)
-    bar = tqdm(total=loop.total_steps, initial=loop.run.history["steps"], desc="train", unit="step", disable=None)
-    while loop.run.epoch <= cfg.epochs:
+    for cfg in cfgs:
+        cfg.check()
+    if differ := sweep_settings_differ(cfgs):
+        raise ValueError(f"SAEs trained in one pass share every setting but their shape; these differ: {', '.join(differ)}")
+    states = None if resume is None else [resume, *resume.get("sweep", [])]
+    if states is not None:
+        if len(states) != len(cfgs):
+            raise ValueError(f"the checkpoint holds {len(states)} SAE(s), this run trains {len(cfgs)}")
+        for state, cfg in zip(states, cfgs):
+            check_resumable(state, cfg, source)
+    loop = TrainingLoop(source, cfgs, on_step)
+    loop.start(states)
+    primary = loop.members[0].run
+    bar = tqdm(total=loop.total_steps, initial=primary.history["steps"], desc="train", unit="step", disable=None)
+    while primary.epoch <= loop.cfg.epochs:
         fvu = loop.epoch(bar)
-        bar.set_postfix(epoch=loop.run.epoch - 1, fvu=f"{fvu:.4f}")
+        bar.set_postfix(epoch=primary.epoch - 1, fvu=f"{fvu:.4f}")
     bar.close()
-    return loop.run.sae, loop.run.history
+    return [(member.run.sae, member.run.history) for member in loop.members]
+
+
+SHAPE = ("n_features", "k", "architecture")
+
+
+def sweep_settings_differ(cfgs: list[TrainConfig]) -> list[str]:
+    """The settings besides the SAE's shape that differ between SAEs meant to train together."""
+    first = run_key(cfgs[0])
+    return sorted({key for cfg in cfgs[1:] for key, value in run_key(cfg).items()
+                   if key not in SHAPE and value != first[key]})
+
+
+@dataclass
+class Member:
+    """One SAE of the pass: its settings, state, loss module (DDP-wrapped when data parallel) and log."""
+
+    cfg: TrainConfig
+    run: RunState
+    model: torch.nn.Module
+    log: StepLog
 
 
 class TrainingLoop:
     """What stays fixed over one training run (the rows, the recipe, the device, the process group)
-    and the run state it advances, an epoch at a time."""
+    and the state of each SAE it advances, an epoch at a time."""
 
-    def __init__(self, source: RowSource, cfg: TrainConfig, on_step: Callable[[Progress], None] | None):
-        self.source, self.cfg, self.on_step = source, cfg, on_step
+    def __init__(self, source: RowSource, cfgs: list[TrainConfig], on_step: Callable[[Progress], None] | None):
+        self.source, self.cfgs, self.cfg, self.on_step = source, cfgs, cfgs[0], on_step
+        cfg = self.cfg
         self.recipe = RECIPES[cfg.recipe]
         self.rank, self.world = distributed_rank_and_world()
         self.device = torch.device(cfg.device)
@@ -125,23 +165,26 @@ class TrainingLoop:
         self.steps_per_epoch = math.ceil(source.n_rows / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
-    def start(self, resume: dict | None) -> None:
-        """Check the rows, then a fresh run or the one `resume` saved."""
+    def start(self, resume: list[dict] | None) -> None:
+        """Check the rows, then fresh runs or the ones `resume` saved."""
         self.total_variance = scan_rows(self.source, self.rank, self.world, self.device)
         # The modern loss is a fraction of variance unexplained; constant rows leave it a plain sum.
         self.row_variance = self.total_variance / self.source.n_rows if self.total_variance > 0 else 1.0
-        self.run: RunState = new_run(self.source, self.cfg, self.device, fresh=resume is None)
-        if resume is not None:
-            restore_(self.run, resume, self.rank)
-        self.model = TrainingLoss(self.run.sae, self.recipe)
-        if self.world > 1:
-            self.model = DistributedDataParallel(self.model)  # also broadcasts rank 0's weights
-        self.log = StepLog(self.run.history, self.row_variance, self.world)
+        self.members = [self.new_member(cfg, None if resume is None else resume[i]) for i, cfg in enumerate(self.cfgs)]
         self.started = time.perf_counter()
 
+    def new_member(self, cfg: TrainConfig, state: dict | None) -> Member:
+        run = new_run(self.source, cfg, self.device, fresh=state is None)
+        if state is not None:
+            restore_(run, state, self.rank)
+        model = TrainingLoss(run.sae, self.recipe)
+        if self.world > 1:
+            model = DistributedDataParallel(model)  # also broadcasts rank 0's weights
+        return Member(cfg, run, model, StepLog(run.history, self.row_variance, self.world))
+
     def epoch(self, bar: tqdm) -> float:
-        """The rest of the current epoch; returns its FVU."""
-        run, cfg = self.run, self.cfg
+        """The rest of the current epoch; returns the first SAE's FVU."""
+        run, cfg = self.members[0].run, self.cfg
         batches = shuffled_batches(self.source, cfg.batch_size, cfg.shuffle_buffer_rows, cfg.seed, epoch=run.epoch,
                                    start_step=run.step_in_epoch, rank=self.rank, world=self.world)
         # Up to one buffer of batches ahead, so that reading the next buffer overlaps training.
@@ -150,40 +193,54 @@ class TrainingLoop:
             bar.update(1)
             if run.step_in_epoch < self.steps_per_epoch:
                 self.report(run.epoch, run.step_in_epoch)
-        self.log.flush()
-        fvu = end_epoch(run, cfg, self.source.n_rows, self.total_variance, world=self.world)
-        run.history["seconds"] += time.perf_counter() - self.started
+        seconds = time.perf_counter() - self.started
+        fvus = []
+        for member in self.members:
+            member.log.flush()
+            fvus.append(end_epoch(member.run, member.cfg, self.source.n_rows, self.total_variance, world=self.world))
+            member.run.history["seconds"] += seconds  # the pass's wall time: its SAEs train together
         self.started = time.perf_counter()
         finished = run.epoch
-        run.start_epoch(finished + 1)  # a checkpoint taken now resumes at the next epoch
+        for member in self.members:
+            member.run.start_epoch(finished + 1)  # a checkpoint taken now resumes at the next epoch
         self.report(finished, self.steps_per_epoch)
-        return fvu
+        return fvus[0]
 
     def step(self, rows: np.ndarray) -> None:
-        run, cfg = self.run, self.cfg
+        x = to_device(rows, self.device)
+        for member in self.members:
+            self.member_step(member, x)
+
+    def member_step(self, member: Member, x: torch.Tensor) -> None:
+        run, cfg = member.run, member.cfg
         batch_rows = min(cfg.batch_size, self.source.n_rows - run.step_in_epoch * cfg.batch_size)
         dead, aux_width = self.recipe.dead_latents(run.dead_bound, run.step_in_epoch, run.steps_since_fired)
         for group in run.optimizer.param_groups:
             group["lr"] = cfg.lr_at(run.history["steps"], self.total_steps)
-        inputs = StepInputs(dead=dead, aux_width=aux_width, scale=len(rows) * self.world / batch_rows,
+        inputs = StepInputs(dead=dead, aux_width=aux_width, scale=len(x) * self.world / batch_rows,
                             row_variance=self.row_variance, autocast=self.autocast)
-        sq_error, fires = train_step(self.model, run.sae, run.optimizer, to_device(rows, self.device), step=inputs,
+        sq_error, fires = train_step(member.model, run.sae, run.optimizer, x, step=inputs,
                                      threshold_rate=1.0 if run.history["steps"] == 0 else THRESHOLD_RATE)
         if self.world > 1:
             dist.all_reduce(fires)  # every worker tracks the same dead latents
         run.steps_since_fired = torch.where(fires > 0, 0, run.steps_since_fired + 1)
         run.epoch_sq_error += sq_error
-        self.log.add(sq_error, batch_rows)
+        member.log.add(sq_error, batch_rows)
         run.step_in_epoch += 1
         run.history["steps"] += 1
         run.history["tokens_seen"] += batch_rows
 
     def checkpoint(self) -> dict:
-        self.log.flush()  # so that the saved history has every step so far
-        return checkpoint_state(self.run, self.cfg, self.source, self.world)
+        """The first SAE's checkpoint_state, the others' under "sweep"."""
+        states = []
+        for member in self.members:
+            member.log.flush()  # so that the saved history has every step so far
+            states.append(checkpoint_state(member.run, member.cfg, self.source, self.world))
+        return {**states[0], "sweep": states[1:]} if len(states) > 1 else states[0]
 
     def report(self, epoch: int, step_in_epoch: int) -> None:
         if self.on_step is not None:
-            metrics = functools.partial(step_metrics, self.run, self.log, self.cfg, epoch)
-            self.on_step(Progress(epoch, self.run.history["steps"], step_in_epoch, self.steps_per_epoch,
-                                  self.total_steps, self.run.sae, metrics, self.checkpoint))
+            first = self.members[0]
+            metrics = functools.partial(step_metrics, first.run, first.log, first.cfg, epoch)
+            self.on_step(Progress(epoch, first.run.history["steps"], step_in_epoch, self.steps_per_epoch,
+                                  self.total_steps, first.run.sae, metrics, self.checkpoint))

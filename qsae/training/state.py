@@ -61,23 +61,27 @@ def new_run(source: RowSource, cfg: TrainConfig, device: torch.device, *, fresh:
     return run
 
 
-def training_memory(cfg: TrainConfig, d_in: int) -> int:
-    """Bytes one trainer holds, about: the fp32 weights, their gradients and two Adam moments (four
-    copies of 2 n d + n + d numbers), a batch's pre-activations (two [batch, n] fp32 tensors) and
-    three shuffle buffers of rows."""
-    parameters = 2 * cfg.n_features * d_in + cfg.n_features + d_in
-    return 4 * (4 * parameters + 2 * cfg.batch_size * cfg.n_features + 3 * cfg.shuffle_buffer_rows * d_in)
+def training_memory(cfgs: list[TrainConfig], d_in: int) -> int:
+    """Bytes one trainer holds, about, for the SAEs it trains in one pass: the fp32 weights of each,
+    their gradients and two Adam moments (four copies of 2 n d + n + d numbers), a batch's
+    pre-activations (two [batch, n] fp32 tensors, of the widest SAE: they train one after another)
+    and three shuffle buffers of rows (shared)."""
+    parameters = sum(2 * cfg.n_features * d_in + cfg.n_features + d_in for cfg in cfgs)
+    widest = max(cfg.n_features for cfg in cfgs)
+    return 4 * (4 * parameters + 2 * cfgs[0].batch_size * widest + 3 * cfgs[0].shuffle_buffer_rows * d_in)
 
 
-def check_training_memory(cfg: TrainConfig, d_in: int, budget: tuple[int, str]) -> None:
-    """Refuse, before allocating, an SAE whose training would not fit the trainer's memory `budget`
+def check_training_memory(cfgs: list[TrainConfig], d_in: int, budget: tuple[int, str]) -> None:
+    """Refuse, before allocating, SAEs whose training would not fit the trainer's memory `budget`
     (bytes, and what they are)."""
-    needed, (capacity, described) = training_memory(cfg, d_in), budget
+    needed, (capacity, described) = training_memory(cfgs, d_in), budget
     if needed > capacity:
-        raise ValueError(f"training an SAE of n_features = {cfg.n_features:,} on rows of d_in = {d_in:,} (batch "
-                         f"{cfg.batch_size:,}, shuffle buffer {cfg.shuffle_buffer_rows:,} rows) needs about "
-                         f"{needed / 2**30:,.1f} GiB, but a trainer has {described}; lower n_features, batch_size "
-                         "or shuffle_buffer_rows")
+        widths = " + ".join(f"{cfg.n_features:,}" for cfg in cfgs)
+        raise ValueError(f"training {'an SAE' if len(cfgs) == 1 else f'{len(cfgs)} SAEs'} of n_features = {widths} "
+                         f"on rows of d_in = {d_in:,} (batch {cfgs[0].batch_size:,}, shuffle buffer "
+                         f"{cfgs[0].shuffle_buffer_rows:,} rows) needs about {needed / 2**30:,.1f} GiB, but a trainer "
+                         f"has {described}; lower n_features, batch_size or shuffle_buffer_rows"
+                         + (", or sweep fewer SAEs" if len(cfgs) > 1 else ""))
 
 
 def run_key(cfg: TrainConfig) -> dict:
