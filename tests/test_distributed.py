@@ -1,6 +1,7 @@
 """The Ray layer on a real local cluster: the capture actor pool and the per-layer Ray Train trainers."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ from qsae.store import (
 )
 from qsae.streaming import StoreSource
 from qsae.training.loop import train_sae
+from qsae.training.trained import load_trained
 
 pytestmark = pytest.mark.slow  # Ray, subprocesses or whole runs: `make test` runs it, `make test-fast` not
 
@@ -538,9 +540,14 @@ def test_data_parallel_workers_train_one_layer_like_one_worker(local_ray, plante
     sae, reference = uninterrupted(cfg, tmp_path)
     history = state["history"]
     assert history["steps"] == reference["steps"] and history["tokens_seen"] == reference["tokens_seen"]
-    # The same batches, gradients averaged over two halves: equal up to floating-point order.
+    # The same batches, gradients averaged over two halves: equal up to floating-point order, step by
+    # step at first; a TopK pick that a last bit flips makes the weights drift apart over epochs (seen:
+    # entries 0.012 apart after 4), while every dictionary row keeps its direction.
+    np.testing.assert_allclose(history["step_fvu"][:10], reference["step_fvu"][:10], rtol=1e-4)
     assert abs(history["fvu"][-1] - reference["fvu"][-1]) < 1e-3
-    np.testing.assert_allclose(state["sae_state"]["W_dec"].numpy(), sae.W_dec.detach().numpy(), atol=1e-3)
+    data_parallel, alone = state["sae_state"]["W_dec"].numpy(), sae.W_dec.detach().numpy()
+    cosines = (data_parallel * alone).sum(1) / np.linalg.norm(data_parallel, axis=1) / np.linalg.norm(alone, axis=1)
+    assert cosines.min() > 0.999, cosines.min()
 
 
 def test_gpu_trainers_get_a_process_group_that_takes_host_and_device_tensors(local_ray, planted_run, tmp_path):
@@ -589,8 +596,10 @@ def test_a_killed_trainer_resumes_from_its_last_checkpoint(local_ray, planted_ru
     assert history["resumed_at_steps"], "the restarted worker did not resume from a checkpoint"
     assert all(step % 10 == 0 for step in history["resumed_at_steps"])
     reference_sae, reference = uninterrupted(cfg, tmp_path)
-    # Every epoch's pooled FVU, including the one the kill interrupted, as in the uninterrupted run.
-    np.testing.assert_allclose(history["fvu"], reference["fvu"], atol=1e-3)
+    # Every epoch's pooled FVU, including the one the kill interrupted, as in the uninterrupted run; two
+    # workers' gradient sums round otherwise than one's, which TopK picks amplify over 8 epochs (seen:
+    # 1.2e-3 by the last), while a resume that lost its state would repeat an earlier epoch (>= 0.01 higher).
+    np.testing.assert_allclose(history["fvu"], reference["fvu"], atol=1e-3 if workers == 1 else 5e-3)
     assert len(history["step_fvu"]) == reference["steps"]
 
 
@@ -687,3 +696,25 @@ def test_a_replica_handed_several_shards_dies_and_none_is_lost_or_run_twice(loca
     assert all(len(ahead) <= 2 for ahead in heads.values())
     out = capsys.readouterr().out
     assert out.count("replica died during") == 1 and "replica died during shard-00003" in out
+
+
+def test_a_sweep_trains_every_shape_of_a_layer_in_its_one_ray_train_run(local_ray, planted_run, tmp_path):
+    """train.sweep: the layer's one Ray Train run trains the configured SAE and the sweep's others on
+    the same batches; each is kept in the run directory and equals that shape trained alone here."""
+    run_dir, overrides = planted_run
+    cfg = load_config(None, overrides + [f"out={json.dumps(str(tmp_path))}", "train.sweep.n_features=[32, 64]",
+                                         "train.sweep.k=[3, 6]"])
+    linked_run(run_dir, cfg, tmp_path)
+    trained = train_layers(cfg.train, RowRules.from_config(cfg), [0], RunDir(tmp_path))[0]
+    kept = load_trained(RunDir(tmp_path), 0)
+    shapes = [(t.sae.n_features, t.sae.k) for t in kept.sweep]
+    assert (kept.sae.n_features, kept.sae.k) == (64, 3) and sorted(shapes) == [(32, 3), (32, 6), (64, 6)]
+    assert sorted(p.name for p in (tmp_path / "saes" / "layer=0" / "sweep").iterdir()) == [
+        "n=32-k=3", "n=32-k=6", "n=64-k=6"]
+    for member in [kept, *kept.sweep]:
+        alone_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, n_features=member.sae.n_features,
+                                                                       k=member.sae.k, sweep=None))
+        sae, history = uninterrupted(alone_cfg, tmp_path)
+        assert member.history["fvu"] == history["fvu"], (member.sae.n_features, member.sae.k)
+        np.testing.assert_array_equal(member.sae.W_dec.detach().numpy(), sae.W_dec.detach().numpy())
+    assert [(m.sae.n_features, m.sae.k) for m in trained.sweep] == [(32, 3), (32, 6), (64, 6)]  # the sweep's order
