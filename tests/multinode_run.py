@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -27,6 +28,7 @@ import yaml
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
+from qsae import console
 from qsae.config import load_config
 from qsae.distributed.capture_pool import run_capture
 from qsae.pipeline import resolve, run_pipeline
@@ -108,6 +110,7 @@ class NodeLoss:
     def __init__(self, cluster: Cluster, workers: list, store: Path):
         self.cluster, self.workers, self.store = cluster, workers, store
         self.observed: dict = {}
+        self.said: list[str] = []  # the driver's own console lines, as the pool reports a death
         self.done = threading.Event()
         self.thread = threading.Thread(target=self.watch, daemon=True)
 
@@ -133,15 +136,36 @@ class NodeLoss:
         listed = listed_shards(self.store)
         self.cluster.remove_node(node, allow_graceful=False)
         os.kill(pid, signal.SIGKILL)  # a lost machine takes its processes with it; a stopped one would wait
-        # The fresh node joins only once the surviving replica has finished two more shards (the one it
-        # held and the lost one, which goes to the front of the queue): the run must not wait for it.
-        while len(listed_shards(self.store)) < len(listed) + 2 and not self.done.is_set():
+        # The fresh node joins only once the surviving replica has captured the lost shard (back at the
+        # front of the queue once the pool sees the replica dead): the run must not wait for the node.
+        while not self.done.is_set():
+            lost = [m.group(1) for line in self.said if (m := re.search(r"replica died during (shard-\d+)", line))]
+            if lost and lost[0] in listed_shards(self.store):
+                break
             time.sleep(0.2)
         before_replacement = listed_shards(self.store)
-        replacement = self.cluster.add_node(num_cpus=1)
+        # The survivor waits (stopped) while the fresh node starts its replica, so that shards are left
+        # for it however long a node takes to start on this machine.
+        survivor = next((a.pid for a in capture_replicas() if a.node_id != node.node_id and a.pid), None)
+        if survivor:
+            os.kill(survivor, signal.SIGSTOP)
+        try:
+            replacement = self.cluster.add_node(num_cpus=1)
+            deadline = time.time() + 120
+            while (time.time() < deadline and not self.done.is_set()
+                   and not any(a.node_id == replacement.node_id for a in capture_replicas())):
+                time.sleep(0.2)
+        finally:
+            if survivor:
+                os.kill(survivor, signal.SIGCONT)
         self.observed = {"removed_node": node.node_id, "finished_by_node_at_removal": finished,
                          "listed_at_removal": listed, "listed_before_replacement": before_replacement,
                          "replacement_node": replacement.node_id}
+
+
+def capture_replicas() -> list:
+    """The capture replicas Ray has constructed and still runs."""
+    return list_actors(filters=[("class_name", "=", "CaptureWorker"), ("state", "=", "ALIVE")], limit=1000)
 
 
 def listed_shards(store: Path) -> list[str]:
@@ -169,6 +193,8 @@ def main(out: Path) -> None:
         cfg = load_config(None, [*RUN, *LOST_NODE_RUN, f"out={json.dumps(str(out / 'run'))}",
                                  f"ray_address={json.dumps(cluster.address)}"])
         loss = NodeLoss(cluster, workers, RunDir(cfg.out).store)
+        say = console.say
+        console.say = lambda text: (loss.said.append(text), say(text))[-1]
         loss.thread.start()
         try:
             release = run_pipeline(cfg)
