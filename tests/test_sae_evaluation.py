@@ -68,3 +68,13 @@ def test_the_sparsify_layout_without_fidelity_gives_the_same_statistics(run, exp
                                          ("blocks.7.hook_mlp_out", None), ("model.layers.7.mlp", None)])
 def test_a_hook_names_the_residual_stream_after_a_block_or_nothing(hook, layer):
     assert hook_layer(hook) == layer
+
+
+def test_every_layout_qsae_writes_names_its_hook(tmp_path):
+    from qsae.sae import TopKSAE
+    from qsae.sae_files import recorded_hook, save_sae
+
+    paths = save_sae(TopKSAE(16, 32, 4), tmp_path, LAYER, hook_name(LAYER))
+    assert {name: hook_layer(recorded_hook(path)) for name, path in paths.items()} == dict.fromkeys(paths, LAYER)
+    assert recorded_hook(paths["saelens"] / "cfg.json") == hook_name(LAYER)
+    assert recorded_hook(tmp_path / "odd_name.pt") is None
