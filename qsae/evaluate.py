@@ -21,7 +21,6 @@ from qsae.rollout import Rollout, read_rollouts
 from qsae.rundir import RunDir
 from qsae.sae import TopKSAE
 from qsae.sample import RowSelection, load_selection
-from qsae.training.trained import load_trained
 
 
 @dataclass
@@ -54,26 +53,32 @@ def fidelity_rollouts(selection: RowSelection, rollouts: dict[int, Rollout], lim
             for r in ids]
 
 
-def evaluation_inputs(run: RunDir, layers: list[int], *, limit: int | None, n_boot: int,
+def evaluation_inputs(run: RunDir, saes: dict[int, TopKSAE], *, limit: int | None, n_boot: int,
                       seed: int) -> EvaluationInputs:
-    """What the evaluation of `layers` reads from the run directory: the trained SAEs, the analysis'
-    training means, and the held-out rollouts (a seeded sample of `limit` of them)."""
+    """The evaluation of `saes` (layer -> SAE: the run's own, or any other of the store's width) with
+    what it reads from the run directory: the analysis' training means, and the held-out rollouts (a
+    seeded sample of `limit` of them)."""
     rollouts = {r.rollout_id: r for r in read_rollouts(run.rollouts)}
     return EvaluationInputs(
-        saes={layer: load_trained(run, layer).sae for layer in layers},
-        means={layer: LayerAnalysis.load(run.layer_analysis(layer)).train_mean for layer in layers},
+        saes=saes, means={layer: LayerAnalysis.load(run.layer_analysis(layer)).train_mean for layer in saes},
         rollouts=fidelity_rollouts(load_selection(run.selection), rollouts, limit, seed), n_boot=n_boot, seed=seed)
 
 
 @torch.no_grad()
-def evaluate_layers(model: nn.Module, inputs: EvaluationInputs) -> Evaluation:
-    """The logit tables of every layer's decoder, and the fidelity of every layer's SAE (one clean pass
-    per rollout shared by all layers' variants)."""
-    logits = decoder_logits(model, {layer: sae.W_dec for layer, sae in inputs.saes.items()})
+def evaluate_fidelity(model: nn.Module, inputs: EvaluationInputs) -> dict[int, dict] | None:
+    """The fidelity of every layer's SAE (one clean pass per rollout shared by all layers' variants);
+    None without held-out rollouts."""
     if not inputs.rollouts:
-        return Evaluation(None, logits)
-    return Evaluation(fidelity_of_layers(model, inputs.saes, inputs.means, inputs.rollouts, n_boot=inputs.n_boot,
-                                         seed=inputs.seed), logits)
+        return None
+    return fidelity_of_layers(model, inputs.saes, inputs.means, inputs.rollouts, n_boot=inputs.n_boot,
+                              seed=inputs.seed)
+
+
+@torch.no_grad()
+def evaluate_layers(model: nn.Module, inputs: EvaluationInputs) -> Evaluation:
+    """The logit tables of every layer's decoder, and the fidelity of every layer's SAE."""
+    logits = decoder_logits(model, {layer: sae.W_dec for layer, sae in inputs.saes.items()})
+    return Evaluation(evaluate_fidelity(model, inputs), logits)
 
 
 def save_evaluation(run: RunDir, evaluations: list[Evaluation]) -> None:

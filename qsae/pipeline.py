@@ -255,7 +255,8 @@ def after_analysis(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stag
 
 def evaluate(cfg: PipelineConfig, plan: RunPlan, run: RunDir, tasks: ModelTasks) -> None:
     """Each group of layers (one per capture replica at most) evaluated by a task of its own."""
-    inputs = [evaluation_inputs(run, group, limit=cfg.release.fidelity_rollouts, n_boot=cfg.release.bootstrap,
+    inputs = [evaluation_inputs(run, {layer: load_trained(run, layer).sae for layer in group},
+                                limit=cfg.release.fidelity_rollouts, n_boot=cfg.release.bootstrap,
                                 seed=cfg.train.split_seed) for group in deal(plan.layers, cfg.capture.num_actors)]
     save_evaluation(run, tasks.evaluate(inputs))
 
