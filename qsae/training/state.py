@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from qsae.config import TrainConfig
-from qsae.sae import BatchTopKSAE, TopKSAE, sae_class
+from qsae.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE, sae_class
 from qsae.sae_files import load_weights_only
 from qsae.streaming import RowSource
 from qsae.training.recipes import RECIPES, DeadLatentBound, revive_dead_
@@ -51,7 +51,7 @@ def new_run(source: RowSource, cfg: TrainConfig, device: torch.device, *, fresh:
     recipe = RECIPES[cfg.recipe]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        sae = sae_class(cfg.architecture)(source.d_in, cfg.n_features, cfg.k)
+        sae = new_sae(cfg, source.d_in)
     sae.to(device)
     optimizer = recipe.optimizer(sae, cfg, device)
     recipe.init_(sae, source, cfg, fresh=fresh)
@@ -59,6 +59,14 @@ def new_run(source: RowSource, cfg: TrainConfig, device: torch.device, *, fresh:
                    DeadLatentBound(cfg.dead_after_steps))
     run.start_epoch(1)
     return run
+
+
+def new_sae(cfg: TrainConfig, d_in: int) -> TopKSAE:
+    """A freshly initialised SAE of cfg's architecture and shape (a Matryoshka one with its prefixes)."""
+    cls = sae_class(cfg.architecture)
+    if issubclass(cls, MatryoshkaBatchTopKSAE):
+        return cls(d_in, cfg.n_features, cfg.k, cfg.prefixes())
+    return cls(d_in, cfg.n_features, cfg.k)
 
 
 def training_memory(cfgs: list[TrainConfig], d_in: int) -> int:
