@@ -682,3 +682,12 @@ def test_a_sweep_member_of_another_width_takes_its_own_default_prefixes(small_ro
     # Prefixes given explicitly are every member's, n appended where it is wider.
     wider = dataclasses.replace(stage, matryoshka_prefixes=[8, 24], sweep={"n_features": [96]}).trainers()
     assert [c.prefixes() for c in wider] == [[8, 24, 48], [8, 24, 96]]
+
+
+def test_memory_estimate_counts_a_matryoshka_sae_s_prefix_reconstructions():
+    from qsae.training.state import training_memory
+
+    plain = TrainConfig(architecture="batchtopk", n_features=4096, k=32, batch_size=1024)
+    nested = dataclasses.replace(plain, architecture="matryoshka-batchtopk")
+    # three fp32 [batch, 5 prefixes, d_in] tensors more
+    assert training_memory([nested], 512) - training_memory([plain], 512) == 4 * 3 * 1024 * 5 * 512

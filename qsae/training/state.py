@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from qsae.config import TrainConfig
+from qsae.config import MATRYOSHKA, TrainConfig
 from qsae.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE, sae_class
 from qsae.sae_files import load_weights_only
 from qsae.streaming import RowSource
@@ -72,11 +72,13 @@ def new_sae(cfg: TrainConfig, d_in: int) -> TopKSAE:
 def training_memory(cfgs: list[TrainConfig], d_in: int) -> int:
     """Bytes one trainer holds, about, for the SAEs it trains in one pass: the fp32 weights of each,
     their gradients and two Adam moments (four copies of 2 n d + n + d numbers), a batch's
-    pre-activations (two [batch, n] fp32 tensors, of the widest SAE: they train one after another)
-    and three shuffle buffers of rows (shared)."""
+    pre-activations (two [batch, n] fp32 tensors) and a Matryoshka SAE's reconstructions of each
+    prefix (three [batch, prefixes, d] ones), of the largest SAE (they train one after another), and
+    three shuffle buffers of rows (shared)."""
     parameters = sum(2 * cfg.n_features * d_in + cfg.n_features + d_in for cfg in cfgs)
-    widest = max(cfg.n_features for cfg in cfgs)
-    return 4 * (4 * parameters + 2 * cfgs[0].batch_size * widest + 3 * cfgs[0].shuffle_buffer_rows * d_in)
+    prefixes = lambda cfg: len(cfg.prefixes()) if cfg.architecture == MATRYOSHKA else 0  # noqa: E731
+    step = max(2 * cfg.batch_size * cfg.n_features + 3 * cfg.batch_size * prefixes(cfg) * d_in for cfg in cfgs)
+    return 4 * (4 * parameters + step + 3 * cfgs[0].shuffle_buffer_rows * d_in)
 
 
 def check_training_memory(cfgs: list[TrainConfig], d_in: int, budget: tuple[int, str]) -> None:
