@@ -691,3 +691,15 @@ def test_memory_estimate_counts_a_matryoshka_sae_s_prefix_reconstructions():
     nested = dataclasses.replace(plain, architecture="matryoshka-batchtopk")
     # three fp32 [batch, 5 prefixes, d_in] tensors more
     assert training_memory([nested], 512) - training_memory([plain], 512) == 4 * 3 * 1024 * 5 * 512
+
+
+def test_analyze_refuses_a_matryoshka_sae_trained_with_other_prefixes():
+    from qsae.analyze import check_trained_matches
+    from qsae.training.trained import TrainedSAE
+
+    cfg = TrainConfig(architecture="matryoshka-batchtopk", n_features=64, k=4)
+    trained = {3: TrainedSAE(MatryoshkaBatchTopKSAE(8, 64, 4), {}, recipe_settings(cfg))}
+    check_trained_matches(cfg, trained, 8)  # the default prefixes, as trained
+    with pytest.raises(ValueError, match=r"layer 3: the trained SAE has matryoshka prefixes \[4, 8, 16, 32, 64\], "
+                                         r"but the config asks for \[16, 64\]"):
+        check_trained_matches(dataclasses.replace(cfg, matryoshka_prefixes=[16]), trained, 8)
