@@ -135,7 +135,8 @@ class TopKSAE(nn.Module):
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], k: int, architecture: str | None = None) -> TopKSAE:
         """Build from a state dict with exactly the release tensors of one architecture: the four
-        parameters (TopK), plus a scalar `threshold` (BatchTopK). The tensors decide the class, so
+        parameters (TopK), plus a scalar `threshold` (BatchTopK), plus the integer `prefixes`
+        (Matryoshka BatchTopK). The tensors decide the class, so
         TopKSAE.from_tensors of a BatchTopK state dict gives a BatchTopKSAE; `architecture`, where
         the file records one, must agree with them. Shapes are checked."""
         stored = (MatryoshkaBatchTopKSAE if PREFIXES in tensors else BatchTopKSAE if THRESHOLD in tensors
