@@ -25,7 +25,7 @@ from qsae.analysis.layer import (
 )
 from qsae.analysis.results import LayerAnalysis
 from qsae.analysis.rollout_stats import RolloutPool
-from qsae.config import ReleaseConfig, TrainConfig
+from qsae.config import MATRYOSHKA, ReleaseConfig, TrainConfig
 from qsae.encode import EncodeSettings, encoded_features, encoded_layer, encoding_identity
 from qsae.rollout import Rollout, read_rollouts
 from qsae.rundir import RunDir
@@ -46,6 +46,9 @@ def check_trained_matches(train: TrainConfig, trained: dict[int, TrainedSAE], d_
             raise ValueError(f"layer {layer}: the trained SAE is {sae.architecture} with n_features={sae.n_features}, "
                              f"k={sae.k}, but the config asks for {asked[0]} with n_features={asked[1]}, k={asked[2]}; "
                              "analyze with the config it was trained with, or train again")
+        if train.architecture == MATRYOSHKA and sae.prefixes.tolist() != train.prefixes():
+            raise ValueError(f"layer {layer}: the trained SAE has matryoshka prefixes {sae.prefixes.tolist()}, but the "
+                             f"config asks for {train.prefixes()}; analyze with the config it was trained with, or train again")
         if sae.d_in != d_model:  # e.g. the store was captured again from another model
             raise ValueError(f"layer {layer}: the trained SAE has d_in {sae.d_in} but the store's residuals have "
                              f"d_model {d_model}; train the layer again on this store")

@@ -41,13 +41,21 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, required: tuple[str, 
     for f in dataclasses.fields(cls):
         base = str(f.type).replace(" | None", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = "" if default is None or f.name in required else f" (default: {default})"  # None: the doc says
+        shown = "" if default in (None, []) or f.name in required else f" (default: {default})"  # unset: the doc says
         options = {"dest": f.name, "help": f.metadata.get("doc", "") + shown, "default": None}
         if base == "bool":
             options["action"] = argparse.BooleanOptionalAction
         else:
-            options["type"] = {"int": int, "float": float, "str": str}[base]
+            options["type"] = {"int": int, "float": float, "str": str, "list[int]": int_list}[base]
         parser.add_argument("--" + f.name.replace("_", "-"), required=f.name in required, **options)
+
+
+def int_list(text: str) -> list[int]:
+    """A flag's comma-separated integers: "256,1024" -> [256, 1024]."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def config_from_flags(cls, args: argparse.Namespace):

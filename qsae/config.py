@@ -34,7 +34,8 @@ DEFAULT_CONFIG = CONFIG_DIR / "tiny.toml"
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 RECIPES = ("original", "modern")
-ARCHITECTURES = ("topk", "batchtopk")
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka-batchtopk")
+MATRYOSHKA = "matryoshka-batchtopk"
 
 
 class ConfigError(ValueError):
@@ -193,7 +194,8 @@ RECIPE_DEFAULTS = {
 @dataclass(frozen=True)
 class TrainConfig:
     recipe: str = setting("modern", '"original" (the release\'s recipe, bit for bit) | "modern"')
-    architecture: str = setting("topk", '"topk" | "batchtopk" (top k x batch in training, a learned threshold after; modern only)')
+    architecture: str = setting("topk", '"topk" | "batchtopk" (top k x batch in training, a learned threshold after; modern only) | "matryoshka-batchtopk" (BatchTopK, each nested prefix trained to reconstruct)')
+    matryoshka_prefixes: list[int] = setting([], "matryoshka-batchtopk: the nested prefix widths, strictly increasing, n_features appended if missing; empty = n/16, n/8, n/4, n/2, n")
     n_features: int = setting(4096, "dictionary size n (latents per SAE)")
     k: int = setting(32, "active latents per token")
     epochs: int = setting(20, "full passes over the training rows")
@@ -232,6 +234,10 @@ class TrainConfig:
         decay_steps = self.decay_fraction() * total_steps
         return self.learning_rate() * min(1.0, (total_steps - step) / decay_steps) if decay_steps else self.learning_rate()
 
+    def prefixes(self) -> list[int]:
+        """matryoshka-batchtopk: the prefix widths it trains (matryoshka_prefixes resolved)."""
+        return matryoshka_prefixes(self.matryoshka_prefixes, self.n_features)
+
     def encoder_precision(self) -> str:
         """The encoder matmul's precision as the config sets it (an unset autocast_bf16 is decided by
         each trainer's device)."""
@@ -248,6 +254,8 @@ class TrainConfig:
             raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
         if self.architecture != "topk" and self.recipe == "original":
             raise ValueError(f"architecture {self.architecture!r} needs the modern recipe: the original recipe is TopK")
+        if self.matryoshka_prefixes and self.architecture != MATRYOSHKA:
+            raise ValueError(f"matryoshka_prefixes belongs to architecture {MATRYOSHKA!r}, not {self.architecture!r}")
         positive = {"n_features": self.n_features, "k": self.k, "epochs": self.epochs, "batch_size": self.batch_size,
                     "dead_after_steps": self.dead_after_steps, "shuffle_buffer_rows": self.shuffle_buffer_rows}
         if self.n_features > 0:  # the default lr scales with n
@@ -261,6 +269,8 @@ class TrainConfig:
             raise ValueError(f"revive_every_epochs must be >= 0 (0 = never), got {self.revive_every_epochs}")
         if self.k > self.n_features:
             raise ValueError(f"k={self.k} exceeds n_features={self.n_features}")
+        if self.architecture == MATRYOSHKA:
+            matryoshka_prefixes(self.matryoshka_prefixes, self.n_features)
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.autocast_bf16 and self.recipe == "original":
@@ -393,6 +403,22 @@ class PipelineConfig:
                 "the GPUs it reserves (use train.device = auto to run where the trainer is)")
         if self.ray_address not in (None, "auto", "local"):
             ray_host_port(self.ray_address)
+
+
+def matryoshka_prefixes(asked: list[int], n_features: int) -> list[int]:
+    """The nested prefix widths of a Matryoshka SAE of n_features latents: `asked` (strictly
+    increasing, positive, at most n_features) with n_features appended where it is not the last;
+    empty asks for the doubling n/16, n/8, n/4, n/2, n (those of them at least 1). Raises ValueError
+    naming the setting."""
+    if not asked:
+        return sorted({n_features // 2**i for i in range(5)} - {0})
+    if any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in asked):
+        raise ValueError(f"matryoshka_prefixes must be positive integers, got {asked}")
+    if any(b <= a for a, b in zip(asked, asked[1:])):
+        raise ValueError(f"matryoshka_prefixes must be strictly increasing, got {asked}")
+    if asked[-1] > n_features:
+        raise ValueError(f"matryoshka_prefixes {asked} go beyond n_features={n_features}")
+    return list(asked) if asked[-1] == n_features else [*asked, n_features]
 
 
 SWEEP_KEYS = ("n_features", "k", "pairs")

@@ -237,7 +237,8 @@ def browser_front_page(facts: ReleaseFacts, record: RunRecord, chart_paths: list
     scored = outcomes["correct"] + outcomes["wrong"]
     key_numbers = [
         ("Model", f"{facts.model_id}" + (f" @ {facts.model_revision}" if facts.model_revision else "")),
-        ("SAE", f"{facts.architecture}, {facts.n_features} features, k = {facts.k}, d_model {facts.d_model}"),
+        ("SAE", f"{facts.architecture}, {facts.n_features} features, k = {facts.k}, d_model {facts.d_model}"
+                + (f", prefixes {', '.join(map(str, prefixes))}" if (prefixes := recipe.get("matryoshka_prefixes")) else "")),
         ("Hook", facts.hook),
         ("Layers", ", ".join(str(layer) for layer in facts.layers)),
         ("Rollouts", f"{outcomes['n']} ({outcomes['correct']} correct of {scored} scored)"),
@@ -254,6 +255,8 @@ def browser_front_page(facts: ReleaseFacts, record: RunRecord, chart_paths: list
             "rollout_max_abs_auroc": level["max_abs_auroc"], "n_q_below_0_05": level["n_q_below_0_05"]}
     return {"title": f"{card.ARCHITECTURE_NAMES[facts.architecture]} sparse autoencoders for {facts.model_id}",
             "model_id": facts.model_id, "model_revision": facts.model_revision, "architecture": facts.architecture,
+            "architecture_name": card.ARCHITECTURE_NAMES[facts.architecture],
+            "matryoshka_prefixes": recipe.get("matryoshka_prefixes"),
             "n_features": facts.n_features, "k": facts.k, "d_model": facts.d_model, "hook": facts.hook,
             "layers": list(facts.layers),
             "key_numbers": [{"label": label, "value": value} for label, value in key_numbers],
@@ -319,7 +322,9 @@ def release_facts(record: RunRecord, settings: ReleaseSettings, files: list[str]
                 "lr_decay_fraction": train_settings["lr_decay_fraction"],
                 "encoder_matmul": train_settings["encoder_matmul"], "batch_size": train_settings["batch_size"],
                 "epochs": train_settings["epochs"], "revive_every_epochs": train_settings["revive_every_epochs"],
-                "dead_after_steps": train_settings["dead_after_steps"]},
+                "dead_after_steps": train_settings["dead_after_steps"],
+                **({"matryoshka_prefixes": train_settings["matryoshka_prefixes"]}
+                   if "matryoshka_prefixes" in train_settings else {})},
         statistics={"bootstrap": settings.release.bootstrap, "permutations": settings.release.permutations,
                     "probe_permutations": settings.release.probe_permutations},
         per_layer={str(layer): a.summary for layer, a in record.analyses.items()},

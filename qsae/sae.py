@@ -9,16 +9,26 @@ for BatchTopK's top k x B over a batch.
 with the top k x B pre-activations of a whole batch of B rows, so a row may use more or fewer than
 k latents, and encodes at inference with a learned threshold instead: z = ReLU(pre) * (pre > threshold),
 one scalar for all latents (the training rule is in qsae.training.recipes).
+
+`MatryoshkaBatchTopKSAE` (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka
+Sparse Autoencoders", arXiv:2503.17547) selects latents as BatchTopK does, and trains every nested
+prefix of the dictionary (latents 0..p-1 for each width p in `prefixes`) to reconstruct on its own,
+so that the first latents carry the most general features; it encodes exactly as BatchTopK.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qsae.config import matryoshka_prefixes
+
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 THRESHOLD = "threshold"  # BatchTopK's inference threshold: a scalar tensor
+PREFIXES = "prefixes"  # Matryoshka's nested prefix widths: an int64 tensor [m], the last n_features
 # BatchTopK's fixed-width sparse view (encode_topk) keeps min(n, this x k) latents per row.
 SPARSE_WIDTH_PER_K = 4
 # decoder_sum multiplies densely once k is at least 1 / 32 of the latents: a float32 matmul at ~67
@@ -102,6 +112,11 @@ class TopKSAE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.decode_topk(*self.encode_topk(x))
 
+    def reconstruction_term(self, x: Tensor, values: Tensor, indices: Tensor, sq_error: Tensor) -> Tensor:
+        """The reconstruction term of the training loss on a batch x from encode_for_training's
+        (values, indices), given sq_error = sum ||x - x_hat||^2 of the whole dictionary: that sum."""
+        return sq_error
+
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Project decoder rows back to unit norm (the recipe's constraint, applied after each step)."""
@@ -113,17 +128,19 @@ class TopKSAE(nn.Module):
         return PARAM_NAMES
 
     def release_tensors(self) -> dict[str, Tensor]:
-        """The release tensors (tensor_names) as contiguous fp32 CPU tensors, detached from autograd."""
-        return {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous()
-                for name in self.tensor_names()}
+        """The release tensors (tensor_names) as contiguous CPU tensors, detached from autograd: fp32,
+        integers (Matryoshka's prefixes) as they are."""
+        return {name: release_tensor(getattr(self, name)) for name in self.tensor_names()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], k: int, architecture: str | None = None) -> TopKSAE:
         """Build from a state dict with exactly the release tensors of one architecture: the four
-        parameters (TopK), plus a scalar `threshold` (BatchTopK). The tensors decide the class, so
+        parameters (TopK), plus a scalar `threshold` (BatchTopK), plus the integer `prefixes`
+        (Matryoshka BatchTopK). The tensors decide the class, so
         TopKSAE.from_tensors of a BatchTopK state dict gives a BatchTopKSAE; `architecture`, where
         the file records one, must agree with them. Shapes are checked."""
-        stored = BatchTopKSAE if THRESHOLD in tensors else TopKSAE
+        stored = (MatryoshkaBatchTopKSAE if PREFIXES in tensors else BatchTopKSAE if THRESHOLD in tensors
+                  else TopKSAE)
         if architecture is not None and sae_class(architecture) is not stored:
             raise ValueError(f"the SAE is recorded as {architecture!r} but its tensors are those of "
                              f"{stored.architecture!r} ({sorted(tensors)})")
@@ -134,15 +151,27 @@ class TopKSAE(nn.Module):
         if tensors["W_enc"].ndim != 2:
             raise ValueError(f"W_enc must be 2-D [d_in, n], got shape {tuple(tensors['W_enc'].shape)}")
         d_in, n_features = tensors["W_enc"].shape
+        options = stored.stored_options(tensors, n_features)
         with torch.device("meta"):  # shapes only: no random init, no global RNG draw
-            sae = stored(d_in, n_features, k)
-        for name, tensor in sae.state_dict().items():
+            sae = stored(d_in, n_features, k, **options)
+        expected = sae.state_dict()
+        for name, tensor in expected.items():
             if tensors[name].shape != tensor.shape:
                 raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, "
                                  f"expected {tuple(tensor.shape)} for d_in={d_in}, n={n_features}")
-        sae.load_state_dict({name: t.to(torch.float32).contiguous() for name, t in tensors.items()},
+        sae.load_state_dict({name: t.to(expected[name].dtype).contiguous() for name, t in tensors.items()},
                             assign=True)
         return sae
+
+    @classmethod
+    def stored_options(cls, tensors: dict[str, Tensor], n_features: int) -> dict:
+        """The constructor's arguments besides the sizes, as a state dict records them."""
+        return {}
+
+
+def release_tensor(tensor: Tensor) -> Tensor:
+    """A tensor as the files hold it: on the CPU, contiguous, floating point as fp32."""
+    return tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype).contiguous()
 
 
 class BatchTopKSAE(TopKSAE):
@@ -203,11 +232,63 @@ class BatchTopKSAE(TopKSAE):
         return super().fire_counts(values, indices % self.n_features)
 
 
-ARCHITECTURES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK (module docstring): BatchTopK's selection and inference, and a training
+    loss that is the mean over the nested prefixes of each one's reconstruction error
+    (reconstruction_term). `prefixes` (a buffer, so checkpoints and files keep it) holds the widths,
+    strictly increasing, the last n_features; empty asks for qsae.config.matryoshka_prefixes'
+    default doubling."""
+
+    architecture = "matryoshka-batchtopk"
+    prefixes: Tensor
+
+    def __init__(self, d_in: int, n_features: int, k: int, prefixes: Sequence[int] = ()):
+        super().__init__(d_in, n_features, k)
+        self.register_buffer(PREFIXES, torch.tensor(matryoshka_prefixes(list(prefixes), n_features), dtype=torch.long))
+
+    @classmethod
+    def tensor_names(cls) -> tuple[str, ...]:
+        return (*PARAM_NAMES, THRESHOLD, PREFIXES)
+
+    @classmethod
+    def stored_options(cls, tensors: dict[str, Tensor], n_features: int) -> dict:
+        prefixes = tensors[PREFIXES]
+        if prefixes.ndim != 1 or prefixes.is_floating_point():
+            raise ValueError(f"{PREFIXES} must be a 1-D integer tensor, got {prefixes.dtype} of shape {tuple(prefixes.shape)}")
+        asked = prefixes.tolist()
+        if not asked or asked[-1] != n_features:
+            raise ValueError(f"{PREFIXES} {asked} must end at n_features={n_features}")
+        return {"prefixes": asked}
+
+    def reconstruction_term(self, x: Tensor, values: Tensor, indices: Tensor, sq_error: Tensor) -> Tensor:
+        """The mean over the prefixes of sum ||x - x_hat_p||^2, x_hat_p decoded from the selected
+        latents below p; the last prefix is the whole dictionary, whose error sq_error already is."""
+        rows, latents = indices // self.n_features, indices % self.n_features
+        inner = prefix_sq_errors(x, values, rows, latents, self.prefixes[:-1], self.W_dec, self.b_dec)
+        return (inner.sum() + sq_error) / len(self.prefixes)
+
+
+def prefix_sq_errors(x: Tensor, values: Tensor, rows: Tensor, latents: Tensor, prefixes: Tensor,
+                     W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """sum over the batch x [B, d] of ||x - x_hat_p||^2 for each width p of `prefixes` [m] (int64,
+    increasing): x_hat_p = b_dec + sum of values[j] W_dec[latents[j]] over the selected pairs j of
+    the row with latents[j] < p. The pairs are grouped by row, latents ascending within a row (as
+    BatchTopKEncoder returns them). Each pair falls in the group of the first prefix that holds it
+    (group m: none), so one bag per (row, group) sums them and a cumulative sum over the groups
+    gives every prefix's reconstruction: [m] sums."""
+    batch_rows, groups = len(x), len(prefixes) + 1
+    bags = rows * groups + torch.searchsorted(prefixes, latents, right=True)  # ascending: sorted by row, then latent
+    starts = torch.searchsorted(bags, torch.arange(batch_rows * groups, device=bags.device))
+    sums = F.embedding_bag(latents, W_dec, starts, mode="sum", per_sample_weights=values)
+    x_hats = sums.view(batch_rows, groups, -1)[:, :-1].cumsum(dim=1) + b_dec
+    return (x_hats - x.unsqueeze(1)).pow(2).sum(dim=(0, 2))
+
+
+ARCHITECTURES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "matryoshka-batchtopk": MatryoshkaBatchTopKSAE}
 
 
 def sae_class(architecture: str) -> type[TopKSAE]:
-    """The SAE class of an architecture name ("topk" | "batchtopk")."""
+    """The SAE class of an architecture name ("topk" | "batchtopk" | "matryoshka-batchtopk")."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown SAE architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[architecture]

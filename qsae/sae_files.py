@@ -3,8 +3,9 @@
 - `sae_L<L>_n<n>_k<k>.pt`: the tensors as torch.save writes them (the original release's format);
 - `.safetensors`: the same tensors, with d_in, n, k, layer, hook and architecture in its metadata;
 - SAELens (`saelens/<hook>/cfg.json + sae_weights.safetensors`), which `SAE.load_from_disk` reads: a TopK
-  SAE as SAELens's TopK layout, a BatchTopK SAE as the JumpReLU inference layout SAELens's own
-  BatchTopK trainer saves (the threshold repeated per latent);
+  SAE as SAELens's TopK layout, a BatchTopK or Matryoshka BatchTopK SAE as the JumpReLU inference
+  layout SAELens's own trainers of those save (the threshold repeated per latent, the prefixes as
+  the metadata's matryoshka_widths);
 - sparsify (`sparsify/layers.<L>/cfg.json + sae.safetensors`), which `Sae.load_from_disk` reads, for
   TopK only: sparsify has no thresholded architecture.
 Every file is read without unpickling anything (load_weights_only).
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from qsae.files import atomic_write, atomic_write_json, first_line
-from qsae.sae import THRESHOLD, TopKSAE
+from qsae.sae import PREFIXES, THRESHOLD, MatryoshkaBatchTopKSAE, TopKSAE
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -79,8 +80,9 @@ def weights_stem(layer: int, n_features: int, k: int) -> str:
 
 
 def release_tensors(sae: TopKSAE) -> dict[str, Tensor]:
-    """The SAE's tensors (tensor_names) as contiguous fp32 CPU tensors, detached from autograd."""
-    return {name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous() for name in sae.tensor_names()}
+    """The SAE's tensors (tensor_names) as contiguous CPU tensors, detached from autograd: fp32,
+    Matryoshka's integer prefixes as they are."""
+    return sae.release_tensors()
 
 
 def topk_saelens_cfg(sae: TopKSAE, hook: str) -> dict:
@@ -92,22 +94,32 @@ def topk_saelens_cfg(sae: TopKSAE, hook: str) -> dict:
             "metadata": {"hook_name": hook, "sae_lens_version": SAELENS_FORMAT_VERSION}}
 
 
+# SAELens's names of the training architectures it saves as JumpReLU inference SAEs.
+SAELENS_TRAINING_ARCHITECTURES = {"batchtopk": "batchtopk", "matryoshka-batchtopk": "matryoshka_batchtopk"}
+
+
 def jumprelu_saelens_cfg(sae: TopKSAE, hook: str) -> dict:
-    """cfg.json of the JumpReLU inference SAE that SAELens's own BatchTopK trainer saves
-    (BatchTopKTrainingSAEConfig's inference config is JumpReLUSAEConfig): its fields, and the
-    training architecture and k in the metadata, where SAELens records them."""
+    """cfg.json of the JumpReLU inference SAE that SAELens's own BatchTopK and Matryoshka BatchTopK
+    trainers save (their training configs' inference config is JumpReLUSAEConfig): its fields, and
+    the training architecture, k and a Matryoshka SAE's prefix widths in the metadata, where SAELens
+    records them."""
+    details = {"k": sae.k}
+    if isinstance(sae, MatryoshkaBatchTopKSAE):
+        details["matryoshka_widths"] = sae.prefixes.tolist()
     return {"architecture": "jumprelu", "d_in": sae.d_in, "d_sae": sae.n_features,
             "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
             "normalize_activations": "none", "reshape_activations": "none",
             "metadata": {"hook_name": hook, "sae_lens_version": SAELENS_FORMAT_VERSION,
-                         "training_architecture": "batchtopk",
-                         "training_architecture_details": {"k": sae.k}}}
+                         "training_architecture": SAELENS_TRAINING_ARCHITECTURES[sae.architecture],
+                         "training_architecture_details": details}}
 
 
 def threshold_per_latent(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """SAELens's JumpReLU layout: the threshold once per latent ([n])."""
+    """SAELens's JumpReLU layout: the threshold once per latent ([n]); the prefixes, which inference
+    does not use, are in the cfg's metadata instead."""
     n_features = tensors["W_enc"].shape[1]
-    return {**tensors, THRESHOLD: tensors[THRESHOLD].expand(n_features).contiguous()}
+    kept = {name: t for name, t in tensors.items() if name != PREFIXES}
+    return {**kept, THRESHOLD: tensors[THRESHOLD].expand(n_features).contiguous()}
 
 
 def sparsify_cfg(sae: TopKSAE) -> dict:
@@ -130,6 +142,7 @@ class Layout:
 LAYOUTS = {
     "topk": Layout(topk_saelens_cfg, lambda tensors: tensors, sparsify=True),
     "batchtopk": Layout(jumprelu_saelens_cfg, threshold_per_latent, sparsify=False),
+    "matryoshka-batchtopk": Layout(jumprelu_saelens_cfg, threshold_per_latent, sparsify=False),
 }
 
 
@@ -299,13 +312,23 @@ def _check_widths(cfg_path: Path, tensors: dict[str, Tensor], *, d_in, n_feature
 
 def _saelens_batchtopk(cfg_path: Path, cfg: dict, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], int | None, str]:
     """A SAELens JumpReLU directory as a BatchTopK SAE: one threshold shared by every latent (as
-    SAELens's BatchTopK trainer and qsae write it), k from the metadata's training details."""
+    SAELens's BatchTopK trainer and qsae write it), k from the metadata's training details; a
+    Matryoshka one (training architecture matryoshka_batchtopk) with its matryoshka_widths as prefixes."""
     threshold = tensors[THRESHOLD].reshape(-1)
     if len(threshold) == 0 or not (threshold == threshold[0]).all():
         raise ValueError(f"{cfg_path}: the JumpReLU thresholds differ between latents; only a BatchTopK SAE, "
                          "with one threshold for all latents, loads as BatchTopKSAE")
-    k = ((cfg.get("metadata") or {}).get("training_architecture_details") or {}).get("k")
-    return {**tensors, THRESHOLD: threshold[0].clone()}, stored_k(k, cfg_path), "batchtopk"
+    metadata = cfg.get("metadata") or {}
+    details = metadata.get("training_architecture_details") or {}
+    tensors = {**tensors, THRESHOLD: threshold[0].clone()}
+    if metadata.get("training_architecture") != SAELENS_TRAINING_ARCHITECTURES["matryoshka-batchtopk"]:
+        return tensors, stored_k(details.get("k"), cfg_path), "batchtopk"
+    widths = details.get("matryoshka_widths")
+    if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+        raise ValueError(f"{cfg_path}: a matryoshka_batchtopk SAE needs its matryoshka_widths, a list of integers; "
+                         f"got {widths!r}")
+    return ({**tensors, PREFIXES: torch.tensor(widths, dtype=torch.long)}, stored_k(details.get("k"), cfg_path),
+            "matryoshka-batchtopk")
 
 
 def stored_k(value, where: Path, *, text: bool = False) -> int | None:

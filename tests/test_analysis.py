@@ -563,6 +563,25 @@ def test_card_front_matter():
     assert lines[end + 2].startswith("# ")
 
 
+def test_card_names_a_matryoshka_sae_and_its_prefixes():
+    info = card_info()
+    prefixes = [253, 506, 1012, 2024, 4048]
+    info.update(architecture="matryoshka-batchtopk", recipe={**info["recipe"], "matryoshka_prefixes": prefixes})
+    for stats in info["per_layer"].values():
+        stats.update(threshold=0.25, sparse_width=64, tokens_at_sparse_width=0, prefixes=prefixes)
+    card = render_model_card(ReleaseFacts.from_dict(info))
+    assert "# Matryoshka BatchTopK sparse autoencoders for org/tiny-model" in card
+    assert "matryoshka-batchtopk-sae" in card.split("---")[1]
+    architecture = table_cells(card, "architecture", "| property |")[1]
+    assert architecture.startswith("Matryoshka BatchTopK SAE, 4,048 features")
+    assert "nested prefixes (the first 253, 506, 1012, 2024, 4048 features)" in architecture
+    assert "learned threshold θ (L4 0.2500 / L6 0.2500)" in architecture
+    assert "load as a `MatryoshkaBatchTopKSAE`" in card and "Matryoshka: the reconstruction term" in card
+    assert table_cells(card, "Matryoshka prefixes (nested widths, each trained to reconstruct)", "## ")[1] \
+        == str(prefixes)
+    assert "Matryoshka" not in render_model_card(ReleaseFacts.from_dict(card_info()))
+
+
 def test_card_accepts_int_layer_keys_and_names_missing_keys():
     info = card_info()
     info["per_layer"] = {int(layer): stats for layer, stats in info["per_layer"].items()}

@@ -47,6 +47,8 @@ def assert_fails_cleanly(capsys, rc: int, problem: str) -> str:
     (release_main, ["--bogus"], "unrecognized arguments: --bogus (see jobs/release.py --help)"),
     (main, ["train", "--layer", "0"], "the following arguments are required: --activations, --out"),
     (main, ["export", "--sae", "x.pt", "--layer", "three", "--out", "y"], "argument --layer: invalid int value"),
+    (main, ["train", "--matryoshka-prefixes", "4,x"],
+     "argument --matryoshka-prefixes: expected comma-separated integers, got '4,x'"),
 ])
 def test_a_command_line_argparse_refuses_says_so_in_qsaes_line(capsys, entry, argv, problem):
     with pytest.raises(SystemExit) as exit_:
@@ -110,7 +112,18 @@ CONFIG_CASES = [
     ("capture.keep_seed=-1", "capture.keep_seed must be >= 0"),
     ("capture.max_norm_multiple=0.5", "capture.max_norm_multiple must be 0 (off) or above 1"),
     ("train.recipe=fast", "unknown recipe 'fast'"),
-    ("train.architecture=gated", "unknown architecture 'gated'; expected one of topk, batchtopk"),
+    ("train.architecture=gated", "unknown architecture 'gated'; expected one of topk, batchtopk, matryoshka-batchtopk"),
+    ("train.architecture=matryoshka-batchtopk train.recipe=original",
+     "train: architecture 'matryoshka-batchtopk' needs the modern recipe"),
+    ("train.matryoshka_prefixes=[16,64]",
+     "train: matryoshka_prefixes belongs to architecture 'matryoshka-batchtopk', not 'topk'"),
+    ("train.architecture=matryoshka-batchtopk train.matryoshka_prefixes=[64,16]",
+     "train: matryoshka_prefixes must be strictly increasing, got [64, 16]"),
+    ("train.architecture=matryoshka-batchtopk train.matryoshka_prefixes=[64,512]",
+     "train: matryoshka_prefixes [64, 512] go beyond n_features=256"),
+    ("train.architecture=matryoshka-batchtopk train.matryoshka_prefixes=[-8,64]",
+     "train: matryoshka_prefixes must be positive integers, got [-8, 64]"),
+    ("train.matryoshka_prefixes=[0.5]", "train.matryoshka_prefixes expects list[int], got [0.5]"),
     ("train.n_features=0", "must be positive: n_features=0"),
     ("train.k=0", "must be positive: k=0"),
     ("train.k=300", "train: k=300 exceeds n_features=256"),
@@ -515,6 +528,18 @@ TRAIN_CASES = {
     "train an SAE larger than memory": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--n-features",
                                                              10_000_000_000),
                                         "needs about"),
+    "train Matryoshka prefixes not increasing": (
+        lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--architecture", "matryoshka-batchtopk",
+                             "--matryoshka-prefixes", "4,2"),
+        "matryoshka_prefixes must be strictly increasing, got [4, 2]"),
+    "train Matryoshka prefixes beyond n": (
+        lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--architecture", "matryoshka-batchtopk",
+                             "--matryoshka-prefixes", "4,16"),
+        "matryoshka_prefixes [4, 16] go beyond n_features=8"),
+    "train Matryoshka prefixes under another architecture": (
+        lambda r: train_args(npy(r, "ok.npy", planted(64, 0)), "--architecture", "batchtopk",
+                             "--matryoshka-prefixes", "2,4"),
+        "matryoshka_prefixes belongs to architecture 'matryoshka-batchtopk', not 'batchtopk'"),
     "train --checkpoint-every negative": (lambda r: train_args(npy(r, "ok.npy", planted(64, 0)),
                                                                "--checkpoint-every", -1),
                                           "--checkpoint-every must be >= 0"),

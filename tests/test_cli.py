@@ -28,7 +28,7 @@ from planted import (
 from safetensors.torch import load_file
 
 from qsae.config import TrainConfig
-from qsae.sae import BatchTopKSAE, TopKSAE
+from qsae.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE
 from qsae.sae_files import load_sae
 from qsae.store import ShardRows, new_manifest, shard_checksums, write_manifest, write_shard
 from qsae.training.recipes import native_bf16
@@ -155,6 +155,32 @@ def test_train_and_export_a_batchtopk_sae(trained, tmp_path):
     for name in original:
         assert torch.equal(again[name], original[name]), name
     assert not (exported / "sparsify").exists()
+
+
+def test_train_and_export_a_matryoshka_sae(trained, tmp_path):
+    _, acts, _ = trained
+    out = tmp_path / "matryoshka"
+    proc = qsae("train", "--activations", acts, "--layer", 0, "--n-features", N_FEATURES, "--k", K, "--epochs", 8,
+                "--batch-size", 256, "--lr", 3e-3, "--architecture", "matryoshka-batchtopk",
+                "--matryoshka-prefixes", f"{N_FEATURES // 4},{N_FEATURES // 2}", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    prefixes = [N_FEATURES // 4, N_FEATURES // 2, N_FEATURES]
+    assert (config["architecture"], config["matryoshka_prefixes"]) == ("matryoshka-batchtopk", prefixes)
+    for rel in RELEASE_FILES:  # every format but sparsify's, which has no thresholded architecture
+        assert (out / rel).is_file() == (not rel.startswith("sparsify/")), rel
+    sae = load_sae(out / f"{STEM}.pt")
+    assert type(sae) is MatryoshkaBatchTopKSAE and sae.threshold > 0 and sae.prefixes.tolist() == prefixes
+    assert variance_explained(sae, planted(2000, seed=2)) > 0.6
+    # Exported again from the SAELens folder (k and the prefixes from its metadata): the same tensors.
+    exported = tmp_path / "exported"
+    result = qsae("export", "--sae", out / "saelens" / HOOK, "--layer", 0, "--out", exported)
+    assert result.returncode == 0, result.stderr
+    original = torch.load(out / f"{STEM}.pt", weights_only=True)
+    again = torch.load(exported / f"{STEM}.pt", weights_only=True)
+    assert set(again) == set(original) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "prefixes"}
+    for name in original:
+        assert torch.equal(again[name], original[name]), name
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, problem: str) -> None:

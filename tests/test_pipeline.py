@@ -19,7 +19,7 @@ from qsae.analysis.fidelity import variance_explained
 from qsae.cli import main
 from qsae.models import model_dims, resolve_model_path
 from qsae.rundir import RunDir
-from qsae.sae import BatchTopKSAE, TopKSAE
+from qsae.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE
 from qsae.sae_files import load_sae
 from qsae.store import read_layer_table, read_manifest, residual_matrix, verify_store, write_manifest
 from qsae.training.trained import TrainedSAE, load_trained, save_trained
@@ -240,6 +240,30 @@ def test_batchtopk_runs_end_to_end(batchtopk_release, release):
     card = (batchtopk_release / "README.md").read_text()
     assert "# BatchTopK sparse autoencoders" in card and "batchtopk-sae" in card
     assert "Sae.load_from_disk" not in card and "no sparsify copy" in card
+
+
+def test_a_matryoshka_sweep_runs_end_to_end(tmp_path):
+    """Matryoshka BatchTopK through Ray Train, a sweep member of another width taking its own default
+    prefixes, and the release: summary, card, browser front page and SAELens metadata name them."""
+    done = run_driver("--out", str(tmp_path), *SMALL, *NO_CAUSAL, "capture.layers=[3]",
+                      "train.architecture=matryoshka-batchtopk", "train.sweep.n_features=[64]")
+    assert done.returncode == 0, done.stderr[-3000:]
+    release = tmp_path / "release"
+    for folder, prefixes in ((release, [8, 16, 32, 64, 128]), (release / "sweep" / "n=64-k=8", [4, 8, 16, 32, 64])):
+        n = prefixes[-1]
+        sae = load_sae(folder / f"sae_L3_n{n}_k8.safetensors")
+        assert type(sae) is MatryoshkaBatchTopKSAE and sae.prefixes.tolist() == prefixes and sae.threshold > 0
+        theirs = load_sae(folder / "saelens" / "blocks.3.hook_resid_post")
+        assert type(theirs) is MatryoshkaBatchTopKSAE and theirs.prefixes.tolist() == prefixes
+        cfg = json.loads((folder / "saelens" / "blocks.3.hook_resid_post" / "cfg.json").read_text())
+        assert cfg["metadata"]["training_architecture_details"]["matryoshka_widths"] == prefixes
+    row = json.loads((release / "final_summary.json").read_text())["layers"]["3"]
+    assert (row["architecture"], row["prefixes"]) == ("matryoshka-batchtopk", [8, 16, 32, 64, 128])
+    assert 0.3 < row["variance_explained"] <= 1.0
+    card = (release / "README.md").read_text()
+    assert "# Matryoshka BatchTopK sparse autoencoders" in card and "(the first 8, 16, 32, 64, 128 features)" in card
+    front = (release / "browser" / "data" / "release.js").read_text()
+    assert '"architecture_name":"Matryoshka BatchTopK","matryoshka_prefixes":[8,16,32,64,128]' in front
 
 
 def test_every_decoder_layer_in_one_pass_trained_over_the_resources_given(tmp_path):

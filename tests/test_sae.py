@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qsae.sae import BatchTopKSAE, TopKSAE
+from qsae.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE
 from qsae.sae_files import load_sae, release_tensors, save_sae, threshold_per_latent
 
 D_IN, N_FEATURES, K = 24, 80, 6
@@ -493,3 +493,137 @@ def test_topk_encoder_selects_the_top_k_with_the_two_pass_top_k():
     reference_values, reference_indices = sae.encode_topk(x)
     assert torch.equal(indices.sort(dim=1).values, reference_indices.sort(dim=1).values)
     torch.testing.assert_close(values.sort(dim=1).values, reference_values.sort(dim=1).values)
+
+
+# Matryoshka BatchTopK
+
+PREFIXES = [10, 20, 40, 80]  # N_FEATURES / 8 up to N_FEATURES
+
+
+@pytest.fixture
+def matryoshka(batchtopk) -> MatryoshkaBatchTopKSAE:
+    """The BatchTopK fixture's weights and threshold, with nested prefixes."""
+    sae = MatryoshkaBatchTopKSAE(D_IN, N_FEATURES, K, PREFIXES[:-1])  # the last, n, is appended
+    sae.load_state_dict({**batchtopk.state_dict(), "prefixes": sae.prefixes})
+    return sae
+
+
+def dense_prefix_sq_errors(sae: TopKSAE, x: torch.Tensor, codes: torch.Tensor, prefixes: list[int]) -> torch.Tensor:
+    """sum ||x - x_hat_p||^2 for each prefix width p, x_hat_p from the first p latents of dense codes [B, n]."""
+    return torch.stack([(x - (codes[:, :p] @ sae.W_dec[:p] + sae.b_dec)).pow(2).sum() for p in prefixes])
+
+
+def training_codes(sae: TopKSAE, values: torch.Tensor, positions: torch.Tensor, rows: int) -> torch.Tensor:
+    """encode_for_training's (values, positions) as dense codes [rows, n], differentiable in values."""
+    return torch.zeros(rows * sae.n_features, dtype=values.dtype).index_put((positions,), values).view(rows, -1)
+
+
+def test_matryoshka_prefixes_default_to_doubling_and_end_at_n():
+    assert MatryoshkaBatchTopKSAE(D_IN, 4096, K).prefixes.tolist() == [256, 512, 1024, 2048, 4096]
+    assert MatryoshkaBatchTopKSAE(D_IN, N_FEATURES, K).prefixes.tolist() == [5, 10, 20, 40, 80]
+    assert MatryoshkaBatchTopKSAE(D_IN, 8, 2).prefixes.tolist() == [1, 2, 4, 8]  # n / 16 < 1 left out
+    assert MatryoshkaBatchTopKSAE(D_IN, N_FEATURES, K, [16, 80]).prefixes.tolist() == [16, 80]
+    for bad, problem in (([20, 10], "strictly increasing"), ([10, 10], "strictly increasing"),
+                         ([0, 10], "positive"), ([10, 81], "beyond n_features=80")):
+        with pytest.raises(ValueError, match=problem):
+            MatryoshkaBatchTopKSAE(D_IN, N_FEATURES, K, bad)
+
+
+def test_matryoshka_encodes_exactly_as_batchtopk(matryoshka, batchtopk, x):
+    assert matryoshka.prefixes.tolist() == PREFIXES
+    assert torch.equal(matryoshka.encode(x), batchtopk.encode(x))
+    assert torch.equal(matryoshka(x), batchtopk(x))
+    for ours, theirs in zip(matryoshka.encode_for_training(x), batchtopk.encode_for_training(x)):
+        assert torch.equal(ours, theirs)
+
+
+def test_matryoshka_prefix_losses_match_a_dense_reference(matryoshka, x):
+    """prefix_sq_errors and the loss's reconstruction term against dense codes truncated to each
+    prefix, in plain torch, on BatchTopK's selection (rows with more and fewer than k latents)."""
+    from qsae.sae import prefix_sq_errors
+
+    with torch.no_grad():
+        values, positions, _, _ = matryoshka.encode_for_training(x)
+        codes = training_codes(matryoshka, values, positions, len(x))
+        expected = dense_prefix_sq_errors(matryoshka, x, codes, PREFIXES)
+        rows, latents = positions // N_FEATURES, positions % N_FEATURES
+        got = prefix_sq_errors(x, values, rows, latents, matryoshka.prefixes, matryoshka.W_dec, matryoshka.b_dec)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+        # Every group of latents between two prefixes holds some selected ones: the prefixes differ.
+        assert len(set(torch.bucketize(latents, matryoshka.prefixes, right=True).tolist())) == len(PREFIXES)
+        full = (x - matryoshka.decode_for_training(values, positions, len(x))).pow(2).sum()
+        term = matryoshka.reconstruction_term(x, values, positions, full)
+        torch.testing.assert_close(term, expected.mean(), rtol=1e-5, atol=1e-3)
+    # A prefix no selected latent falls in reconstructs with b_dec alone.
+    first = prefix_sq_errors(x, values[:0], rows[:0], latents[:0], matryoshka.prefixes[:1], matryoshka.W_dec,
+                             matryoshka.b_dec)
+    torch.testing.assert_close(first, (x - matryoshka.b_dec).pow(2).sum().reshape(1))
+
+
+def test_matryoshka_loss_gradients_match_autograd(matryoshka, x):
+    """The reconstruction term's gradients (through BatchTopKEncoder's sparse backward and the
+    per-prefix bags) against autograd through the dense formula, in float64."""
+    sae = matryoshka.double()
+    x = x.double()
+
+    def grads(objective):
+        for p in sae.parameters():
+            p.grad = None
+        objective.backward()
+        return {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    values, positions, _, _ = sae.encode_for_training(x)
+    full = (x - sae.decode_for_training(values, positions, len(x))).pow(2).sum()
+    fast = grads(sae.reconstruction_term(x, values, positions, full))
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    kept = pre.flatten().topk(K * len(x)).indices
+    codes = torch.zeros(len(x) * N_FEATURES, dtype=torch.float64).index_put(
+        (kept,), pre.flatten()[kept].relu()).view(len(x), N_FEATURES)
+    reference = grads(dense_prefix_sq_errors(sae, x, codes, PREFIXES).mean())
+    for name in reference:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_matryoshka_release_round_trips_every_format(matryoshka, x, tmp_path):
+    paths = save_sae(matryoshka, tmp_path, layer=7, hook="blocks.7.hook_resid_post")
+    assert set(paths) == {"pt", "safetensors", "saelens"}  # sparsify has no thresholded architecture
+    expected = matryoshka.encode(x)
+    for fmt, path in {"pt": paths["pt"], "safetensors": paths["safetensors"], "saelens": paths["saelens"]}.items():
+        for cls in (TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE):
+            loaded = load_sae(path, expected=cls)
+            assert type(loaded) is MatryoshkaBatchTopKSAE and loaded.k == K, fmt
+            assert loaded.prefixes.tolist() == PREFIXES and loaded.threshold.item() == pytest.approx(THRESHOLD), fmt
+            assert torch.equal(loaded.encode(x), expected), fmt
+    state = torch.load(paths["pt"], weights_only=True)
+    assert set(state) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "prefixes"}
+    assert state["prefixes"].dtype == torch.int64 and state["W_enc"].dtype == torch.float32
+    with safe_open(str(paths["safetensors"]), "pt") as f:
+        assert f.metadata()["architecture"] == "matryoshka-batchtopk"
+    # SAELens's Matryoshka BatchTopK trainer saves a JumpReLU SAE too, its widths in the training details.
+    cfg = json.loads((paths["saelens"] / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["metadata"]["training_architecture"]) == ("jumprelu", "matryoshka_batchtopk")
+    assert cfg["metadata"]["training_architecture_details"] == {"k": K, "matryoshka_widths": PREFIXES}
+    with safe_open(str(paths["saelens"] / "sae_weights.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+    # The training state dict, as distributed.train_layers rebuilds the SAE from a checkpoint.
+    rebuilt = TopKSAE.from_tensors(matryoshka.state_dict(), K, "matryoshka-batchtopk")
+    assert type(rebuilt) is MatryoshkaBatchTopKSAE and rebuilt.prefixes.tolist() == PREFIXES
+    with pytest.raises(ValueError, match="recorded as 'batchtopk'"):
+        TopKSAE.from_tensors(matryoshka.state_dict(), K, "batchtopk")
+    with pytest.raises(ValueError, match="must end at n_features=80"):
+        TopKSAE.from_tensors({**matryoshka.state_dict(), "prefixes": torch.tensor([10, 20])}, K)
+
+
+def test_saelens_loads_matryoshka_release(matryoshka, tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    x = torch.randn(200, D_IN, generator=torch.Generator().manual_seed(2))
+    paths = save_sae(matryoshka, tmp_path, layer=3, hook="blocks.3.hook_resid_post")
+    theirs = sae_lens.SAE.load_from_disk(str(paths["saelens"]))
+    assert theirs.cfg.architecture() == "jumprelu"
+    assert theirs.cfg.metadata.training_architecture == "matryoshka_batchtopk"
+    assert theirs.cfg.metadata.training_architecture_details["matryoshka_widths"] == PREFIXES
+    with torch.no_grad():
+        ours, codes = matryoshka.encode(x), theirs.encode(x)
+        assert torch.equal(codes > 0, ours > 0)  # the same latents
+        assert torch.allclose(codes, ours, atol=1e-5)
+        assert torch.allclose(theirs.decode(codes), matryoshka(x), atol=1e-4)

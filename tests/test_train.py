@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ from planted import planted_rows, variance_explained
 
 from qsae.cli import resolved_config
 from qsae.config import TrainConfig
-from qsae.sae import BatchTopKSAE, TopKSAE
+from qsae.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE, sae_class
 from qsae.streaming import ArraySource, shuffled_batches
 from qsae.training.loop import train_sae, train_saes
 from qsae.training.recipes import (
@@ -135,11 +136,12 @@ def test_training_is_reproducible(small_rows):
 
 @pytest.mark.parametrize("recipe, revive_every_epochs, architecture",
                          [("original", 3, "topk"), ("modern", 3, "topk"), ("modern", None, "topk"),
-                          ("modern", None, "batchtopk")])
+                          ("modern", None, "batchtopk"), ("modern", None, "matryoshka-batchtopk")])
 def test_resume_matches_uninterrupted_run(small_rows, recipe, revive_every_epochs, architecture):
     # Original: revival after epoch 3 only, so the resumed part replays a revival too. Modern:
     # features die within the first epochs, so the resumed part replays AuxK steps. BatchTopK: the
-    # threshold (in the state dict compared below) continues its moving average.
+    # threshold (in the state dict compared below) continues its moving average; Matryoshka's
+    # prefixes are in the state dict too.
     cfg = small_cfg(recipe=recipe, epochs=4, revive_every_epochs=revive_every_epochs, dead_after_steps=2,
                     n_features=96, architecture=architecture)
     checkpoints, ends_of_epochs = {}, []
@@ -150,7 +152,7 @@ def test_resume_matches_uninterrupted_run(small_rows, recipe, revive_every_epoch
             ends_of_epochs.append((progress.epoch, progress.step))
 
     full, history = train_sae(small_rows, cfg, on_step=on_step)
-    assert type(full) is (BatchTopKSAE if architecture == "batchtopk" else TopKSAE)
+    assert type(full) is sae_class(architecture)
     assert architecture == "topk" or full.threshold > 0
     steps_per_epoch = -(-len(small_rows) // cfg.batch_size)
     assert ends_of_epochs == [(epoch, epoch * steps_per_epoch) for epoch in range(1, 5)]
@@ -210,6 +212,12 @@ def test_non_finite_rows_raise(small_rows, value):
     ({"recipe": "original", "autocast_bf16": True}, "autocast_bf16"),
     ({"architecture": "gated"}, "unknown architecture 'gated'; expected one of topk, batchtopk"),
     ({"recipe": "original", "architecture": "batchtopk"}, "needs the modern recipe: the original recipe is TopK"),
+    ({"recipe": "original", "architecture": "matryoshka-batchtopk"}, "needs the modern recipe"),
+    ({"matryoshka_prefixes": [8, 16]}, "matryoshka_prefixes belongs to architecture 'matryoshka-batchtopk', not 'topk'"),
+    ({"architecture": "matryoshka-batchtopk", "matryoshka_prefixes": [16, 8]}, "strictly increasing"),
+    ({"architecture": "matryoshka-batchtopk", "matryoshka_prefixes": [8, 8]}, "strictly increasing"),
+    ({"architecture": "matryoshka-batchtopk", "matryoshka_prefixes": [0, 8]}, "positive"),
+    ({"architecture": "matryoshka-batchtopk", "matryoshka_prefixes": [8, 64]}, r"go beyond n_features=48"),
 ])
 def test_bad_config_raises(overrides, problem):
     with pytest.raises(ValueError, match=problem):
@@ -622,3 +630,76 @@ def test_saes_trained_in_one_pass_are_each_the_sae_trained_alone(small_rows, rec
 def test_saes_of_one_pass_must_share_all_but_their_shape(small_rows, other, problem):
     with pytest.raises(ValueError, match=problem):
         train_saes(small_rows, [small_cfg(), small_cfg(n_features=96, **other)])
+
+
+def prefix_fvus(sae: TopKSAE, rows: np.ndarray, k: int, prefixes: list[int]) -> np.ndarray:
+    """Each prefix's FVU on rows, in plain torch: the codes are BatchTopK's selection over all the
+    rows (their k x rows largest pre-activations, ReLU'd), decoded from the first p latents only."""
+    x = torch.from_numpy(rows)
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        kept = pre.flatten().topk(k * len(x)).indices
+        codes = torch.zeros(pre.numel()).index_put((kept,), pre.flatten()[kept].relu()).view_as(pre)
+        total = (x - x.mean(0)).pow(2).sum()
+        return np.array([((x - codes[:, :p] @ sae.W_dec[:p] - sae.b_dec).pow(2).sum() / total).item()
+                         for p in prefixes])
+
+
+def test_matryoshka_training_teaches_every_prefix_to_reconstruct():
+    """Trained on planted rows, each prefix of a Matryoshka SAE reconstructs held-out rows better
+    than before training, and every prefix short of the whole dictionary far better than the same
+    prefix of a BatchTopK SAE trained alike (which puts no weight on its first latents)."""
+    from qsae.streaming import ArraySource
+    from qsae.training.state import new_run
+
+    rows = planted_rows(8000, 24, 48, 3, seed=5)
+    train, held_out = rows[1000:], rows[:1000]
+    cfg = TrainConfig(architecture="matryoshka-batchtopk", n_features=64, k=3, epochs=4, batch_size=256, lr=1e-2,
+                      dead_after_steps=50, autocast_bf16=False)
+    prefixes = cfg.prefixes()
+    assert prefixes == [4, 8, 16, 32, 64]
+    before = prefix_fvus(new_run(ArraySource(train), cfg, torch.device("cpu"), fresh=True).sae, held_out, 3, prefixes)
+    sae, history = train_sae(train, cfg)
+    assert type(sae) is MatryoshkaBatchTopKSAE and sae.prefixes.tolist() == prefixes and sae.threshold > 0
+    after = prefix_fvus(sae, held_out, 3, prefixes)
+    assert (after < before - 0.1).all(), (before, after)
+    assert (np.diff(after) < 0).all()  # each wider prefix adds to the narrower one's reconstruction
+    assert history["fvu"][-1] < 0.5
+    batchtopk, _ = train_sae(train, dataclasses.replace(cfg, architecture="batchtopk"))
+    plain = prefix_fvus(batchtopk, held_out, 3, prefixes)
+    assert (after[:-1] < plain[:-1] - 0.1).all(), (after, plain)
+
+
+def test_a_sweep_member_of_another_width_takes_its_own_default_prefixes(small_rows):
+    from qsae.config import TrainStageConfig
+
+    stage = TrainStageConfig(architecture="matryoshka-batchtopk", n_features=48, k=3, sweep={"n_features": [48, 96]})
+    stage.check_stage()
+    cfgs = [dataclasses.replace(c, epochs=1, batch_size=256, autocast_bf16=False) for c in stage.trainers()]
+    assert [c.prefixes() for c in cfgs] == [[3, 6, 12, 24, 48], [6, 12, 24, 48, 96]]
+    saes = [sae for sae, _ in train_saes(small_rows, cfgs)]
+    assert [sae.prefixes.tolist() for sae in saes] == [c.prefixes() for c in cfgs]
+    # Prefixes given explicitly are every member's, n appended where it is wider.
+    wider = dataclasses.replace(stage, matryoshka_prefixes=[8, 24], sweep={"n_features": [96]}).trainers()
+    assert [c.prefixes() for c in wider] == [[8, 24, 48], [8, 24, 96]]
+
+
+def test_memory_estimate_counts_a_matryoshka_sae_s_prefix_reconstructions():
+    from qsae.training.state import training_memory
+
+    plain = TrainConfig(architecture="batchtopk", n_features=4096, k=32, batch_size=1024)
+    nested = dataclasses.replace(plain, architecture="matryoshka-batchtopk")
+    # three fp32 [batch, 5 prefixes, d_in] tensors more
+    assert training_memory([nested], 512) - training_memory([plain], 512) == 4 * 3 * 1024 * 5 * 512
+
+
+def test_analyze_refuses_a_matryoshka_sae_trained_with_other_prefixes():
+    from qsae.analyze import check_trained_matches
+    from qsae.training.trained import TrainedSAE
+
+    cfg = TrainConfig(architecture="matryoshka-batchtopk", n_features=64, k=4)
+    trained = {3: TrainedSAE(MatryoshkaBatchTopKSAE(8, 64, 4), {}, recipe_settings(cfg))}
+    check_trained_matches(cfg, trained, 8)  # the default prefixes, as trained
+    with pytest.raises(ValueError, match=r"layer 3: the trained SAE has matryoshka prefixes \[4, 8, 16, 32, 64\], "
+                                         r"but the config asks for \[16, 64\]"):
+        check_trained_matches(dataclasses.replace(cfg, matryoshka_prefixes=[16]), trained, 8)

@@ -22,7 +22,7 @@ LAYER_KEYS = (
     "rollout_level",
 )
 TAGS = ("sparse-autoencoder", "topk-sae", "interpretability", "residual-stream")
-ARCHITECTURE_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK"}
+ARCHITECTURE_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka-batchtopk": "Matryoshka BatchTopK"}
 RECIPE_LABELS = {
     "recipe": "recipe (original | modern)",
     "optimizer": "optimizer",
@@ -33,6 +33,7 @@ RECIPE_LABELS = {
     "epochs": "epochs",
     "revive_every_epochs": "dead-feature revival every (epochs)",
     "dead_after_steps": "dead after (steps without firing)",
+    "matryoshka_prefixes": "Matryoshka prefixes (nested widths, each trained to reconstruct)",
 }
 NA = "n/a"
 COVERAGE = f"{1 - DEFAULT_ALPHA:.0%}"
@@ -86,7 +87,13 @@ def _weights_name(info: ReleaseFacts, layer: int, suffix: str) -> str:
 
 
 def _batchtopk(info: ReleaseFacts) -> bool:
-    return info.architecture == "batchtopk"
+    """Whether it encodes with BatchTopK's threshold (a Matryoshka BatchTopK SAE does too)."""
+    return info.architecture in ("batchtopk", "matryoshka-batchtopk")
+
+
+def _prefixes(info: ReleaseFacts) -> list[int] | None:
+    """A Matryoshka SAE's prefix widths, as the recipe records them."""
+    return info.recipe.get("matryoshka_prefixes") if info.architecture == "matryoshka-batchtopk" else None
 
 
 def _architecture(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
@@ -95,8 +102,11 @@ def _architecture(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
     if not _batchtopk(info):
         return f"TopK SAE, {size}, k = {info.k} active per token"
     thresholds = " / ".join(f"L{layer} {_num(per_layer[str(layer)].get('threshold'), '.4f')}" for layer in info.layers)
-    return (f"BatchTopK SAE, {size}, k = {info.k} active per token on average in training (the top k × batch "
-            f"of each batch); at inference every feature above the learned threshold θ ({thresholds})")
+    nested = (f"; trained so that each of its nested prefixes (the first {', '.join(map(str, prefixes))} features) "
+              "reconstructs on its own" if (prefixes := _prefixes(info)) else "")
+    return (f"{ARCHITECTURE_NAMES[info.architecture]} SAE, {size}, k = {info.k} active per token on average in "
+            f"training (the top k × batch of each batch){nested}; at inference every feature above the learned "
+            f"threshold θ ({thresholds})")
 
 
 def _fidelity(info: ReleaseFacts, layer) -> dict | None:
@@ -145,12 +155,16 @@ def _usage(info: ReleaseFacts) -> str:
         "```",
     ]
     if _batchtopk(info):
-        parts += ["", "The files hold a fifth tensor, `threshold`, and load as a `BatchTopKSAE`: `sae.encode(residuals)` "
+        extra = ("a fifth and a sixth tensor, `threshold` and `prefixes` (the nested widths, used in training only), "
+                 "and load as a `MatryoshkaBatchTopKSAE`, which encodes as a BatchTopK SAE"
+                 if _prefixes(info) is not None else "a fifth tensor, `threshold`, and load as a `BatchTopKSAE`")
+        parts += ["", f"The files hold {extra}: `sae.encode(residuals)` "
                   "gives the dense codes, every feature whose pre-activation exceeds the threshold; `encode_topk` the "
                   f"same codes as the top min(n, 4k) = {min(info.n_features, 4 * info.k)} (value, index) pairs per "
                   "token, zero-padded, cut short on a token with more active features than that (dense `encode` "
                   "and `sae(residuals)` never are). SAELens loads it as a JumpReLU SAE with that threshold for "
-                  "every feature; EleutherAI sparsify has no thresholded architecture, so there is no sparsify copy."]
+                  "every feature" + (" (the widths in its metadata's `matryoshka_widths`)" if _prefixes(info) else "")
+                  + "; EleutherAI sparsify has no thresholded architecture, so there is no sparsify copy."]
     saelens, sparsify = _subfolders(info.files, "saelens"), _subfolders(info.files, "sparsify")
     if saelens or sparsify:
         intro = ("The same weights load in " + " and ".join(["SAELens"] * bool(saelens) + ["EleutherAI sparsify"] * bool(sparsify))
@@ -514,7 +528,12 @@ def _recipe(info: ReleaseFacts) -> str:
         "(so a token may use more or fewer than k features); the inference threshold θ is a moving average of the "
         "smallest activation each step kept (θ ← θ + 0.01 (m − θ), θ = m after the first step), so that encoding "
         "with θ keeps about k features per token on average."
-    ] if _batchtopk(info) else []))
+    ] if _batchtopk(info) else []) + ([
+        "Matryoshka: the reconstruction term of the loss is the mean, over the nested prefixes of the dictionary, "
+        "of each prefix's reconstruction error with only its own features (those the step kept among them), so the "
+        "first features learn the most general directions; the whole dictionary's error is the reported FVU, and "
+        "AuxK reconstructs it."
+    ] if _prefixes(info) is not None else []))
 
 
 def _files(info: ReleaseFacts) -> str:

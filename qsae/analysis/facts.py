@@ -15,7 +15,7 @@ class ReleaseFacts:
     d_model: int
     n_features: int
     k: int
-    architecture: str  # "topk" | "batchtopk"
+    architecture: str  # "topk" | "batchtopk" | "matryoshka-batchtopk"
     hook: str  # the hook convention, in words
     questions: dict  # source, seed, thinking, max_new_tokens
     outcomes: dict  # n, correct, wrong, truncated, no_answer, unscored_rollouts, finish_reason_length

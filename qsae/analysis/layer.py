@@ -28,7 +28,7 @@ from qsae.analysis.features import (
 )
 from qsae.analysis.fidelity import mean_l0, variance_explained, variance_explained_ci
 from qsae.rollout import Rollout
-from qsae.sae import BatchTopKSAE, TopKSAE
+from qsae.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE
 from qsae.sample import RowSelection
 from qsae.streaming import CHUNK_ROWS, StoreSource
 
@@ -295,12 +295,13 @@ def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, inputs: Layer
 def architecture_summary(sae: TopKSAE, values: np.ndarray) -> dict:
     """The SAE's architecture; for BatchTopK also its threshold, the width of the sparse view the
     statistics are computed from (encode_topk), and how many sampled tokens fill that view, so may
-    have had active latents cut from it."""
+    have had active latents cut from it; for Matryoshka BatchTopK its prefix widths too."""
     if not isinstance(sae, BatchTopKSAE):
         return {"architecture": sae.architecture}
     full = int((values > 0).all(axis=1).sum()) if sae.sparse_width < sae.n_features else 0
     return {"architecture": sae.architecture, "threshold": float(sae.threshold),
-            "sparse_width": sae.sparse_width, "tokens_at_sparse_width": full}
+            "sparse_width": sae.sparse_width, "tokens_at_sparse_width": full,
+            **({"prefixes": sae.prefixes.tolist()} if isinstance(sae, MatryoshkaBatchTopKSAE) else {})}
 
 
 def token_auroc_summary(auroc: np.ndarray | None, rates: np.ndarray) -> dict:

@@ -134,7 +134,9 @@
   function frontPage(R) {
     document.title = R.title;
     const facts = [R.model_id + (R.model_revision ? ` @ ${R.model_revision}` : ""),
-      R.architecture === "batchtopk" ? "BatchTopK" : "TopK", `${int(R.n_features)} features`,
+      (R.architecture_name ?? (R.architecture === "batchtopk" ? "BatchTopK" : "TopK"))
+        + (R.matryoshka_prefixes ? ` (prefixes ${R.matryoshka_prefixes.join(", ")})` : ""),
+      `${int(R.n_features)} features`,
       `k = ${R.k}`, `d_model = ${R.d_model}`, `hook: ${R.hook}`];
     const layers = R.layers.map((L) => {
       const s = R.per_layer[L] ?? {};

@@ -105,7 +105,7 @@ def train_saes(residuals, cfgs: list[TrainConfig], on_step: Callable[[Progress],
                resume: dict | None = None) -> list[tuple[TopKSAE, dict]]:
     """train_sae of several SAEs (a sweep of shapes) in one pass over the rows: each batch is read
     and shuffled once and trains every SAE in turn, each exactly as train_sae would train it alone.
-    The settings other than n_features, k and architecture are the first's (sweep_settings_differ).
+    The settings other than the shape (SHAPE) are the first's (sweep_settings_differ).
     Progress reports the first SAE's metrics and a checkpoint of them all (the others under "sweep")."""
     source = as_source(residuals)
     for cfg in cfgs:
@@ -129,7 +129,7 @@ def train_saes(residuals, cfgs: list[TrainConfig], on_step: Callable[[Progress],
     return [(member.run.sae, member.run.history) for member in loop.members]
 
 
-SHAPE = ("n_features", "k", "architecture")
+SHAPE = ("n_features", "k", "architecture", "matryoshka_prefixes")
 
 
 def sweep_settings_differ(cfgs: list[TrainConfig]) -> list[str]:

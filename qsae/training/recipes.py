@@ -36,6 +36,9 @@ A BatchTopK SAE (modern recipe only) keeps the k x B largest pre-activations of 
 its inference threshold theta follows the smallest positive activation m a step selected (over all
 workers): theta <- theta + 0.01 (m - theta) after every step, theta = m after the first (SAELens's
 rate; the start at the first m is dictionary_learning's, where SAELens starts at 0).
+A Matryoshka BatchTopK SAE trains the same way, its reconstruction term the mean over its nested
+prefixes of each one's sum ||x - x_hat_p||^2 (qsae.sae.MatryoshkaBatchTopKSAE); AuxK reconstructs
+the whole dictionary's error, and the reported FVU is the whole dictionary's.
 docs/training.md has the measurements behind the defaults.
 """
 from __future__ import annotations
@@ -152,7 +155,8 @@ class ModernRecipe(Recipe):
         """(reconstruction + AUXK_ALPHA * AuxK) / (rows * row_variance), times step.scale."""
         sq_error, auxk, values, indices = reconstruction_losses(sae, x, step.dead, aux_width=step.aux_width,
                                                            autocast=step.autocast)
-        loss = (sq_error + AUXK_ALPHA * auxk) / (max(len(x), 1) * step.row_variance) * step.scale
+        reconstruction = sae.reconstruction_term(x, values, indices, sq_error)  # Matryoshka: over its prefixes
+        loss = (reconstruction + AUXK_ALPHA * auxk) / (max(len(x), 1) * step.row_variance) * step.scale
         return loss, sq_error.detach(), values, indices
 
     def before_step(self, sae: TopKSAE) -> None:

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from qsae.config import TrainConfig
-from qsae.sae import BatchTopKSAE, TopKSAE, sae_class
+from qsae.config import MATRYOSHKA, TrainConfig
+from qsae.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE, sae_class
 from qsae.sae_files import load_weights_only
 from qsae.streaming import RowSource
 from qsae.training.recipes import RECIPES, DeadLatentBound, revive_dead_
@@ -51,7 +51,7 @@ def new_run(source: RowSource, cfg: TrainConfig, device: torch.device, *, fresh:
     recipe = RECIPES[cfg.recipe]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        sae = sae_class(cfg.architecture)(source.d_in, cfg.n_features, cfg.k)
+        sae = new_sae(cfg, source.d_in)
     sae.to(device)
     optimizer = recipe.optimizer(sae, cfg, device)
     recipe.init_(sae, source, cfg, fresh=fresh)
@@ -61,14 +61,24 @@ def new_run(source: RowSource, cfg: TrainConfig, device: torch.device, *, fresh:
     return run
 
 
+def new_sae(cfg: TrainConfig, d_in: int) -> TopKSAE:
+    """A freshly initialised SAE of cfg's architecture and shape (a Matryoshka one with its prefixes)."""
+    cls = sae_class(cfg.architecture)
+    if issubclass(cls, MatryoshkaBatchTopKSAE):
+        return cls(d_in, cfg.n_features, cfg.k, cfg.prefixes())
+    return cls(d_in, cfg.n_features, cfg.k)
+
+
 def training_memory(cfgs: list[TrainConfig], d_in: int) -> int:
     """Bytes one trainer holds, about, for the SAEs it trains in one pass: the fp32 weights of each,
     their gradients and two Adam moments (four copies of 2 n d + n + d numbers), a batch's
-    pre-activations (two [batch, n] fp32 tensors, of the widest SAE: they train one after another)
-    and three shuffle buffers of rows (shared)."""
+    pre-activations (two [batch, n] fp32 tensors) and a Matryoshka SAE's reconstructions of each
+    prefix (three [batch, prefixes, d] ones), of the largest SAE (they train one after another), and
+    three shuffle buffers of rows (shared)."""
     parameters = sum(2 * cfg.n_features * d_in + cfg.n_features + d_in for cfg in cfgs)
-    widest = max(cfg.n_features for cfg in cfgs)
-    return 4 * (4 * parameters + 2 * cfgs[0].batch_size * widest + 3 * cfgs[0].shuffle_buffer_rows * d_in)
+    prefixes = lambda cfg: len(cfg.prefixes()) if cfg.architecture == MATRYOSHKA else 0  # noqa: E731
+    step = max(2 * cfg.batch_size * cfg.n_features + 3 * cfg.batch_size * prefixes(cfg) * d_in for cfg in cfgs)
+    return 4 * (4 * parameters + step + 3 * cfgs[0].shuffle_buffer_rows * d_in)
 
 
 def check_training_memory(cfgs: list[TrainConfig], d_in: int, budget: tuple[int, str]) -> None:

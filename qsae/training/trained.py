@@ -10,7 +10,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qsae.config import TrainConfig
+from qsae.config import MATRYOSHKA, TrainConfig
 from qsae.files import replace_directory
 from qsae.rundir import RunDir
 from qsae.sae import TopKSAE
@@ -43,7 +43,8 @@ def recipe_settings(cfg: TrainConfig) -> dict:
     """The training settings with the recipe's defaults filled in, as the card's recipe table shows
     them."""
     return {**asdict(cfg), "lr": cfg.learning_rate(), "lr_decay_fraction": cfg.decay_fraction(),
-            "revive_every_epochs": cfg.revival_period(), "encoder_matmul": cfg.encoder_precision()}
+            "revive_every_epochs": cfg.revival_period(), "encoder_matmul": cfg.encoder_precision(),
+            **({"matryoshka_prefixes": cfg.prefixes()} if cfg.architecture == MATRYOSHKA else {})}
 
 
 def save_trained(run: RunDir, layer: int, trained: TrainedSAE) -> None:
