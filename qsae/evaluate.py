@@ -6,7 +6,7 @@ and the results go to the run directory (analysis/fidelity.json, analysis/logits
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,13 +27,15 @@ from qsae.training.trained import load_trained
 @dataclass
 class EvaluationInputs:
     """One group of layers' SAEs, their training means (the mean ablation) and the held-out rollouts
-    the fidelity runs on (none: no fidelity, only the logit tables)."""
+    the fidelity runs on (none: no fidelity, only the logit tables); and each layer's other SAEs of a
+    sweep (shape name -> SAE), whose fidelity is measured in the same passes."""
 
     saes: dict[int, TopKSAE]
     means: dict[int, np.ndarray]
     rollouts: list[RolloutTokens]
     n_boot: int
     seed: int
+    sweep: dict[int, dict[str, TopKSAE]] = field(default_factory=dict)
 
 
 @dataclass
@@ -56,13 +58,15 @@ def fidelity_rollouts(selection: RowSelection, rollouts: dict[int, Rollout], lim
 
 def evaluation_inputs(run: RunDir, layers: list[int], *, limit: int | None, n_boot: int,
                       seed: int) -> EvaluationInputs:
-    """What the evaluation of `layers` reads from the run directory: the trained SAEs, the analysis'
-    training means, and the held-out rollouts (a seeded sample of `limit` of them)."""
+    """What the evaluation of `layers` reads from the run directory: the trained SAEs (a sweep's too),
+    the analysis' training means, and the held-out rollouts (a seeded sample of `limit` of them)."""
     rollouts = {r.rollout_id: r for r in read_rollouts(run.rollouts)}
+    trained = {layer: load_trained(run, layer) for layer in layers}
     return EvaluationInputs(
-        saes={layer: load_trained(run, layer).sae for layer in layers},
+        saes={layer: entry.sae for layer, entry in trained.items()},
         means={layer: LayerAnalysis.load(run.layer_analysis(layer)).train_mean for layer in layers},
-        rollouts=fidelity_rollouts(load_selection(run.selection), rollouts, limit, seed), n_boot=n_boot, seed=seed)
+        rollouts=fidelity_rollouts(load_selection(run.selection), rollouts, limit, seed), n_boot=n_boot, seed=seed,
+        sweep={layer: {m.shape_name: m.sae for m in entry.sweep} for layer, entry in trained.items() if entry.sweep})
 
 
 @torch.no_grad()
@@ -73,16 +77,19 @@ def evaluate_layers(model: nn.Module, inputs: EvaluationInputs) -> Evaluation:
     if not inputs.rollouts:
         return Evaluation(None, logits)
     return Evaluation(fidelity_of_layers(model, inputs.saes, inputs.means, inputs.rollouts, n_boot=inputs.n_boot,
-                                         seed=inputs.seed), logits)
+                                         seed=inputs.seed, sweep=inputs.sweep), logits)
 
 
 def save_evaluation(run: RunDir, evaluations: list[Evaluation]) -> None:
-    """The groups' results in the run directory: fidelity.json (when computed) and each layer's logit tables."""
+    """The groups' results in the run directory: fidelity.json (when computed; a sweep's SAEs under
+    "sweep", layer -> shape name -> entry) and each layer's logit tables."""
     run.fidelity.unlink(missing_ok=True)
-    fidelity = {layer: entry for e in evaluations for layer, entry in (e.fidelity or {}).items()}
+    fidelity = {layer: dict(entry) for e in evaluations for layer, entry in (e.fidelity or {}).items()}
+    sweep = {str(layer): fidelity[layer].pop("sweep") for layer in sorted(fidelity) if "sweep" in fidelity[layer]}
     if any(e.fidelity is not None for e in evaluations):
         atomic_write_json(run.fidelity, {"definition": FIDELITY_DEFINITION,
-                                         "layers": {str(layer): fidelity[layer] for layer in sorted(fidelity)}})
+                                         "layers": {str(layer): fidelity[layer] for layer in sorted(fidelity)},
+                                         **({"sweep": sweep} if sweep else {})})
     for e in evaluations:
         for layer, tables in e.logits.items():
             tensors = {name: t.contiguous() for name, t in tables.items()}
@@ -94,6 +101,13 @@ def load_fidelity(run: RunDir) -> dict[int, dict] | None:
     if not run.fidelity.exists():
         return None
     return {int(layer): entry for layer, entry in json.loads(run.fidelity.read_text())["layers"].items()}
+
+
+def load_sweep_fidelity(run: RunDir) -> dict[int, dict[str, dict]]:
+    """Each layer's sweep SAEs' fidelity entries by shape name (empty where not computed)."""
+    if not run.fidelity.exists():
+        return {}
+    return {int(layer): shapes for layer, shapes in json.loads(run.fidelity.read_text()).get("sweep", {}).items()}
 
 
 def load_logits(run: RunDir, layer: int) -> dict[str, list] | None:
