@@ -289,7 +289,7 @@ def browser_front_page(facts: ReleaseFacts, record: RunRecord, chart_paths: list
             "key_numbers": [{"label": label, "value": value} for label, value in key_numbers],
             "per_layer": per_layer,
             "charts": [{"file": c, "title": Path(c).stem.replace("_", " ")} for c in chart_paths],
-            "block_size": BLOCK_SIZE}
+            "frontier": facts.frontier, "block_size": BLOCK_SIZE}
 
 
 def write_json(path: Path, obj: dict) -> None:

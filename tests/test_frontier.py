@@ -94,3 +94,16 @@ def test_the_card_shows_the_frontier_and_which_sae_the_statistics_use(release):
         assert f"{point['fvu']:.3f} [{point['fvu_ci'][0]:.3f}, {point['fvu_ci'][1]:.3f}]" in section
         assert f"{point['delta_ce']:.4f}" in section
     assert f"07_frontier_layer{LAYER}.png" in card
+
+
+def test_the_browser_front_page_shows_each_layers_saes(release, chromium):
+    frontier = json.loads((release / "frontier.json").read_text())["layers"][str(LAYER)]
+    page = chromium.open((release / "browser" / "index.html").as_uri())
+    page.wait_for("document.body.dataset.ready === '1' && !!document.querySelector('#front-page table.frontier')")
+    rows = page.evaluate(f"[...document.querySelectorAll('table.frontier[data-layer=\"{LAYER}\"] tbody tr')]"
+                         ".map(r => [...r.cells].map(c => c.textContent))")
+    assert [row[0] for row in rows] == [p["sae"] + (" (selected)" if p["selected"] else "") for p in frontier]
+    for row, point in zip(rows, frontier):
+        assert row[2] == f"{point['fvu']:.3f} [{point['fvu_ci'][0]:.3f}, {point['fvu_ci'][1]:.3f}]"
+        assert row[3].startswith(f"{point['delta_ce']:.4f} [")
+    assert page.console_errors == [] and page.requests == []
