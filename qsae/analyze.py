@@ -16,6 +16,7 @@ from qsae import console
 from qsae.analysis.feature_data import SampleCodes, TokenTable, layer_features
 from qsae.analysis.frontier import analyze_sweep_member
 from qsae.analysis.layer import (
+    EncodedSample,
     LayerInputs,
     StatisticsSettings,
     analyze_layer,
@@ -23,11 +24,14 @@ from qsae.analysis.layer import (
     rollout_labels,
     sample_rows_of,
 )
+from qsae.analysis.results import LayerAnalysis
+from qsae.analysis.rollout_stats import RolloutPool
 from qsae.config import ReleaseConfig, TrainConfig
 from qsae.encode import EncodeSettings, encoded_features, encoded_layer, encoding_identity
-from qsae.rollout import read_rollouts
+from qsae.rollout import Rollout, read_rollouts
 from qsae.rundir import RunDir
-from qsae.sample import RowRules, check_same_split, load_split, save_selection, trained_selection
+from qsae.sae import TopKSAE
+from qsae.sample import RowRules, RowSelection, check_same_split, load_split, save_selection, trained_selection
 from qsae.store import StoreError, read_manifest, verify_store
 from qsae.streaming import StoreSource
 from qsae.training.trained import TrainedSAE, load_trained
@@ -60,6 +64,24 @@ def check_trained_split(run: RunDir, layers: list[int], rules: RowRules) -> None
     check_same_split(load_split(run), rules, {r.rollout_id: r.question_id for r in read_rollouts(run.rollouts)})
 
 
+def statistics_inputs(selection: RowSelection, rollouts: dict[int, Rollout], release: ReleaseConfig,
+                      seed: int) -> LayerInputs:
+    """What every layer's statistics share: the sampled rows, labelled, and how they resample."""
+    labels = rollout_labels(rollouts, release.unscored_rollouts)
+    return LayerInputs(sample_rows_of(selection, rollouts, labels), rollouts, labels,
+                       StatisticsSettings(release.bootstrap, release.permutations, seed, release.probe_permutations))
+
+
+def sae_statistics(run: RunDir, layer: int, sae: TopKSAE, inputs: LayerInputs, *, revived: int | None = None,
+                   pool: RolloutPool | None = None) -> tuple[LayerAnalysis, EncodedSample]:
+    """Every statistic of `sae` (the run's own, or any other of the store's width) over the layer's
+    sampled rows in the run's store, and the encoded sample they came from; `revived` and `pool` as in
+    analyze_layer."""
+    selection = inputs.rows.selection
+    sample = encode_sample(sae, StoreSource(run.store, layer, selection.rows), selection)
+    return analyze_layer(layer, sae, sample, inputs, revived=revived, pool=pool), sample
+
+
 def analyze_run(run: RunDir, layers: list[int], *, train: TrainConfig, rules: RowRules,
                 release: ReleaseConfig, every_token: EncodeSettings | None = None) -> None:
     """Analyze every layer's trained SAE; refuses SAEs other than `train` asks for, and rules (a
@@ -74,20 +96,16 @@ def analyze_run(run: RunDir, layers: list[int], *, train: TrainConfig, rules: Ro
     identity = None if every_token is None else encoding_identity(run, layers, every_token)
     shutil.rmtree(run.analysis, ignore_errors=True)  # everything after analysis is made afresh
     save_selection(run.selection, selection)
-    labels = rollout_labels(rollouts, release.unscored_rollouts)
-    inputs = LayerInputs(sample_rows_of(selection, rollouts, labels), rollouts, labels,
-                         StatisticsSettings(release.bootstrap, release.permutations, rules.seed,
-                                            release.probe_permutations))
+    inputs = statistics_inputs(selection, rollouts, release, rules.seed)
     tokens = TokenTable({r: x.prompt_token_ids + x.response_token_ids for r, x in rollouts.items()})
     for layer in console.progress(iterable=layers, desc="analyze", unit="layer"):
         sae = trained[layer].sae
-        sample = encode_sample(sae, StoreSource(run.store, layer, selection.rows), selection)
         encoded = None if identity is None else encoded_layer(run, layer, identity)
         if identity is not None and encoded is None:
             raise StoreError(f"the encode pass has not encoded every store shard with layer {layer}'s SAE; run the "
                              "pipeline (or qsae analyze) again to finish it")
-        result = analyze_layer(layer, sae, sample, inputs, revived=trained[layer].history["revived"],
-                               pool=None if encoded is None else encoded.pool)
+        result, sample = sae_statistics(run, layer, sae, inputs, revived=trained[layer].history["revived"],
+                                        pool=None if encoded is None else encoded.pool)
         W_dec = sae.W_dec.detach()
         if encoded is None:
             codes = SampleCodes(sample.values, sample.indices, selection.rollout_id, sample.position)

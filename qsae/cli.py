@@ -1,4 +1,4 @@
-"""Command line: `qsae release|capture|train|analyze|doctor|export` (also `python -m qsae`).
+"""Command line: `qsae release|capture|train|analyze|doctor|export|evaluate` (also `python -m qsae`).
 
 `qsae train`'s SAE flags are made from TrainConfig's fields and their one-line docs, so a flag and
 the setting it sets cannot drift apart.
@@ -212,6 +212,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from qsae.config import load_config
+    from qsae.sae_evaluation import plan_evaluation, run_evaluation
+
+    cfg = load_config(args.config, [*args.overrides, f"out={json.dumps(args.run)}"])  # the run's own config
+    plan = plan_evaluation(cfg, args.sae, args.layer, k=args.k, fidelity=args.fidelity, out=args.out)
+    with plan.run.driver_lock():  # the run's analysis and store stay as they are while read
+        files = run_evaluation(plan)
+    console.say(f"[qsae] evaluated {plan.other.path} at layer {args.layer}: {', '.join(str(p) for p in files)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="qsae", description="Sparse autoencoders for a model's residual stream")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, help="needed only when the file does not record k")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("evaluate", help="another SAE's release statistics on a finished run's rows, beside its own")
+    v.add_argument("--sae", required=True, help="a SAELens or sparsify SAE directory, or an SAE file qsae writes")
+    v.add_argument("--layer", type=int, required=True, help="the run's layer the SAE reads")
+    v.add_argument("--run", required=True, help="a finished run directory (analyzed and evaluated)")
+    v.add_argument("--out", help="output directory (default: <run>/evaluations/layer=L/<name of the SAE>)")
+    v.add_argument("--k", type=int, help="needed only when the files do not record k")
+    v.add_argument("--no-fidelity", dest="fidelity", action="store_false",
+                   help="skip the fidelity in the model's loss (no model is loaded)")
+    v.add_argument("--config", help="the run's TOML config (default: the embedded tiny.toml)")
+    v.add_argument("overrides", nargs="*", metavar="section.key=value", help="the run's config overrides")
+    v.set_defaults(func=cmd_evaluate)
     return parser
 
 

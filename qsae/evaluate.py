@@ -21,7 +21,6 @@ from qsae.rollout import Rollout, read_rollouts
 from qsae.rundir import RunDir
 from qsae.sae import TopKSAE
 from qsae.sample import RowSelection, load_selection
-from qsae.training.trained import load_trained
 
 
 @dataclass
@@ -56,28 +55,33 @@ def fidelity_rollouts(selection: RowSelection, rollouts: dict[int, Rollout], lim
             for r in ids]
 
 
-def evaluation_inputs(run: RunDir, layers: list[int], *, limit: int | None, n_boot: int,
-                      seed: int) -> EvaluationInputs:
-    """What the evaluation of `layers` reads from the run directory: the trained SAEs (a sweep's too),
-    the analysis' training means, and the held-out rollouts (a seeded sample of `limit` of them)."""
+def evaluation_inputs(run: RunDir, saes: dict[int, TopKSAE], *, limit: int | None, n_boot: int, seed: int,
+                      sweep: dict[int, dict[str, TopKSAE]] | None = None) -> EvaluationInputs:
+    """The evaluation of `saes` (layer -> SAE: the run's own, or any other of the store's width) and of
+    a sweep's others (layer -> shape name -> SAE) with what it reads from the run directory: the
+    analysis' training means, and the held-out rollouts (a seeded sample of `limit` of them)."""
     rollouts = {r.rollout_id: r for r in read_rollouts(run.rollouts)}
-    trained = {layer: load_trained(run, layer) for layer in layers}
     return EvaluationInputs(
-        saes={layer: entry.sae for layer, entry in trained.items()},
-        means={layer: LayerAnalysis.load(run.layer_analysis(layer)).train_mean for layer in layers},
+        saes=saes, means={layer: LayerAnalysis.load(run.layer_analysis(layer)).train_mean for layer in saes},
         rollouts=fidelity_rollouts(load_selection(run.selection), rollouts, limit, seed), n_boot=n_boot, seed=seed,
-        sweep={layer: {m.shape_name: m.sae for m in entry.sweep} for layer, entry in trained.items() if entry.sweep})
+        sweep=sweep or {})
+
+
+@torch.no_grad()
+def evaluate_fidelity(model: nn.Module, inputs: EvaluationInputs) -> dict[int, dict] | None:
+    """The fidelity of every layer's SAE (one clean pass per rollout shared by all layers' variants,
+    a sweep's SAEs spliced in the same passes); None without held-out rollouts."""
+    if not inputs.rollouts:
+        return None
+    return fidelity_of_layers(model, inputs.saes, inputs.means, inputs.rollouts, n_boot=inputs.n_boot,
+                              seed=inputs.seed, sweep=inputs.sweep)
 
 
 @torch.no_grad()
 def evaluate_layers(model: nn.Module, inputs: EvaluationInputs) -> Evaluation:
-    """The logit tables of every layer's decoder, and the fidelity of every layer's SAE (one clean pass
-    per rollout shared by all layers' variants)."""
+    """The logit tables of every layer's decoder, and the fidelity of every layer's SAE."""
     logits = decoder_logits(model, {layer: sae.W_dec for layer, sae in inputs.saes.items()})
-    if not inputs.rollouts:
-        return Evaluation(None, logits)
-    return Evaluation(fidelity_of_layers(model, inputs.saes, inputs.means, inputs.rollouts, n_boot=inputs.n_boot,
-                                         seed=inputs.seed, sweep=inputs.sweep), logits)
+    return Evaluation(evaluate_fidelity(model, inputs), logits)
 
 
 def save_evaluation(run: RunDir, evaluations: list[Evaluation]) -> None:

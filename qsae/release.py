@@ -188,12 +188,7 @@ def write_data_files(staging: Path, record: RunRecord, run: RunDir, release: Rel
                    "rollout_id": first.rollout_ids.astype(np.int64), "label": first.rollout_labels},
                   str(staging / "rollout_features.safetensors"))
         names.append("rollout_features.safetensors")
-    write_json(staging / "feature_stats.json", {
-        "rows": "token-level statistics over the rows of activations.safetensors / labels.npy (labelled rows "
-                "only for AUROC); rollout-level ones over the labelled rollouts of rollout_features.safetensors",
-        "healthy_range": list(HEALTHY_RANGE),
-        "layers": {str(layer): a.feature_stats for layer, a in record.analyses.items()},
-    })
+    write_json(staging / "feature_stats.json", feature_stats_file(record.analyses))
     names.append("feature_stats.json")
     if record.fidelity is not None:
         sweep = {str(layer): shapes for layer, shapes in record.sweep_fidelity.items()}
@@ -202,6 +197,21 @@ def write_data_files(staging: Path, record: RunRecord, run: RunDir, release: Rel
                                                **({"sweep": sweep} if sweep else {})})
         names.append("fidelity.json")
     return names
+
+
+def feature_stats_file(analyses: dict[int, LayerAnalysis]) -> dict:
+    """feature_stats.json: each layer's per-feature statistics."""
+    return {
+        "rows": "token-level statistics over the rows of activations.safetensors / labels.npy (labelled rows "
+                "only for AUROC); rollout-level ones over the labelled rollouts of rollout_features.safetensors",
+        "healthy_range": list(HEALTHY_RANGE),
+        "layers": {str(layer): a.feature_stats for layer, a in analyses.items()},
+    }
+
+
+def layer_summary(analysis: LayerAnalysis, fidelity: dict | None) -> dict:
+    """A layer's entry in final_summary.json: its headline statistics and fidelity (None: not computed)."""
+    return {**analysis.summary, "fidelity": fidelity}
 
 
 def sample_residuals(run: RunDir, layer: int, selection: RowSelection) -> np.ndarray:
@@ -213,7 +223,7 @@ def sample_residuals(run: RunDir, layer: int, selection: RowSelection) -> np.nda
 def final_summary(record: RunRecord, release: ReleaseConfig) -> dict:
     fidelity = record.fidelity
     return {
-        "layers": {str(layer): {**a.summary, "fidelity": None if fidelity is None else fidelity[layer]}
+        "layers": {str(layer): layer_summary(a, None if fidelity is None else fidelity[layer])
                    for layer, a in record.analyses.items()},
         "variance_explained_formula": VE_FORMULA,
         "rollouts": outcome_counts(record.rollouts, release.unscored_rollouts),

@@ -18,6 +18,7 @@ here and writes what the next reads; this is the one place that knows where.
       analysis/logits/layer=<L>.*    the decoder directions' logit tables (qsae.evaluate)
       analysis/causal.json           the causal check (qsae.causal)
       release/                       the release (qsae.release), swapped in whole
+      evaluations/layer=<L>/<name>/  another SAE's statistics on the same rows (qsae evaluate)
 """
 from __future__ import annotations
 
@@ -120,6 +121,9 @@ class RunDir:
     @property
     def release(self) -> Path:
         return self.root / "release"
+
+    def evaluation(self, layer: int, name: str) -> Path:
+        return self.root / "evaluations" / f"layer={layer}" / name
 
     def new_release_staging(self) -> Path:
         """A fresh folder to assemble the release in, after removing what a killed run left."""

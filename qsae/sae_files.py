@@ -39,6 +39,41 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+# Names of the residual stream after block L (what qsae's layer L holds): SAELens's (TransformerLens's)
+# resid_post of block L, equal to resid_pre of block L + 1; and the output of a `layers.L` module,
+# the naming of transformers' modules and of sparsify's hookpoints (e.g. `model.layers.L`).
+RESIDUAL_HOOKS = ((re.compile(r"blocks\.(\d+)\.hook_resid_post"), 0), (re.compile(r"blocks\.(\d+)\.hook_resid_pre"), -1),
+                  (re.compile(r"(?:[\w.]+\.)?layers\.(\d+)"), 0))
+
+
+def hook_layer(hook: str) -> int | None:
+    """The layer whose residual-stream output `hook` names (RESIDUAL_HOOKS), or None where it names
+    another point (an MLP's or attention's output, the embeddings)."""
+    for pattern, shift in RESIDUAL_HOOKS:
+        if match := pattern.fullmatch(hook):
+            layer = int(match.group(1)) + shift
+            return layer if layer >= 0 else None
+    return None
+
+
+def recorded_hook(path: str | Path) -> str | None:
+    """The hook point an SAE's files name: a SAELens cfg's hook_name (6.x: in its metadata), a
+    sparsify layer directory's own name (its hookpoint), qsae's .safetensors metadata or .pt file
+    name; None where they name none. For files load_sae has read."""
+    path = Path(path)
+    path = path.parent if path.name == SAELENS_CFG else path
+    if path.is_dir() and (path / SAELENS_WEIGHTS).is_file():
+        cfg = json.loads((path / SAELENS_CFG).read_text())
+        return (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    if path.is_dir():
+        return path.name
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("hook_name")
+    match = re.fullmatch(r"sae_L(\d+)_n\d+_k\d+", path.stem)
+    return hook_name(int(match.group(1))) if match else None
+
+
 def weights_stem(layer: int, n_features: int, k: int) -> str:
     return f"sae_L{layer}_n{n_features}_k{k}"
 
@@ -214,6 +249,7 @@ def _read_dir(path: Path) -> tuple[dict[str, Tensor], int | None, str]:
         raise ValueError(f"{cfg_path} holds a {type(cfg).__name__}, not an SAE config object")
     if (path / SAELENS_WEIGHTS).is_file():
         tensors, _ = _read_safetensors(path / SAELENS_WEIGHTS)
+        _check_saelens_cfg(cfg_path, cfg, tensors)
         if cfg.get("architecture") == "topk":
             return tensors, stored_k(cfg.get("k"), cfg_path), "topk"
         if cfg.get("architecture") == "jumprelu" and THRESHOLD in tensors:
@@ -229,8 +265,36 @@ def _read_dir(path: Path) -> tuple[dict[str, Tensor], int | None, str]:
             raise ValueError(f"{path / SPARSIFY_WEIGHTS} lacks tensors {sorted(missing)}")
         tensors = {"W_enc": raw["encoder.weight"].T, "b_enc": raw["encoder.bias"],
                    "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
+        _check_widths(cfg_path, tensors, d_in=cfg.get("d_in"), n_features=cfg.get("num_latents") or None)
         return tensors, stored_k(cfg.get("k"), cfg_path), "topk"
     raise ValueError(f"{path} has neither {SAELENS_WEIGHTS} (SAELens) nor {SPARSIFY_WEIGHTS} (sparsify)")
+
+
+# SAELens cfg settings that change what the encoder computes, and the values that leave it qsae's
+# (x - b_dec) @ W_enc + b_enc on raw residuals; any other value would be evaluated as another SAE.
+SAELENS_PLAIN = {"apply_b_dec_to_input": (True,), "normalize_activations": (None, "none"),
+                 "reshape_activations": (None, "none"), "rescale_acts_by_decoder_norm": (None, False),
+                 "hook_head_index": (None,)}
+
+
+def _check_saelens_cfg(cfg_path: Path, cfg: dict, tensors: dict[str, Tensor]) -> None:
+    """Refuse a SAELens cfg whose encoder qsae does not compute (SAELENS_PLAIN), or whose widths are
+    not its tensors'."""
+    other = [f"{key} = {cfg[key]!r}" for key, plain in SAELENS_PLAIN.items() if key in cfg and cfg[key] not in plain]
+    if other:
+        raise ValueError(f"{cfg_path}: {', '.join(other)}: qsae encodes raw residuals as (x - b_dec) @ W_enc + b_enc "
+                         "and supports no other input handling")
+    _check_widths(cfg_path, tensors, d_in=cfg.get("d_in"), n_features=cfg.get("d_sae"))
+
+
+def _check_widths(cfg_path: Path, tensors: dict[str, Tensor], *, d_in, n_features) -> None:
+    """The widths a cfg records (None: not recorded) are those of its encoder [d_in, n]."""
+    W_enc = tensors.get("W_enc")
+    if W_enc is None or W_enc.ndim != 2:
+        return  # from_tensors names what is missing or misshapen
+    for name, recorded, actual in (("d_in", d_in, W_enc.shape[0]), ("the latents", n_features, W_enc.shape[1])):
+        if recorded is not None and recorded != actual:
+            raise ValueError(f"{cfg_path} gives {name} as {recorded!r}, but the encoder's weights have {actual}")
 
 
 def _saelens_batchtopk(cfg_path: Path, cfg: dict, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], int | None, str]:

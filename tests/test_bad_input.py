@@ -592,6 +592,86 @@ def test_an_output_directory_that_cannot_be_made_is_refused_before_work(capsys, 
 
 
 # ---------------------------------------------------------------------------------------------
+# `qsae evaluate`: an SAE that does not fit the run, or files qsae cannot read as one, refused before
+# a row is read or the model loaded. The run: a store's manifest of layers 3, 7, 11 at d_model 64.
+
+RUN_LAYERS, RUN_D_MODEL = [3, 7, 11], 64
+
+
+def evaluate_args(root: Path, sae, *extra, layer: int = 7) -> list[str]:
+    return ["evaluate", "--sae", str(sae), "--layer", str(layer), "--run", str(root / "run"), *map(str, extra)]
+
+
+def saelens_sae(root: Path, *, d_in: int = RUN_D_MODEL, hook: str = "blocks.7.hook_resid_post", sae=None,
+                **cfg) -> Path:
+    """A SAELens folder of a small SAE (TopK unless `sae`), its cfg.json's keys replaced by `cfg`."""
+    folder = save_sae(sae or TopKSAE(d_in, 32, 4), root / "sae", 7, hook)["saelens"]
+    saved = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**saved, **cfg}))
+    return folder
+
+
+def thresholds_per_latent(root: Path) -> Path:
+    """A SAELens JumpReLU folder whose latents have thresholds of their own (not a BatchTopK SAE)."""
+    from safetensors.torch import load_file
+
+    from qsae.sae import BatchTopKSAE
+
+    folder = saelens_sae(root, sae=BatchTopKSAE(RUN_D_MODEL, 32, 4))
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
+    save_file({**tensors, "threshold": torch.linspace(0.1, 1.0, 32)}, str(folder / "sae_weights.safetensors"))
+    return folder
+
+
+def without_weights(root: Path) -> Path:
+    folder = saelens_sae(root)
+    (folder / "sae_weights.safetensors").unlink()
+    return folder
+
+
+EVALUATE_CASES = {
+    "evaluate SAE missing": (lambda r: evaluate_args(r, r / "absent"), "no SAE at"),
+    "evaluate SAELens weights missing": (
+        lambda r: evaluate_args(r, without_weights(r)),
+        "has neither sae_weights.safetensors (SAELens) nor sae.safetensors (sparsify)"),
+    "evaluate SAE of another width than the run": (
+        lambda r: evaluate_args(r, saelens_sae(r, d_in=D)), "the SAE's d_in is 8, but the run's residuals have d_model 64"),
+    "evaluate SAE hook of a layer not captured": (
+        lambda r: evaluate_args(r, saelens_sae(r, hook="blocks.5.hook_resid_post"), layer=5),
+        "layer 5 is not a captured layer of the run (it captured 3, 7, 11)"),
+    "evaluate SAE hook of another layer": (
+        lambda r: evaluate_args(r, saelens_sae(r, hook="blocks.3.hook_resid_post")),
+        "hook 'blocks.3.hook_resid_post' is layer 3's residual stream, not --layer 7's"),
+    "evaluate SAE hook off the residual stream": (
+        lambda r: evaluate_args(r, saelens_sae(r, hook="blocks.7.hook_mlp_out")),
+        "hook 'blocks.7.hook_mlp_out' is not the residual stream after a block"),
+    "evaluate SAE of an unsupported architecture": (
+        lambda r: evaluate_args(r, saelens_sae(r, architecture="standard")),
+        "architecture 'standard' is neither 'topk' nor 'jumprelu'"),
+    "evaluate JumpReLU SAE with a threshold per latent": (
+        lambda r: evaluate_args(r, thresholds_per_latent(r)), "the JumpReLU thresholds differ between latents"),
+    "evaluate SAELens SAE that normalizes its input": (
+        lambda r: evaluate_args(r, saelens_sae(r, normalize_activations="expected_average_only_in")),
+        "normalize_activations = 'expected_average_only_in': qsae encodes raw residuals"),
+    "evaluate SAELens cfg width not its weights'": (
+        lambda r: evaluate_args(r, saelens_sae(r, d_sae=99)), "gives the latents as 99, but the encoder's weights have 32"),
+    "evaluate k above the SAE's width": (lambda r: evaluate_args(r, saelens_sae(r), "--k", 40), "k=40 exceeds n_features=32"),
+    "evaluate run directory without a store": (
+        lambda r: evaluate_args(r, saelens_sae(r), "--run", r / "sae"), "no activation store at"),
+}
+
+
+@pytest.mark.parametrize("name", list(EVALUATE_CASES))
+def test_a_bad_sae_or_run_for_evaluate_is_refused_before_a_row_is_read(capsys, tmp_path, name):
+    make, problem = EVALUATE_CASES[name]
+    write_manifest(tmp_path / "run" / "activations", new_manifest("tiny", None, RUN_LAYERS, RUN_D_MODEL, dtype="float32"))
+    argv = make(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert_fails_cleanly(capsys, main(argv), problem)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+# ---------------------------------------------------------------------------------------------
 # A store whose bytes changed since capture: 8 KB of a shard zeroed, its length unchanged, so the Arrow
 # reader and the row count pass; only the checksum the manifest records tells (qsae.store.verify_store).
 
@@ -675,7 +755,7 @@ def readme_cases() -> set[str]:
 
 def test_readme_lists_every_bad_input_case():
     # The last ones are tested where they happen: argparse above, Ray's resources in test_pipeline.py.
-    cases = set(DRIVER_CASES) | set(TRAIN_CASES) | {"any config value it cannot take", "output directory unusable",
+    cases = set(DRIVER_CASES) | set(TRAIN_CASES) | set(EVALUATE_CASES) | {"any config value it cannot take", "output directory unusable",
                                                     "command-line arguments wrong", "a Ray request no node can hold",
                                                     "run directory in use by another driver",
                                                     "encode pass against a store of another model",

@@ -249,9 +249,10 @@ def training_direction(sample: EncodedSample, inputs: LayerInputs, heldout: set[
 
 
 def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, inputs: LayerInputs, *,
-                  revived: int = 0, pool: rollout_stats.RolloutPool | None = None) -> LayerAnalysis:
+                  revived: int | None = 0, pool: rollout_stats.RolloutPool | None = None) -> LayerAnalysis:
     """Every statistic of one layer's SAE (what each feature looks like: feature_data, added after);
-    the rollout-level ones from `pool` (the encode pass's) where given."""
+    the rollout-level ones from `pool` (the encode pass's) where given. `revived`: latents training
+    revived, None where unknown (an SAE trained elsewhere)."""
     rows = inputs.rows
     values, indices = sample.values, sample.indices
     rates = fire_rates(indices, values, sae.n_features)
@@ -266,7 +267,7 @@ def analyze_layer(layer: int, sae: TopKSAE, sample: EncodedSample, inputs: Layer
         "dead_over_tokens": int(len(values)),
         "max_decoder_cosine": cosine,
         "max_decoder_cosine_pair": pair,
-        "revived": int(revived),
+        "revived": None if revived is None else int(revived),
         **architecture_summary(sae, values),
         "train_rows": len(rows.selection.train_rows),
         "heldout_rows": len(rows.selection.heldout_rows),
