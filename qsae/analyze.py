@@ -14,6 +14,7 @@ import shutil
 
 from qsae import console
 from qsae.analysis.feature_data import SampleCodes, TokenTable, layer_features
+from qsae.analysis.frontier import analyze_sweep_member
 from qsae.analysis.layer import (
     EncodedSample,
     LayerInputs,
@@ -119,3 +120,8 @@ def analyze_run(run: RunDir, layers: list[int], *, train: TrainConfig, rules: Ro
                                                width=every_token.width)
         result.save(run.layer_analysis(layer))
         del sample, encoded  # one layer's codes, held-out residuals and pools at a time
+        for member in trained[layer].sweep:  # the frontier: each of the layer's other SAEs on the same rows
+            sample = encode_sample(member.sae, StoreSource(run.store, layer, selection.rows), selection)
+            analyze_sweep_member(member.shape_name, member.sae, sample, inputs).save(
+                run.sweep_analysis(layer, member.shape_name))
+            del sample

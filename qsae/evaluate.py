@@ -6,7 +6,7 @@ and the results go to the run directory (analysis/fidelity.json, analysis/logits
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,13 +26,15 @@ from qsae.sample import RowSelection, load_selection
 @dataclass
 class EvaluationInputs:
     """One group of layers' SAEs, their training means (the mean ablation) and the held-out rollouts
-    the fidelity runs on (none: no fidelity, only the logit tables)."""
+    the fidelity runs on (none: no fidelity, only the logit tables); and each layer's other SAEs of a
+    sweep (shape name -> SAE), whose fidelity is measured in the same passes."""
 
     saes: dict[int, TopKSAE]
     means: dict[int, np.ndarray]
     rollouts: list[RolloutTokens]
     n_boot: int
     seed: int
+    sweep: dict[int, dict[str, TopKSAE]] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,25 +55,26 @@ def fidelity_rollouts(selection: RowSelection, rollouts: dict[int, Rollout], lim
             for r in ids]
 
 
-def evaluation_inputs(run: RunDir, saes: dict[int, TopKSAE], *, limit: int | None, n_boot: int,
-                      seed: int) -> EvaluationInputs:
-    """The evaluation of `saes` (layer -> SAE: the run's own, or any other of the store's width) with
-    what it reads from the run directory: the analysis' training means, and the held-out rollouts (a
-    seeded sample of `limit` of them)."""
+def evaluation_inputs(run: RunDir, saes: dict[int, TopKSAE], *, limit: int | None, n_boot: int, seed: int,
+                      sweep: dict[int, dict[str, TopKSAE]] | None = None) -> EvaluationInputs:
+    """The evaluation of `saes` (layer -> SAE: the run's own, or any other of the store's width) and of
+    a sweep's others (layer -> shape name -> SAE) with what it reads from the run directory: the
+    analysis' training means, and the held-out rollouts (a seeded sample of `limit` of them)."""
     rollouts = {r.rollout_id: r for r in read_rollouts(run.rollouts)}
     return EvaluationInputs(
         saes=saes, means={layer: LayerAnalysis.load(run.layer_analysis(layer)).train_mean for layer in saes},
-        rollouts=fidelity_rollouts(load_selection(run.selection), rollouts, limit, seed), n_boot=n_boot, seed=seed)
+        rollouts=fidelity_rollouts(load_selection(run.selection), rollouts, limit, seed), n_boot=n_boot, seed=seed,
+        sweep=sweep or {})
 
 
 @torch.no_grad()
 def evaluate_fidelity(model: nn.Module, inputs: EvaluationInputs) -> dict[int, dict] | None:
-    """The fidelity of every layer's SAE (one clean pass per rollout shared by all layers' variants);
-    None without held-out rollouts."""
+    """The fidelity of every layer's SAE (one clean pass per rollout shared by all layers' variants,
+    a sweep's SAEs spliced in the same passes); None without held-out rollouts."""
     if not inputs.rollouts:
         return None
     return fidelity_of_layers(model, inputs.saes, inputs.means, inputs.rollouts, n_boot=inputs.n_boot,
-                              seed=inputs.seed)
+                              seed=inputs.seed, sweep=inputs.sweep)
 
 
 @torch.no_grad()
@@ -82,12 +85,15 @@ def evaluate_layers(model: nn.Module, inputs: EvaluationInputs) -> Evaluation:
 
 
 def save_evaluation(run: RunDir, evaluations: list[Evaluation]) -> None:
-    """The groups' results in the run directory: fidelity.json (when computed) and each layer's logit tables."""
+    """The groups' results in the run directory: fidelity.json (when computed; a sweep's SAEs under
+    "sweep", layer -> shape name -> entry) and each layer's logit tables."""
     run.fidelity.unlink(missing_ok=True)
-    fidelity = {layer: entry for e in evaluations for layer, entry in (e.fidelity or {}).items()}
+    fidelity = {layer: dict(entry) for e in evaluations for layer, entry in (e.fidelity or {}).items()}
+    sweep = {str(layer): fidelity[layer].pop("sweep") for layer in sorted(fidelity) if "sweep" in fidelity[layer]}
     if any(e.fidelity is not None for e in evaluations):
         atomic_write_json(run.fidelity, {"definition": FIDELITY_DEFINITION,
-                                         "layers": {str(layer): fidelity[layer] for layer in sorted(fidelity)}})
+                                         "layers": {str(layer): fidelity[layer] for layer in sorted(fidelity)},
+                                         **({"sweep": sweep} if sweep else {})})
     for e in evaluations:
         for layer, tables in e.logits.items():
             tensors = {name: t.contiguous() for name, t in tables.items()}
@@ -99,6 +105,13 @@ def load_fidelity(run: RunDir) -> dict[int, dict] | None:
     if not run.fidelity.exists():
         return None
     return {int(layer): entry for layer, entry in json.loads(run.fidelity.read_text())["layers"].items()}
+
+
+def load_sweep_fidelity(run: RunDir) -> dict[int, dict[str, dict]]:
+    """Each layer's sweep SAEs' fidelity entries by shape name (empty where not computed)."""
+    if not run.fidelity.exists():
+        return {}
+    return {int(layer): shapes for layer, shapes in json.loads(run.fidelity.read_text()).get("sweep", {}).items()}
 
 
 def load_logits(run: RunDir, layer: int) -> dict[str, list] | None:

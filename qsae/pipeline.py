@@ -254,10 +254,15 @@ def after_analysis(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stag
 
 
 def evaluate(cfg: PipelineConfig, plan: RunPlan, run: RunDir, tasks: ModelTasks) -> None:
-    """Each group of layers (one per capture replica at most) evaluated by a task of its own."""
-    inputs = [evaluation_inputs(run, {layer: load_trained(run, layer).sae for layer in group},
+    """Each group of layers (one per capture replica at most) evaluated by a task of its own, a sweep's
+    SAEs with their layer."""
+    trained = {layer: load_trained(run, layer) for layer in plan.layers}
+    inputs = [evaluation_inputs(run, {layer: trained[layer].sae for layer in group},
                                 limit=cfg.release.fidelity_rollouts, n_boot=cfg.release.bootstrap,
-                                seed=cfg.train.split_seed) for group in deal(plan.layers, cfg.capture.num_actors)]
+                                seed=cfg.train.split_seed,
+                                sweep={layer: {m.shape_name: m.sae for m in trained[layer].sweep}
+                                       for layer in group if trained[layer].sweep})
+              for group in deal(plan.layers, cfg.capture.num_actors)]
     save_evaluation(run, tasks.evaluate(inputs))
 
 

@@ -22,12 +22,13 @@ import qsae
 from qsae.analysis import card, charts, ecosystem
 from qsae.analysis.facts import ReleaseFacts
 from qsae.analysis.features import HEALTHY_RANGE
+from qsae.analysis.frontier import FRONTIER_DEFINITION, SweepAnalysis, layer_frontier
 from qsae.analysis.layer import rollout_labels
 from qsae.analysis.model_loss import FIDELITY_DEFINITION
 from qsae.analysis.results import LayerAnalysis
 from qsae.browser import BLOCK_SIZE, LayerPages, write_assets, write_data
 from qsae.config import ReleaseConfig
-from qsae.evaluate import load_fidelity, load_logits
+from qsae.evaluate import load_fidelity, load_logits, load_sweep_fidelity
 from qsae.files import replace_directory
 from qsae.questions import OUTCOMES
 from qsae.rollout import Rollout, read_rollouts
@@ -36,8 +37,9 @@ from qsae.sae_files import hook_name, save_sae
 from qsae.sample import RowSelection, load_selection, load_split
 from qsae.store import KeptPositions, read_manifest
 from qsae.streaming import StoreSource
-from qsae.training.trained import SWEEP, TrainedSAE, load_trained
+from qsae.training.trained import SWEEP, TrainedSAE, load_trained, sweep_member_name
 
+FRONTIER_JSON = "frontier.json"
 VE_FORMULA = "1 - sum_rows ||x - x_hat||^2 / sum_rows ||x - mean(x)||^2 (pooled over held-out rows, float64)"
 
 
@@ -65,6 +67,8 @@ class RunRecord:
     logits: dict[int, dict | None]  # the decoder directions' logit tables, None where not computed
     causal: dict | None
     timings: dict[str, float]
+    sweep: dict[int, dict[str, SweepAnalysis]]  # each layer's other SAEs (train.sweep) by shape name
+    sweep_fidelity: dict[int, dict[str, dict]]
 
     @property
     def layers(self) -> list[int]:
@@ -74,13 +78,17 @@ class RunRecord:
 def read_run(run: RunDir) -> RunRecord:
     manifest = read_manifest(run.store)
     layers = manifest["layers"]
+    trained = {layer: load_trained(run, layer) for layer in layers}
     return RunRecord(
         manifest=manifest, rollouts={r.rollout_id: r for r in read_rollouts(run.rollouts)},
         selection=load_selection(run.selection), split_rules=load_split(run).to_json()["rules"],
-        trained={layer: load_trained(run, layer) for layer in layers},
+        trained=trained,
         analyses={layer: LayerAnalysis.load(run.layer_analysis(layer)) for layer in layers},
-        fidelity=load_fidelity(run), logits={layer: load_logits(run, layer) for layer in layers}, causal=json.loads(run.causal.read_text()) if run.causal.exists() else None,
-        timings=run.read_timings())
+        fidelity=load_fidelity(run), logits={layer: load_logits(run, layer) for layer in layers},
+        causal=json.loads(run.causal.read_text()) if run.causal.exists() else None, timings=run.read_timings(),
+        sweep={layer: {m.shape_name: SweepAnalysis.load(run.sweep_analysis(layer, m.shape_name)) for m in t.sweep}
+               for layer, t in trained.items() if t.sweep},
+        sweep_fidelity=load_sweep_fidelity(run))
 
 
 def build_release(run: RunDir, settings: ReleaseSettings, token_text: Callable[[int], str]) -> Path:
@@ -95,13 +103,22 @@ def build_release(run: RunDir, settings: ReleaseSettings, token_text: Callable[[
             files.append("causal.json")
         files += write_data_files(staging, record, run, settings.release)
         chart_files = write_charts(staging, record)
+        frontier = layer_frontiers(record)
+        if frontier:
+            write_json(staging / FRONTIER_JSON, {"definition": FRONTIER_DEFINITION,
+                                                 "layers": {str(layer): points for layer, points in frontier.items()}})
+            files.append(FRONTIER_JSON)
+            chart_files += [charts.plot_frontier(points, staging / charts.frontier_png(layer)).name
+                            for layer, points in frontier.items()]
         write_json(staging / "final_summary.json", final_summary(record, settings.release))
         files.append("final_summary.json")
         facts = release_facts(record, settings, files, chart_files)
+        facts.frontier = {str(layer): points for layer, points in frontier.items()} or None
         files += write_feature_pages(staging, facts, record, token_text=token_text, release=settings.release)
         saes = {layer: trained.sae for layer, trained in record.trained.items()}
         files += [p.relative_to(staging).as_posix() for p in
-                  ecosystem.write_saebench(staging / "saebench", facts, record.analyses, saes)]
+                  ecosystem.write_saebench(staging / "saebench", facts, record.analyses, saes,
+                                           sweep=sweep_saebench_inputs(record))]
         facts.files = files + ["README.md"]
         (staging / "README.md").write_text(card.render_model_card(facts))
         replace_directory(staging, run.release)
@@ -120,6 +137,27 @@ def write_saes(staging: Path, record: RunRecord) -> list[str]:
             paths = save_sae(sae, folder, layer, hook_name(layer))
             files += [p.relative_to(staging).as_posix() for p in paths.values()]
     return files
+
+
+def layer_frontiers(record: RunRecord) -> dict[int, list[dict]]:
+    """Each swept layer's frontier: its selected SAE and the sweep's others, on the same rows and rollouts."""
+    frontiers = {}
+    for layer, members in record.sweep.items():
+        sae, analysis = record.trained[layer].sae, record.analyses[layer]
+        selected = (sweep_member_name(sae.n_features, sae.k),
+                    {**analysis.summary, "n_features": sae.n_features, "k": sae.k},
+                    None if record.fidelity is None else record.fidelity[layer])
+        fidelity = record.sweep_fidelity.get(layer, {})
+        frontiers[layer] = layer_frontier(layer, selected, {shape: (m.summary, fidelity.get(shape))
+                                                     for shape, m in members.items()})
+    return frontiers
+
+
+def sweep_saebench_inputs(record: RunRecord) -> dict[int, list[tuple[object, SweepAnalysis, dict | None]]]:
+    """Each layer's sweep SAEs with their analysis and fidelity entry, for their SAEBench files."""
+    return {layer: [(m.sae, record.sweep[layer][m.shape_name],
+                     record.sweep_fidelity.get(layer, {}).get(m.shape_name)) for m in record.trained[layer].sweep]
+            for layer in record.sweep}
 
 
 def outcome_counts(rollouts: dict[int, Rollout], unscored: str) -> dict:
@@ -153,8 +191,10 @@ def write_data_files(staging: Path, record: RunRecord, run: RunDir, release: Rel
     write_json(staging / "feature_stats.json", feature_stats_file(record.analyses))
     names.append("feature_stats.json")
     if record.fidelity is not None:
+        sweep = {str(layer): shapes for layer, shapes in record.sweep_fidelity.items()}
         write_json(staging / "fidelity.json", {"definition": FIDELITY_DEFINITION,
-                                               "layers": {str(layer): record.fidelity[layer] for layer in record.layers}})
+                                               "layers": {str(layer): record.fidelity[layer] for layer in record.layers},
+                                               **({"sweep": sweep} if sweep else {})})
         names.append("fidelity.json")
     return names
 
@@ -262,7 +302,7 @@ def browser_front_page(facts: ReleaseFacts, record: RunRecord, chart_paths: list
             "key_numbers": [{"label": label, "value": value} for label, value in key_numbers],
             "per_layer": per_layer,
             "charts": [{"file": c, "title": Path(c).stem.replace("_", " ")} for c in chart_paths],
-            "block_size": BLOCK_SIZE}
+            "frontier": facts.frontier, "block_size": BLOCK_SIZE}
 
 
 def write_json(path: Path, obj: dict) -> None:

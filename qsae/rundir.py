@@ -103,6 +103,10 @@ class RunDir:
     def layer_analysis(self, layer: int) -> Path:
         return self.analysis / f"layer={layer}"
 
+    def sweep_analysis(self, layer: int, shape: str) -> Path:
+        """A sweep SAE's analysis (qsae.analysis.frontier), shape n=<n>-k=<k>."""
+        return self.layer_analysis(layer) / "sweep" / shape
+
     @property
     def fidelity(self) -> Path:
         return self.analysis / "fidelity.json"

@@ -19,7 +19,7 @@ from qsae.rundir import RunDir
 from qsae.sample import RowRules, plan_split, training_rows
 from qsae.store import write_manifest
 from qsae.streaming import StoreSource
-from qsae.training.loop import train_sae
+from qsae.training.loop import train_saes
 from qsae.training.trained import TrainedSAE, load_trained, recipe_settings, save_trained
 
 
@@ -72,6 +72,8 @@ def encode(cfg: PipelineConfig, plan: RunPlan, run: RunDir, replica: Replica) ->
 def train(cfg: PipelineConfig, plan: RunPlan, run: RunDir) -> None:
     plan_split(run, plan.layers, RowRules.from_config(cfg))
     rows = training_rows(run, plan.layers)
+    trainers = cfg.train.trainers()  # the configured SAE, then a sweep's others
     for layer in plan.layers:
-        sae, history = train_sae(StoreSource(run.store, layer, rows), cfg.train.trainer())
-        save_trained(run, layer, TrainedSAE(sae, history, recipe_settings(cfg.train.trainer())))
+        (sae, history), *others = train_saes(StoreSource(run.store, layer, rows), trainers)
+        sweep = [TrainedSAE(s, h, recipe_settings(t)) for (s, h), t in zip(others, trainers[1:])]
+        save_trained(run, layer, TrainedSAE(sae, history, recipe_settings(trainers[0]), sweep=sweep))

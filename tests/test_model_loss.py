@@ -15,6 +15,7 @@ from qsae.analysis.model_loss import (
     LossTable,
     RolloutTokens,
     _splice,
+    fidelity_of_layers,
     fidelity_variants,
     layer_fidelity,
     rollout_losses,
@@ -135,6 +136,34 @@ def test_replacements_equal_an_independent_hook(lm):
     assert set(entry) == FIDELITY_KEYS
     assert entry["delta_ce"] > 0 and entry["n_tokens"] == 2 * (RESPONSE_TOKENS - 1) and entry["n_rollouts"] == 2
     json.dumps(entry)
+
+
+def test_a_sweeps_saes_are_scored_in_the_same_passes_against_the_layers_ablations(dense):
+    """train.sweep: each other SAE of the layer is spliced in the same passes; its CE and KL per token
+    pooled over the rollouts equal the model's forward with a hook written here, and the zero and mean
+    ablations it is compared with are the layer's own."""
+    model, tokenizer = dense
+    torch.manual_seed(1)
+    width = d_model(model)
+    main, wide = TopKSAE(width, 2 * width, k=4), TopKSAE(width, 8 * width, k=16)
+    mean = np.zeros(width)
+    rollouts = make_rollouts(tokenizer)
+    entries = fidelity_of_layers(model, {LAYER: main}, {LAYER: mean}, rollouts, n_boot=20, seed=0,
+                                 sweep={LAYER: {"n=512-k=16": wide}})
+    entry, member = entries[LAYER], entries[LAYER]["sweep"]["n=512-k=16"]
+    assert set(member) == FIDELITY_KEYS and "sweep" not in member
+    ce = kl = tokens = 0.0
+    for rollout in rollouts:
+        clean, logits = reference_logits(model, rollout), reference_logits(model, rollout, wide)
+        ce += F.cross_entropy(logits, targets(rollout), reduction="sum").item()
+        kl += reference_kl(clean, logits)
+        tokens += len(targets(rollout))
+    assert member["ce_spliced"] == pytest.approx(ce / tokens, rel=1e-5)
+    assert member["kl"] == pytest.approx(kl / tokens, rel=1e-4)
+    assert (member["ce_zero"], member["ce_mean"], member["ce_clean"]) == (entry["ce_zero"], entry["ce_mean"],
+                                                                         entry["ce_clean"])
+    assert member["ce_spliced"] != entry["ce_spliced"]
+    assert member["delta_ce_ci"][0] <= member["delta_ce"] <= member["delta_ce_ci"][1]
 
 
 def test_positions_outside_the_splice_set_keep_their_output(tiny):

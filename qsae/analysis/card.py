@@ -406,6 +406,28 @@ def _reconstruction(info: ReleaseFacts, per_layer: dict[str, dict]) -> str:
     return "\n\n".join(parts)
 
 
+def _frontier(info: ReleaseFacts) -> str:
+    """Each layer's SAEs of the sweep against their L0 (frontier.json), and which one the rest of the card uses."""
+    parts = [f"Each layer's SAEs were trained together on the same batches (train.sweep) and measured on the same "
+             f"held-out rows and rollouts. The statistics above and below, the feature browser and the top-level "
+             f"weight files are those of the selected SAE, the configured n_features = {info.n_features:,}, "
+             f"k = {info.k} (train.n_features, train.k); the others are under `sweep/n=<n>-k=<k>/` in every format, "
+             f"with their SAEBench core files under `saebench/sweep/`. FVU is 1 - variance explained."]
+    header = ["SAE", "n", "k", "L0", f"FVU [{COVERAGE} CI]", f"ΔCE [{COVERAGE} CI]", f"KL [{COVERAGE} CI]",
+              "CE loss recovered"]
+    for layer in info.layers:
+        points = (info.frontier or {}).get(str(layer))
+        if not points:
+            continue
+        rows = [[p["sae"] + (" (selected)" if p["selected"] else ""), f"{p['n_features']:,}", p["k"], f"{p['l0']:.1f}",
+                 f"{p['fvu']:.3f} {_ci(p['fvu_ci'])}",
+                 NA if p["delta_ce"] is None else f"{p['delta_ce']:.4f} {_ci(p['delta_ce_ci'], '.4f')}",
+                 NA if p["kl"] is None else f"{p['kl']:.4f} {_ci(p['kl_ci'], '.4f')}", _num(p["ce_loss_recovered"])]
+                for p in points]
+        parts += [f"Layer {layer}:", _table(header, rows)]
+    return "\n\n".join(parts)
+
+
 CEILING_RECOVERED = 0.99  # CE loss recovered above this no longer separates reconstructions
 
 
@@ -643,6 +665,7 @@ def render_model_card(info: ReleaseFacts) -> str:
         "## Data, labels and rows\n\n" + _data(info),
         "## Definitions\n\n" + _definitions(info),
         "## Reconstruction and fidelity in the model's loss\n\n" + _reconstruction(info, per_layer),
+        *(["## The sweep: reconstruction and fidelity against L0\n\n" + _frontier(info)] if info.frontier else []),
         "## Feature health\n\n" + _health(info, per_layer),
         "## Correctness statistics\n\n" + _correctness(info, per_layer),
         "## Causal check\n\n" + _causal(info),

@@ -196,3 +196,39 @@ def plot_causal(arms_by_layer: dict[int, list[dict]], path: str | Path) -> Path:
                      fontsize=8)
     fig.tight_layout()
     return _save(fig, path, CAUSAL_PNG)
+
+
+FRONTIER_METRICS = (("fvu", "FVU (held-out rows)"), ("delta_ce", "ΔCE, nats/token"), ("kl", "KL(clean ‖ spliced), nats"))
+
+
+def frontier_png(layer: int) -> str:
+    return f"07_frontier_layer{layer}.png"
+
+
+def plot_frontier(points: list[dict], path: str | Path) -> Path:
+    """One layer's SAEs (frontier points): each metric against L0, one line per width, the selected SAE
+    ringed; intervals as whiskers where there are some, a metric's panel left empty where none has it."""
+    widths = sorted({p["n_features"] for p in points})
+    fig = Figure(figsize=(4 * len(FRONTIER_METRICS), 3.6))
+    for i, (metric, label) in enumerate(FRONTIER_METRICS):
+        ax = fig.add_subplot(1, len(FRONTIER_METRICS), i + 1)
+        for n in widths:
+            line = sorted((p for p in points if p["n_features"] == n and p[metric] is not None), key=lambda p: p["l0"])
+            if not line:
+                continue
+            l0, value = np.array([p["l0"] for p in line]), np.array([p[metric] for p in line])
+            (drawn,) = ax.plot(l0, value, marker="o", label=f"n = {n}")
+            for p in line:
+                if p[f"{metric}_ci"] is not None:
+                    ax.plot([p["l0"]] * 2, p[f"{metric}_ci"], color=drawn.get_color(), linewidth=1)
+                if p["selected"]:
+                    ax.plot([p["l0"]], [p[metric]], marker="o", markersize=12, fillstyle="none", color="black")
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel(label)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"layer {points[0]['layer']}: reconstruction and fidelity against sparsity (ringed: the selected SAE)",
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, frontier_png(points[0]["layer"]))

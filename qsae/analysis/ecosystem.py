@@ -258,33 +258,55 @@ class NeuronpediaLayer:
             "context_tokens_each_side": release.context_tokens, **self.context}, indent=1))
 
 
-def write_saebench(out: Path, info: ReleaseFacts, analyses: dict[int, LayerAnalysis], saes: dict) -> list[Path]:
+def write_saebench(out: Path, info: ReleaseFacts, analyses: dict[int, LayerAnalysis], saes: dict, *,
+                   sweep: dict[int, list] | None = None) -> list[Path]:
     """Each layer's SAEBench core eval output under `out`, from the release's per-layer analysis
-    (statistics and feature data) and fidelity; returns the files."""
+    (statistics and feature data) and fidelity, and each sweep SAE's (layer -> [(sae, SweepAnalysis,
+    fidelity entry)]) under out/sweep/n=<n>-k=<k>/; returns the files."""
     out.mkdir()
     names = []
     for layer, analysis in analyses.items():
-        sae, hook = saes[layer], hook_name(layer)
         entry = None if info.fidelity is None else info.fidelity[str(layer)]
-        config = {"model_name": info.model_id, "llm_dtype": info.model_dtype, "batch_size_prompts": 1,
-                  "n_eval_reconstruction_batches": 0 if entry is None else entry["n_rollouts"],
-                  "n_eval_sparsity_variance_batches": 1, "dataset": str(info.questions["source"]),
-                  "context_size": info.questions["max_new_tokens"], "compute_kl": entry is not None,
-                  "compute_ce_loss": entry is not None, "compute_l2_norms": True, "compute_sparsity_metrics": True,
-                  "compute_variance_metrics": True, "compute_featurewise_density_statistics": True,
-                  "compute_featurewise_weight_based_metrics": True,
-                  "exclude_special_tokens_from_reconstruction": info.exclude_special_tokens, "verbose": False}
         summary = analysis.summary
         extra = {"heldout_tokens": summary["heldout_rows"], "variance_explained_pooled": summary["variance_explained"],
                  "variance_explained_pooled_ci": summary["ve_ci"], "rollout_level": summary["rollout_level"],
                  "token_level": summary["token_level"]}
         features = analysis.features
         core = saebench_core(
-            layer=layer, sae=sae, hook=hook, release_id=sae_set_name(info), metrics=analysis.core_metrics,
-            fidelity=entry, fire_rate=analysis.fire_rate, fire_count=features.fire_count,
-            rollouts_fired=analysis.rollouts_fired, decoder_similar=features.similar[1][:, 0], config=config,
-            extra=extra)
-        name = saebench_file_name(sae_set_name(info), hook)
-        (out / name).write_text(json.dumps(core, indent=1, allow_nan=False))
-        names.append(out / name)
+            layer=layer, sae=saes[layer], hook=hook_name(layer), release_id=sae_set_name(info),
+            metrics=analysis.core_metrics, fidelity=entry, fire_rate=analysis.fire_rate, fire_count=features.fire_count,
+            rollouts_fired=analysis.rollouts_fired, decoder_similar=features.similar[1][:, 0],
+            config=saebench_config(info, entry), extra=extra)
+        names.append(write_core(out, layer, core))
+        for sae, member, member_entry in (sweep or {}).get(layer, []):
+            extra = {"heldout_tokens": summary["heldout_rows"],
+                     "variance_explained_pooled": member.summary["variance_explained"],
+                     "variance_explained_pooled_ci": member.summary["ve_ci"],
+                     "over": "the layer's sampled tokens (feature density, activation heuristic)"}
+            core = saebench_core(
+                layer=layer, sae=sae, hook=hook_name(layer), release_id=f"{sae_set_name(info)}-{member.shape}",
+                metrics=member.core_metrics, fidelity=member_entry, fire_rate=member.fire_rate,
+                fire_count=member.fire_count, rollouts_fired=member.rollouts_fired,
+                decoder_similar=member.decoder_similar, config=saebench_config(info, member_entry), extra=extra)
+            names.append(write_core(out / "sweep" / member.shape, layer, core))
     return names
+
+
+def saebench_config(info: ReleaseFacts, entry: dict | None) -> dict:
+    """SAEBench's eval_config for a layer's SAE whose fidelity entry is `entry` (None: not computed)."""
+    return {"model_name": info.model_id, "llm_dtype": info.model_dtype, "batch_size_prompts": 1,
+            "n_eval_reconstruction_batches": 0 if entry is None else entry["n_rollouts"],
+            "n_eval_sparsity_variance_batches": 1, "dataset": str(info.questions["source"]),
+            "context_size": info.questions["max_new_tokens"], "compute_kl": entry is not None,
+            "compute_ce_loss": entry is not None, "compute_l2_norms": True, "compute_sparsity_metrics": True,
+            "compute_variance_metrics": True, "compute_featurewise_density_statistics": True,
+            "compute_featurewise_weight_based_metrics": True,
+            "exclude_special_tokens_from_reconstruction": info.exclude_special_tokens, "verbose": False}
+
+
+def write_core(out: Path, layer: int, core: dict) -> Path:
+    """One SAEBench core file in `out`, named as SAEBench names it."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / saebench_file_name(core["sae_lens_release_id"], hook_name(layer))
+    path.write_text(json.dumps(core, indent=1, allow_nan=False))
+    return path

@@ -34,6 +34,7 @@ class ReleaseFacts:
     causal: dict | None = None  # causal.json, None where the check was not run
     model_dtype: str = "float32"  # the model's dtype in rollouts and capture
     exclude_special_tokens: bool = True
+    frontier: dict | None = None  # str(layer) -> its SAEs' frontier points (frontier.json), None without a sweep
 
     @classmethod
     def from_dict(cls, data: dict) -> ReleaseFacts:

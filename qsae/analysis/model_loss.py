@@ -37,7 +37,6 @@ from qsae.models import decoder_layers
 # rows [S, d_model] of a layer's output (model dtype) -> replacement rows [S, d_model]
 Replacement = Callable[[Tensor], Tensor]
 VariantKey = tuple[int, str]  # (layer, variant name)
-FIDELITY_VARIANTS = ("spliced", "zero", "mean")  # what layer_fidelity needs for each layer
 
 
 @dataclass
@@ -268,7 +267,7 @@ def pooled(totals: np.ndarray) -> dict[str, np.ndarray]:
 
 def layer_fidelity(
     table: LossTable, layer: int, *, questions: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
-    alpha: float = DEFAULT_ALPHA,
+    alpha: float = DEFAULT_ALPHA, spliced: str = "spliced",
 ) -> dict:
     """The JSON entry of one layer: pooled CE per scored token of each variant, delta_ce,
     ce_loss_recovered and KL(clean || spliced) per token, with intervals over questions.
@@ -278,20 +277,22 @@ def layer_fidelity(
     rollouts of a question are summed together, and the intervals are fidelity.ratio_bootstrap_t's
     studentized bootstrap over those questions. Intervals are None with a single question, and
     ce_loss_recovered and its interval are None where it is undefined (ce_zero == ce_clean).
+    `spliced` names the variant to score (another of the layer's SAEs: train.sweep), against the
+    layer's one zero and mean ablation.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    missing = [name for name in FIDELITY_VARIANTS if (layer, name) not in table.ce]
+    missing = [name for name in (spliced, "zero", "mean") if (layer, name) not in table.ce]
     if missing:
         known = sorted({key[0] for key in table.ce})
         raise ValueError(f"layer {layer} lacks variant(s) {missing} in the loss table (layers with variants: {known})")
     scored = table.n_tokens > 0
     if not scored.any():
         raise ValueError("no scored tokens: every rollout has fewer than one response token after its first")
-    per_rollout = np.stack([table.n_tokens.astype(np.float64), table.ce_clean, table.ce[(layer, "spliced")],
-                            table.ce[(layer, "zero")], table.ce[(layer, "mean")], table.kl[(layer, "spliced")],
+    per_rollout = np.stack([table.n_tokens.astype(np.float64), table.ce_clean, table.ce[(layer, spliced)],
+                            table.ce[(layer, "zero")], table.ce[(layer, "mean")], table.kl[(layer, spliced)],
                             table.kl[(layer, "zero")]], axis=1)[scored]
     _, question = np.unique(table.rollout_ids if questions is None else np.asarray(questions), return_inverse=True)
     question = question.reshape(-1)[scored]
@@ -328,9 +329,24 @@ FIDELITY_DEFINITION = {
 
 
 def fidelity_of_layers(model: nn.Module, saes: dict[int, nn.Module], means: dict[int, np.ndarray],
-                       rollouts: list[RolloutTokens], *, n_boot: int, seed: int) -> dict[int, dict]:
-    """layer_fidelity of every layer's SAE, one clean pass per rollout shared by all layers' variants."""
+                       rollouts: list[RolloutTokens], *, n_boot: int, seed: int,
+                       sweep: dict[int, dict[str, nn.Module]] | None = None) -> dict[int, dict]:
+    """layer_fidelity of every layer's SAE, one clean pass per rollout shared by all layers' variants.
+    A layer's `sweep` SAEs (shape name -> SAE) are spliced in turn in the same passes and scored against
+    the same ablations; their entries go under the layer entry's "sweep"."""
+    sweep = sweep or {}
     variants = {key: fn for layer, sae in saes.items() for key, fn in fidelity_variants(layer, sae, means[layer]).items()}
+    variants.update({(layer, sweep_variant(shape)): sae_replacement(sae)
+                     for layer, members in sweep.items() for shape, sae in members.items()})
     table = rollout_losses(model, rollouts, variants)
     questions = None if any(r.question is None for r in rollouts) else np.array([r.question for r in rollouts])
-    return {layer: layer_fidelity(table, layer, questions=questions, n_boot=n_boot, seed=seed) for layer in saes}
+    entries = {layer: layer_fidelity(table, layer, questions=questions, n_boot=n_boot, seed=seed) for layer in saes}
+    for layer, members in sweep.items():
+        entries[layer]["sweep"] = {shape: layer_fidelity(table, layer, questions=questions, n_boot=n_boot, seed=seed,
+                                                         spliced=sweep_variant(shape)) for shape in members}
+    return entries
+
+
+def sweep_variant(shape: str) -> str:
+    """The variant name of a layer's sweep SAE of shape `shape` spliced in."""
+    return f"spliced {shape}"

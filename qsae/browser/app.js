@@ -154,9 +154,24 @@
       h("h2", {}, "Layers"),
       table({ class: "summary" }, ["Layer", "Variance explained [95% CI]", "L0", "Live / dead",
         "Rollout max |AUROC − null centre|", "Features with q < 0.05"], layers),
+      R.frontier ? frontierTables(R) : null,
       R.charts.length ? h("h2", {}, "Charts") : null,
       h("div", { class: "charts" }, R.charts.map(({ file, title }) =>
         h("figure", { class: "chart" }, h("figcaption", {}, title), h("img", { src: file, alt: title })))));
+  }
+
+  // A sweep's SAEs of each layer against their L0; the selected one is the one the rest shows.
+  function frontierTables(R) {
+    const ci = (v, c, d) => num(v, d) + (c ? ` [${num(c[0], d)}, ${num(c[1], d)}]` : "");
+    return [h("h2", {}, "Each layer's SAEs (sweep)"),
+      h("p", { class: "muted" }, `Measured on the same held-out rows and rollouts; the pages below show the selected SAE (n = ${int(R.n_features)}, k = ${R.k}).`),
+      ...R.layers.filter((L) => R.frontier[L]).map((L) => [h("h3", {}, `Layer ${L}`),
+        table({ class: "frontier", "data-layer": String(L) },
+          ["SAE", "L0", "FVU [95% CI]", "ΔCE, nats [95% CI]", "KL, nats [95% CI]"],
+          R.frontier[L].map((p) => h("tr", { class: p.selected ? "selected" : "" },
+            h("td", {}, p.sae + (p.selected ? " (selected)" : "")), h("td", { class: "num" }, num(p.l0, 1)),
+            h("td", { class: "num" }, ci(p.fvu, p.fvu_ci)), h("td", { class: "num" }, ci(p.delta_ce, p.delta_ce_ci, 4)),
+            h("td", { class: "num" }, ci(p.kl, p.kl_ci, 4)))))])];
   }
 
   // ---------- layer page: the table of live features ----------
