@@ -149,6 +149,15 @@ CONFIG_CASES = [
     ("causal.features=0", "causal.features must be >= 1"),
     ("causal.steer_multiples=[-4.0]", "causal.steer_multiples must be positive numbers"),
     ("causal.questions=0", "causal.questions must be >= 1"),
+    ("autointerp.features=-1", "autointerp.features must be >= 0"),
+    ("autointerp.random_features=-1", "autointerp.random_features must be >= 0"),
+    ("autointerp.features=0 autointerp.random_features=0", "no feature to explain"),
+    ('autointerp.explainer=" /a/model"', "autointerp.explainer has spaces around it"),
+    ("autointerp.examples=0", "autointerp.examples must be >= 1"),
+    ("autointerp.heldout_examples=0", "autointerp.heldout_examples must be >= 1"),
+    ("autointerp.max_new_tokens=0", "autointerp.max_new_tokens must be >= 1"),
+    ("autointerp.batch_size=0", "autointerp.batch_size must be >= 1"),
+    ("autointerp.seed=-1", "autointerp.seed must be >= 0"),
     ('out=""', "out is empty"),
     ("ray_address=somewhere", "Ray address 'somewhere' is not of the form host:port"),
     ("train.epochs=many", "train.epochs expects int, got 'many'"),
@@ -157,7 +166,8 @@ CONFIG_CASES = [
 
 # Fields where any value of the right type is valid (the type itself is checked for every field).
 ANY_VALUE_OF_ITS_TYPE = {"model.revision", "rollout.thinking", "rollout.decode_cuda_graphs", "capture.exclude_special_tokens",
-                         "release.export_activations", "release.every_token", "causal.enabled"}
+                         "release.export_activations", "release.every_token", "causal.enabled",
+                         "autointerp.enabled"}
 
 
 def test_every_config_field_has_a_bad_value_case():
