@@ -1,0 +1,143 @@
+"""autointerp: its statistics against a computation by hand, its prompts and example split, and the
+stage on a small run of the tiny model, whose explanations mean nothing and must score like the null."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from qsae.autointerp import (FeatureCase, Window, assess, choose_features, decoy_marks, detection_prompt,
+                             explain_prompt, fuzzing_prompt, highlight, null_partners, plan_jobs, report,
+                             scoring_items, split_heldout, summarize)
+
+# ---------------------------------------------------------------------------------------------
+# (a) The statistics, against an independent computation
+
+
+def test_assess_matches_balanced_accuracy_and_wilson_by_hand():
+    # 6 positives (4 said yes) and 6 negatives (5 said no): TPR 4/6, TNR 5/6, 9 of 12 right.
+    truth = [1] * 6 + [0] * 6
+    predicted = [1, 1, 0, 1, 0, 1] + [0, 0, 1, 0, 0, 0]
+    score = assess(truth, predicted)
+    assert score["tpr"] == pytest.approx(4 / 6) and score["tnr"] == pytest.approx(5 / 6)
+    assert score["balanced_accuracy"] == pytest.approx((4 / 6 + 5 / 6) / 2)
+    # Wilson's interval of 9 / 12 written out: (p + z^2/2n +- z sqrt(p q / n + z^2 / 4n^2)) / (1 + z^2 / n)
+    z, n, p = 1.959963984540054, 12, 9 / 12
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert score["ci"] == pytest.approx([(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)])
+    assert score["ci"][0] == pytest.approx(0.4677, abs=1e-4) and score["ci"][1] == pytest.approx(0.9111, abs=1e-4)
+    assert (score["n_positive"], score["n_negative"]) == (6, 6)
+
+
+def test_assess_at_chance_always_yes_and_refuses_unequal_classes():
+    always_yes = assess([1, 1, 0, 0], [1, 1, 1, 1])
+    assert always_yes["balanced_accuracy"] == 0.5 and always_yes["tpr"] == 1 and always_yes["tnr"] == 0
+    assert assess([], [])["balanced_accuracy"] is None
+    with pytest.raises(ValueError, match="as many positives as negatives"):
+        assess([1, 1, 0], [1, 0, 0])
+
+
+def test_summarize_means_and_t_intervals_by_hand():
+    scores, null = [0.9, 0.7, 0.8, None], [0.5, 0.6, 0.4, 0.5]
+    s = summarize(scores, null)
+    assert s["n_features"] == 3 and s["mean"] == pytest.approx(0.8) and s["null_mean"] == pytest.approx(0.5)
+    # t(0.975, 2) = 4.302653; both samples have sd 0.1 over 3 values
+    half = 4.302653 * 0.1 / math.sqrt(3)
+    assert s["ci"] == pytest.approx([0.8 - half, 0.8 + half], abs=1e-6)
+    assert s["null_ci"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-6)
+    diffs = np.array([0.4, 0.1, 0.4])
+    dhalf = 4.302653 * diffs.std(ddof=1) / math.sqrt(3)
+    assert s["difference"] == pytest.approx(0.3) and s["difference_ci"] == pytest.approx([0.3 - dhalf, 0.3 + dhalf], abs=1e-6)
+    assert summarize([0.6], [0.5])["ci"] is None
+
+
+def window(text: str, acts: list[float], rollout: int = 0, position: int = 0) -> Window:
+    return Window(tuple(text.split("|")), tuple(acts), rollout, position)
+
+
+def case_of(feature: int, n: int) -> FeatureCase:
+    pos = [window(f"a|b{i}|c", [0, 1.0, 0], 1, i) for i in range(n)]
+    neg = [window(f"x|y{i}|z", [0, 0, 0], 2, i) for i in range(n)]
+    shown = [window("p|q|r", [0, 2.0, 0], 3, 0)]
+    return FeatureCase(7, feature, "auroc", shown, pos, neg, [[True, False, False]] * n)
+
+
+def test_report_scores_each_method_and_its_null_from_the_predictions():
+    jobs = plan_jobs([case_of(1, 2), case_of(2, 2)], seed=0)
+    results = [{"explanation": "b tokens",
+                "detection": {"truth": [True, True, False, False], "predicted": [True, True, False, False]},
+                "fuzzing": {"truth": [True, False, True, False], "predicted": [True, True, True, True]},
+                "null_detection": {"truth": [True, True, False, False], "predicted": [True, False, True, False]},
+                "null_fuzzing": {"truth": [True, False, True, False], "predicted": [False, False, False, False]}},
+               {"explanation": "", "detection": {"truth": [True, False], "predicted": [False, True]}}]
+    out = report(jobs, results, explainer="x")
+    f1 = out["layers"]["7"]["features"]["1"]
+    assert f1["detection"]["balanced_accuracy"] == 1.0 and f1["fuzzing"]["balanced_accuracy"] == 0.5
+    assert f1["null_detection"]["balanced_accuracy"] == 0.5 and f1["null_examples_of"] == {"layer": 7, "feature": 2}
+    f2 = out["layers"]["7"]["features"]["2"]
+    assert f2["detection"]["balanced_accuracy"] == 0.0 and f2["fuzzing"]["balanced_accuracy"] is None
+    # Only features scored both ways count: feature 2's null has no predictions.
+    assert out["summary"]["detection"]["mean"] == 1.0 and out["summary"]["detection"]["n_features"] == 1
+    json.dumps(out, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) Prompts, the split, the choice
+
+
+def test_highlight_wraps_runs_of_marked_tokens():
+    assert highlight(["The", " cat", " sat", " on"], [False, True, True, False]) == "The<< cat sat>> on"
+    assert highlight(["a", "b"], [True, False]) == "<<a>>b" and highlight(["a", "b"], [False, True]) == "a<<b>>"
+    assert highlight(["a", "b"], [False, False]) == "ab"
+
+
+def test_prompts_show_the_marks_and_the_explanation():
+    w = window("The| cat| sat", [0, 1.5, 0])
+    assert "The<< cat>> sat" in explain_prompt([w])
+    d = detection_prompt("cats", w)
+    assert '"cats"' in d and "The cat sat" in d and "<<" not in d and "1 for yes or 0 for no" in d
+    assert "<<The>> cat sat" in fuzzing_prompt("cats", w, [True, False, False])
+
+
+def test_scoring_items_are_balanced_and_decoys_mark_as_many_idle_tokens():
+    rng = np.random.default_rng(0)
+    active = [False, True, True, False, False, False]
+    decoy = decoy_marks(active, rng)
+    assert sum(decoy) == 2 and not any(d and a for d, a in zip(decoy, active))
+    assert decoy_marks([True, True], rng) is None
+    case = case_of(1, 3)
+    case.decoys = [[False, False, True], None, [True, False, False]]
+    items = scoring_items("e", case)
+    for method, pairs in items.items():
+        truths = [t for _, t in pairs]
+        assert truths.count(True) == truths.count(False) > 0, method
+    assert len(items["detection"]) == 6 and len(items["fuzzing"]) == 4  # the example without a decoy left out
+
+
+def test_heldout_examples_are_never_shown_and_the_split_is_seeded():
+    activation = np.arange(30, dtype=np.float64)[::-1].copy()
+    shown, held = split_heldout(activation, shown=10, heldout=10, rng=np.random.default_rng(3))
+    assert len(held) == 10 and len(shown) == 10 and not set(shown) & set(held)
+    assert list(activation[shown]) == sorted(activation[shown], reverse=True)  # strongest first
+    again = split_heldout(activation, shown=10, heldout=10, rng=np.random.default_rng(3))
+    assert (again[0] == shown).all() and (again[1] == held).all()
+    few_shown, few_held = split_heldout(np.ones(3), shown=10, heldout=10, rng=np.random.default_rng(0))
+    assert len(few_held) == 1 and len(few_shown) == 2  # at most half held out
+
+
+def test_choose_features_by_distance_then_random_live_ones():
+    fire = np.array([5, 0, 3, 9, 1, 2])
+    distance = np.array([0.1, 0.9, -0.4, 0.05, 0.3, 0.0])
+    chosen, drawn, by = choose_features(distance, fire, top=2, random=3, rng=np.random.default_rng(0))
+    assert chosen == [2, 4] and by == "auroc"  # feature 1 is dead
+    assert len(drawn) == 3 and set(drawn) <= {0, 3, 5}
+    assert choose_features(None, fire, top=2, random=0, rng=np.random.default_rng(0))[:1] == ([3, 0],)
+
+
+def test_null_partners_never_pair_a_feature_with_itself():
+    for n in (2, 3, 10):
+        partners = null_partners(n, seed=5)
+        assert sorted(partners) == list(range(n)) and all(p != i for i, p in enumerate(partners))
+    assert null_partners(1, 0) == [None]
