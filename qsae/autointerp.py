@@ -9,9 +9,10 @@ at random (a calibration set that was not chosen for anything). For each:
   quantile-bin samples), one per (rollout, token); a seeded draw of up to `heldout_examples` of them
   (at most half) is held out for scoring and never shown; the explainer sees up to `examples` of the
   rest, strongest first, the tokens where the feature fires marked <<like this>>;
-- its non-activating examples are other features' windows of the same layer from rollouts in which
-  this feature never fired (its rollout-level max activation is 0: the analysis's pooled maxima over
-  the labelled rollouts), a seeded draw of as many as there are held-out activating ones;
+- its non-activating examples are windows of the same width around sampled tokens drawn at random
+  (seeded) in which the feature fires at no token (its activation read from the layer's sample as the
+  SAE encodes it; tokens outside the sample, such as prompt tokens, count as silent, as they do in the
+  activating windows' marks), as many as there are held-out activating ones;
 - the explainer writes a short explanation (greedy), which is scored by two methods after EleutherAI's
   delphi: detection (explanation + one example's text: does the feature fire in it?) and fuzzing
   (explanation + one activating example with tokens marked: are the marked tokens the ones where it
@@ -30,12 +31,14 @@ part (explain_and_score) is a plain function of a loaded model that the Ray laye
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from qsae.analysis.results import LayerAnalysis
+from qsae.analysis.feature_data import Examples, SampleCodes, TokenTable, build_examples
+from qsae.analysis.results import EXAMPLE_FIELDS, LayerAnalysis
 from qsae.config import AutointerpConfig
 
 ANSWERS = ("1", "0")  # yes, no: each must be one token of the explainer's tokenizer
@@ -114,16 +117,17 @@ def decoy_marks(active: list[bool], rng: np.random.Generator) -> list[bool] | No
     return [i in picked for i in range(len(active))]
 
 
-def windows_of(analysis: LayerAnalysis, positions: np.ndarray, token_text, *, zero: bool = False) -> list[Window]:
-    """The example windows at `positions` of the layer's examples as text (tokens outside the rollout's
-    text dropped); `zero`: with no activation (another feature's windows, where this one does not fire)."""
-    ex = analysis.features.examples
+SILENT_DRAWS = 20  # sampled tokens tried per non-activating example wanted (a dense feature leaves few)
+
+
+def windows_of(ex: Examples, positions: np.ndarray, token_text) -> list[Window]:
+    """Example windows as text (tokens outside the rollout's text dropped)."""
     out = []
-    for e in positions.tolist():
+    for e in np.asarray(positions, dtype=np.int64).tolist():
         keep = ex.token_ids[e] >= 0
-        ids, acts = ex.token_ids[e][keep].tolist(), ex.acts[e][keep].astype(np.float64).tolist()
-        out.append(Window(tuple(token_text(t) for t in ids), tuple(0.0 for _ in acts) if zero else tuple(acts),
-                          int(ex.rollout_id[e]), int(ex.position[e])))
+        out.append(Window(tuple(token_text(t) for t in ex.token_ids[e][keep].tolist()),
+                          tuple(ex.acts[e][keep].astype(np.float64).tolist()), int(ex.rollout_id[e]),
+                          int(ex.position[e])))
     return out
 
 
@@ -135,33 +139,42 @@ def distinct(positions: np.ndarray, rollout: np.ndarray, position: np.ndarray) -
     return positions[np.sort(first)]
 
 
-def layer_cases(analysis: LayerAnalysis, cfg: AutointerpConfig, token_text) -> list[FeatureCase]:
-    """The chosen and random features of one layer with their shown, held-out and negative examples."""
+SilentWindows = Callable[[int, int, np.random.Generator], Examples]  # (feature, how many, rng) -> windows
+
+
+def silent_windows(codes: SampleCodes, tokens: TokenTable, width: int) -> SilentWindows:
+    """Non-activating windows of a feature: around sampled tokens drawn at random, those in whose window
+    the feature fires at no sampled token (up to SILENT_DRAWS draws per window wanted)."""
+    def draw(feature: int, n: int, rng: np.random.Generator) -> Examples:
+        rows = rng.permutation(len(codes.values))[:n * SILENT_DRAWS]
+        ex = build_examples(np.full(len(rows), feature), rows, np.zeros(len(rows), np.int64), codes=codes,
+                            tokens=tokens, width=width)
+        keep = np.flatnonzero(~(ex.acts > 0).any(axis=1))[:n]
+        return Examples(*(getattr(ex, name)[keep] for name in EXAMPLE_FIELDS))
+    return draw
+
+
+def layer_cases(analysis: LayerAnalysis, cfg: AutointerpConfig, token_text, silent: SilentWindows) -> list[FeatureCase]:
+    """The chosen and random features of one layer with their shown, held-out and non-activating examples."""
     data, layer = analysis.features, analysis.layer
     ex = data.examples
     band = analysis.rollout_auroc_and_band
     rng = np.random.default_rng([cfg.seed, layer])
     chosen, drawn, by = choose_features(None if band is None else band[0], data.fire_count, top=cfg.features,
                                         random=cfg.random_features, rng=rng)
-    column = {int(r): i for i, r in enumerate(analysis.rollout_ids.tolist())}
     cases = []
     for feature, chosen_by in [(f, by) for f in chosen] + [(f, "random") for f in drawn]:
         mine = distinct(data.by_feature[feature], ex.rollout_id, ex.position)
         shown, held = split_heldout(ex.acts[mine, (ex.acts.shape[1] - 1) // 2], shown=cfg.examples,
                                     heldout=cfg.heldout_examples, rng=rng)
-        silent = {r for r, i in column.items() if analysis.rollout_max[i, feature] == 0}
-        others = np.flatnonzero((ex.feature != feature) & np.isin(ex.rollout_id, list(silent)))
-        others = distinct(others, ex.rollout_id, ex.position)
-        n = min(len(held), len(others))
+        quiet = silent(feature, len(held), rng)
+        n = min(len(held), len(quiet.feature))
         note = None if n else ("too few activating examples to hold any out" if len(held) == 0 else
-                               "no example from a rollout where the feature never fires")
-        held = held[:n]
-        negatives = np.sort(rng.choice(others, n, replace=False)) if n else others[:0]
-        case = FeatureCase(layer, feature, chosen_by, windows_of(analysis, mine[shown], token_text),
-                           windows_of(analysis, mine[held], token_text),
-                           windows_of(analysis, negatives, token_text, zero=True))
+                               "no sampled window where the feature is silent")
+        case = FeatureCase(layer, feature, chosen_by, windows_of(ex, mine[shown], token_text),
+                           windows_of(ex, mine[held[:n]], token_text), windows_of(quiet, np.arange(n), token_text),
+                           note=note)
         case.decoys = [decoy_marks(w.active, rng) for w in case.positives]
-        case.note = note
         cases.append(case)
     return cases
 
@@ -367,9 +380,24 @@ def explain_and_score(model, tokenizer, jobs: list[tuple[FeatureCase, FeatureCas
 
 
 def plan_cases(run, layers: list[int], cfg: AutointerpConfig, token_text) -> list[FeatureCase]:
-    """Every layer's cases, from its analysis in the run directory."""
-    return [case for layer in layers for case in layer_cases(LayerAnalysis.load(run.layer_analysis(layer)), cfg,
-                                                             token_text)]
+    """Every layer's cases, from its analysis in the run directory and its sample encoded again by its
+    SAE (the non-activating windows' activations; one layer's codes in memory at a time)."""
+    from qsae.analysis.layer import encode_sample
+    from qsae.rollout import read_rollouts
+    from qsae.sample import load_selection
+    from qsae.streaming import StoreSource
+    from qsae.training.trained import load_trained
+
+    selection = load_selection(run.selection)
+    tokens = TokenTable({r.rollout_id: r.prompt_token_ids + r.response_token_ids for r in read_rollouts(run.rollouts)})
+    cases = []
+    for layer in layers:
+        analysis = LayerAnalysis.load(run.layer_analysis(layer))
+        sample = encode_sample(load_trained(run, layer).sae, StoreSource(run.store, layer, selection.rows), selection)
+        codes = SampleCodes(sample.values, sample.indices, selection.rollout_id, sample.position)
+        width = (analysis.features.examples.token_ids.shape[1] - 1) // 2
+        cases += layer_cases(analysis, cfg, token_text, silent_windows(codes, tokens, width))
+    return cases
 
 
 def explainer_name(explainer: str, model_path: str) -> str:
@@ -428,8 +456,8 @@ DEFINITION = {
                  "(chosen_by random) for calibration",
     "examples": "activating: the analysis's top-activation and quantile-bin windows, a seeded draw held out for "
                 "scoring (never shown to the explainer), up to `examples` of the rest shown strongest first; "
-                "non-activating: other features' windows from rollouts where the feature never fired (its "
-                "rollout-level max activation is 0), as many as the held-out activating ones",
+                "non-activating: windows around randomly drawn sampled tokens in which the feature fires at no "
+                "sampled token, as many as the held-out activating ones",
     "detection": "explanation + one example's text: does the feature fire in it? balanced accuracy over the held-"
                  "out activating and as many non-activating examples",
     "fuzzing": "explanation + one held-out activating example with tokens marked: are they where it fires? each "

@@ -141,3 +141,69 @@ def test_null_partners_never_pair_a_feature_with_itself():
         partners = null_partners(n, seed=5)
         assert sorted(partners) == list(range(n)) and all(p != i for i, p in enumerate(partners))
     assert null_partners(1, 0) == [None]
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) The stage on a small run of the tiny model, and what the release shows of it
+
+SMALL = ["rollout.num_questions=12", "train.epochs=2", "train.n_features=64", "train.k=4", "release.bootstrap=20",
+         "release.permutations=50", "release.probe_permutations=0", "causal.enabled=false",
+         "autointerp.features=3", "autointerp.random_features=3", "autointerp.examples=4",
+         "autointerp.heldout_examples=4", "autointerp.max_new_tokens=16"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_path, tmp_path_factory):
+    from small_run import build_run
+
+    return build_run(tmp_path_factory.mktemp("autointerp") / "run", SMALL)
+
+
+def test_the_tiny_models_explanations_score_like_the_null(small_run):
+    result = json.loads(small_run.autointerp.read_text())
+    features = [f for layer in result["layers"].values() for f in layer["features"].values()]
+    assert len(features) == 3 * 6 and all(isinstance(f["explanation"], str) for f in features)
+    assert any(f["explanation"] for f in features)
+    scored = [f for f in features if f["detection"]["balanced_accuracy"] is not None]
+    assert len(scored) >= 6
+    for f in scored:
+        d = f["detection"]
+        assert d["n_positive"] == d["n_negative"] <= 4 and 0 <= d["ci"][0] <= d["balanced_accuracy"] <= d["ci"][1] <= 1
+    for method in ("detection", "fuzzing"):
+        s = result["summary"][method]
+        assert s["n_features"] >= 2
+        # Meaningless explanations: the score's interval meets the null's, or the score is near chance.
+        overlap = s["ci"] is not None and s["null_ci"] is not None and \
+            s["ci"][0] <= s["null_ci"][1] and s["null_ci"][0] <= s["ci"][1]
+        assert overlap or abs(s["mean"] - 0.5) <= 0.15, (method, s)
+
+
+def test_heldout_examples_of_the_run_are_never_shown_and_negatives_are_silent(small_run):
+    from qsae import autointerp
+    from qsae.config import load_config
+    from qsae.models import load_tokenizer, resolve_model_path
+    from qsae.release import token_texts
+
+    cfg = load_config(None, SMALL)
+    tokenizer = load_tokenizer(resolve_model_path("tiny"), None)
+    cases = autointerp.plan_cases(small_run, [3, 7, 11], cfg.autointerp, token_texts(tokenizer))
+    explained = json.loads(small_run.autointerp.read_text())["layers"]
+    for case in cases:
+        assert {(w.rollout, w.position) for w in case.shown}.isdisjoint((w.rollout, w.position) for w in case.positives)
+        assert len(case.positives) == len(case.negatives) == explained[str(case.layer)]["features"][str(case.feature)]["n_heldout"]
+        assert all(any(a > 0 for a in w.acts) for w in case.positives + case.shown)
+        assert all(not any(a > 0 for a in w.acts) for w in case.negatives)
+
+
+def test_release_shows_the_explanations(small_run):
+    release = small_run.release
+    result = json.loads((release / "autointerp.json").read_text())
+    layer, feature = next((layer, f) for layer, entry in result["layers"].items() for f in entry["features"])
+    pages = "".join(p.read_text() for p in (release / "browser" / "data").glob(f"layer_{layer}_block_*.js"))
+    assert json.dumps(result["layers"][layer]["features"][feature]["explanation"], ensure_ascii=False) in pages
+    lines = [json.loads(line) for path in (release / "neuronpedia").rglob("explanations.jsonl")
+             for line in path.read_text().splitlines()]
+    assert len(lines) == sum(len(entry["features"]) for entry in result["layers"].values())
+    assert {"modelId", "layer", "index", "description", "explanationModelName", "scores"} <= set(lines[0])
+    card = (release / "README.md").read_text()
+    assert "## Explanations" in card and "null" in card
