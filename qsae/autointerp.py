@@ -400,8 +400,9 @@ def plan_cases(run, layers: list[int], cfg: AutointerpConfig, token_text) -> lis
     return cases
 
 
-def explainer_name(explainer: str, model_path: str) -> str:
-    return f"the subject model ({model_path})" if not explainer else explainer
+def explainer_name(explainer: str, model_name: str) -> str:
+    """The explainer as autointerp.json names it: the subject model's name, or the checkpoint's."""
+    return explainer or model_name
 
 
 def check_explainer(cfg: AutointerpConfig, model_path: str, revision: str | None) -> None:
@@ -424,7 +425,8 @@ def plan_jobs(cases: list[FeatureCase], seed: int) -> list[tuple[FeatureCase, Fe
     return [(c, scored[partner_of[id(c)]] if partner_of.get(id(c)) is not None else None) for c in cases]
 
 
-def report(jobs: list[tuple[FeatureCase, FeatureCase | None]], results: list[dict], *, explainer: str) -> dict:
+def report(jobs: list[tuple[FeatureCase, FeatureCase | None]], results: list[dict], *, explainer: str,
+           subject: bool = True) -> dict:
     """autointerp.json: per layer and feature its explanation and scores, and the summaries."""
     layers: dict[str, dict] = {}
     collected = {m: ([], []) for m in METHODS}
@@ -446,7 +448,7 @@ def report(jobs: list[tuple[FeatureCase, FeatureCase | None]], results: list[dic
         features = layer["features"].values()
         layer["summary"] = {m: summarize([f[m]["balanced_accuracy"] for f in features],
                                          [f[f"null_{m}"]["balanced_accuracy"] for f in features]) for m in METHODS}
-    return {"definition": DEFINITION, "explainer": explainer, "layers": layers,
+    return {"definition": DEFINITION, "explainer": explainer, "explainer_is_subject_model": subject, "layers": layers,
             "summary": {m: summarize(*collected[m]) for m in METHODS}}
 
 

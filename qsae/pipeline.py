@@ -289,4 +289,5 @@ def explain_features(cfg: PipelineConfig, plan: RunPlan, run: RunDir, *, tasks: 
     results = tasks.explain_and_score(settings.explainer, jobs,
                                       autointerp.ScoreSettings(settings.max_new_tokens, settings.batch_size))
     atomic_write_json(run.autointerp, autointerp.report(
-        jobs, results, explainer=autointerp.explainer_name(settings.explainer, cfg.model.name)))
+        jobs, results, explainer=autointerp.explainer_name(settings.explainer, cfg.model.name),
+        subject=not settings.explainer))

@@ -65,6 +65,7 @@ class RunRecord:
     logits: dict[int, dict | None]  # the decoder directions' logit tables, None where not computed
     causal: dict | None
     timings: dict[str, float]
+    autointerp: dict | None = None  # the explanations and their scores, None where not run
 
     @property
     def layers(self) -> list[int]:
@@ -80,7 +81,8 @@ def read_run(run: RunDir) -> RunRecord:
         trained={layer: load_trained(run, layer) for layer in layers},
         analyses={layer: LayerAnalysis.load(run.layer_analysis(layer)) for layer in layers},
         fidelity=load_fidelity(run), logits={layer: load_logits(run, layer) for layer in layers}, causal=json.loads(run.causal.read_text()) if run.causal.exists() else None,
-        timings=run.read_timings())
+        timings=run.read_timings(),
+        autointerp=json.loads(run.autointerp.read_text()) if run.autointerp.exists() else None)
 
 
 def build_release(run: RunDir, settings: ReleaseSettings, token_text: Callable[[int], str]) -> Path:
@@ -93,6 +95,9 @@ def build_release(run: RunDir, settings: ReleaseSettings, token_text: Callable[[
         if record.causal is not None:
             write_json(staging / "causal.json", record.causal)
             files.append("causal.json")
+        if record.autointerp is not None:
+            write_json(staging / "autointerp.json", record.autointerp)
+            files.append("autointerp.json")
         files += write_data_files(staging, record, run, settings.release)
         chart_files = write_charts(staging, record)
         write_json(staging / "final_summary.json", final_summary(record, settings.release))
@@ -196,8 +201,10 @@ def write_feature_pages(staging: Path, facts: ReleaseFacts, record: RunRecord, *
     chart_paths = write_assets(out, [staging / name for name in facts.charts])
     outcome_of = {r: x.outcome for r, x in record.rollouts.items()}
     top_contexts = {}
+    explained = (record.autointerp or {}).get("layers", {})
     for layer, analysis in record.analyses.items():
         data, logits = analysis.features, record.logits[layer]
+        explanations = explained.get(str(layer), {}).get("features", {})
         pages = LayerPages(out, layer, len(data.fire_count))
         neuronpedia = ecosystem.NeuronpediaLayer(staging / "neuronpedia", facts, release, layer=layer,
                                                  sae=record.trained[layer].sae, logits=logits)
@@ -205,6 +212,7 @@ def write_feature_pages(staging: Path, facts: ReleaseFacts, record: RunRecord, *
         for feature in data.live:
             page = data.record(int(feature), analysis.feature_stats, token_text=token_text,
                                outcome_of=outcome_of.__getitem__, logits=logits)
+            page["explanation"] = explanation_entry(explanations.get(str(int(feature))))
             pages.add(page)
             neuronpedia.add(page)
             tops[str(page["feature"])] = page["top"]
@@ -219,6 +227,15 @@ def write_feature_pages(staging: Path, facts: ReleaseFacts, record: RunRecord, *
         "layers": top_contexts})
     return ["feature_characterization.json", *sorted(p.relative_to(staging).as_posix() for folder in
                                                      (out, staging / "neuronpedia") for p in folder.rglob("*") if p.is_file())]
+
+
+def explanation_entry(entry: dict | None) -> dict | None:
+    """A feature's explanation and its scores as its page shows them (autointerp.json's entry, less the
+    null's details)."""
+    if entry is None:
+        return None
+    keep = ("chosen_by", "explanation", "detection", "fuzzing", "null_detection", "null_fuzzing", "n_shown", "note")
+    return {key: entry[key] for key in keep}
 
 
 def browser_front_page(facts: ReleaseFacts, record: RunRecord, chart_paths: list[str]) -> dict:
@@ -315,5 +332,6 @@ def release_facts(record: RunRecord, settings: ReleaseSettings, files: list[str]
         per_layer={str(layer): a.summary for layer, a in record.analyses.items()},
         fidelity=None if record.fidelity is None else {str(layer): entry for layer, entry in record.fidelity.items()},
         files=files + ["README.md"], charts=chart_files, wall_clock=record.timings, engine=generated["engine"],
-        qsae_version=qsae.__version__, causal=record.causal, model_dtype=generated["model_dtype"],
+        qsae_version=qsae.__version__, causal=record.causal, autointerp=record.autointerp,
+        model_dtype=generated["model_dtype"],
         exclude_special_tokens=rules["exclude_special"])

@@ -34,6 +34,7 @@ class ReleaseFacts:
     causal: dict | None = None  # causal.json, None where the check was not run
     model_dtype: str = "float32"  # the model's dtype in rollouts and capture
     exclude_special_tokens: bool = True
+    autointerp: dict | None = None  # autointerp.json, None where the stage was not run
 
     @classmethod
     def from_dict(cls, data: dict) -> ReleaseFacts:
