@@ -412,10 +412,13 @@ def check_explainer(cfg: AutointerpConfig, model_path: str, revision: str | None
 
     if not cfg.enabled:
         return
-    if cfg.explainer:
-        model_path, revision = resolve_model_path(cfg.explainer), None
-        check_weights(model_path)
-    answer_ids(load_tokenizer(model_path, revision))
+    try:
+        if cfg.explainer:
+            model_path, revision = resolve_model_path(cfg.explainer), None
+            check_weights(model_path)
+        answer_ids(load_tokenizer(model_path, revision))
+    except ValueError as err:  # which model: the explainer may be the subject model or another one
+        raise ValueError(f"autointerp.explainer = {cfg.explainer!r}: {err}") from None
 
 
 def plan_jobs(cases: list[FeatureCase], seed: int) -> list[tuple[FeatureCase, FeatureCase | None]]:

@@ -351,6 +351,11 @@ DRIVER_CASES = {
     "chat template that does not render": (
         lambda root, run: [model_with(root, resolve_tiny(), template="{% for message in messages %}{{ oops(")],
         "the chat template of model {model} does not render"),
+    "autointerp explainer missing": (lambda root, run: ["autointerp.explainer=/no/such/explainer"],
+                                     "autointerp.explainer = '/no/such/explainer': model path does not exist"),
+    "autointerp explainer without weights": (
+        lambda root, run: ["autointerp.explainer=" + weightless_model(root, resolve_tiny()).split("=", 1)[1]],
+        "holds no weights (no *.safetensors or *.bin file)"),
     "vLLM on CPU replicas for a hybrid model": (lambda root, run: ["rollout.engine=vllm"],
                                                 "rollout.engine = vllm on replicas without a GPU"),
     "sampling with vLLM on CPU replicas": (
