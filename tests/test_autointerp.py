@@ -159,6 +159,7 @@ def small_run(tiny_path, tmp_path_factory):
     return build_run(tmp_path_factory.mktemp("autointerp") / "run", SMALL)
 
 
+@pytest.mark.slow  # builds a small run (about two minutes on 2 cores)
 def test_the_tiny_models_explanations_score_like_the_null(small_run):
     result = json.loads(small_run.autointerp.read_text())
     features = [f for layer in result["layers"].values() for f in layer["features"].values()]
@@ -178,6 +179,7 @@ def test_the_tiny_models_explanations_score_like_the_null(small_run):
         assert overlap or abs(s["mean"] - 0.5) <= 0.15, (method, s)
 
 
+@pytest.mark.slow  # builds a small run (about two minutes on 2 cores)
 def test_heldout_examples_of_the_run_are_never_shown_and_negatives_are_silent(small_run):
     from qsae import autointerp
     from qsae.config import load_config
@@ -195,6 +197,7 @@ def test_heldout_examples_of_the_run_are_never_shown_and_negatives_are_silent(sm
         assert all(not any(a > 0 for a in w.acts) for w in case.negatives)
 
 
+@pytest.mark.slow  # builds a small run (about two minutes on 2 cores)
 def test_release_shows_the_explanations(small_run):
     release = small_run.release
     result = json.loads((release / "autointerp.json").read_text())
@@ -207,3 +210,22 @@ def test_release_shows_the_explanations(small_run):
     assert {"modelId", "layer", "index", "description", "explanationModelName", "scores"} <= set(lines[0])
     card = (release / "README.md").read_text()
     assert "## Explanations" in card and "null" in card
+
+
+@pytest.mark.slow
+def test_ray_tasks_explain_and_score_every_job_in_order(local_ray, tiny_path):
+    """The stage's Ray path: the jobs dealt over capture.num_actors tasks, each loading the explainer,
+    the results back in the jobs' order."""
+    from qsae.autointerp import ScoreSettings
+    from qsae.config import load_config
+    from qsae.distributed.model_tasks import RayModelTasks
+    from qsae.pipeline import resolve
+
+    spec = resolve(load_config(None, ["capture.num_actors=2"])).spec
+    cases = [case_of(f, 2) for f in range(3)]
+    jobs = plan_jobs(cases, seed=1)
+    results = RayModelTasks(spec).explain_and_score("", jobs, ScoreSettings(max_new_tokens=4, batch_size=4))
+    assert len(results) == 3 and all(isinstance(r["explanation"], str) for r in results)
+    for (case, partner), result in zip(jobs, results):
+        assert len(result["detection"]["truth"]) == 4 and len(result["fuzzing"]["truth"]) == 4
+        assert len(result["null_detection"]["truth"]) == 4 and partner.feature != case.feature
