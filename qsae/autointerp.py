@@ -335,9 +335,9 @@ def explain(model, tokenizer, cases: list[FeatureCase], *, max_new_tokens: int, 
 
 
 @torch.no_grad()
-def answers_yes(model, tokenizer, prompts: list[str], *, batch_size: int) -> list[bool]:
-    """For each prompt, whether the next token is likelier "1" than "0" (one generation step, left
-    padded in batches as the rollout engine pads)."""
+def answer_margins(model, tokenizer, prompts: list[str], *, batch_size: int) -> list[float]:
+    """For each prompt, log P("1") - log P("0") of the next token (one generation step, left padded in
+    batches as the rollout engine pads; one softmax, so the logits' difference)."""
     yes, no = answer_ids(tokenizer)
     ids, device, pad = as_chat(tokenizer, prompts), model.device, tokenizer.pad_token_id
     out = []
@@ -349,8 +349,13 @@ def answers_yes(model, tokenizer, prompts: list[str], *, batch_size: int) -> lis
         step = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
                               output_logits=True, return_dict_in_generate=True, pad_token_id=pad)
         logits = step.logits[0].float()
-        out += (logits[:, yes] > logits[:, no]).tolist()  # same softmax: log-probabilities compare as logits
+        out += (logits[:, yes] - logits[:, no]).tolist()
     return out
+
+
+def answers_yes(model, tokenizer, prompts: list[str], *, batch_size: int) -> list[bool]:
+    """Whether the explainer's next token is likelier "1" than "0", per prompt."""
+    return [m > 0 for m in answer_margins(model, tokenizer, prompts, batch_size=batch_size)]
 
 
 def explain_and_score(model, tokenizer, jobs: list[tuple[FeatureCase, FeatureCase | None]], *, max_new_tokens: int,

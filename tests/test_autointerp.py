@@ -229,3 +229,16 @@ def test_ray_tasks_explain_and_score_every_job_in_order(local_ray, tiny_path):
     for (case, partner), result in zip(jobs, results):
         assert len(result["detection"]["truth"]) == 4 and len(result["fuzzing"]["truth"]) == 4
         assert len(result["null_detection"]["truth"]) == 4 and partner.feature != case.feature
+
+
+def test_answers_do_not_depend_on_what_shares_their_batch(tiny):
+    """Left padding in a batch leaves each prompt's answer margin as it is alone."""
+    from qsae.autointerp import answer_margins
+
+    model, tokenizer = tiny
+    w = window("Option| D| matches| the| key| idea", [0, 1.0, 0, 0, 0, 0])
+    prompts = [detection_prompt("letters", w), fuzzing_prompt("the word Option", w, w.active),
+               detection_prompt("a much longer explanation of what this unit might be doing here", w)]
+    alone = [answer_margins(model, tokenizer, [p], batch_size=1)[0] for p in prompts]
+    together = answer_margins(model, tokenizer, prompts, batch_size=3)
+    assert together == pytest.approx(alone, abs=1e-4)
