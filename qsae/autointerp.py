@@ -263,11 +263,13 @@ def assess(truth, predicted) -> dict:
     if positives != negatives:
         raise ValueError(f"a score needs as many positives as negatives, got {positives} and {negatives}")
     if positives == 0:
-        return {"balanced_accuracy": None, "ci": None, "tpr": None, "tnr": None, "n_positive": 0, "n_negative": 0}
+        return {"balanced_accuracy": None, "ci": None, "tpr": None, "tnr": None, "n_positive": 0, "n_negative": 0,
+                "one_answer": None}
     tpr, tnr = float(predicted[truth].mean()), float((~predicted[~truth]).mean())
     correct = int((predicted == truth).sum())
     return {"balanced_accuracy": (tpr + tnr) / 2, "ci": list(wilson(correct, len(truth))), "tpr": tpr, "tnr": tnr,
-            "n_positive": positives, "n_negative": negatives}
+            "n_positive": positives, "n_negative": negatives,
+            "one_answer": bool(predicted.all() or not predicted.any())}  # 0.5 whatever the explanation says
 
 
 def t_interval(values: list[float]) -> list[float] | None:
@@ -456,8 +458,11 @@ def report(jobs: list[tuple[FeatureCase, FeatureCase | None]], results: list[dic
         features = layer["features"].values()
         layer["summary"] = {m: summarize([f[m]["balanced_accuracy"] for f in features],
                                          [f[f"null_{m}"]["balanced_accuracy"] for f in features]) for m in METHODS}
+    everyone = [f for layer in layers.values() for f in layer["features"].values()]
+    summary = {m: {**summarize(*collected[m]), "n_one_answer": sum(bool(f[m]["one_answer"]) for f in everyone)}
+               for m in METHODS}
     return {"definition": DEFINITION, "explainer": explainer, "explainer_is_subject_model": subject, "layers": layers,
-            "summary": {m: summarize(*collected[m]) for m in METHODS}}
+            "summary": summary}
 
 
 DEFINITION = {
@@ -475,6 +480,8 @@ DEFINITION = {
     "answer": 'the explainer\'s next token: yes when P("1") > P("0"); no text is parsed',
     "balanced_accuracy": "(true positive rate + true negative rate) / 2; with equal classes the accuracy, whose "
                          "95% interval is Wilson's over the examples (taken as independent)",
+    "one_answer": "the explainer gave the same answer to every example of the score: its balanced accuracy is 0.5 "
+                  "whatever the explanation says (n_one_answer: how many features' scores were so)",
     "null": "the same explanation scored on another chosen feature's examples (a seeded cyclic pairing over all "
             "features, never itself): what an explanation scores without describing the feature",
     "summary": "mean over features of the score and of the null score, each with Student's t 95% interval, "

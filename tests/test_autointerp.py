@@ -34,6 +34,7 @@ def test_assess_matches_balanced_accuracy_and_wilson_by_hand():
 def test_assess_at_chance_always_yes_and_refuses_unequal_classes():
     always_yes = assess([1, 1, 0, 0], [1, 1, 1, 1])
     assert always_yes["balanced_accuracy"] == 0.5 and always_yes["tpr"] == 1 and always_yes["tnr"] == 0
+    assert always_yes["one_answer"] and not assess([1, 0], [1, 0])["one_answer"]
     assert assess([], [])["balanced_accuracy"] is None
     with pytest.raises(ValueError, match="as many positives as negatives"):
         assess([1, 1, 0], [1, 0, 0])
@@ -80,6 +81,7 @@ def test_report_scores_each_method_and_its_null_from_the_predictions():
     assert f2["detection"]["balanced_accuracy"] == 0.0 and f2["fuzzing"]["balanced_accuracy"] is None
     # Only features scored both ways count: feature 2's null has no predictions.
     assert out["summary"]["detection"]["mean"] == 1.0 and out["summary"]["detection"]["n_features"] == 1
+    assert out["summary"]["fuzzing"]["n_one_answer"] == 1 and out["summary"]["detection"]["n_one_answer"] == 0
     json.dumps(out, allow_nan=False)
 
 

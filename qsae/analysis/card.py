@@ -603,7 +603,16 @@ def _autointerp(info: ReleaseFacts) -> str:
     parts.append(_table(["layers", "method", "features", f"mean score [{COVERAGE} CI]", f"null [{COVERAGE} CI]",
                          f"Δ [{COVERAGE} CI]"], rows))
     parts.append(" ".join(_autointerp_sentence(method, result["summary"][method]) for method in ("detection", "fuzzing")))
+    stuck = {m: result["summary"][m].get("n_one_answer", 0) for m in ("detection", "fuzzing")}
+    if any(stuck.values()):
+        parts.append(f"The explainer gave the same answer to every example in {stuck['detection']} detection and "
+                     f"{stuck['fuzzing']} fuzzing scores (of {len(_explained(result))} features): those are 0.5 "
+                     "whatever the explanation says.")
     return "\n\n".join(parts)
+
+
+def _explained(result: dict) -> list[dict]:
+    return [f for layer in result["layers"].values() for f in layer["features"].values()]
 
 
 def _autointerp_sentence(method: str, s: dict) -> str:

@@ -298,7 +298,8 @@
   function explanation(e) {
     if (!e) return null;
     const score = (s) => (s && isNumber(s.balanced_accuracy)
-      ? `${num(s.balanced_accuracy)} [${num(s.ci[0])}, ${num(s.ci[1])}], ${int(s.n_positive + s.n_negative)} examples`
+      ? `${num(s.balanced_accuracy)} [${num(s.ci[0])}, ${num(s.ci[1])}], ${int(s.n_positive + s.n_negative)} examples` +
+        (s.one_answer ? " (one answer to all)" : "")
       : DASH);
     const rows = [["Detection", score(e.detection)], ["Detection, null", score(e.null_detection)],
       ["Fuzzing", score(e.fuzzing)], ["Fuzzing, null", score(e.null_fuzzing)]];
