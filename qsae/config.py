@@ -373,8 +373,30 @@ class CausalConfig:
         require(self.layers is None or bool(self.layers), "causal.layers is empty; leave it unset for every captured layer")
 
 
+@dataclass(frozen=True)
+class AutointerpConfig:
+    enabled: bool = setting(True, "explain chosen features in words and score the explanations (detection, fuzzing)")
+    features: int = setting(8, "features explained per layer: the top by rollout-level |AUROC - null centre|")
+    random_features: int = setting(8, "more live features per layer drawn at random (seeded), for calibration")
+    explainer: str = setting("", '"" = the subject model; else a local checkpoint directory that writes and scores the explanations')
+    examples: int = setting(10, "activating examples shown to the explainer per feature (top activations first)")
+    heldout_examples: int = setting(10, "activating examples held out per feature and scored, with as many non-activating ones")
+    max_new_tokens: int = setting(40, "generation budget of an explanation")
+    batch_size: int = setting(16, "prompts run together in the explainer")
+    seed: int = setting(0, "seeds the random features, the held-out split, the fuzzing marks and the null's pairing")
+
+    def check(self) -> None:
+        at_least(self, "autointerp", 0, "features", "random_features", "seed")
+        at_least(self, "autointerp", 1, "examples", "heldout_examples", "max_new_tokens", "batch_size")
+        require(self.features + self.random_features >= 1,
+                "autointerp.features and autointerp.random_features are both 0: no feature to explain; "
+                "set autointerp.enabled = false to skip the stage")
+        require(self.explainer == self.explainer.strip(),
+                f"autointerp.explainer has spaces around it: {self.explainer!r}")
+
+
 SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "capture": CaptureConfig, "train": TrainStageConfig,
-            "release": ReleaseConfig, "causal": CausalConfig}
+            "release": ReleaseConfig, "causal": CausalConfig, "autointerp": AutointerpConfig}
 
 
 @dataclass(frozen=True)
@@ -385,12 +407,13 @@ class PipelineConfig:
     train: TrainStageConfig = field(default_factory=TrainStageConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     causal: CausalConfig = field(default_factory=CausalConfig)
+    autointerp: AutointerpConfig = field(default_factory=AutointerpConfig)
     out: str = setting("runs/tiny", "run directory: rollouts, activation store, checkpoints, release/")
     ray_address: str | None = setting(None, "unset = connect to RAY_ADDRESS if set, else start a local Ray")
 
     def validate(self) -> None:
         """Every field, alone and with the others: all that the config can show before any Ray work."""
-        for section in (self.model, self.rollout, self.capture, self.release, self.causal):
+        for section in (self.model, self.rollout, self.capture, self.release, self.causal, self.autointerp):
             section.check()
         self.train.check_stage()
         require(bool(self.out and self.out.strip()), "out is empty; give a run directory")

@@ -1,11 +1,11 @@
 """The pipeline as its stages, in order:
 
-    prepare -> capture -> train -> encode -> analyze -> evaluate -> causal -> release
+    prepare -> capture -> train -> encode -> analyze -> evaluate -> causal -> autointerp -> release
 
 prepare checks everything the config and the files can show before Ray starts; capture and train run
 on Ray (qsae.distributed); the encode pass (release.every_token) replays every rollout through the
-model and the SAEs on capture's replica pool; analyze reads the trained run from disk; evaluate and
-the causal check need the model again (Ray tasks placed like capture replicas); the release is
+model and the SAEs on capture's replica pool; analyze reads the trained run from disk; evaluate, the
+causal check and autointerp need a model again (Ray tasks placed like capture replicas); the release is
 written from the run directory alone. Stages talk only through the run directory (qsae.rundir) and
 the resolved RunPlan. `qsae analyze` is the same sequence from encode on.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from qsae import causal, console
+from qsae import autointerp, causal, console
 from qsae.analyze import analyze_run, check_trained_saes, check_trained_split
 from qsae.capture import ReplicaSpec, special_token_ids, store_manifest, store_to_extend
 from qsae.config import PipelineConfig
@@ -79,6 +79,7 @@ def prepare(cfg: PipelineConfig) -> RunPlan:
     context = cfg.rollout.max_model_len or context_length(model_path, revision)
     check_prompts_fit(plan.questions, tokenizer, thinking=cfg.rollout.thinking,
                       max_new_tokens=cfg.rollout.max_new_tokens, context=context, source=str(questions_path(cfg)))
+    autointerp.check_explainer(cfg.autointerp, model_path, revision)
     check_can_create_dir(cfg.out, "run directory (out)")
     store_to_extend(plan.spec, plan.questions, RunDir(cfg.out))  # a rerun's store must be this run's
     check_ray_address(cfg.ray_address)
@@ -234,10 +235,12 @@ class ModelTasks(Protocol):
 
     def rerun(self, saes: dict, arms: list[causal.Arm], prompts: list[list[int]]) -> dict[str, list[Generation]]: ...
 
+    def explain_and_score(self, explainer: str, jobs: list, settings: autointerp.ScoreSettings) -> list[dict]: ...
+
 
 def after_analysis(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stages, *,
                    tasks: ModelTasks | None = None) -> Path:
-    """evaluate -> causal -> release, the model's work done by `tasks` (default: Ray tasks)."""
+    """evaluate -> causal -> autointerp -> release, the model's work done by `tasks` (default: Ray tasks)."""
     if tasks is None:
         from qsae.distributed.model_tasks import RayModelTasks
 
@@ -248,6 +251,10 @@ def after_analysis(cfg: PipelineConfig, plan: RunPlan, run: RunDir, stages: Stag
     if cfg.causal.enabled:
         with stages.stage("causal check"):
             causal_check(cfg, plan, run, tasks=tasks, tokenizer=tokenizer)
+    run.autointerp.unlink(missing_ok=True)  # an earlier run's explanations are not this one's
+    if cfg.autointerp.enabled:
+        with stages.stage("autointerp (explanations, detection and fuzzing scores)"):
+            explain_features(cfg, plan, run, tasks=tasks, tokenizer=tokenizer)
     with stages.stage("release"):
         settings = ReleaseSettings(cfg.release, cfg.rollout.questions, cfg.rollout.seed)
         return build_release(run, settings, token_texts(tokenizer))
@@ -278,3 +285,15 @@ def causal_check(cfg: PipelineConfig, plan: RunPlan, run: RunDir, *, tasks: Mode
         answers = causal.grade(study, generations, questions=plan.questions, tokenizer=tokenizer,
                                thinking=cfg.rollout.thinking, seed=cfg.rollout.seed)
     atomic_write_json(run.causal, causal.assess(study, answers, unscored=cfg.release.unscored_rollouts))
+
+
+def explain_features(cfg: PipelineConfig, plan: RunPlan, run: RunDir, *, tasks: ModelTasks, tokenizer) -> None:
+    """The chosen features' examples as text (the subject model's tokens), explained and scored by the
+    explainer, each explanation also on its null partner's examples."""
+    settings = cfg.autointerp
+    jobs = autointerp.plan_jobs(autointerp.plan_cases(run, plan.layers, settings, token_texts(tokenizer)), settings.seed)
+    results = tasks.explain_and_score(settings.explainer, jobs,
+                                      autointerp.ScoreSettings(settings.max_new_tokens, settings.batch_size))
+    atomic_write_json(run.autointerp, autointerp.report(
+        jobs, results, explainer=autointerp.explainer_name(settings.explainer, cfg.model.name),
+        subject=not settings.explainer))

@@ -69,6 +69,7 @@ class RunRecord:
     timings: dict[str, float]
     sweep: dict[int, dict[str, SweepAnalysis]]  # each layer's other SAEs (train.sweep) by shape name
     sweep_fidelity: dict[int, dict[str, dict]]
+    autointerp: dict | None = None  # the explanations and their scores, None where not run
 
     @property
     def layers(self) -> list[int]:
@@ -88,7 +89,8 @@ def read_run(run: RunDir) -> RunRecord:
         causal=json.loads(run.causal.read_text()) if run.causal.exists() else None, timings=run.read_timings(),
         sweep={layer: {m.shape_name: SweepAnalysis.load(run.sweep_analysis(layer, m.shape_name)) for m in t.sweep}
                for layer, t in trained.items() if t.sweep},
-        sweep_fidelity=load_sweep_fidelity(run))
+        sweep_fidelity=load_sweep_fidelity(run),
+        autointerp=json.loads(run.autointerp.read_text()) if run.autointerp.exists() else None)
 
 
 def build_release(run: RunDir, settings: ReleaseSettings, token_text: Callable[[int], str]) -> Path:
@@ -101,6 +103,9 @@ def build_release(run: RunDir, settings: ReleaseSettings, token_text: Callable[[
         if record.causal is not None:
             write_json(staging / "causal.json", record.causal)
             files.append("causal.json")
+        if record.autointerp is not None:
+            write_json(staging / "autointerp.json", record.autointerp)
+            files.append("autointerp.json")
         files += write_data_files(staging, record, run, settings.release)
         chart_files = write_charts(staging, record)
         frontier = layer_frontiers(record)
@@ -246,8 +251,10 @@ def write_feature_pages(staging: Path, facts: ReleaseFacts, record: RunRecord, *
     chart_paths = write_assets(out, [staging / name for name in facts.charts])
     outcome_of = {r: x.outcome for r, x in record.rollouts.items()}
     top_contexts = {}
+    explained = (record.autointerp or {}).get("layers", {})
     for layer, analysis in record.analyses.items():
         data, logits = analysis.features, record.logits[layer]
+        explanations = explained.get(str(layer), {}).get("features", {})
         pages = LayerPages(out, layer, len(data.fire_count))
         neuronpedia = ecosystem.NeuronpediaLayer(staging / "neuronpedia", facts, release, layer=layer,
                                                  sae=record.trained[layer].sae, logits=logits)
@@ -255,6 +262,7 @@ def write_feature_pages(staging: Path, facts: ReleaseFacts, record: RunRecord, *
         for feature in data.live:
             page = data.record(int(feature), analysis.feature_stats, token_text=token_text,
                                outcome_of=outcome_of.__getitem__, logits=logits)
+            page["explanation"] = explanation_entry(explanations.get(str(int(feature))))
             pages.add(page)
             neuronpedia.add(page)
             tops[str(page["feature"])] = page["top"]
@@ -269,6 +277,15 @@ def write_feature_pages(staging: Path, facts: ReleaseFacts, record: RunRecord, *
         "layers": top_contexts})
     return ["feature_characterization.json", *sorted(p.relative_to(staging).as_posix() for folder in
                                                      (out, staging / "neuronpedia") for p in folder.rglob("*") if p.is_file())]
+
+
+def explanation_entry(entry: dict | None) -> dict | None:
+    """A feature's explanation and its scores as its page shows them (autointerp.json's entry, less the
+    null's details)."""
+    if entry is None:
+        return None
+    keep = ("chosen_by", "explanation", "detection", "fuzzing", "null_detection", "null_fuzzing", "n_shown", "note")
+    return {key: entry[key] for key in keep}
 
 
 def browser_front_page(facts: ReleaseFacts, record: RunRecord, chart_paths: list[str]) -> dict:
@@ -370,5 +387,6 @@ def release_facts(record: RunRecord, settings: ReleaseSettings, files: list[str]
         per_layer={str(layer): a.summary for layer, a in record.analyses.items()},
         fidelity=None if record.fidelity is None else {str(layer): entry for layer, entry in record.fidelity.items()},
         files=files + ["README.md"], charts=chart_files, wall_clock=record.timings, engine=generated["engine"],
-        qsae_version=qsae.__version__, causal=record.causal, model_dtype=generated["model_dtype"],
+        qsae_version=qsae.__version__, causal=record.causal, autointerp=record.autointerp,
+        model_dtype=generated["model_dtype"],
         exclude_special_tokens=rules["exclude_special"])

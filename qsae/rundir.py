@@ -17,6 +17,7 @@ here and writes what the next reads; this is the one place that knows where.
       analysis/fidelity.json         the fidelity in the model's loss (qsae.evaluate)
       analysis/logits/layer=<L>.*    the decoder directions' logit tables (qsae.evaluate)
       analysis/causal.json           the causal check (qsae.causal)
+      analysis/autointerp.json       features' explanations and their scores (qsae.autointerp)
       release/                       the release (qsae.release), swapped in whole
       evaluations/layer=<L>/<name>/  another SAE's statistics on the same rows (qsae evaluate)
 """
@@ -117,6 +118,10 @@ class RunDir:
     @property
     def causal(self) -> Path:
         return self.analysis / "causal.json"
+
+    @property
+    def autointerp(self) -> Path:
+        return self.analysis / "autointerp.json"
 
     @property
     def release(self) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qsae import autointerp
 from qsae.capture import Replica, capture_question_shard, list_shard, load_replica, special_token_ids, store_to_extend
 from qsae.causal import Arm, generate_arms
 from qsae.config import PipelineConfig, load_config
@@ -35,6 +36,11 @@ class LocalModelTasks:
     def rerun(self, saes: dict, arms: list[Arm], prompts: list[list[int]]) -> dict[str, list[Generation]]:
         return generate_arms(self.replica.engine.model, self.replica.tokenizer, saes, arms, prompts=prompts,
                              max_new_tokens=self.rollout.max_new_tokens, batch_size=self.rollout.batch_size)
+
+    def explain_and_score(self, explainer: str, jobs: list, settings: autointerp.ScoreSettings) -> list[dict]:
+        assert not explainer, "the local tasks explain with the subject model"
+        return autointerp.explain_and_score(self.replica.engine.model, self.replica.tokenizer, jobs,
+                                            max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
 
 
 def build_run(root: Path, overrides: list[str]) -> RunDir:

@@ -162,6 +162,15 @@ CONFIG_CASES = [
     ("causal.features=0", "causal.features must be >= 1"),
     ("causal.steer_multiples=[-4.0]", "causal.steer_multiples must be positive numbers"),
     ("causal.questions=0", "causal.questions must be >= 1"),
+    ("autointerp.features=-1", "autointerp.features must be >= 0"),
+    ("autointerp.random_features=-1", "autointerp.random_features must be >= 0"),
+    ("autointerp.features=0 autointerp.random_features=0", "no feature to explain"),
+    ('autointerp.explainer=" /a/model"', "autointerp.explainer has spaces around it"),
+    ("autointerp.examples=0", "autointerp.examples must be >= 1"),
+    ("autointerp.heldout_examples=0", "autointerp.heldout_examples must be >= 1"),
+    ("autointerp.max_new_tokens=0", "autointerp.max_new_tokens must be >= 1"),
+    ("autointerp.batch_size=0", "autointerp.batch_size must be >= 1"),
+    ("autointerp.seed=-1", "autointerp.seed must be >= 0"),
     ('out=""', "out is empty"),
     ("ray_address=somewhere", "Ray address 'somewhere' is not of the form host:port"),
     ("train.epochs=many", "train.epochs expects int, got 'many'"),
@@ -170,7 +179,8 @@ CONFIG_CASES = [
 
 # Fields where any value of the right type is valid (the type itself is checked for every field).
 ANY_VALUE_OF_ITS_TYPE = {"model.revision", "rollout.thinking", "rollout.decode_cuda_graphs", "capture.exclude_special_tokens",
-                         "release.export_activations", "release.every_token", "causal.enabled"}
+                         "release.export_activations", "release.every_token", "causal.enabled",
+                         "autointerp.enabled"}
 
 
 def test_every_config_field_has_a_bad_value_case():
@@ -354,6 +364,11 @@ DRIVER_CASES = {
     "chat template that does not render": (
         lambda root, run: [model_with(root, resolve_tiny(), template="{% for message in messages %}{{ oops(")],
         "the chat template of model {model} does not render"),
+    "autointerp explainer missing": (lambda root, run: ["autointerp.explainer=/no/such/explainer"],
+                                     "autointerp.explainer = '/no/such/explainer': model path does not exist"),
+    "autointerp explainer without weights": (
+        lambda root, run: ["autointerp.explainer=" + weightless_model(root, resolve_tiny()).split("=", 1)[1]],
+        "holds no weights (no *.safetensors or *.bin file)"),
     "vLLM on CPU replicas for a hybrid model": (lambda root, run: ["rollout.engine=vllm"],
                                                 "rollout.engine = vllm on replicas without a GPU"),
     "sampling with vLLM on CPU replicas": (

@@ -618,6 +618,55 @@ def _causal(info: ReleaseFacts) -> str:
     return "\n\n".join(parts)
 
 
+def _autointerp(info: ReleaseFacts) -> str:
+    result = info.autointerp
+    if result is None:
+        return "No explanations were written for this release (`autointerp.enabled = false`)."
+    parts = [
+        ("The subject model" if result.get("explainer_is_subject_model", True) else "A local model") +
+        f" (`{result['explainer']}`) wrote a short explanation of chosen features (per layer the top by "
+        "rollout-level |AUROC − null centre|, and live features drawn at random) from their top-activating "
+        "examples, and each explanation was scored on held-out examples by the same model, after EleutherAI's "
+        "delphi: detection (does the feature fire in this text?) and fuzzing (are the marked tokens where it "
+        "fires?), the answer read as P(\"1\") > P(\"0\") of the next token. A score is the balanced accuracy over "
+        "as many positive as negative examples (0.5 is chance); the null is the same explanation scored on another "
+        f"feature's examples. Means over features with Student's t {COVERAGE} intervals; Δ is score − null, paired "
+        "by feature. Per feature: `autointerp.json` and the feature browser.",
+    ]
+    rows = []
+    for scope, summary in [("all", result["summary"]), *[(f"L{layer}", entry["summary"])
+                                                          for layer, entry in result["layers"].items()]]:
+        for method in ("detection", "fuzzing"):
+            s = summary[method]
+            rows.append([scope, method, s["n_features"], f"{_num(s['mean'])} {_ci(s['ci'])}",
+                         f"{_num(s['null_mean'])} {_ci(s['null_ci'])}",
+                         f"{_num(s['difference'], '+.3f')} {_ci(s['difference_ci'], '+.3f')}"])
+    parts.append(_table(["layers", "method", "features", f"mean score [{COVERAGE} CI]", f"null [{COVERAGE} CI]",
+                         f"Δ [{COVERAGE} CI]"], rows))
+    parts.append(" ".join(_autointerp_sentence(method, result["summary"][method]) for method in ("detection", "fuzzing")))
+    stuck = {m: result["summary"][m].get("n_one_answer", 0) for m in ("detection", "fuzzing")}
+    if any(stuck.values()):
+        parts.append(f"The explainer gave the same answer to every example in {stuck['detection']} detection and "
+                     f"{stuck['fuzzing']} fuzzing scores (of {len(_explained(result))} features): those are 0.5 "
+                     "whatever the explanation says.")
+    return "\n\n".join(parts)
+
+
+def _explained(result: dict) -> list[dict]:
+    return [f for layer in result["layers"].values() for f in layer["features"].values()]
+
+
+def _autointerp_sentence(method: str, s: dict) -> str:
+    """What a method's summary shows, from its numbers alone."""
+    interval = s["difference_ci"]
+    if interval is None:
+        return f"{method.capitalize()}: too few features scored against the null for an interval."
+    if interval[0] > 0:
+        return f"{method.capitalize()}: the explanations score above the null (Δ's interval lies above 0)."
+    return (f"{method.capitalize()}: the explanations do not score above the null (Δ's interval reaches 0 or below): "
+            "these scores give no evidence that they describe the features.")
+
+
 def _detectable(d: dict, n_questions: int) -> str:
     """What the held-out question count lets the causal check see at all."""
     def change(value, way: str) -> str:
@@ -669,6 +718,7 @@ def render_model_card(info: ReleaseFacts) -> str:
         "## Feature health\n\n" + _health(info, per_layer),
         "## Correctness statistics\n\n" + _correctness(info, per_layer),
         "## Causal check\n\n" + _causal(info),
+        "## Explanations\n\n" + _autointerp(info),
         "## Training recipe\n\n" + _recipe(info),
         "## Files\n\n" + _files(info),
         "## Limitations\n\n" + _limitations(info, per_layer),

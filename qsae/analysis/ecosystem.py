@@ -12,7 +12,10 @@
   residual dimensions, the logit table and a histogram of the logits over the vocabulary, its fire
   rate and activation histogram, and its example contexts (the top group first, then the quantile
   bins, highest first). Correlations of activations with neurons or other features are not
-  computed (empty lists, as the importer accepts).
+  computed (empty lists, as the importer accepts). Where autointerp ran, `explanations.jsonl` beside
+  the batches holds one line per explained feature in the shape of Neuronpedia's explanation records
+  (modelId, layer as <layer>-<set>, index, description, typeName, explanationModelName) with its
+  detection and fuzzing balanced accuracies as scores.
 """
 from __future__ import annotations
 
@@ -195,6 +198,16 @@ def neuronpedia_feature(record: dict, W_dec_row: np.ndarray, logit_histogram: tu
     }
 
 
+def neuronpedia_explanation(record: dict, head: dict, explainer: str | None) -> dict:
+    """A feature's explanation (its browser record's, from autointerp) as a Neuronpedia explanation
+    record, its scores the detection and fuzzing balanced accuracies (null where not computable)."""
+    entry = record["explanation"]
+    return {"modelId": head["model_id"], "layer": f"{head['layer']}-{head['sae_set']}", "index": str(record["feature"]),
+            "description": entry["explanation"], "typeName": "qsae-autointerp", "explanationModelName": explainer,
+            "scores": [{"explanationScoreTypeName": method, "explanationScoreModelName": explainer,
+                        "value": entry[method]["balanced_accuracy"]} for method in ("detection", "fuzzing")]}
+
+
 def _activation(example: dict, bin_min: float, bin_max: float, bin_contains: float) -> dict:
     return {"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains, "tokens": example["tokens"],
             "values": example["acts"], "qualifying_token_index": example["at"]}
@@ -224,6 +237,7 @@ class NeuronpediaLayer:
         self.number: int | None = None
         self.batch: list[dict] = []
         self.live: set[int] = set()
+        self.explanations: list[dict] = []
 
     def add(self, record: dict) -> None:
         if record["feature"] // NEURONPEDIA_BATCH != self.number:
@@ -231,6 +245,8 @@ class NeuronpediaLayer:
             self.number, self.batch = record["feature"] // NEURONPEDIA_BATCH, []
         self.batch.append(record)
         self.live.add(record["feature"])
+        if record.get("explanation"):
+            self.explanations.append(neuronpedia_explanation(record, self.head, (self.info.autointerp or {}).get("explainer")))
 
     def _write_batch(self) -> None:
         if not self.batch:
@@ -246,6 +262,9 @@ class NeuronpediaLayer:
 
     def close(self) -> None:
         self._write_batch()
+        if self.explanations:
+            (self.out / "explanations.jsonl").write_text(
+                "".join(json.dumps(e, allow_nan=False) + "\n" for e in self.explanations))
         release, info, live = self.release, self.info, self.live
         (self.out / "skipped_indexes.json").write_text(json.dumps({
             **self.head, "layer": str(self.head["layer"]), "log_sparsity": None,

@@ -35,6 +35,7 @@ class ReleaseFacts:
     model_dtype: str = "float32"  # the model's dtype in rollouts and capture
     exclude_special_tokens: bool = True
     frontier: dict | None = None  # str(layer) -> its SAEs' frontier points (frontier.json), None without a sweep
+    autointerp: dict | None = None  # autointerp.json, None where the stage was not run
 
     @classmethod
     def from_dict(cls, data: dict) -> ReleaseFacts:

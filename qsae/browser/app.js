@@ -294,6 +294,7 @@
       h("div", { class: "overview" },
         h("dl", { class: "stats" }, stats.map(([label, value]) => [h("dt", {}, label), h("dd", {}, value)])),
         histogram(f.histogram)),
+      explanation(f.explanation),
       h("section", { id: "top-contexts" }, h("h2", {}, "Top activations"),
         h("p", { class: "muted" }, "Each line: the activation, rollout:position and outcome, then the context. " +
           "The outlined token is the one the example is about; shading is activation / max activation."),
@@ -306,6 +307,25 @@
       h("section", { id: "similar" }, h("h2", {}, "Most similar decoder directions"),
         h("ul", {}, f.similar.map(([G, cosine]) =>
           h("li", {}, featureLink(L, G, `Feature ${G}`), h("span", { class: "muted" }, ` cosine ${num(cosine)}`))))));
+  }
+
+  /** autointerp's explanation of the feature, and how well it lets the explainer tell where the feature
+   * fires (balanced accuracy, 95% interval, examples) beside the same explanation on another feature's
+   * examples (the null); nothing where the feature was not explained. */
+  function explanation(e) {
+    if (!e) return null;
+    const score = (s) => (s && isNumber(s.balanced_accuracy)
+      ? `${num(s.balanced_accuracy)} [${num(s.ci[0])}, ${num(s.ci[1])}], ${int(s.n_positive + s.n_negative)} examples` +
+        (s.one_answer ? " (one answer to all)" : "")
+      : DASH);
+    const rows = [["Detection", score(e.detection)], ["Detection, null", score(e.null_detection)],
+      ["Fuzzing", score(e.fuzzing)], ["Fuzzing, null", score(e.null_fuzzing)]];
+    return h("section", { id: "explanation" }, h("h2", {}, "Explanation"),
+      h("p", { class: "explanation" }, e.explanation ? `“${e.explanation}”` : "(the explainer wrote nothing)"),
+      h("dl", { class: "stats" }, rows.map(([label, value]) => [h("dt", {}, label), h("dd", {}, value)])),
+      h("p", { class: "muted" }, `Written from ${int(e.n_shown)} activating examples (feature chosen by ` +
+        `${e.chosen_by}); scored on held-out ones. Balanced accuracy 0.5 is chance; the null is the same ` +
+        "explanation scored on another feature's examples." + (e.note ? ` ${e.note}.` : "")));
   }
 
   /** One line per example: its activation and origin, then its tokens shaded by activation / max. */

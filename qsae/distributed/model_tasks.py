@@ -1,19 +1,21 @@
 """The stages that need the model after training, as Ray tasks placed like a capture replica (on a
 cluster the driver's node may have no GPU, or too little memory): the evaluation (qsae.evaluate), one
-task per group of layers, and the causal check's reruns (qsae.causal), the arms spread over tasks.
+task per group of layers, the causal check's reruns (qsae.causal), the arms spread over tasks, and
+autointerp's explanations and scores (qsae.autointerp), the features spread over tasks.
 Each task loads the model once and calls the stage's plain function; RayModelTasks is what the
 pipeline hands those stages."""
 from __future__ import annotations
 
 import ray
 
+from qsae import autointerp
 from qsae.capture import ReplicaSpec
 from qsae.causal import Arm, generate_arms
 from qsae.distributed import deal, get_or_raise_cause, replica_options, use_threads
 from qsae.distributed.resources import WaitNotes, all_ready, replica_request
 from qsae.engines import Generation
 from qsae.evaluate import Evaluation, EvaluationInputs, evaluate_layers
-from qsae.models import load_model
+from qsae.models import load_model, resolve_model_path
 from qsae.sae import TopKSAE
 
 
@@ -59,6 +61,35 @@ def rerun_in_ray(spec: ReplicaSpec, saes: dict[int, TopKSAE], arms: list[Arm],
     return generations
 
 
+def load_explainer(spec: ReplicaSpec, explainer: str):
+    """(model, tokenizer) of autointerp's explainer: the subject model ("") or a local checkpoint, in
+    the subject model's dtype and device."""
+    path, revision = (spec.model_path, spec.model.revision) if not explainer else (resolve_model_path(explainer), None)
+    return load_model(path, revision, spec.model.dtype, spec.model.device)
+
+
+def autointerp_task(spec: ReplicaSpec, explainer: str, jobs: list, settings: autointerp.ScoreSettings) -> list[dict]:
+    use_threads(spec.capture.cpus_per_actor)
+    model, tokenizer = load_explainer(spec, explainer)
+    return autointerp.explain_and_score(model, tokenizer, jobs, max_new_tokens=settings.max_new_tokens,
+                                        batch_size=settings.batch_size)
+
+
+def autointerp_in_ray(spec: ReplicaSpec, explainer: str, jobs: list,
+                      settings: autointerp.ScoreSettings) -> list[dict]:
+    """The features (each with its null partner's examples) spread over up to capture.num_actors tasks;
+    the results in the jobs' order."""
+    task = model_task(autointerp_task).options(**replica_options(spec.capture))
+    shares = deal(list(range(len(jobs))), spec.capture.num_actors)
+    refs = [task.remote(spec, explainer, [jobs[i] for i in share], settings) for share in shares]
+    all_ready(refs, WaitNotes("autointerp", replica_request(spec.capture)))
+    results: list = [None] * len(jobs)
+    for share, part in zip(shares, get_or_raise_cause(refs)):
+        for i, result in zip(share, part):
+            results[i] = result
+    return results
+
+
 class RayModelTasks:
     """The pipeline's ModelTasks on Ray: each group and each share of the arms in a task of its own."""
 
@@ -70,3 +101,6 @@ class RayModelTasks:
 
     def rerun(self, saes: dict[int, TopKSAE], arms: list[Arm], prompts: list[list[int]]) -> dict[str, list[Generation]]:
         return rerun_in_ray(self.spec, saes, arms, prompts)
+
+    def explain_and_score(self, explainer: str, jobs: list, settings: autointerp.ScoreSettings) -> list[dict]:
+        return autointerp_in_ray(self.spec, explainer, jobs, settings)
