@@ -17,7 +17,7 @@ from qsae.sae_files import load_sae
 
 LAYER = 7
 SWEEP = ["rollout.num_questions=24", "train.epochs=6", "train.n_features=128", "train.k=8", "release.bootstrap=50",
-         "release.permutations=100", "causal.enabled=false", f"capture.layers=[{LAYER}]",
+         "release.permutations=100", "causal.enabled=false", "autointerp.enabled=false", f"capture.layers=[{LAYER}]",
          "train.sweep.n_features=[128, 256]", "train.sweep.k=[8, 16]"]
 SHAPES = [(128, 8), (128, 16), (256, 8), (256, 16)]
 
