@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN = ["rollout.num_questions=12", "rollout.samples_per_question=2", "rollout.temperature=0.8",
        "rollout.max_new_tokens=128", "capture.num_actors=2", "capture.cpus_per_actor=1",
        "train.n_features=32", "train.k=4", "train.epochs=3", "train.batch_size=64", "release.bootstrap=20",
-       "release.permutations=50", "causal.features=1", "causal.questions=2"]
+       "release.permutations=50", "causal.features=1", "causal.questions=2", "autointerp.enabled=false"]
 # One question per shard: each replica takes several shards, so one can be caught between its first
 # finished shard and its last.
 LOST_NODE_RUN = ["capture.questions_per_shard=1"]

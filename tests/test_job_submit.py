@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the entrypoint with its own PATH, so it gets this environment's Python and packages.
 BIN = Path(sys.executable).parent
 SMALL = ["rollout.num_questions=8", "train.epochs=3", "train.n_features=64", "train.k=8", "release.bootstrap=20",
-         "release.permutations=50", "causal.enabled=false"]
+         "release.permutations=50", "causal.enabled=false", "autointerp.enabled=false"]
 
 
 def free_ports(n: int) -> list[int]:

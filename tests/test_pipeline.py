@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # Ray, subprocesses or whole runs: `make test` ru
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["rollout.num_questions=24", "train.epochs=6", "train.n_features=128", "train.k=8", "release.bootstrap=50",
          "release.permutations=200", "causal.features=1", "causal.questions=4"]
-NO_CAUSAL = ["causal.enabled=false"]  # the causal check is tested on the release fixture's run
+NO_CAUSAL = ["causal.enabled=false", "autointerp.enabled=false"]  # tested on the release fixture's run
 
 
 def run_driver(*args: str) -> subprocess.CompletedProcess:

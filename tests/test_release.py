@@ -22,7 +22,8 @@ from qsae.training.trained import load_trained
 
 # The end-to-end tests' small config (tests/test_pipeline.py), here built without Ray.
 SMALL = ["rollout.num_questions=24", "train.epochs=6", "train.n_features=128", "train.k=8", "release.bootstrap=50",
-         "release.permutations=200", "causal.features=1", "causal.questions=4"]
+         "release.permutations=200", "causal.features=1", "causal.questions=4",
+         "autointerp.enabled=false"]  # tests/test_autointerp.py builds a run of its own
 
 
 @pytest.fixture(scope="module")

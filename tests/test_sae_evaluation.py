@@ -16,7 +16,8 @@ from qsae.sae_files import hook_layer, hook_name
 # an evaluated SAE's do: the encode pass runs only the run's own SAEs.
 SMALL = ["rollout.num_questions=12", "capture.keep_per_rollout=6", "train.epochs=2", "train.n_features=64",
          "train.k=4", "release.bootstrap=20", "release.permutations=50", "release.probe_permutations=10",
-         "release.top_contexts=4", "release.context_tokens=3", "release.every_token=false", "causal.enabled=false"]
+         "release.top_contexts=4", "release.context_tokens=3", "release.every_token=false", "causal.enabled=false",
+         "autointerp.enabled=false"]
 LAYER = 7
 
 
